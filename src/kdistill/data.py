@@ -1,0 +1,197 @@
+"""Turning what users pass (numpy, pandas, torch tensors, torch Datasets) into checked tensors.
+
+Everything the engine touches goes through :func:`as_split`, so every entry point rejects bad data the same way and
+with the same messages: empty data, NaN or inf, non-numeric columns, and X and y of different lengths.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from kdistill.errors import DataError, LabelError
+
+__all__ = ["Split", "as_split", "encode_labels", "fingerprint_arrays"]
+
+
+@dataclass(frozen=True)
+class Split:
+    """One checked split of the data.
+
+    ``x``: (rows, *features) float32; ``y``: (rows,) int64 class indices, or None for unlabeled rows. ``raw_x`` keeps
+    what the user passed, for teachers (scikit-learn) that want their own input type back.
+    """
+
+    x: torch.Tensor
+    y: torch.Tensor | None
+    raw_x: Any
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+
+def _to_numpy_x(x: Any, name: str) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().numpy()
+    if hasattr(x, "to_numpy") and hasattr(x, "dtypes"):  # pandas DataFrame
+        bad = [str(col) for col, dtype in zip(x.columns, x.dtypes, strict=True) if not np.issubdtype(dtype, np.number)]
+        if bad:
+            raise DataError(
+                f"{name} has non-numeric columns: {bad[:5]}",
+                hint="encode them first (e.g. sklearn.preprocessing.OneHotEncoder or OrdinalEncoder).",
+            )
+        return np.asarray(x.to_numpy())
+    try:
+        return np.asarray(x)
+    except Exception as exc:  # ragged lists and other oddities
+        raise DataError(f"{name} cannot be read as an array: {exc}", hint="pass a 2-D numeric array.") from exc
+
+
+def _check_x(x: Any, name: str) -> torch.Tensor:
+    array = _to_numpy_x(x, name)
+    if array.dtype == object or not (np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_):
+        raise DataError(
+            f"{name} is not numeric (dtype {array.dtype})",
+            hint="encode text or categorical columns as numbers before distilling.",
+        )
+    if array.ndim == 0 or array.shape[0] == 0:
+        raise DataError(f"{name} is empty (shape {array.shape})", hint="pass at least one row.")
+    if array.ndim == 1:
+        raise DataError(
+            f"{name} is 1-D (shape {array.shape}); expected (rows, features)",
+            hint="reshape a single feature with x.reshape(-1, 1), or a single row with x.reshape(1, -1).",
+        )
+    tensor = torch.as_tensor(array.astype(np.float32, copy=False))
+    finite = torch.isfinite(tensor)
+    if not bool(finite.all()):
+        bad_rows = (~finite).reshape(len(tensor), -1).any(dim=1).nonzero().flatten()
+        raise DataError(
+            f"{name} has NaN or inf in {len(bad_rows)} row(s), first at row {int(bad_rows[0])}",
+            hint="impute or drop those rows (e.g. sklearn.impute.SimpleImputer) before distilling.",
+        )
+    return tensor
+
+
+def _to_numpy_y(y: Any, name: str) -> np.ndarray:
+    if isinstance(y, torch.Tensor):
+        return y.detach().cpu().numpy()
+    if hasattr(y, "to_numpy"):
+        return np.asarray(y.to_numpy())
+    return np.asarray(y)
+
+
+def encode_labels(y: Any, classes: np.ndarray | None, *, name: str = "y") -> torch.Tensor:
+    """Map labels to class indices (int64).
+
+    With ``classes`` (a teacher's ``classes_``), each label becomes its position there, and labels the teacher never
+    saw raise :class:`LabelError`. Without, labels must already be integer indices >= 0.
+    """
+    array = _to_numpy_y(y, name)
+    if array.ndim != 1:
+        array = array.reshape(-1) if array.ndim == 2 and array.shape[1] == 1 else array
+    if array.ndim != 1:
+        raise DataError(f"{name} must be 1-D class labels, got shape {array.shape}", hint="pass y as a 1-D array.")
+    if classes is not None:
+        classes = np.asarray(classes)
+        order = np.argsort(classes, kind="stable")
+        try:
+            position = np.searchsorted(classes[order], array)
+        except TypeError as exc:
+            raise LabelError(
+                f"{name} labels ({array.dtype}) cannot be compared with the teacher's classes ({classes.dtype})",
+                hint="pass labels of the same type as those the teacher was fitted on.",
+            ) from exc
+        position = np.clip(position, 0, len(classes) - 1)
+        found = classes[order][position] == array
+        if not bool(np.all(found)):
+            unseen = np.unique(array[~found])
+            raise LabelError(
+                f"{name} has labels the teacher never saw: {unseen[:10].tolist()} "
+                f"(teacher classes: {classes[:20].tolist()})",
+                hint="drop those rows, or refit the teacher on data that has every class.",
+            )
+        return torch.as_tensor(order[position].astype(np.int64))
+    if array.dtype.kind == "f" and np.all(np.isfinite(array)) and np.all(array == np.round(array)):
+        array = array.astype(np.int64)
+    if array.dtype.kind not in "iu":
+        raise LabelError(
+            f"{name} must hold integer class indices, got dtype {array.dtype}",
+            hint="encode labels with sklearn.preprocessing.LabelEncoder, or use DistilledClassifier (any labels).",
+        )
+    if array.size and int(array.min()) < 0:
+        raise LabelError(f"{name} has negative labels (min {int(array.min())})", hint="labels are 0..classes-1.")
+    return torch.as_tensor(array.astype(np.int64))
+
+
+def _materialize(dataset: Dataset, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Read a map-style torch Dataset of ``(x, y)`` (or ``x``) items into two tensors, in order."""
+    try:
+        length = len(dataset)  # type: ignore[arg-type]
+    except TypeError as exc:
+        raise DataError(f"{name} is a Dataset without len()", hint="pass a map-style Dataset or (X, y).") from exc
+    if length == 0:
+        raise DataError(f"{name} is an empty Dataset", hint="pass at least one row.")
+    xs: list[torch.Tensor] = []
+    ys: list[torch.Tensor] = []
+    for batch in DataLoader(dataset, batch_size=1024, shuffle=False):
+        if isinstance(batch, (list, tuple)):
+            xs.append(torch.as_tensor(batch[0]))
+            if len(batch) > 1:
+                ys.append(torch.as_tensor(batch[1]))
+        else:
+            xs.append(torch.as_tensor(batch))
+    return torch.cat(xs), (torch.cat(ys) if ys else None)
+
+
+def as_split(data: Any, *, name: str = "train", classes: np.ndarray | None = None, labeled: bool = True) -> Split:
+    """Check ``data`` and return a :class:`Split`.
+
+    ``data``: ``(X, y)`` with X of shape (rows, *features) as numpy, pandas or torch; ``X`` alone for unlabeled data
+    (``labeled=False``); or a map-style ``torch.utils.data.Dataset`` yielding ``(x, y)``. A Dataset is read once into
+    memory (kdistill batches in-memory tensors by indexing, which is 2-3x faster than a per-sample DataLoader).
+    """
+    if isinstance(data, Dataset):
+        x_raw, y_raw = _materialize(data, name)
+    elif isinstance(data, (tuple, list)) and len(data) == 2:
+        x_raw, y_raw = data
+    elif not labeled:
+        x_raw, y_raw = data, None
+    else:
+        raise DataError(
+            f"{name} must be an (X, y) pair or a torch Dataset, got {type(data).__name__}",
+            hint=f"pass {name}=(X, y).",
+        )
+    x = _check_x(x_raw, f"{name} X")
+    if y_raw is None:
+        if labeled:
+            raise DataError(f"{name} has no labels", hint=f"pass {name}=(X, y).")
+        return Split(x=x, y=None, raw_x=x_raw)
+    y = encode_labels(y_raw, classes, name=f"{name} y")
+    if len(y) != len(x):
+        raise DataError(
+            f"{name} X has {len(x)} rows but y has {len(y)}",
+            hint="X and y must describe the same rows; check that they come from the same split.",
+        )
+    return Split(x=x, y=y, raw_x=x_raw)
+
+
+def fingerprint_arrays(*arrays: torch.Tensor | np.ndarray | None, extra: Sequence[str] = ()) -> str:
+    """A short content hash of arrays (shape, dtype and bytes), used to key caches and check resumed runs."""
+    digest = hashlib.blake2b(digest_size=16)
+    for item in extra:
+        digest.update(item.encode())
+    for array in arrays:
+        if array is None:
+            digest.update(b"none")
+            continue
+        values = array.detach().cpu().numpy() if isinstance(array, torch.Tensor) else np.asarray(array)
+        values = np.ascontiguousarray(values)
+        digest.update(f"{values.shape}{values.dtype}".encode())
+        digest.update(values.tobytes())
+    return digest.hexdigest()

@@ -1,0 +1,101 @@
+"""Callbacks: what happens around the loop (early stopping, progress), kept out of the loop itself.
+
+Hooks, called in this order: ``on_train_begin(state)``, then per epoch ``on_epoch_end(state)`` after validation,
+and ``on_train_end(state)``. A callback stops training by setting ``state.stop = True``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from kdistill.engine.loop import TrainState
+
+__all__ = ["Callback", "EarlyStopping", "ProgressBar"]
+
+
+class Callback:
+    """Base class: override the hooks you need."""
+
+    def on_train_begin(self, state: TrainState) -> None:
+        """Before the first epoch."""
+
+    def on_epoch_end(self, state: TrainState) -> None:
+        """After each epoch's validation; ``state.history[-1]`` holds its metrics."""
+
+    def on_train_end(self, state: TrainState) -> None:
+        """After the last epoch (or the one that stopped)."""
+
+
+class EarlyStopping(Callback):
+    """Stops when ``monitor`` has not improved for ``patience`` epochs, and restores the best weights at the end.
+
+    ``monitor`` is a key of the epoch's metrics: ``"val_accuracy"`` (higher is better; ties go to the lower
+    ``val_nll``) or a loss such as ``"val_nll"`` (lower is better). ``patience=None`` never stops early but still
+    restores the best weights.
+    """
+
+    def __init__(self, monitor: str = "val_accuracy", patience: int | None = 10) -> None:
+        self.monitor = monitor
+        self.patience = patience
+        self.best_epoch = -1
+        self._best: tuple[float, float] = (-math.inf, -math.inf)
+        self._best_state: dict[str, Any] | None = None
+
+    def _score(self, metrics: dict[str, float]) -> tuple[float, float]:
+        value = metrics[self.monitor]
+        if "accuracy" in self.monitor:
+            return (value, -metrics.get("val_nll", 0.0))
+        return (-value, 0.0)
+
+    def on_epoch_end(self, state: TrainState) -> None:
+        metrics = state.history[-1]
+        if self.monitor not in metrics:
+            return
+        score = self._score(metrics)
+        if score > self._best:
+            self._best, self.best_epoch = score, state.epoch
+            self._best_state = copy.deepcopy(state.model.state_dict())
+        elif self.patience is not None and state.epoch - self.best_epoch >= self.patience:
+            state.stop = True
+
+    def on_train_end(self, state: TrainState) -> None:
+        if self._best_state is not None:
+            state.model.load_state_dict(self._best_state)
+            state.best_epoch = self.best_epoch
+
+
+class ProgressBar(Callback):
+    """A rich progress bar over epochs with the latest loss and validation accuracy; updated once per epoch."""
+
+    def __init__(self, description: str = "distilling") -> None:
+        self.description = description
+        self._progress: Any = None
+        self._task: Any = None
+
+    def on_train_begin(self, state: TrainState) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self._progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("{task.fields[metrics]}"),
+            transient=True,
+        )
+        self._progress.start()
+        self._task = self._progress.add_task(self.description, total=state.max_epochs, metrics="")
+
+    def on_epoch_end(self, state: TrainState) -> None:
+        metrics = state.history[-1]
+        shown = f"loss {metrics['train_loss']:.4f}"
+        if "val_accuracy" in metrics:
+            shown += f"  val acc {metrics['val_accuracy']:.4f}"
+        self._progress.update(self._task, advance=1, metrics=shown)
+
+    def on_train_end(self, state: TrainState) -> None:
+        if self._progress is not None:
+            self._progress.stop()

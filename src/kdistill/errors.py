@@ -1,0 +1,54 @@
+"""kdistill's exception types.
+
+Every error says what was wrong, the value that was seen, and how to fix it. They subclass the built-in type a
+caller would expect (``ValueError``, ``TypeError``), so ``except ValueError`` keeps working for code that does not
+know kdistill.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CheckpointError",
+    "DataError",
+    "KdistillError",
+    "LabelError",
+    "ShapeMismatchError",
+    "StudentError",
+    "TeacherError",
+]
+
+
+class KdistillError(Exception):
+    """Base class of every error kdistill raises on purpose.
+
+    ``hint`` is the fix, printed on its own line after the problem.
+    """
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        self.message = message
+        self.hint = hint
+        super().__init__(message if hint is None else f"{message}\n  hint: {hint}")
+
+
+class DataError(KdistillError, ValueError):
+    """The data cannot be used as given: empty, NaN/inf, non-numeric, or X and y of different lengths."""
+
+
+class LabelError(KdistillError, ValueError):
+    """Labels that the teacher or student cannot represent (never seen by the teacher, or out of range)."""
+
+
+class ShapeMismatchError(KdistillError, ValueError):
+    """Teacher, student and labels disagree on a shape, most often the number of classes."""
+
+
+class TeacherError(KdistillError, TypeError):
+    """The object given as teacher cannot be used as one."""
+
+
+class StudentError(KdistillError, ValueError):
+    """The student cannot be built or used: an unknown name, a wrong output width, bad sizing arguments."""
+
+
+class CheckpointError(KdistillError, ValueError):
+    """A saved run or checkpoint is missing, corrupt, or was written by an incompatible version."""

@@ -1,0 +1,68 @@
+"""The one protocol every teacher follows, and the outputs it returns.
+
+The engine and the losses only ever see :class:`Outputs`; they cannot tell a random forest from a CNN, which is what
+makes caching, ensembles and black-box teachers possible.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+import torch
+
+__all__ = ["PROB_FLOOR", "Outputs", "Teacher", "probs_to_logits", "teacher_logits"]
+
+PROB_FLOOR = 1e-12
+"""Probabilities are floored here before the log, so the exact zeros of a tree ensemble give finite logits.
+
+At temperature 4 a floored class keeps (1e-12)^(1/4) = 1e-3 of the weight of a certain one: negligible mass, and
+never inf or NaN in any loss.
+"""
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """What a model produced for a batch.
+
+    ``logits``: (batch, classes) unnormalised scores (log-probabilities count: softmax gives back the probabilities).
+    ``features``: intermediate outputs by module path, only those a method asked for.
+    """
+
+    logits: torch.Tensor
+    features: Mapping[str, torch.Tensor] = field(default_factory=dict)
+
+
+def probs_to_logits(probs: torch.Tensor) -> torch.Tensor:
+    """Turn probabilities (rows summing to 1) into log-probabilities, safely: exact zeros become log(PROB_FLOOR)."""
+    return torch.log(probs.clamp_min(PROB_FLOOR))
+
+
+@runtime_checkable
+class Teacher(Protocol):
+    """A teacher, whatever it wraps.
+
+    ``classes``: the label of each output column when the teacher knows them (scikit-learn's ``classes_``), else None
+    and labels are column indices. ``num_classes`` may be None until the first call for teachers that cannot tell.
+    """
+
+    classes: np.ndarray | None
+
+    @property
+    def num_classes(self) -> int | None: ...
+
+    def fingerprint(self) -> str:
+        """A content hash that changes whenever the teacher's outputs could (what a cache keys on)."""
+        ...
+
+    def __call__(self, x: torch.Tensor, *, features: Sequence[str] = ()) -> Outputs:
+        """Outputs for a batch ``x``: (batch, *features), run without gradients."""
+        ...
+
+
+def teacher_logits(teacher: Teacher, x: torch.Tensor, *, batch_size: int = 1024) -> torch.Tensor:
+    """All of ``teacher``'s logits for ``x``, batched, in row order: (rows, classes) float32."""
+    parts = [teacher(x[start : start + batch_size]).logits.float() for start in range(0, len(x), batch_size)]
+    return torch.cat(parts)

@@ -1,0 +1,87 @@
+"""A fitted scikit-learn classifier as a teacher."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import pickle
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.exceptions import NotFittedError
+from sklearn.utils.validation import check_is_fitted
+
+from kdistill.errors import TeacherError
+from kdistill.teachers.base import Outputs, probs_to_logits
+
+__all__ = ["SklearnTeacher"]
+
+_log = logging.getLogger(__name__)
+
+
+class SklearnTeacher:
+    """Wraps a fitted classifier; uses ``predict_proba`` when it has one, else ``decision_function``.
+
+    Probabilities become log-probabilities (:func:`probs_to_logits`); decision scores are used as logits (a binary
+    score ``d`` becomes ``[0, d]``, whose softmax is the logistic ``sigmoid(d)``). Columns follow ``classes_``.
+    """
+
+    def __init__(self, estimator: Any, *, output: str = "auto") -> None:
+        has_proba = hasattr(estimator, "predict_proba")
+        has_decision = hasattr(estimator, "decision_function")
+        if not (has_proba or has_decision):
+            raise TeacherError(
+                f"{type(estimator).__name__} has neither predict_proba nor decision_function",
+                hint="use a classifier (for SVC pass probability=True, or rely on its decision_function), "
+                "or wrap a model that returns scores with kdistill.as_teacher(torch_module).",
+            )
+        try:
+            check_is_fitted(estimator)
+        except NotFittedError as exc:
+            raise TeacherError(
+                f"the teacher {type(estimator).__name__} is not fitted",
+                hint="fit it first, or use DistilledClassifier, which fits an unfitted teacher on the rows of fit().",
+            ) from exc
+        if output == "auto":
+            output = "probs" if has_proba else "decision"
+        if output not in ("probs", "decision"):
+            raise TeacherError(
+                f"unknown output {output!r} for a scikit-learn teacher", hint="use 'probs' or 'decision'."
+            )
+        self.estimator = estimator
+        self.output = output
+        self.classes: np.ndarray | None = np.asarray(estimator.classes_) if hasattr(estimator, "classes_") else None
+        self._feature_names = getattr(estimator, "feature_names_in_", None)
+        _log.info("scikit-learn teacher %s: using %s", type(estimator).__name__, output)
+
+    @property
+    def num_classes(self) -> int | None:
+        return None if self.classes is None else len(self.classes)
+
+    def fingerprint(self) -> str:
+        return hashlib.blake2b(pickle.dumps(self.estimator), digest_size=16).hexdigest()
+
+    def _frame(self, x: torch.Tensor) -> Any:
+        array = x.detach().cpu().numpy().reshape(len(x), -1)
+        if self._feature_names is None:
+            return array
+        import pandas as pd  # only for teachers fitted on DataFrames, where sklearn checks column names
+
+        return pd.DataFrame(array, columns=self._feature_names)
+
+    def __call__(self, x: torch.Tensor, *, features: Sequence[str] = ()) -> Outputs:
+        if features:
+            raise TeacherError(
+                "a scikit-learn teacher has no intermediate features",
+                hint="use a logit-based method (kd, dkd, dist) with this teacher.",
+            )
+        frame = self._frame(x)
+        if self.output == "probs":
+            probs = torch.as_tensor(np.asarray(self.estimator.predict_proba(frame)), dtype=torch.float32)
+            return Outputs(logits=probs_to_logits(probs))
+        scores = torch.as_tensor(np.asarray(self.estimator.decision_function(frame)), dtype=torch.float32)
+        if scores.ndim == 1:
+            scores = torch.stack([torch.zeros_like(scores), scores], dim=1)
+        return Outputs(logits=scores)

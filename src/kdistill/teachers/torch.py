@@ -1,0 +1,70 @@
+"""A PyTorch module as a teacher."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from kdistill.errors import TeacherError
+from kdistill.features import capture_features
+from kdistill.teachers.base import Outputs, probs_to_logits
+
+__all__ = ["TorchTeacher"]
+
+
+class TorchTeacher:
+    """Runs ``module`` in eval mode under ``torch.inference_mode()``.
+
+    ``output``: ``"logits"`` (default) or ``"probs"`` when the module ends in a softmax. Named intermediate outputs are
+    captured with forward hooks when a method asks for them. The module is never modified beyond ``.eval()``.
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        *,
+        output: str = "logits",
+        classes: np.ndarray | None = None,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        if not isinstance(module, nn.Module):
+            raise TeacherError(f"expected a torch.nn.Module, got {type(module).__name__}")
+        if output not in ("logits", "probs"):
+            raise TeacherError(f"unknown output {output!r}", hint="use 'logits' or 'probs'.")
+        self.module = module.to(device).eval()
+        self.output = output
+        self.device = torch.device(device)
+        self.classes = None if classes is None else np.asarray(classes)
+        self._num_classes: int | None = None if classes is None else len(classes)
+
+    @property
+    def num_classes(self) -> int | None:
+        return self._num_classes
+
+    def fingerprint(self) -> str:
+        digest = hashlib.blake2b(digest_size=16)
+        digest.update(f"{type(self.module).__qualname__}:{self.output}".encode())
+        for name, tensor in self.module.state_dict().items():
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()
+
+    def __call__(self, x: torch.Tensor, *, features: Sequence[str] = ()) -> Outputs:
+        with torch.inference_mode(), capture_features(self.module, features) as captured:
+            result = self.module(x.to(self.device))
+        logits = result.logits if hasattr(result, "logits") else result
+        if not isinstance(logits, torch.Tensor) or logits.ndim < 2:
+            shape = getattr(logits, "shape", None)
+            raise TeacherError(
+                f"the teacher module returned {type(logits).__name__} of shape {shape}; expected (batch, classes)",
+                hint="return logits from forward(), or an object with a .logits tensor.",
+            )
+        logits = logits.float()
+        if self.output == "probs":
+            logits = probs_to_logits(logits)
+        self._num_classes = int(logits.shape[-1])
+        return Outputs(logits=logits, features=dict(captured))
