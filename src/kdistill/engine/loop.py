@@ -159,8 +159,11 @@ def _fit(
     for callback in callbacks:
         callback.on_train_begin(state)
 
+    start_epoch = getattr(loss_fn, "start_epoch", None)  # optional hook: warm-ups and schedules inside a loss
     for epoch in range(config.epochs):
         state.epoch = epoch
+        if start_epoch is not None:
+            start_epoch(epoch, config.epochs)
         started = time.perf_counter()
         model.train()
         totals: dict[str, torch.Tensor] = {}
@@ -171,9 +174,10 @@ def _fit(
             yb = None if y is None else y[index]
             if teacher_features:
                 assert teacher is not None, "this method needs the live teacher for its features"
-                teacher_out: Outputs | None = teacher(xb, features=teacher_features)
+                live = teacher(xb, features=teacher_features)
+                teacher_out: Outputs | None = Outputs(live.logits, live.features, index)
             else:
-                teacher_out = None if targets is None else Outputs(targets[index])
+                teacher_out = None if targets is None else Outputs(targets[index], index=index)
             with capture_features(model, student_features) as captured:
                 logits = model(xb)
             terms = loss_fn(Outputs(logits, captured), teacher_out, yb)

@@ -30,7 +30,10 @@ class UnknownNameError(KdistillError, KeyError):
 @runtime_checkable
 class Loss(Protocol):
     """``needs_teacher``: whether ``teacher`` may be None. ``student_features`` / ``teacher_features``: module paths
-    whose outputs the method reads from ``Outputs.features``."""
+    whose outputs the method reads from ``Outputs.features`` (teacher features make the engine run the teacher live).
+
+    Optional: a method with a schedule (a warm-up) defines ``start_epoch(epoch, total_epochs)``, which the engine
+    calls before each epoch. The teacher's ``Outputs.index`` holds the batch's row positions in the transfer set."""
 
     needs_teacher: bool
     student_features: Sequence[str]

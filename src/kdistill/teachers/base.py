@@ -29,10 +29,13 @@ class Outputs:
 
     ``logits``: (batch, classes) unnormalised scores (log-probabilities count: softmax gives back the probabilities).
     ``features``: intermediate outputs by module path, only those a method asked for.
+    ``index``: (batch,) positions of the rows in the transfer set, set by the engine on the teacher's outputs, for
+    methods that keep per-row state (CRD's memory bank).
     """
 
     logits: torch.Tensor
     features: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    index: torch.Tensor | None = None
 
 
 def probs_to_logits(probs: torch.Tensor) -> torch.Tensor:
