@@ -22,7 +22,7 @@ from kdistill.engine import EarlyStopping, ProgressBar, TrainConfig, TransferSet
 from kdistill.errors import CheckpointError, LabelError, ShapeMismatchError, StudentError, TeacherError
 from kdistill.evaluate import classification_metrics
 from kdistill.io import atomic_write_bytes, atomic_write_json
-from kdistill.losses import Loss, get_loss
+from kdistill.losses import Loss, compose_methods, get_loss
 from kdistill.profile import count_parameters, model_size_bytes, time_inference
 from kdistill.report import Report
 from kdistill.students import build_student, student_from_spec
@@ -225,7 +225,7 @@ def distill(
     *,
     val: Any = None,
     test: Any = None,
-    method: str | Loss = "kd",
+    method: str | list[str] | tuple[str, ...] | dict[str, float] | Loss = "kd",
     temperature: float = 4.0,
     soft_weight: float = 0.5,
     method_params: dict[str, Any] | None = None,
@@ -256,7 +256,9 @@ def distill(
             (any type) for scikit-learn teachers, else class indices. ``val`` drives early stopping and restores the
             best epoch's weights (without it, all ``epochs`` run). The report is measured on ``test``, else ``val``.
         method: a registered method name (``kdistill list methods``) or a Loss object. ``temperature`` and
-            ``soft_weight`` configure ``"kd"``; other methods take ``method_params``.
+            ``soft_weight`` configure ``"kd"``; other methods take ``method_params``. Several methods at once: a list
+            ``["kd", "fitnet"]`` or weights ``{"kd": 1.0, "fitnet": 0.5}``, with ``method_params`` keyed by method
+            (``{"fitnet": {"student_layers": "layers.3"}}``); each term is logged as ``train_<method>/<term>``.
         soft_targets: ``"predict"`` (the teacher's outputs on the training rows) or ``"oof"`` (out-of-fold outputs of
             clones of a scikit-learn teacher, for teachers that have memorised their training rows).
         baseline: also train the same student, same seed and epochs, on hard labels only, for the report.
@@ -287,6 +289,11 @@ def distill(
     if isinstance(method, str):
         params = {"temperature": temperature, "soft_weight": soft_weight} if method == "kd" else {}
         loss_fn = get_loss(method, **(params | (method_params or {})))
+    elif isinstance(method, (list, tuple, dict)):
+        per_method = {name: dict(values) for name, values in (method_params or {}).items()}
+        if "kd" in method:
+            per_method["kd"] = {"temperature": temperature, "soft_weight": soft_weight} | per_method.get("kd", {})
+        loss_fn = compose_methods(method, per_method)
     else:
         loss_fn = method
     config = TrainConfig(
@@ -326,7 +333,7 @@ def distill(
     eval_split, eval_name = (test_split, "test") if test_split is not None else (val_split, "val")
     if report and eval_split is not None:
         settings = {
-            "method": method if isinstance(method, str) else type(method).__name__,
+            "method": method if isinstance(method, (str, list, tuple, dict)) else type(method).__name__,
             "temperature": temperature,
             "soft_weight": soft_weight,
             "soft_targets": soft_targets,
@@ -339,6 +346,7 @@ def distill(
             "train_rows": len(train_split),
             "student": spec["kind"] if spec else type(module).__name__,
             "teacher": type(getattr(adapter, "estimator", getattr(adapter, "module", adapter))).__name__,
+            "loss_terms": {key[6:]: value for key, value in history[-1].items() if key.startswith("train_")},
         }
         built_report = _build_report(adapter, module, baseline_module, eval_split, eval_name, settings, profile)
     return DistillResult(

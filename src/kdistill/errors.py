@@ -12,6 +12,7 @@ __all__ = [
     "DataError",
     "KdistillError",
     "LabelError",
+    "MethodError",
     "ShapeMismatchError",
     "StudentError",
     "TeacherError",
@@ -40,6 +41,10 @@ class LabelError(KdistillError, ValueError):
 
 class ShapeMismatchError(KdistillError, ValueError):
     """Teacher, student and labels disagree on a shape, most often the number of classes."""
+
+
+class MethodError(KdistillError, ValueError):
+    """A distillation method cannot run as configured: a bad hyper-parameter, or outputs it needs are missing."""
 
 
 class TeacherError(KdistillError, TypeError):

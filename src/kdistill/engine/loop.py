@@ -19,6 +19,7 @@ from kdistill.engine.callbacks import Callback
 from kdistill.errors import KdistillError
 from kdistill.features import capture_features
 from kdistill.losses.base import Loss
+from kdistill.losses.prepare import prepare_loss
 from kdistill.teachers.base import Outputs, Teacher
 
 __all__ = ["TrainConfig", "TrainState", "TransferSet", "auto_threads", "fit", "num_threads", "predict_logits"]
@@ -148,7 +149,11 @@ def _fit(
     assert x is not None
     rows = len(x)
     steps_per_epoch = math.ceil(rows / config.batch_size)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    # losses with learned parts (projectors, embeddings) are built on a dry batch and trained with the student
+    loss_parameters = prepare_loss(loss_fn, model, x, targets, teacher, batch_size=config.batch_size)
+    optimizer = torch.optim.AdamW(
+        [*model.parameters(), *loss_parameters], lr=config.lr, weight_decay=config.weight_decay
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _lr_lambda(steps_per_epoch * config.epochs, config.warmup_fraction)
     )

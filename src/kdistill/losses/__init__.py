@@ -2,18 +2,60 @@
 
 from __future__ import annotations
 
+from kdistill.losses.at import ATLoss, at_loss, attention_map
 from kdistill.losses.base import LOSSES, Loss, LossInfo, UnknownNameError, get_loss, list_losses, register_loss
+from kdistill.losses.byot import DeepSupervision
+from kdistill.losses.compose import Compose, compose_methods
+from kdistill.losses.crd import CRDLoss, contrastive_loss
+from kdistill.losses.dist import DISTLoss, dist_loss
+from kdistill.losses.dkd import DKDLoss, dkd_loss
+from kdistill.losses.fitnet import FitNet, hint_loss
 from kdistill.losses.kd import CrossEntropy, KDLoss, kd_loss
+from kdistill.losses.logit_std import LogitStandardized, standardize_logits
+from kdistill.losses.multi_teacher import MultiTeacherKD, confidence_weights, multi_teacher_loss
+from kdistill.losses.pkt import PKTLoss, pkt_loss
+from kdistill.losses.prepare import prepare_loss
+from kdistill.losses.projector import Projector
+from kdistill.losses.rkd import RKDLoss, rkd_angle_loss, rkd_distance_loss
+from kdistill.losses.sp import SPLoss, sp_loss
 
 __all__ = [
     "LOSSES",
+    "ATLoss",
+    "CRDLoss",
+    "Compose",
     "CrossEntropy",
+    "DISTLoss",
+    "DKDLoss",
+    "DeepSupervision",
+    "FitNet",
     "KDLoss",
+    "LogitStandardized",
     "Loss",
     "LossInfo",
+    "MultiTeacherKD",
+    "PKTLoss",
+    "Projector",
+    "RKDLoss",
+    "SPLoss",
     "UnknownNameError",
+    "at_loss",
+    "attention_map",
+    "compose_methods",
+    "confidence_weights",
+    "contrastive_loss",
+    "dist_loss",
+    "dkd_loss",
     "get_loss",
+    "hint_loss",
     "kd_loss",
     "list_losses",
+    "multi_teacher_loss",
+    "pkt_loss",
+    "prepare_loss",
     "register_loss",
+    "rkd_angle_loss",
+    "rkd_distance_loss",
+    "sp_loss",
+    "standardize_logits",
 ]

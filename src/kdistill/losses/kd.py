@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from kdistill.errors import ShapeMismatchError
 from kdistill.losses.base import register_loss
+from kdistill.losses.common import require_teacher
 from kdistill.teachers.base import Outputs, probs_to_logits
 
 __all__ = ["CrossEntropy", "KDLoss", "check_logits", "kd_loss"]
@@ -91,7 +92,7 @@ class KDLoss:
     def __call__(
         self, student: Outputs, teacher: Outputs | None, target: torch.Tensor | None
     ) -> dict[str, torch.Tensor]:
-        assert teacher is not None, "kd needs teacher outputs"
+        teacher = require_teacher(teacher, "kd")
         return kd_loss(
             student.logits, teacher.logits, target, temperature=self.temperature, soft_weight=self.soft_weight
         )

@@ -1,0 +1,59 @@
+"""Getting a loss ready to train: one dry pass so lazy parts exist, then the parameters the optimizer must also see.
+
+Methods with learned parts (FitNets projectors, CRD embeddings and memory bank, BYOT heads) are ``nn.Module`` losses
+whose parts are built from the first batch's shapes. :func:`prepare_loss` runs the student (eval mode, no gradients)
+and, when the method reads teacher features, the teacher on the first rows, calls the loss's optional
+``prepare(student, teacher, rows)`` hook, and returns the loss's trainable parameters.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kdistill.features import capture_features
+from kdistill.losses.base import Loss
+from kdistill.teachers.base import Outputs, Teacher
+
+__all__ = ["prepare_loss"]
+
+
+def prepare_loss(
+    loss_fn: Loss,
+    model: nn.Module,
+    x: torch.Tensor,
+    teacher_logits: torch.Tensor | None,
+    teacher: Teacher | None,
+    *,
+    batch_size: int = 64,
+) -> list[nn.Parameter]:
+    """Build ``loss_fn``'s lazy parts from a dry batch and return its trainable parameters (empty for plain losses).
+
+    ``x``: the transfer set's inputs (rows, ...); ``teacher_logits``: the precomputed (rows, classes) or None.
+    The model's train/eval mode is restored; BatchNorm statistics are not touched (eval mode, no gradients).
+    """
+    hook = getattr(loss_fn, "prepare", None)
+    if hook is not None:
+        rows = len(x)
+        index = torch.arange(min(batch_size, rows), device=x.device)
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad(), capture_features(model, tuple(loss_fn.student_features)) as captured:
+                logits = model(x[index])
+            student = Outputs(logits, dict(captured))
+        finally:
+            model.train(was_training)
+        teacher_out: Outputs | None = None
+        if loss_fn.teacher_features:
+            if teacher is None:
+                raise ValueError("this method reads teacher features, so it needs the live teacher")
+            live = teacher(x[index], features=tuple(loss_fn.teacher_features))
+            teacher_out = Outputs(live.logits, live.features, index)
+        elif teacher_logits is not None:
+            teacher_out = Outputs(teacher_logits[index], index=index)
+        hook(student, teacher_out, rows)
+    if isinstance(loss_fn, nn.Module):
+        loss_fn.to(x.device)
+        return [parameter for parameter in loss_fn.parameters() if parameter.requires_grad]
+    return []

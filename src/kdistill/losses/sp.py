@@ -1,0 +1,78 @@
+"""Similarity-preserving distillation: inputs that look alike to the teacher should look alike to the student.
+
+Tung & Mori, "Similarity-Preserving Knowledge Distillation", ICCV 2019, https://arxiv.org/abs/1907.09682
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from kdistill.losses.base import register_loss
+from kdistill.losses.common import (
+    as_target,
+    check_non_negative,
+    flatten_rows,
+    get_feature,
+    layer_pairs,
+    require_teacher,
+    with_cross_entropy,
+)
+from kdistill.teachers.base import Outputs
+
+__all__ = ["SPLoss", "similarity_matrix", "sp_loss"]
+
+
+def similarity_matrix(feature: torch.Tensor) -> torch.Tensor:
+    r"""(batch, *shape) -> (batch, batch): :math:`\tilde G = G / \|G_{i,:}\|_2` row-wise, :math:`G = A A^\top`,
+    A the features flattened to (batch, d)."""
+    flat = flatten_rows(feature)
+    return F.normalize(flat @ flat.T, dim=1)
+
+
+def sp_loss(student_feature: torch.Tensor, teacher_feature: torch.Tensor) -> torch.Tensor:
+    r""":math:`\frac{1}{B^2}\,\|\tilde G_t - \tilde G_s\|_F^2` for one layer pair; any shapes with the same batch."""
+    rows = len(student_feature)
+    difference = similarity_matrix(as_target(teacher_feature)) - similarity_matrix(student_feature)
+    return difference.pow(2).sum() / rows**2
+
+
+@register_loss("sp", "Tung 2019: CE + γ·Σ_l ‖G̃_t - G̃_s‖²_F / B², G̃ the row-normalised batch similarity")
+class SPLoss:
+    r""":math:`\mathcal{L} = c\,\mathrm{CE} + \gamma\sum_l \mathrm{SP}(F^s_l, F^t_l)`, γ = 3000 as in the paper.
+    Layers are module paths paired one to one (default ``"features"``). Returns ``{"loss", "ce", "sp"}``."""
+
+    needs_teacher = True
+    at_equal = "zero"
+    batch_order_invariant = True
+
+    def __init__(
+        self,
+        student_layers: str | Sequence[str] = "features",
+        teacher_layers: str | Sequence[str] = "features",
+        weight: float = 3000.0,
+        ce_weight: float = 1.0,
+    ) -> None:
+        self.pairs = layer_pairs(student_layers, teacher_layers, "sp")
+        self.student_features = tuple(s for s, _ in self.pairs)
+        self.teacher_features = tuple(t for _, t in self.pairs)
+        self.weight = check_non_negative("weight", weight)
+        self.ce_weight = check_non_negative("ce_weight", ce_weight)
+
+    def __call__(
+        self, student: Outputs, teacher: Outputs | None, target: torch.Tensor | None
+    ) -> dict[str, torch.Tensor]:
+        teacher = require_teacher(teacher, "sp")
+        term = sum(
+            (
+                sp_loss(
+                    get_feature(student, s, role="student", method="sp"),
+                    get_feature(teacher, t, role="teacher", method="sp"),
+                )
+                for s, t in self.pairs
+            ),
+            start=student.logits.new_zeros(()),
+        )
+        return with_cross_entropy({"sp": term}, self.weight * term, student.logits, target, self.ce_weight)

@@ -1,0 +1,180 @@
+"""Contract tests over every registered method (parametrized over ``kdistill.losses.LOSSES``, so a newly registered
+method is checked automatically).
+
+Each method is built with its defaults and fed fabricated outputs: random logits, and for every feature it declares,
+a (batch, channels, length) map (student and teacher maps differ in channels and length, so projectors and resizing
+are exercised), or (batch, members, classes) logits for ``"members"``. Class attributes steer the checks:
+``at_equal`` (``"zero"``, the default: every term vanishes when the student equals the teacher; ``"none"`` opts out,
+as do methods that need no teacher) and ``batch_order_invariant`` (default True). A new method is thus held to the
+strict contract unless it says why not.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from kdistill.errors import KdistillError
+from kdistill.losses import LOSSES, get_loss, register_loss
+from kdistill.teachers import Outputs
+
+BATCH, CLASSES, MEMBERS = 8, 5, 3
+
+
+def _fabricate(
+    loss: object, *, equal: bool, seed: int = 0
+) -> tuple[Outputs, Outputs, torch.Tensor, list[torch.Tensor]]:
+    """Student outputs (leaves requiring grad), teacher outputs, labels, and the student leaves."""
+    generator = torch.Generator().manual_seed(seed)
+    student_names = list(getattr(loss, "student_features", ()))
+    teacher_names = list(getattr(loss, "teacher_features", ()))
+    logits = torch.randn(BATCH, CLASSES, generator=generator).requires_grad_()
+    student_features = {name: torch.randn(BATCH, 6, 4, generator=generator).requires_grad_() for name in student_names}
+    teacher_features: dict[str, torch.Tensor] = {}
+    for position, name in enumerate(teacher_names):
+        if name == "members":
+            if equal:
+                teacher_features[name] = logits.detach()[:, None, :].repeat(1, MEMBERS, 1)
+            else:
+                teacher_features[name] = 2 * torch.randn(BATCH, MEMBERS, CLASSES, generator=generator)
+        elif equal and position < len(student_names):
+            teacher_features[name] = student_features[student_names[position]].detach().clone()
+        else:
+            teacher_features[name] = torch.randn(BATCH, 10, 8, generator=generator)
+    teacher_logits = logits.detach().clone() if equal else 2 * torch.randn(BATCH, CLASSES, generator=generator)
+    teacher = Outputs(teacher_logits, teacher_features, index=torch.arange(BATCH))
+    target = torch.randint(0, CLASSES, (BATCH,), generator=generator)
+    student = Outputs(logits, student_features)
+    prepare = getattr(loss, "prepare", None)
+    if prepare is not None:
+        prepare(student, teacher, BATCH)
+    return student, teacher, target, [logits, *student_features.values()]
+
+
+def _permute(outputs: Outputs, order: torch.Tensor) -> Outputs:
+    index = None if outputs.index is None else outputs.index[order]
+    return Outputs(outputs.logits[order], {k: v[order] for k, v in outputs.features.items()}, index)
+
+
+def check_finite_and_differentiable(name: str) -> None:
+    loss = get_loss(name)
+    torch.manual_seed(0)
+    student, teacher, target, leaves = _fabricate(loss, equal=False)
+    terms = loss(student, teacher, target)
+    assert "loss" in terms, f"{name} must return a 'loss' term"
+    for term, value in terms.items():
+        assert value.ndim == 0, f"{name}: term {term} is not a scalar"
+        assert torch.isfinite(value), f"{name}: term {term} = {value}"
+    terms["loss"].backward()
+    grads = [leaf.grad for leaf in leaves if leaf.grad is not None]
+    assert grads, f"{name}: no gradient reaches the student"
+    assert all(torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads), f"{name}: the gradient wrt the student is zero everywhere"
+
+
+def check_zero_at_equal(name: str) -> None:
+    loss = get_loss(name)
+    if not loss.needs_teacher or getattr(loss, "at_equal", "zero") != "zero":
+        pytest.skip(f"{name} has no zero at student == teacher (needs_teacher={loss.needs_teacher})")
+    student, teacher, _, leaves = _fabricate(loss, equal=True)
+    terms = loss(student, teacher, None)
+    for term, value in terms.items():
+        assert abs(value.item()) < 1e-4, f"{name}: term {term} = {value.item()} at student == teacher"
+    terms["loss"].backward()
+    for leaf in leaves:
+        if leaf.grad is not None:
+            assert float(leaf.grad.abs().max()) < 1e-3, f"{name}: student == teacher is not a stationary point"
+
+
+def check_batch_order_invariant(name: str) -> None:
+    loss = get_loss(name)
+    if not getattr(loss, "batch_order_invariant", True):
+        pytest.skip(f"{name} declares batch_order_invariant = False (it keeps per-row state or samples)")
+    student, teacher, target, _ = _fabricate(loss, equal=False)
+    before = loss(student, teacher, target)
+    order = torch.randperm(BATCH, generator=torch.Generator().manual_seed(1))
+    after = loss(_permute(student, order), _permute(teacher, order), target[order])
+    assert set(before) == set(after)
+    for term in before:
+        torch.testing.assert_close(after[term], before[term], rtol=1e-5, atol=1e-6)
+
+
+NAMES = sorted(LOSSES)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_registry_entry_is_described_and_builds_with_defaults(name: str) -> None:
+    info = LOSSES[name]
+    assert info.description.strip(), f"{name} has no description"
+    loss = get_loss(name)
+    assert isinstance(loss.needs_teacher, bool)
+    assert all(isinstance(f, str) and f for f in loss.student_features)
+    assert all(isinstance(f, str) and f for f in loss.teacher_features)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_finite_and_differentiable_wrt_student(name: str) -> None:
+    check_finite_and_differentiable(name)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_zero_and_stationary_when_student_equals_teacher(name: str) -> None:
+    check_zero_at_equal(name)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_invariant_to_batch_order(name: str) -> None:
+    check_batch_order_invariant(name)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_missing_teacher_is_a_clear_error(name: str) -> None:
+    loss = get_loss(name)
+    student, _, target, _ = _fabricate(loss, equal=False)
+    if loss.needs_teacher:
+        with pytest.raises(KdistillError, match="teacher"):
+            loss(student, None, target)
+    else:
+        assert torch.isfinite(loss(student, None, target)["loss"])
+
+
+@pytest.fixture
+def registered_toys() -> Iterator[None]:
+    """Two methods registered for one test: a correct one, and one that silently ignores all but the first row."""
+
+    class SquaredLogitGap:
+        needs_teacher = True
+        student_features = ()
+        teacher_features = ()
+        at_equal = "zero"
+        batch_order_invariant = True
+
+        def __call__(self, student: Outputs, teacher: Outputs | None, target: torch.Tensor | None) -> dict:
+            assert teacher is not None
+            gap = (student.logits - teacher.logits).pow(2).sum(1).mean()
+            return {"loss": gap, "gap": gap}
+
+    class FirstRowOnly(SquaredLogitGap):
+        def __call__(self, student: Outputs, teacher: Outputs | None, target: torch.Tensor | None) -> dict:
+            assert teacher is not None
+            gap = (student.logits[0] - teacher.logits[0]).pow(2).sum()
+            return {"loss": gap, "gap": gap}
+
+    register_loss("toy_gap", "test-only: squared logit gap")(SquaredLogitGap)
+    register_loss("toy_first_row", "test-only: a buggy loss that reads one row")(FirstRowOnly)
+    try:
+        yield
+    finally:
+        del LOSSES["toy_gap"], LOSSES["toy_first_row"]
+
+
+@pytest.mark.usefixtures("registered_toys")
+def test_contract_checks_pick_up_new_methods_and_catch_a_buggy_one() -> None:
+    assert {"toy_gap", "toy_first_row"} <= set(LOSSES)
+    check_finite_and_differentiable("toy_gap")
+    check_zero_at_equal("toy_gap")
+    check_batch_order_invariant("toy_gap")
+    with pytest.raises(AssertionError):
+        check_batch_order_invariant("toy_first_row")
