@@ -24,11 +24,23 @@ __all__ = ["RKDLoss", "rkd_angle_loss", "rkd_distance_loss"]
 _EPS = 1e-12
 
 
+def _gram_and_distances(embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(batch, d) -> the Gram matrix of the centred rows and their pairwise Euclidean distances, both (batch, batch).
+
+    Both come from one (batch x batch) product, so the cost does not grow with d; centring first (distances and
+    angles do not change under translation) keeps the subtraction in the distance formula well conditioned."""
+    centred = embeddings - embeddings.mean(dim=0, keepdim=True)
+    gram = centred @ centred.T
+    squared_norms = gram.diagonal()
+    squared = squared_norms[:, None] + squared_norms[None, :] - 2 * gram
+    return gram, squared.clamp_min(_EPS).sqrt()
+
+
 def _normalised_distances(embeddings: torch.Tensor) -> torch.Tensor:
-    """ψ_D: (batch, d) -> (batch, batch) Euclidean distances divided by their mean over distinct pairs."""
-    squared = (embeddings[:, None, :] - embeddings[None, :, :]).pow(2).sum(dim=2)
-    distances = squared.clamp_min(_EPS).sqrt() * (1 - torch.eye(len(embeddings), device=embeddings.device))
+    """ψ_D: (batch, d) -> (batch, batch) Euclidean distances divided by their mean over distinct pairs (the
+    diagonal is set to 0)."""
     rows = len(embeddings)
+    distances = _gram_and_distances(embeddings)[1] * (1 - torch.eye(rows, device=embeddings.device))
     mean = distances.sum() / max(rows * (rows - 1), 1)
     return distances / mean.clamp_min(_EPS)
 
@@ -48,10 +60,11 @@ def rkd_distance_loss(student_embeddings: torch.Tensor, teacher_embeddings: torc
 
 
 def _angles(embeddings: torch.Tensor) -> torch.Tensor:
-    """(batch, d) -> (batch, batch, batch): cos ∠(x_i, x_j, x_k) = <e_ji, e_jk>, e_ji = (x_i - x_j)/‖x_i - x_j‖,
-    indexed [j, i, k] (j is the vertex)."""
-    differences = F.normalize(embeddings[None, :, :] - embeddings[:, None, :], dim=2, eps=_EPS)
-    return torch.bmm(differences, differences.transpose(1, 2))
+    """(batch, d) -> (batch, batch, batch): cos ∠(x_i, x_j, x_k) = <x_i - x_j, x_k - x_j> / (‖x_i - x_j‖ ‖x_k - x_j‖),
+    indexed [j, i, k] (j is the vertex), from the Gram matrix G: the numerator is G_ik - G_ij - G_jk + G_jj."""
+    gram, distances = _gram_and_distances(embeddings)
+    dots = gram[None, :, :] - gram[:, :, None] - gram[:, None, :] + gram.diagonal()[:, None, None]
+    return dots / (distances[:, :, None] * distances[:, None, :]).clamp_min(_EPS)
 
 
 def rkd_angle_loss(student_embeddings: torch.Tensor, teacher_embeddings: torch.Tensor) -> torch.Tensor:
