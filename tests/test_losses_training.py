@@ -16,7 +16,7 @@ from torch import nn
 import kdistill
 from kdistill.engine import Callback, TrainConfig, TransferSet, fit
 from kdistill.errors import KdistillError, MethodError, StudentError
-from kdistill.losses import LOSSES, CRDLoss, DeepSupervision, FitNet, Projector, compose_methods, get_loss
+from kdistill.losses import LOSSES, CRDLoss, DeepSupervision, FitNet, Projector, TeacherBank, compose_methods, get_loss
 from kdistill.students import CNN
 from kdistill.teachers import Outputs
 
@@ -213,3 +213,20 @@ def test_loss_objects_are_not_shared_between_runs_by_accident(teacher: CNN, data
     _distill(teacher, data, method=loss, student_params={"channels": (2, 2, 2)})
     assert first[0].student_shape == (4, 2)
     assert loss.projectors[0].student_shape == (2, 2)
+
+
+def test_teacher_bank_serves_the_live_teachers_rows(teacher: CNN, data: tuple) -> None:
+
+    x = torch.as_tensor(data[0])
+    adapter = kdistill.as_teacher(teacher)
+    bank = TeacherBank.build(adapter, x, ("features", "features.2"), batch_size=40)
+    assert bank is not None
+    index = torch.tensor([5, 77, 0, 41])
+    live = adapter(x[index], features=("features", "features.2"))
+    served = bank.select(index)
+    torch.testing.assert_close(served.logits, live.logits)
+    for name in ("features", "features.2"):
+        torch.testing.assert_close(served.features[name], live.features[name])
+    assert torch.equal(served.index, index)
+    assert TeacherBank.build(adapter, x, ("features",), max_numbers=100) is None  # too big: run live
+    assert TeacherBank.build(adapter, x, ()) is None

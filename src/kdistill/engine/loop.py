@@ -19,7 +19,7 @@ from kdistill.engine.callbacks import Callback
 from kdistill.errors import KdistillError
 from kdistill.features import capture_features
 from kdistill.losses.base import Loss
-from kdistill.losses.prepare import prepare_loss
+from kdistill.losses.prepare import TeacherBank, prepare_loss
 from kdistill.teachers.base import Outputs, Teacher
 
 __all__ = ["TrainConfig", "TrainState", "TransferSet", "auto_threads", "fit", "num_threads", "predict_logits"]
@@ -161,6 +161,7 @@ def _fit(
     state = TrainState(model=model, optimizer=optimizer, max_epochs=config.epochs)
     student_features = tuple(loss_fn.student_features)
     teacher_features = tuple(loss_fn.teacher_features)
+    bank = TeacherBank.build(teacher, x, teacher_features, logits=targets)  # teacher features once, if they fit
     for callback in callbacks:
         callback.on_train_begin(state)
 
@@ -177,10 +178,13 @@ def _fit(
             index = order[start : start + config.batch_size]
             xb = x[index]
             yb = None if y is None else y[index]
-            if teacher_features:
+            teacher_out: Outputs | None
+            if bank is not None:
+                teacher_out = bank.select(index)
+            elif teacher_features:
                 assert teacher is not None, "this method needs the live teacher for its features"
                 live = teacher(xb, features=teacher_features)
-                teacher_out: Outputs | None = Outputs(live.logits, live.features, index)
+                teacher_out = Outputs(live.logits, live.features, index)
             else:
                 teacher_out = None if targets is None else Outputs(targets[index], index=index)
             with capture_features(model, student_features) as captured:

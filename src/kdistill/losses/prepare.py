@@ -15,7 +15,7 @@ from kdistill.features import capture_features
 from kdistill.losses.base import Loss
 from kdistill.teachers.base import Outputs, Teacher
 
-__all__ = ["prepare_loss"]
+__all__ = ["TeacherBank", "prepare_loss"]
 
 
 def prepare_loss(
@@ -57,3 +57,50 @@ def prepare_loss(
         loss_fn.to(x.device)
         return [parameter for parameter in loss_fn.parameters() if parameter.requires_grad]
     return []
+
+
+class TeacherBank:
+    """The teacher's logits and named features for every row of the transfer set, computed once.
+
+    Teachers run in eval mode without gradients, so their outputs for a row never change: methods that read teacher
+    features index this bank instead of running the teacher on every batch (10x or more faster for feature methods
+    on small students). :meth:`build` returns None when the bank would hold more than ``max_numbers`` numbers (then
+    the engine runs the teacher live).
+    """
+
+    def __init__(self, outputs: Outputs) -> None:
+        self.outputs = outputs
+
+    @classmethod
+    def build(
+        cls,
+        teacher: Teacher | None,
+        x: torch.Tensor,
+        features: tuple[str, ...],
+        *,
+        logits: torch.Tensor | None = None,
+        batch_size: int = 512,
+        max_numbers: int = 50_000_000,
+    ) -> TeacherBank | None:
+        """Run ``teacher`` over ``x`` (rows, ...) once, asking for ``features``; None without features or teacher,
+        or when too large. ``logits``: the (rows, classes) soft targets already computed (out-of-fold ones, say),
+        which the bank serves instead of the teacher's own."""
+        if not features or teacher is None or len(x) == 0:
+            return None
+        first = teacher(x[:batch_size], features=features)
+        per_row = first.logits[0].numel() + sum(value[0].numel() for value in first.features.values())
+        if per_row * len(x) > max_numbers:
+            return None
+        parts = [first] + [
+            teacher(x[start : start + batch_size], features=features) for start in range(batch_size, len(x), batch_size)
+        ]
+        if logits is None:
+            logits = torch.cat([part.logits for part in parts])
+        logits = logits.to(x.device)
+        named = {name: torch.cat([part.features[name] for part in parts]).to(x.device) for name in first.features}
+        return cls(Outputs(logits, named))
+
+    def select(self, index: torch.Tensor) -> Outputs:
+        """The bank's rows ``index`` (batch,), as the teacher's outputs for that batch (with ``index`` set)."""
+        features = {name: value[index] for name, value in self.outputs.features.items()}
+        return Outputs(self.outputs.logits[index], features, index)

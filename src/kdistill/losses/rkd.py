@@ -6,7 +6,6 @@ Park, Kim, Lu & Cho, "Relational Knowledge Distillation", CVPR 2019, https://arx
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from kdistill.losses.base import register_loss
 from kdistill.losses.common import (
@@ -45,6 +44,14 @@ def _normalised_distances(embeddings: torch.Tensor) -> torch.Tensor:
     return distances / mean.clamp_min(_EPS)
 
 
+def _huber(difference: torch.Tensor) -> torch.Tensor:
+    """Elementwise Huber loss with δ = 1 (smooth L1): 0.5·x² for |x| < 1, |x| - 0.5 beyond; written with a clamp
+    rather than a branch, which is several times faster on the (batch³) angle tensors."""
+    size = difference.abs()
+    inner = size.clamp(max=1.0)
+    return 0.5 * inner.pow(2) + (size - inner)
+
+
 def rkd_distance_loss(student_embeddings: torch.Tensor, teacher_embeddings: torch.Tensor) -> torch.Tensor:
     r"""Distance-wise RKD:
     :math:`\frac{1}{B(B-1)}\sum_{i \ne j} \ell_1^{smooth}\big(\psi_D(s_i, s_j) - \psi_D(t_i, t_j)\big)`
@@ -53,10 +60,9 @@ def rkd_distance_loss(student_embeddings: torch.Tensor, teacher_embeddings: torc
     (batch, d_s), (batch, d_t) -> scalar; d_s and d_t may differ. ``smooth`` is the Huber loss with δ = 1.
     """
     rows = len(student_embeddings)
-    off_diagonal = ~torch.eye(rows, dtype=torch.bool, device=student_embeddings.device)
-    student = _normalised_distances(student_embeddings)[off_diagonal]
-    teacher = _normalised_distances(as_target(teacher_embeddings))[off_diagonal]
-    return F.smooth_l1_loss(student, teacher, reduction="mean")
+    student = _normalised_distances(student_embeddings)
+    teacher = _normalised_distances(as_target(teacher_embeddings))
+    return _huber(student - teacher).sum() / max(rows * (rows - 1), 1)  # the diagonals are 0 in both
 
 
 def _angles(embeddings: torch.Tensor) -> torch.Tensor:
@@ -71,11 +77,10 @@ def rkd_angle_loss(student_embeddings: torch.Tensor, teacher_embeddings: torch.T
     r"""Angle-wise RKD: :math:`\mathrm{mean}_{i \ne j,\,k \ne j}\ \ell_1^{smooth}\big(\cos\angle s_i s_j s_k -
     \cos\angle t_i t_j t_k\big)`, the angle at vertex j. (batch, d_s), (batch, d_t) -> scalar."""
     rows = len(student_embeddings)
-    eye = torch.eye(rows, dtype=torch.bool, device=student_embeddings.device)
-    valid = ~(eye[:, :, None] | eye[:, None, :])  # [j, i, k]: i != j and k != j
-    student = _angles(student_embeddings)[valid]
-    teacher = _angles(as_target(teacher_embeddings))[valid]
-    return F.smooth_l1_loss(student, teacher, reduction="mean")
+    off = 1 - torch.eye(rows, dtype=student_embeddings.dtype, device=student_embeddings.device)
+    valid = off[:, :, None] * off[:, None, :]  # [j, i, k]: 1 where i != j and k != j
+    difference = _angles(student_embeddings) - _angles(as_target(teacher_embeddings))
+    return (_huber(difference) * valid).sum() / valid.sum().clamp_min(1)
 
 
 @register_loss("rkd", "Park 2019: CE + λ_D·distance-wise + λ_A·angle-wise relational loss on embeddings")
