@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from kdistill.errors import ShapeMismatchError
+from kdistill.errors import MethodError, ShapeMismatchError
 from kdistill.losses.base import register_loss
 from kdistill.losses.common import (
     as_target,
@@ -94,7 +94,7 @@ def multi_teacher_loss(
         divergence = (member_log_probs.exp() * (member_log_probs - student_log_probs[:, None, :])).sum(dim=2)
         per_row = (weights * divergence).sum(dim=1)
     else:
-        raise ValueError(f"weighting must be 'average' or 'confidence', got {weighting!r}")
+        raise MethodError(f"weighting must be 'average' or 'confidence', got {weighting!r}", hint="use one of those.")
     soft = per_row.mean() * temperature**2
     if target is None:
         return {"loss": soft, "kd": soft}
@@ -112,11 +112,13 @@ class MultiTeacherKD:
 
     def __init__(self, weighting: str = "average", temperature: float = 4.0, soft_weight: float = 0.5) -> None:
         if weighting not in ("average", "confidence"):
-            raise ValueError(f"weighting must be 'average' or 'confidence', got {weighting!r}")
+            raise MethodError(
+                f"weighting must be 'average' or 'confidence', got {weighting!r}", hint="use one of those."
+            )
         self.weighting = weighting
         self.temperature = check_positive("temperature", temperature)
         if not 0.0 <= check_non_negative("soft_weight", soft_weight) <= 1.0:
-            raise ValueError(f"soft_weight must be in [0, 1], got {soft_weight}")
+            raise MethodError(f"soft_weight must be in [0, 1], got {soft_weight}", hint="1 drops the hard-label term.")
         self.soft_weight = soft_weight
 
     def __call__(
