@@ -33,11 +33,13 @@ def contrastive_loss(
     .. math::
         -\frac{1}{B}\sum_i \log\frac{e^{a_i\cdot p_i/\tau}}{e^{a_i\cdot p_i/\tau} + \sum_k e^{a_i\cdot n_{ik}/\tau}}
 
-    ``anchors``, ``positives``: (batch, d); ``negatives``: (batch, K, d). Minimising it is maximising a lower bound on
-    the mutual information between the two embeddings (the CRD paper's objective, in its softmax form).
+    ``anchors``, ``positives``: (batch, d); ``negatives``: (batch, K, d), or (K, d) shared by every anchor (one
+    matrix product instead of a batched one: several times faster on the CPU). Minimising it is maximising a lower
+    bound on the mutual information between the two embeddings (the CRD paper's objective, in its softmax form).
     """
     positive = (anchors * positives).sum(dim=1, keepdim=True)
-    negative = torch.einsum("bd,bkd->bk", anchors, negatives)
+    shared = negatives.ndim == 2
+    negative = anchors @ negatives.T if shared else torch.einsum("bd,bkd->bk", anchors, negatives)
     logits = torch.cat([positive, negative], dim=1) / temperature
     return F.cross_entropy(logits, torch.zeros(len(anchors), dtype=torch.long, device=anchors.device))
 
@@ -50,8 +52,10 @@ class CRDLoss(nn.Module):
     ``embed_dim`` and onto the unit sphere: :math:`v^s, v^t`. Two memory banks (rows, embed_dim) hold a momentum
     average of every transfer-set row's embeddings. For each row i of the batch, the student anchor :math:`v^s_i` is
     contrasted (:func:`contrastive_loss`, temperature τ) against the teacher memory: positive :math:`m^t_i`, and
-    ``negatives`` rows drawn uniformly at random from the bank (a draw of the row itself counts as a negative, as in
-    the paper's sampler, with probability K/rows); symmetrically for the teacher anchor against the student memory.
+    ``negatives`` rows drawn uniformly at random from the bank once per batch and shared by its anchors (the paper
+    draws per anchor; sharing makes the step one matrix product; a draw of an anchor's own row counts as a negative,
+    with probability K/rows, as in the paper's sampler); symmetrically for the teacher anchor against the student
+    memory.
     After the step, :math:`m_i \leftarrow \mathrm{normalise}(\mu\,m_i + (1-\mu)\,v_i)`.
 
     Needs the teacher's ``Outputs.index`` (the engine sets it). The banks and embeddings are built on the engine's dry
@@ -130,7 +134,7 @@ class CRDLoss(nn.Module):
         s, t = self._features(student, teacher)
         student_vectors = F.normalize(self.student_embed(s), dim=1)
         teacher_vectors = F.normalize(self.teacher_embed(t), dim=1)
-        drawn = torch.randint(0, rows, (len(index), self.negatives), device=index.device)
+        drawn = torch.randint(0, rows, (self.negatives,), device=index.device)
         student_to_teacher = contrastive_loss(
             student_vectors, self.teacher_memory[index], self.teacher_memory[drawn], self.nce_temperature
         )
