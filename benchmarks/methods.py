@@ -241,7 +241,9 @@ def render(results: list[dict[str, Any]], teachers: list[float], meta: dict[str,
         f"    {meta['command']}",
         "",
         f"Run time: {meta['wall_s'] / 60:.1f} min on {meta['machine']} ({meta['workers']} worker processes, one torch "
-        f"thread each). {meta['seeds']} seeds per row; mean ± std (population) of test accuracy, in %.",
+        f"thread each; 1-minute load average {meta['load_average']:.1f} at the end, so other jobs shared the cores "
+        f"when it exceeds {os.cpu_count()}). {meta['seeds']} seeds per row; mean ± std (population) of test accuracy, "
+        "in %.",
         "",
         f"Data: MNIST-1D generated offline, {meta['rows']['train']} train / {meta['rows']['val']} val (keeps the best "
         f"epoch) / {meta['rows']['test']} test rows. Teacher: CNN (64, 64, 64) channels, "
@@ -348,10 +350,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     wall = time.perf_counter() - started
     data = _STATE["data"]
     meta = {
-        "command": "python benchmarks/methods.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": " ".join(["python benchmarks/methods.py", *(argv if argv is not None else sys.argv[1:])]),
         "wall_s": wall,
         "machine": f"a {os.cpu_count()}-core CPU box ({platform.machine()}, torch {torch.__version__})",
         "workers": args.workers,
+        "load_average": os.getloadavg()[0],
         "seeds": args.seeds,
         "epochs": {"mlp": args.mlp_epochs, "cnn": args.cnn_epochs},
         "rows": {"train": len(data.train[0]), "val": len(data.val[0]), "test": len(data.test[0])},
