@@ -230,3 +230,22 @@ def test_teacher_bank_serves_the_live_teachers_rows(teacher: CNN, data: tuple) -
     assert torch.equal(served.index, index)
     assert TeacherBank.build(adapter, x, ("features",), max_numbers=100) is None  # too big: run live
     assert TeacherBank.build(adapter, x, ()) is None
+
+
+def test_live_teacher_path_when_features_do_not_fit_in_memory(
+    teacher: CNN, data: tuple, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Beyond the bank's size limit the engine runs the teacher on each batch; its inference-mode outputs must
+    still be usable as targets (cloned out of inference mode)."""
+    monkeypatch.setattr(TeacherBank, "build", classmethod(lambda cls, *args, **kwargs: None))
+    result = _distill(teacher, data, method=["kd", "fitnet", "crd"], method_params={"crd": {"negatives": 8}})
+    assert np.isfinite(result.history[-1]["train_fitnet/hint"])
+    assert np.isfinite(result.history[-1]["train_crd/crd"])
+
+
+def test_a_teacher_without_features_is_a_clear_error(data: tuple) -> None:
+    from sklearn.linear_model import LogisticRegression
+
+    forest = LogisticRegression().fit(*data)
+    with pytest.raises(KdistillError, match="no intermediate features"):
+        kdistill.distill(forest, "cnn", data, method="fitnet", epochs=1, baseline=False, report=False, verbose=False)
