@@ -49,6 +49,11 @@ def _listing() -> dict[str, Callable[[], list[tuple[str, str]]]]:
         return [
             ("sklearn", "a fitted scikit-learn classifier (predict_proba, else decision_function)"),
             ("torch", "a torch.nn.Module returning logits (or probabilities with output='probs')"),
+            ("hf", "a Hugging Face transformers model with .logits, from a local folder or a config [hf extra]"),
+            ("onnx", "an .onnx file run by ONNX Runtime, output chosen by name [onnx extra]"),
+            ("callable", "a function batch -> probabilities or logits: batched, retried, resumable journal"),
+            ("file", "precomputed outputs in .npy, .safetensors or .parquet (with row ids)"),
+            ("ensemble", "several teachers: mean of probabilities or of logits, optional weights"),
         ]
 
     return {"methods": methods, "students": students, "datasets": datasets, "teachers": teachers}
@@ -57,6 +62,31 @@ def _listing() -> dict[str, Callable[[], list[tuple[str, str]]]]:
 def _cmd_list(args: argparse.Namespace) -> int:
     for name, description in _listing()[args.what]():
         _console.print(f"[bold]{name:<12}[/bold] {description}", highlight=False)
+    return 0
+
+
+def _cmd_cache(args: argparse.Namespace) -> int:
+    from kdistill.cache import cache_entries, clear_cache, default_cache_dir
+
+    root = args.dir or default_cache_dir()
+    if args.action == "clear":
+        removed = clear_cache(root, args.names or None)
+        _console.print(f"removed {len(removed)} cache entr{'y' if len(removed) == 1 else 'ies'} from {root}")
+        return 0
+    entries = cache_entries(root)
+    if not entries:
+        _console.print(f"no cache entries in {root}")
+        return 0
+    _console.print(
+        f"[bold]{'entry':<32}  {'status':<8} {'rows':>9} {'classes':>7} {'storage':<8} {'MB':>9}  teacher   data"
+    )
+    for info in entries:
+        status = "complete" if info.complete else "partial"
+        _console.print(
+            f"{info.name:<32}  {status:<8} {info.rows or 0:>9} {info.classes or 0:>7} {info.storage or '?':<8} "
+            f"{info.size_bytes / 1e6:>9.3f}  {(info.teacher or '?')[:8]}  {(info.data or '?')[:8]}",
+            highlight=False,
+        )
     return 0
 
 
@@ -81,6 +111,16 @@ def build_parser() -> argparse.ArgumentParser:
     listing = commands.add_parser("list", help="list what exists: methods, students, datasets, teachers")
     listing.add_argument("what", choices=sorted(_listing()))
     listing.set_defaults(handler=_cmd_list)
+
+    cache = commands.add_parser("cache", help="list or clear the teacher-output cache")
+    cache_actions = cache.add_subparsers(dest="action", required=True)
+    cache_dir_help = "cache folder (default: $KDISTILL_CACHE_DIR or ./.kdistill-cache)"
+    cache_ls = cache_actions.add_parser("ls", help="list the entries: status, rows, storage, size, fingerprints")
+    cache_ls.add_argument("--dir", default=None, help=cache_dir_help)
+    cache_clear = cache_actions.add_parser("clear", help="delete entries (every entry when no name is given)")
+    cache_clear.add_argument("names", nargs="*", help="entry names (or unique prefixes) from `kdistill cache ls`")
+    cache_clear.add_argument("--dir", default=None, help=cache_dir_help)
+    cache.set_defaults(handler=_cmd_cache)
     return parser
 
 

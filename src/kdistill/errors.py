@@ -8,6 +8,7 @@ know kdistill.
 from __future__ import annotations
 
 __all__ = [
+    "CacheError",
     "CheckpointError",
     "DataError",
     "KdistillError",
@@ -52,3 +53,7 @@ class StudentError(KdistillError, ValueError):
 
 class CheckpointError(KdistillError, ValueError):
     """A saved run or checkpoint is missing, corrupt, or was written by an incompatible version."""
+
+
+class CacheError(KdistillError, ValueError):
+    """A teacher-output cache entry is corrupt, incomplete, or does not match what it claims to hold."""

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdistill.engine.callbacks import Callback
+from kdistill.engine.live import Augment, live_batches
 from kdistill.errors import KdistillError
 from kdistill.features import capture_features
 from kdistill.losses.base import Loss
@@ -120,18 +121,26 @@ def fit(
     config: TrainConfig = TrainConfig(),
     callbacks: Sequence[Callback] = (),
     teacher: Teacher | None = None,
+    augment: Augment | None = None,
+    prefetch_teacher: bool = False,
 ) -> TrainState:
     """Train ``model`` in place on ``train`` with ``loss_fn`` and return the final state (its history included).
 
     Each step draws a shuffled batch of row indices and indexes ``x``, ``y`` and the precomputed teacher logits with
     the same indices, so targets can never drift from the rows they supervise. The live ``teacher`` is only called
     when the loss asks for teacher features. Seeded: the same seed gives bit-identical weights on the CPU.
+
+    With ``augment(x, generator)``, each batch is augmented (drawing from its own generator, seeded from ``seed``) and
+    the live ``teacher`` labels the augmented batch (precomputed teacher logits are not used);
+    ``prefetch_teacher=True`` prepares the next batch in a background thread (:mod:`kdistill.engine.live`).
     """
     device = torch.device(config.device)
     threads = auto_threads(model, config.batch_size) if config.num_threads == "auto" else int(config.num_threads)
     with torch.random.fork_rng(devices=[]), num_threads(threads):
         torch.manual_seed(config.seed)
-        return _fit(model.to(device), loss_fn, train, val, config, callbacks, teacher, device)
+        return _fit(
+            model.to(device), loss_fn, train, val, config, callbacks, teacher, device, augment, prefetch_teacher
+        )
 
 
 def _fit(
@@ -143,6 +152,8 @@ def _fit(
     callbacks: Sequence[Callback],
     teacher: Teacher | None,
     device: torch.device,
+    augment: Augment | None = None,
+    prefetch_teacher: bool = False,
 ) -> TrainState:
     x, y, targets = (t.to(device) if t is not None else None for t in (train.x, train.y, train.teacher_logits))
     assert x is not None
@@ -156,6 +167,12 @@ def _fit(
     state = TrainState(model=model, optimizer=optimizer, max_epochs=config.epochs)
     student_features = tuple(loss_fn.student_features)
     teacher_features = tuple(loss_fn.teacher_features)
+    prepare = getattr(loss_fn, "prepare_teacher_targets", None)  # optional: per-row terms of fixed targets, once
+    prepared = prepare(targets) if prepare is not None and targets is not None and augment is None else {}
+    augment_generator = torch.Generator().manual_seed(config.seed + 1)
+    live_teacher = teacher if loss_fn.needs_teacher else None
+    if augment is not None and live_teacher is None and loss_fn.needs_teacher:
+        raise KdistillError("augmentation needs the live teacher", hint="pass teacher= to fit().")
     for callback in callbacks:
         callback.on_train_begin(state)
 
@@ -168,16 +185,31 @@ def _fit(
         model.train()
         totals: dict[str, torch.Tensor] = {}
         order = torch.randperm(rows, generator=generator).to(device)
+        augmented = None
+        if augment is not None:
+            augmented = live_batches(
+                x,
+                order,
+                config.batch_size,
+                augment,
+                augment_generator,
+                live_teacher,
+                teacher_features,
+                prefetch=prefetch_teacher,
+            )
         for start in range(0, rows, config.batch_size):
             index = order[start : start + config.batch_size]
             xb = x[index]
             yb = None if y is None else y[index]
-            if teacher_features:
+            teacher_out: Outputs | None
+            if augmented is not None:
+                xb, teacher_out = next(augmented)  # augmented rows, and the teacher's outputs on them
+            elif teacher_features:
                 assert teacher is not None, "this method needs the live teacher for its features"
                 live = teacher(xb, features=teacher_features)
-                teacher_out: Outputs | None = Outputs(live.logits, live.features, index)
+                teacher_out = Outputs(live.logits, live.features, index)
             else:
-                teacher_out = None if targets is None else Outputs(targets[index], index=index)
+                teacher_out = None if targets is None else Outputs(targets[index], _rows(prepared, index), index)
             with capture_features(model, student_features) as captured:
                 logits = model(xb)
             terms = loss_fn(Outputs(logits, captured), teacher_out, yb)
@@ -208,6 +240,10 @@ def _fit(
         callback.on_train_end(state)
     model.eval()
     return state
+
+
+def _rows(tensors: dict[str, torch.Tensor], index: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {name: tensor[index] for name, tensor in tensors.items()} if tensors else {}
 
 
 def _validate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
