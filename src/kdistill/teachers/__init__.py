@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import os
 from pathlib import Path
 from typing import Any
@@ -74,7 +75,7 @@ def as_teacher(obj: Any) -> Teacher:
             hint="pass an .onnx file, or for precomputed outputs FileTeacher(path, inputs=X) "
             "(it needs the rows the outputs belong to).",
         )
-    if callable(obj):
+    if builtins.callable(obj):  # the submodule kdistill.teachers.callable shadows the builtin here
         return CallableTeacher(obj)
     raise TeacherError(
         f"cannot use a {type(obj).__name__} as a teacher",
