@@ -1,0 +1,275 @@
+"""What the teacher-output cache buys: epoch time of CE-only, KD with a live teacher, and KD from the cache.
+
+Setup (as issue 4 asks): MNIST-1D (the ``mnist1d`` package, generated offline, 3,600 training rows) replicated 11x
+to 39,600 rows; batch 128; a CNN teacher with (320, 320, 320) channels (~7.7M multiply-adds per row, >= 20x the larger
+student); two MLP students, 40-100-100-10 (~15k MACs) and 40-512-512-10 (~288k MACs). A hand-written loop (index
+in-memory tensors, AdamW), one torch thread (what the engine picks for students this small). Each configuration runs
+``--repeats`` epochs, interleaved, and the median epoch is reported:
+
+(a) CE only; (b) KD, the teacher run live on every batch (``kdistill.kd_loss``); (c) KD from the cache (fp32 entry,
+memory-mapped, the ``kd`` loss with the teacher's softmax precomputed once); (c_textbook) the same with the textbook
+two-log-softmax KL loss, to show what fusing its ops buys.
+
+Then the accuracy effect of each storage (fp32, fp16, top-k): ``kdistill.distill`` on the original 3,600 rows with each
+``cache_storage``, same seed, test accuracy; and bytes per row of each storage, for these 10 classes and for a
+synthetic 1,000-class teacher.
+
+Run: ``python benchmarks/cache.py`` (about 6-10 minutes on a 2-core CPU box). Prints one summary line, then one JSON
+object as the last line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import kdistill
+from kdistill.cache import cached_teacher_outputs
+from kdistill.datasets import load_mnist1d
+from kdistill.engine import TrainConfig, TransferSet, fit
+from kdistill.losses import KDLoss, get_loss, kd_loss
+from kdistill.students import CNN
+from kdistill.teachers import Outputs, TorchTeacher
+
+TEMPERATURE, SOFT_WEIGHT, BATCH = 4.0, 0.5, 128
+
+
+def count_macs(model: nn.Module, example: torch.Tensor) -> int:
+    """Multiply-adds of one row through the Linear and Conv layers (the rest is negligible here)."""
+    total = 0
+
+    def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        nonlocal total
+        if isinstance(module, nn.Linear):
+            total += module.in_features * module.out_features
+        elif isinstance(module, (nn.Conv1d, nn.Conv2d)):
+            per_output = (module.in_channels // module.groups) * int(np.prod(module.kernel_size))
+            total += per_output * int(output[0].numel())
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv1d))]
+    with torch.no_grad():
+        model.eval()(example[:1])
+    for handle in handles:
+        handle.remove()
+    return total
+
+
+def mlp(hidden: int) -> nn.Module:
+    return nn.Sequential(nn.Linear(40, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 10))
+
+
+def train_teacher(train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray], epochs: int) -> CNN:
+    x, y = torch.as_tensor(train[0]), torch.as_tensor(train[1])
+    torch.manual_seed(0)
+    teacher = CNN((40,), 10, channels=(320, 320, 320))
+    teacher.standardize.fit(x)
+    config = TrainConfig(epochs=epochs, batch_size=128, lr=1e-2, weight_decay=5e-2, verbose=False, num_threads=2)
+    fit(teacher, get_loss("ce"), TransferSet(x, y, None), config=config)
+    return teacher.eval()
+
+
+def textbook_kd(student: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    soft = F.kl_div(
+        F.log_softmax(student / TEMPERATURE, 1),
+        F.log_softmax(teacher / TEMPERATURE, 1),
+        reduction="batchmean",
+        log_target=True,
+    )
+    return (1 - SOFT_WEIGHT) * F.cross_entropy(student, target) + SOFT_WEIGHT * TEMPERATURE**2 * soft
+
+
+def one_epoch(
+    student: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    order: torch.Tensor,
+    step_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+) -> float:
+    """Seconds for one epoch of the hand-written loop; ``step_loss(student_logits, index)``."""
+    started = time.perf_counter()
+    for start in range(0, len(order), BATCH):
+        index = order[start : start + BATCH]
+        loss = step_loss(student(x[index]), index)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return time.perf_counter() - started
+
+
+def epoch_times(
+    x: torch.Tensor, y: torch.Tensor, teacher: nn.Module, cached: torch.Tensor, repeats: int
+) -> dict[str, dict[str, float]]:
+    kd = KDLoss(TEMPERATURE, SOFT_WEIGHT)
+    started = time.perf_counter()
+    prepared = kd.prepare_teacher_targets(cached)
+    prepare_s = time.perf_counter() - started
+
+    def live(student_logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            teacher_logits = teacher(x[index])
+        return kd_loss(student_logits, teacher_logits, y[index], temperature=TEMPERATURE, soft_weight=SOFT_WEIGHT)[
+            "loss"
+        ]
+
+    def from_cache(student_logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        features = {name: tensor[index] for name, tensor in prepared.items()}
+        return kd(Outputs(student_logits), Outputs(cached[index], features, index), y[index])["loss"]
+
+    losses: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+        "a_ce": lambda s, index: F.cross_entropy(s, y[index]),
+        "b_kd_live": live,
+        "c_kd_cache": from_cache,
+        "c_textbook_kd_cache": lambda s, index: textbook_kd(s, cached[index], y[index]),
+    }
+    results: dict[str, dict[str, float]] = {}
+    for hidden in (100, 512):
+        times: dict[str, list[float]] = {name: [] for name in losses}
+        students, optimizers = {}, {}
+        for name in losses:
+            torch.manual_seed(0)
+            students[name] = mlp(hidden)
+            optimizers[name] = torch.optim.AdamW(students[name].parameters(), lr=1e-3)
+        generator = torch.Generator().manual_seed(0)
+        for _ in range(repeats + 1):  # the first round warms up and is dropped
+            order = torch.randperm(len(x), generator=generator)
+            for name, step_loss in losses.items():
+                times[name].append(one_epoch(students[name], optimizers[name], x, order, step_loss))
+        median = {name: statistics.median(values[1:]) for name, values in times.items()}
+        base = median["a_ce"]
+        results[f"mlp_{hidden}"] = {
+            **{f"{name}_s": round(value, 4) for name, value in median.items()},
+            "b_over_a": round(median["b_kd_live"] / base, 3),
+            "c_over_a": round(median["c_kd_cache"] / base, 3),
+            "c_textbook_over_a": round(median["c_textbook_kd_cache"] / base, 3),
+            "b_over_c": round(median["b_kd_live"] / median["c_kd_cache"], 3),
+        }
+    results["prepare_targets_s"] = {"seconds": round(prepare_s, 4)}
+    return results
+
+
+def storage_effect(teacher: nn.Module, data: kdistill.datasets.Dataset, cache_dir: Path, epochs: int) -> dict:
+    out: dict[str, dict[str, float]] = {}
+    for storage in ("fp32", "fp16", "topk:1", "topk:3"):
+        torch.manual_seed(0)
+        result = kdistill.distill(
+            teacher,
+            mlp(100),
+            data.train,
+            val=data.val,
+            test=data.test,
+            epochs=epochs,
+            patience=None,
+            batch_size=BATCH,
+            temperature=TEMPERATURE,
+            soft_weight=SOFT_WEIGHT,
+            cache_dir=cache_dir,
+            cache_storage=storage,
+            baseline=storage == "fp32",
+            profile=False,
+            verbose=False,
+            seed=0,
+        )
+        assert result.report is not None
+        models = result.report.models
+        out[storage] = {"student_test_accuracy": round(models["student"]["accuracy"], 4)}
+        if storage == "fp32":
+            out["ce_only"] = {"student_test_accuracy": round(models["baseline"]["accuracy"], 4)}
+            out["teacher"] = {"test_accuracy": round(models["teacher"]["accuracy"], 4)}
+    return out
+
+
+def bytes_per_row(teacher: TorchTeacher, x: torch.Tensor, cache_dir: Path) -> dict[str, dict[str, float]]:
+    """Stored array bytes per row, and whole-folder bytes per row (headers and manifest included)."""
+
+    def measure(t: TorchTeacher, rows: torch.Tensor, storages: tuple[str, ...]) -> dict[str, float]:
+        sizes = {}
+        for storage in storages:
+            entry = cached_teacher_outputs(t, rows, cache_dir=cache_dir, storage=storage)
+            folder_bytes = sum(f.stat().st_size for f in entry.folder.iterdir())
+            sizes[storage] = round(entry.nbytes() / entry.rows, 2)
+            sizes[f"{storage}_on_disk"] = round(folder_bytes / entry.rows, 2)
+        return sizes
+
+    torch.manual_seed(0)
+    wide = TorchTeacher(nn.Linear(40, 1000))
+    wide_rows = torch.randn(2000, 40)
+    return {
+        "mnist1d_10_classes": measure(teacher, x, ("fp32", "fp16", "topk:1", "topk:3")),
+        "synthetic_1000_classes": measure(wide, wide_rows, ("fp32", "fp16", "topk:10")),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=5, help="timed epochs per configuration (median reported)")
+    parser.add_argument("--replicate", type=int, default=11, help="copies of the 3,600 training rows")
+    parser.add_argument("--teacher-epochs", type=int, default=12)
+    parser.add_argument("--student-epochs", type=int, default=40, help="epochs of each storage-accuracy run")
+    args = parser.parse_args()
+    started = time.perf_counter()
+    data = load_mnist1d(seed=0)
+    teacher_module = train_teacher(data.train, data.val, args.teacher_epochs)
+    teacher = TorchTeacher(teacher_module)
+    x = torch.as_tensor(np.tile(data.train[0], (args.replicate, 1)))
+    y = torch.as_tensor(np.tile(data.train[1], args.replicate))
+    example = x[:1]
+    macs = {
+        "teacher": count_macs(teacher_module, example),
+        "mlp_100": count_macs(mlp(100), example),
+        "mlp_512": count_macs(mlp(512), example),
+    }
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        cache_dir = Path(tmp)
+        fill_started = time.perf_counter()
+        entry = cached_teacher_outputs(teacher, x, cache_dir=cache_dir, storage="fp32")
+        fill_s = time.perf_counter() - fill_started
+        reopen_started = time.perf_counter()
+        entry = cached_teacher_outputs(teacher, x, cache_dir=cache_dir, storage="fp32")
+        reopen_s = time.perf_counter() - reopen_started
+        cached = entry.teacher_targets()
+        timing = epoch_times(x, y, teacher_module, cached, args.repeats)
+        storage = storage_effect(teacher, data, cache_dir, args.student_epochs)
+        sizes = bytes_per_row(teacher, torch.as_tensor(data.train[0]), cache_dir)
+    result = {
+        "benchmark": "cache",
+        "machine": f"{platform.machine()} {torch.get_num_threads()} torch thread(s), {platform.processor() or 'cpu'}",
+        "rows": len(x),
+        "batch_size": BATCH,
+        "repeats": args.repeats,
+        "macs_per_row": macs,
+        "teacher_over_students_macs": {
+            "mlp_100": round(macs["teacher"] / macs["mlp_100"], 1),
+            "mlp_512": round(macs["teacher"] / macs["mlp_512"], 1),
+        },
+        "cache_fill_s": round(fill_s, 3),
+        "cache_reopen_verified_s": round(reopen_s, 3),
+        "epoch_times": timing,
+        "storage_accuracy": storage,
+        "bytes_per_row": sizes,
+        "wall_s": round(time.perf_counter() - started, 1),
+    }
+    tiny, large = timing["mlp_100"], timing["mlp_512"]
+    print(
+        f"cache: (c)/(a) = {tiny['c_over_a']} tiny, {large['c_over_a']} larger (textbook loss: "
+        f"{tiny['c_textbook_over_a']}, {large['c_textbook_over_a']}); (b)/(a) = {tiny['b_over_a']}, "
+        f"{large['b_over_a']}; (b)/(c) = {tiny['b_over_c']}, {large['b_over_c']}; bytes/row fp32/fp16/topk:3 = "
+        f"{sizes['mnist1d_10_classes']['fp32']}/{sizes['mnist1d_10_classes']['fp16']}/"
+        f"{sizes['mnist1d_10_classes']['topk:3']}"
+    )
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
