@@ -187,8 +187,14 @@ def _model_metrics(
     metrics = classification_metrics(logits, target, None if name == "teacher" else reference)
     if name == "teacher":
         metrics["agreement"] = 1.0
-    metrics["parameters"] = float(count_parameters(model))
-    metrics["size_bytes"] = float(model_size_bytes(model))
+    if hasattr(model, "size_bytes"):  # teacher adapters that know their size (ONNX and output files, ensembles)
+        size, parameters = model.size_bytes(), model.parameter_count()
+    else:
+        size, parameters = model_size_bytes(model), count_parameters(model)
+    if parameters is not None:
+        metrics["parameters"] = float(parameters)
+    if size is not None:
+        metrics["size_bytes"] = float(size)
     if profile:
         metrics |= time_inference(predict, x)
     return metrics

@@ -94,6 +94,13 @@ class CallableTeacher:
     def num_classes(self) -> int | None:
         return self._num_classes
 
+    def size_bytes(self) -> int | None:
+        """Unknown (the model is behind a function): None, so the report shows a dash."""
+        return None
+
+    def parameter_count(self) -> int | None:
+        return None
+
     def fingerprint(self) -> str:
         text = f"callable:{self.name}:{self.version}:{self.output}"
         return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()

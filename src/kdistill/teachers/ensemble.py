@@ -19,6 +19,18 @@ MEMBERS = "members"
 """The feature name under which an ensemble returns each member's logits: (batch, members, classes)."""
 
 
+def _member_size(member: Teacher) -> tuple[int | None, int | None]:
+    """(bytes, parameters) of one member, as the report measures them; None where unknown."""
+    from kdistill.profile import count_parameters, model_size_bytes
+
+    if hasattr(member, "size_bytes") and hasattr(member, "parameter_count"):
+        return member.size_bytes(), member.parameter_count()
+    model = getattr(member, "estimator", getattr(member, "module", None))
+    if model is None:
+        return None, None
+    return model_size_bytes(model), count_parameters(model)
+
+
 class EnsembleTeacher:
     r"""Combines ``members`` (anything :func:`~kdistill.as_teacher` accepts) with optional ``weights``.
 
@@ -67,6 +79,16 @@ class EnsembleTeacher:
     @property
     def num_classes(self) -> int | None:
         return self._num_classes
+
+    def size_bytes(self) -> int | None:
+        """Total bytes of the members, for the report; None if any member's size is unknown."""
+        sizes = [_member_size(member)[0] for member in self.members]
+        return None if any(size is None for size in sizes) else sum(s for s in sizes if s is not None)
+
+    def parameter_count(self) -> int | None:
+        """Total parameters of the members; None if any member's count is unknown."""
+        counts = [_member_size(member)[1] for member in self.members]
+        return None if any(count is None for count in counts) else sum(c for c in counts if c is not None)
 
     def fingerprint(self) -> str:
         parts = [self.combine, *(f"{w:.17g}" for w in self.weights), *(m.fingerprint() for m in self.members)]

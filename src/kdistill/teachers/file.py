@@ -166,6 +166,14 @@ class FileTeacher:
     def num_classes(self) -> int | None:
         return self._num_classes
 
+    def size_bytes(self) -> int | None:
+        """Bytes of the file, for the report."""
+        return self.path.stat().st_size
+
+    def parameter_count(self) -> int | None:
+        """Unknown from the outside: None (the report shows a dash)."""
+        return None
+
     def fingerprint(self) -> str:
         if self._fingerprint is None:
             digest = hashlib.blake2b(digest_size=16)
