@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from kdistill.api import DistillResult, distill, load
 from kdistill.errors import (
+    CacheError,
     CheckpointError,
     DataError,
     KdistillError,
@@ -25,6 +26,7 @@ from kdistill.teachers import Outputs, Teacher, as_teacher
 __version__ = "0.1.0"
 
 __all__ = [
+    "CacheError",
     "CheckpointError",
     "DataError",
     "DistillResult",

@@ -209,7 +209,9 @@ def _fit(
                 live = teacher(xb, features=teacher_features)
                 teacher_out = Outputs(live.logits, live.features, index)
             else:
-                teacher_out = None if targets is None else Outputs(targets[index], _rows(prepared, index), index)
+                teacher_out = (
+                    None if targets is None else Outputs(targets[index].float(), _rows(prepared, index), index)
+                )
             with capture_features(model, student_features) as captured:
                 logits = model(xb)
             terms = loss_fn(Outputs(logits, captured), teacher_out, yb)
