@@ -181,12 +181,12 @@ def _numpy_kl_t2(teacher: np.ndarray, student: np.ndarray, temperature: float) -
     return float((np.exp(lp) * (lp - lq)).sum(1).mean() * temperature**2)
 
 
-def test_kd_loss_fused_and_precomputed_paths_match_the_textbook() -> None:
+def test_kd_loss_and_its_precomputed_path_match_the_textbook() -> None:
     torch.manual_seed(0)
     student = torch.randn(16, 7, requires_grad=True)
     teacher = torch.randn(16, 7) * 3
     target = torch.randint(0, 7, (16,))
-    fused = kd_loss(student, teacher, target, temperature=3.0, soft_weight=0.6)
+    fused = kd_loss(student, teacher, target, temperature=3.0, soft_weight=0.6)  # the function form
     assert abs(float(fused["kd"].detach()) - _numpy_kl_t2(teacher.numpy(), student.detach().numpy(), 3.0)) < 1e-5
     textbook = 0.4 * F.cross_entropy(student, target) + 0.6 * 9.0 * F.kl_div(
         F.log_softmax(student / 3, 1), F.log_softmax(teacher / 3, 1), reduction="batchmean", log_target=True

@@ -71,7 +71,7 @@ def as_teacher(obj: Any) -> Teacher:
         if path.suffix == ".onnx":
             return OnnxTeacher(path)
         raise TeacherError(
-            f"cannot tell what kind of teacher the path {str(path)!r} is",
+            f"cannot use a {type(obj).__name__} as a teacher: {str(path)!r} is not the path of an .onnx file",
             hint="pass an .onnx file, or for precomputed outputs FileTeacher(path, inputs=X) "
             "(it needs the rows the outputs belong to).",
         )
