@@ -4,18 +4,18 @@ Setup (as issue 4 asks): MNIST-1D (the ``mnist1d`` package, generated offline, 3
 to 39,600 rows; batch 128; a CNN teacher with (320, 320, 320) channels (~7.7M multiply-adds per row, >= 20x the larger
 student); two MLP students, 40-100-100-10 (~15k MACs) and 40-512-512-10 (~288k MACs). A hand-written loop (index
 in-memory tensors, AdamW), one torch thread (what the engine picks for students this small). Each configuration runs
-``--repeats`` epochs (``--live-repeats`` for the slow live-teacher one), interleaved, after one warm-up round, and
-the median epoch is reported:
+``--repeats`` epochs (``--live-repeats`` for the slow live-teacher one) after one warm-up round, the configurations
+taking turns every 16 steps so that all see the same load on a shared machine; the median epoch is reported, and the
+per-round (c)/(a) ratios:
 
 (a) CE only; (b) KD, the teacher run live on every batch (``kdistill.kd_loss``); (c) KD from the cache (fp32 entry,
-memory-mapped, the ``kd`` loss with the teacher's softmax precomputed once); (c_textbook) the same with the textbook
-two-log-softmax KL loss, to show what fusing its ops buys.
+memory-mapped, each batch's rows indexed out of it and given to the ``kd`` loss, as the engine does).
 
-Then the accuracy effect of each storage (fp32, fp16, top-k): ``kdistill.distill`` on the original 3,600 rows with each
-``cache_storage``, same seed, test accuracy; and bytes per row of each storage, for these 10 classes and for a
-synthetic 1,000-class teacher.
+Then the accuracy effect of each storage (fp32, fp16, top-k): ``kdistill.distill`` on the original 3,600 rows with
+each ``cache_storage``, ``--seeds`` seeds, mean and sd of the test accuracy; and bytes per row of each storage, for
+these 10 classes and for a synthetic 1,000-class teacher.
 
-Run: ``python benchmarks/cache.py`` (about 6-10 minutes on a 2-core CPU box). Prints one summary line, then one JSON
+Run: ``python benchmarks/cache.py`` (about 6-8 minutes on a 2-core CPU box). Prints one summary line, then one JSON
 object as the last line.
 """
 
@@ -81,32 +81,30 @@ def train_teacher(train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, n
     return teacher.eval()
 
 
-def textbook_kd(student: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    soft = F.kl_div(
-        F.log_softmax(student / TEMPERATURE, 1),
-        F.log_softmax(teacher / TEMPERATURE, 1),
-        reduction="batchmean",
-        log_target=True,
-    )
-    return (1 - SOFT_WEIGHT) * F.cross_entropy(student, target) + SOFT_WEIGHT * TEMPERATURE**2 * soft
-
-
-def one_epoch(
-    student: nn.Module,
-    optimizer: torch.optim.Optimizer,
+def interleaved_epoch(
+    students: dict[str, nn.Module],
+    optimizers: dict[str, torch.optim.Optimizer],
     x: torch.Tensor,
     order: torch.Tensor,
-    step_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-) -> float:
-    """Seconds for one epoch of the hand-written loop; ``step_loss(student_logits, index)``."""
-    started = time.perf_counter()
-    for start in range(0, len(order), BATCH):
-        index = order[start : start + BATCH]
-        loss = step_loss(student(x[index]), index)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    return time.perf_counter() - started
+    step_losses: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]],
+    block: int = 16,
+) -> dict[str, float]:
+    """Seconds each configuration spends on one epoch of the hand-written loop (``step_loss(student_logits,
+    index)``), run in turns of ``block`` steps so that all of them see the same load on a shared machine."""
+    spent = dict.fromkeys(step_losses, 0.0)
+    starts = list(range(0, len(order), BATCH))
+    for first in range(0, len(starts), block):
+        for name, step_loss in step_losses.items():
+            student, optimizer = students[name], optimizers[name]
+            started = time.perf_counter()
+            for start in starts[first : first + block]:
+                index = order[start : start + BATCH]
+                loss = step_loss(student(x[index]), index)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+            spent[name] += time.perf_counter() - started
+    return spent
 
 
 def log(message: str) -> None:
@@ -117,9 +115,6 @@ def epoch_times(
     x: torch.Tensor, y: torch.Tensor, teacher: nn.Module, cached: torch.Tensor, repeats: int, live_repeats: int
 ) -> dict[str, dict[str, float]]:
     kd = KDLoss(TEMPERATURE, SOFT_WEIGHT)
-    started = time.perf_counter()
-    prepared = kd.prepare_teacher_targets(cached)
-    prepare_s = time.perf_counter() - started
 
     def live(student_logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
@@ -129,14 +124,12 @@ def epoch_times(
         ]
 
     def from_cache(student_logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        features = {name: tensor[index] for name, tensor in prepared.items()}
-        return kd(Outputs(student_logits), Outputs(cached[index], features, index), y[index])["loss"]
+        return kd(Outputs(student_logits), Outputs(cached[index], index=index), y[index])["loss"]
 
     losses: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
         "a_ce": lambda s, index: F.cross_entropy(s, y[index]),
         "b_kd_live": live,
         "c_kd_cache": from_cache,
-        "c_textbook_kd_cache": lambda s, index: textbook_kd(s, cached[index], y[index]),
     }
     results: dict[str, dict[str, float]] = {}
     for hidden in (100, 512):
@@ -149,53 +142,60 @@ def epoch_times(
         generator = torch.Generator().manual_seed(0)
         for round_number in range(repeats + 1):  # the first round warms up and is dropped
             order = torch.randperm(len(x), generator=generator)
-            for name, step_loss in losses.items():
-                if name == "b_kd_live" and round_number > live_repeats:
-                    continue  # the live teacher's epochs are long and their ratio large: fewer repeats suffice
-                times[name].append(one_epoch(students[name], optimizers[name], x, order, step_loss))
+            # the live teacher's epochs are long and their ratio large: fewer repeats suffice
+            chosen = {n: f for n, f in losses.items() if n != "b_kd_live" or round_number <= live_repeats}
+            for name, seconds in interleaved_epoch(students, optimizers, x, order, chosen).items():
+                times[name].append(seconds)
             log(f"mlp_{hidden} round {round_number}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items()))
         median = {name: statistics.median(values[1:]) for name, values in times.items()}
         base = median["a_ce"]
+        paired = [c / a for c, a in zip(times["c_kd_cache"][1:], times["a_ce"][1:], strict=True)]
         results[f"mlp_{hidden}"] = {
             **{f"{name}_s": round(value, 4) for name, value in median.items()},
             "b_over_a": round(median["b_kd_live"] / base, 3),
             "c_over_a": round(median["c_kd_cache"] / base, 3),
-            "c_textbook_over_a": round(median["c_textbook_kd_cache"] / base, 3),
             "b_over_c": round(median["b_kd_live"] / median["c_kd_cache"], 3),
+            "c_over_a_per_round": [round(r, 3) for r in paired],
         }
-    results["prepare_targets_s"] = {"seconds": round(prepare_s, 4)}
     return results
 
 
-def storage_effect(teacher: nn.Module, data: kdistill.datasets.Dataset, cache_dir: Path, epochs: int) -> dict:
-    out: dict[str, dict[str, float]] = {}
-    for storage in ("fp32", "fp16", "topk:1", "topk:3"):
-        torch.manual_seed(0)
-        result = kdistill.distill(
-            teacher,
-            mlp(100),
-            data.train,
-            val=data.val,
-            test=data.test,
-            epochs=epochs,
-            patience=None,
-            batch_size=BATCH,
-            temperature=TEMPERATURE,
-            soft_weight=SOFT_WEIGHT,
-            cache_dir=cache_dir,
-            cache_storage=storage,
-            baseline=storage == "fp32",
-            profile=False,
-            verbose=False,
-            seed=0,
-        )
-        assert result.report is not None
-        models = result.report.models
-        out[storage] = {"student_test_accuracy": round(models["student"]["accuracy"], 4)}
-        if storage == "fp32":
-            out["ce_only"] = {"student_test_accuracy": round(models["baseline"]["accuracy"], 4)}
-            out["teacher"] = {"test_accuracy": round(models["teacher"]["accuracy"], 4)}
-    return out
+def storage_effect(
+    teacher: TorchTeacher, data: kdistill.datasets.Dataset, cache_dir: Path, epochs: int, seeds: int
+) -> dict[str, dict[str, float]]:
+    """Test accuracy of the tiny student distilled from each storage (and trained on labels only), over seeds."""
+    accuracy: dict[str, list[float]] = {}
+    for seed in range(seeds):
+        for storage in ("fp32", "fp16", "topk:1", "topk:3"):
+            result = kdistill.distill(
+                teacher,
+                mlp(100),
+                data.train,
+                val=data.val,
+                test=data.test,
+                epochs=epochs,
+                patience=None,
+                batch_size=BATCH,
+                temperature=TEMPERATURE,
+                soft_weight=SOFT_WEIGHT,
+                cache_dir=cache_dir,
+                cache_storage=storage,
+                baseline=storage == "fp32",
+                profile=False,
+                verbose=False,
+                seed=seed,
+            )
+            assert result.report is not None
+            models = result.report.models
+            accuracy.setdefault(storage, []).append(models["student"]["accuracy"])
+            if storage == "fp32":
+                accuracy.setdefault("ce_only", []).append(models["baseline"]["accuracy"])
+                accuracy.setdefault("teacher", []).append(models["teacher"]["accuracy"])
+        log(f"storage accuracy, seed {seed}: " + ", ".join(f"{k} {v[-1]:.3f}" for k, v in accuracy.items()))
+    return {
+        name: {"test_accuracy_mean": round(float(np.mean(v)), 4), "test_accuracy_sd": round(float(np.std(v)), 4)}
+        for name, v in accuracy.items()
+    }
 
 
 def bytes_per_row(teacher: TorchTeacher, x: torch.Tensor, cache_dir: Path) -> dict[str, dict[str, float]]:
@@ -224,8 +224,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed epochs per configuration (median reported)")
     parser.add_argument("--replicate", type=int, default=11, help="copies of the 3,600 training rows")
     parser.add_argument("--live-repeats", type=int, default=3, help="timed epochs of (b), the live teacher")
-    parser.add_argument("--teacher-epochs", type=int, default=8)
+    parser.add_argument("--teacher-epochs", type=int, default=5)
     parser.add_argument("--student-epochs", type=int, default=40, help="epochs of each storage-accuracy run")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds of each storage-accuracy run")
     args = parser.parse_args()
     started = time.perf_counter()
     data = load_mnist1d(seed=0)
@@ -252,7 +253,7 @@ def main() -> None:
         cached = entry.teacher_targets()
         log(f"cache filled in {fill_s:.1f}s, reopened and verified in {reopen_s:.2f}s")
         timing = epoch_times(x, y, teacher_module, cached, args.repeats, args.live_repeats)
-        storage = storage_effect(teacher, data, cache_dir, args.student_epochs)
+        storage = storage_effect(teacher, data, cache_dir, args.student_epochs, args.seeds)
         sizes = bytes_per_row(teacher, torch.as_tensor(data.train[0]), cache_dir)
     result = {
         "benchmark": "cache",
@@ -275,8 +276,7 @@ def main() -> None:
     }
     tiny, large = timing["mlp_100"], timing["mlp_512"]
     print(
-        f"cache: (c)/(a) = {tiny['c_over_a']} tiny, {large['c_over_a']} larger (textbook loss: "
-        f"{tiny['c_textbook_over_a']}, {large['c_textbook_over_a']}); (b)/(a) = {tiny['b_over_a']}, "
+        f"cache: (c)/(a) = {tiny['c_over_a']} tiny, {large['c_over_a']} larger; (b)/(a) = {tiny['b_over_a']}, "
         f"{large['b_over_a']}; (b)/(c) = {tiny['b_over_c']}, {large['b_over_c']}; bytes/row fp32/fp16/topk:3 = "
         f"{sizes['mnist1d_10_classes']['fp32']}/{sizes['mnist1d_10_classes']['fp16']}/"
         f"{sizes['mnist1d_10_classes']['topk:3']}"

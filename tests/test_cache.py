@@ -8,12 +8,12 @@ import os
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import kdistill
@@ -21,9 +21,17 @@ from kdistill.cache import CacheKey, cache_entries, cached_teacher_outputs, fill
 from kdistill.cli import main
 from kdistill.data import fingerprint_arrays
 from kdistill.errors import CacheError
-from kdistill.losses.kd import KDLoss, kd_loss
+from kdistill.losses.kd import kd_loss
 from kdistill.losses.kd_topk import encode_topk, kd_topk_loss, pack_topk
 from kdistill.teachers import Outputs, TorchTeacher
+
+
+@pytest.fixture(autouse=True)
+def _restore_global_rng() -> Iterator[None]:
+    """These tests seed torch's global generator; later tests (in other files) get it back untouched."""
+    with torch.random.fork_rng(devices=[]):
+        yield
+
 
 SRC = str(Path(kdistill.__file__).resolve().parents[1])
 
@@ -179,26 +187,6 @@ def _numpy_kl_t2(teacher: np.ndarray, student: np.ndarray, temperature: float) -
 
     lp, lq = log_softmax(teacher), log_softmax(student)
     return float((np.exp(lp) * (lp - lq)).sum(1).mean() * temperature**2)
-
-
-def test_kd_loss_and_its_precomputed_path_match_the_textbook() -> None:
-    torch.manual_seed(0)
-    student = torch.randn(16, 7, requires_grad=True)
-    teacher = torch.randn(16, 7) * 3
-    target = torch.randint(0, 7, (16,))
-    fused = kd_loss(student, teacher, target, temperature=3.0, soft_weight=0.6)  # the function form
-    assert abs(float(fused["kd"].detach()) - _numpy_kl_t2(teacher.numpy(), student.detach().numpy(), 3.0)) < 1e-5
-    textbook = 0.4 * F.cross_entropy(student, target) + 0.6 * 9.0 * F.kl_div(
-        F.log_softmax(student / 3, 1), F.log_softmax(teacher / 3, 1), reduction="batchmean", log_target=True
-    )
-    (grad_fused,) = torch.autograd.grad(fused["loss"], student)
-    (grad_textbook,) = torch.autograd.grad(textbook, student)
-    assert torch.allclose(grad_fused, grad_textbook, atol=1e-6)
-    loss = KDLoss(temperature=3.0, soft_weight=0.6)
-    prepared = loss.prepare_teacher_targets(teacher)
-    index = torch.arange(16)
-    via_features = loss(Outputs(student), Outputs(teacher, {k: v[index] for k, v in prepared.items()}), target)
-    assert torch.allclose(via_features["loss"], textbook, atol=1e-6)
 
 
 def test_kd_topk_matches_numpy_buckets_and_full_kd_when_k_covers_all() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,13 @@ from kdistill.teachers import (
     save_teacher_outputs,
 )
 from kdistill.teachers._convert import detect_output_kind
+
+
+@pytest.fixture(autouse=True)
+def _restore_global_rng() -> Iterator[None]:
+    """These tests seed torch's global generator; later tests (in other files) get it back untouched."""
+    with torch.random.fork_rng(devices=[]):
+        yield
 
 
 def _net(seed: int = 0, inputs: int = 6, classes: int = 4) -> nn.Module:
@@ -257,3 +265,12 @@ def test_ensemble_fingerprint_and_mixed_members(tmp_path: Path) -> None:
     assert a != b
     with pytest.raises(TeacherError, match="weights"):
         EnsembleTeacher([_net(1)], weights=[1.0, 2.0])
+
+
+def test_list_teachers_names_every_adapter(capsys: pytest.CaptureFixture[str]) -> None:
+    from kdistill.cli import main
+
+    assert main(["list", "teachers"]) == 0
+    listed = capsys.readouterr().out
+    for name in ("sklearn", "torch", "hf", "onnx", "callable", "file", "ensemble"):
+        assert f"\n{name} " in f"\n{listed}"

@@ -3,9 +3,19 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _restore_global_rng() -> Iterator[None]:
+    """These tests seed torch's global generator; later tests (in other files) get it back untouched."""
+    with torch.random.fork_rng(devices=[]):
+        yield
+
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 

@@ -3,7 +3,10 @@ the background prefetch, and the same seed gives the same run."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
@@ -11,6 +14,13 @@ import kdistill
 from kdistill.engine import TrainConfig, TransferSet, fit
 from kdistill.losses import get_loss
 from kdistill.teachers import Outputs, TorchTeacher
+
+
+@pytest.fixture(autouse=True)
+def _restore_global_rng() -> Iterator[None]:
+    """These tests seed torch's global generator; later tests (in other files) get it back untouched."""
+    with torch.random.fork_rng(devices=[]):
+        yield
 
 
 def _jitter(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

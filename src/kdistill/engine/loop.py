@@ -167,8 +167,6 @@ def _fit(
     state = TrainState(model=model, optimizer=optimizer, max_epochs=config.epochs)
     student_features = tuple(loss_fn.student_features)
     teacher_features = tuple(loss_fn.teacher_features)
-    prepare = getattr(loss_fn, "prepare_teacher_targets", None)  # optional: per-row terms of fixed targets, once
-    prepared = prepare(targets) if prepare is not None and targets is not None and augment is None else {}
     augment_generator = torch.Generator().manual_seed(config.seed + 1)
     live_teacher = teacher if loss_fn.needs_teacher else None
     if augment is not None and live_teacher is None and loss_fn.needs_teacher:
@@ -209,9 +207,7 @@ def _fit(
                 live = teacher(xb, features=teacher_features)
                 teacher_out = Outputs(live.logits, live.features, index)
             else:
-                teacher_out = (
-                    None if targets is None else Outputs(targets[index].float(), _rows(prepared, index), index)
-                )
+                teacher_out = None if targets is None else Outputs(targets[index].float(), index=index)
             if student_features:
                 with capture_features(model, student_features) as captured:
                     student_out = Outputs(model(xb), captured)
@@ -245,10 +241,6 @@ def _fit(
         callback.on_train_end(state)
     model.eval()
     return state
-
-
-def _rows(tensors: dict[str, torch.Tensor], index: torch.Tensor) -> dict[str, torch.Tensor]:
-    return {name: tensor[index] for name, tensor in tensors.items()} if tensors else {}
 
 
 def _validate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:

@@ -33,10 +33,7 @@ class Loss(Protocol):
     whose outputs the method reads from ``Outputs.features`` (teacher features make the engine run the teacher live).
 
     Optional: a method with a schedule (a warm-up) defines ``start_epoch(epoch, total_epochs)``, which the engine
-    calls before each epoch. The teacher's ``Outputs.index`` holds the batch's row positions in the transfer set.
-    Optional: ``prepare_teacher_targets(teacher_logits) -> {name: (rows, ...)}``, called once when the teacher's
-    logits are fixed (precomputed or cached); each batch's rows of those tensors arrive in the teacher's
-    ``Outputs.features`` under the same names (how ``kd`` precomputes the teacher's softmax once per run)."""
+    calls before each epoch. The teacher's ``Outputs.index`` holds the batch's row positions in the transfer set."""
 
     needs_teacher: bool
     student_features: Sequence[str]

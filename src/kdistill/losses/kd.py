@@ -63,23 +63,8 @@ def kd_loss(
     if teacher_probs:
         teacher_logits = probs_to_logits(teacher_logits)
     check_logits(student_logits, teacher_logits)
-    teacher_log_probs = F.log_softmax(teacher_logits / temperature, dim=1)
-    return _kd_from_teacher_log_probs(student_logits, teacher_log_probs, target, temperature, soft_weight)
-
-
-TEACHER_LOG_PROBS = "kd.teacher_log_probs"
-"""The feature name under which :meth:`KDLoss.prepare_teacher_targets` hands each batch its precomputed rows."""
-
-
-def _kd_from_teacher_log_probs(
-    student_logits: torch.Tensor,
-    teacher_log_probs: torch.Tensor,
-    target: torch.Tensor | None,
-    temperature: float,
-    soft_weight: float,
-) -> dict[str, torch.Tensor]:
-    """:func:`kd_loss` given the teacher's side already computed: ``teacher_log_probs`` = log_softmax(z_t / T)."""
     student_log_probs = F.log_softmax(student_logits / temperature, dim=1)
+    teacher_log_probs = F.log_softmax(teacher_logits / temperature, dim=1)
     soft = F.kl_div(student_log_probs, teacher_log_probs, reduction="batchmean", log_target=True) * temperature**2
     if target is None:
         return {"loss": soft, "kd": soft}
@@ -107,26 +92,9 @@ class KDLoss:
         self, student: Outputs, teacher: Outputs | None, target: torch.Tensor | None
     ) -> dict[str, torch.Tensor]:
         assert teacher is not None, "kd needs teacher outputs"
-        if TEACHER_LOG_PROBS in teacher.features:  # the teacher's side, computed once by prepare_teacher_targets
-            check_logits(student.logits, teacher.logits)
-            return _kd_from_teacher_log_probs(
-                student.logits, teacher.features[TEACHER_LOG_PROBS], target, self.temperature, self.soft_weight
-            )
         return kd_loss(
             student.logits, teacher.logits, target, temperature=self.temperature, soft_weight=self.soft_weight
         )
-
-    @torch.no_grad()
-    def prepare_teacher_targets(self, teacher_logits: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Called once by the engine when the teacher's logits (rows, classes) are fixed (precomputed or cached):
-        the teacher's log-softmax at T, (rows, classes) float32, so each step only computes the student's side
-        (two fewer ops per step; the same values as :func:`kd_loss`). Held in memory, computed 65,536 rows at a time.
-        """
-        parts = [
-            F.log_softmax(teacher_logits[start : start + 65536].float() / self.temperature, dim=1)
-            for start in range(0, len(teacher_logits), 65536)
-        ]
-        return {TEACHER_LOG_PROBS: torch.cat(parts)}
 
 
 @register_loss("ce", "cross-entropy on the hard labels only: the no-teacher baseline")
