@@ -15,8 +15,8 @@ Then the accuracy effect of each storage (fp32, fp16, top-k): ``kdistill.distill
 each ``cache_storage``, ``--seeds`` seeds, mean and sd of the test accuracy; and bytes per row of each storage, for
 these 10 classes and for a synthetic 1,000-class teacher.
 
-Run: ``python benchmarks/cache.py`` (about 6-8 minutes on a 2-core CPU box). Prints one summary line, then one JSON
-object as the last line.
+Run: ``python benchmarks/cache.py`` (about 10 minutes on the shared 2-core CPU box). Prints one summary line, then
+one JSON object as the last line.
 """
 
 from __future__ import annotations
