@@ -46,12 +46,38 @@ def _listing() -> dict[str, Callable[[], list[tuple[str, str]]]]:
         return [(name, description) for name, (_, description) in sorted(DATASETS.items())]
 
     def teachers() -> list[tuple[str, str]]:
-        return [
-            ("sklearn", "a fitted scikit-learn classifier (predict_proba, else decision_function)"),
-            ("torch", "a torch.nn.Module returning logits (or probabilities with output='probs')"),
-        ]
+        from kdistill.recipes import TEACHER_RECIPES
+
+        return [(name, recipe.description) for name, recipe in TEACHER_RECIPES.items()]
 
     return {"methods": methods, "students": students, "datasets": datasets, "teachers": teachers}
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from kdistill.run import run
+
+    outcome = run(args.config, overrides=args.set, resume=args.resume, verbose=not args.quiet)
+    if outcome.result is None:  # a rank other than 0 under torchrun: rank 0 reports
+        return 0
+    if outcome.result.report is not None:
+        _console.print(outcome.result.report.table())
+        _console.print(f"retention {outcome.result.report.retention:.1%} of the teacher's accuracy", highlight=False)
+    resumed = " (resumed)" if outcome.resumed else ""
+    _console.print(f"run{resumed} saved to {outcome.folder}/", highlight=False)
+    return 0
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from kdistill.run import validate
+
+    config = validate(args.config, overrides=args.set)
+    methods = " + ".join(f"{term.weight:g}*{term.name}" for term in config.method)
+    _console.print(
+        f"{args.config}: valid. teacher {config.teacher.kind} -> student {config.student.kind}, method {methods}, "
+        f"{config.train.epochs} epochs; run folder {config.run_folder}",
+        highlight=False,
+    )
+    return 0
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
@@ -77,6 +103,20 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(handler=_cmd_demo)
+
+    run = commands.add_parser("run", help="run a distillation from a YAML config (checkpointed, resumable)")
+    run.add_argument("config", help="the YAML config file (see examples/ and docs/config.md)")
+    run.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a field, e.g. train.epochs=5"
+    )
+    run.add_argument("--resume", action="store_true", help="continue the run in the config's folder")
+    run.add_argument("--quiet", action="store_true", help="no per-epoch console lines")
+    run.set_defaults(handler=_cmd_run)
+
+    check = commands.add_parser("validate", help="check a YAML config (fields, names, files, references)")
+    check.add_argument("config")
+    check.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field")
+    check.set_defaults(handler=_cmd_validate)
 
     listing = commands.add_parser("list", help="list what exists: methods, students, datasets, teachers")
     listing.add_argument("what", choices=sorted(_listing()))

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 __all__ = [
     "CheckpointError",
+    "ConfigError",
     "DataError",
     "KdistillError",
     "LabelError",
+    "NonFiniteLossError",
     "ShapeMismatchError",
     "StudentError",
     "TeacherError",
@@ -52,3 +54,15 @@ class StudentError(KdistillError, ValueError):
 
 class CheckpointError(KdistillError, ValueError):
     """A saved run or checkpoint is missing, corrupt, or was written by an incompatible version."""
+
+
+class ConfigError(KdistillError, ValueError):
+    """A run configuration that cannot be used: a wrong key, type or value, a missing file, a bad override.
+
+    Raised before any training; the message names the field path (``train.optimizer.lr``), the value seen and, for
+    names, the closest valid one.
+    """
+
+
+class NonFiniteLossError(KdistillError, FloatingPointError):
+    """The training loss became NaN or inf; the message names the step and the last good checkpoint."""
