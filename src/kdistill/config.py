@@ -422,8 +422,12 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
     """Return a copy of ``raw`` with each ``dotted.key=value`` set; the value is parsed as YAML (``3``, ``1e-3``,
-    ``[64, 32]``, ``true``). List items are addressed by position: ``method.0.weight=0.5``."""
+    ``[64, 32]``, ``true``). List items are addressed by position (``method.1.weight=0.5``); a list of one item
+    also by the item's keys (``method.params.temperature=2``)."""
     result = copy.deepcopy(raw)
+    if isinstance(result.get("method"), (str, dict)):  # the short forms of method, as the list they stand for
+        method = result["method"]
+        result["method"] = [{"name": method} if isinstance(method, str) else method]
     for override in overrides:
         key, sep, text = override.partition("=")
         if not sep or not key.strip():
@@ -431,29 +435,40 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...])
         try:
             value = yaml.safe_load(text)
         except yaml.YAMLError as exc:
-            raise ConfigError(f"--set {override!r}: the value is not valid YAML ({exc})") from exc
-        parts = key.strip().split(".")
-        node: Any = result
-        for depth, part in enumerate(parts):
-            last = depth == len(parts) - 1
-            if isinstance(node, list):
-                if not part.isdigit() or int(part) >= len(node):
-                    raise ConfigError(f"--set {key}: {part!r} is not a position in a list of {len(node)}")
-                if last:
-                    node[int(part)] = value
-                else:
-                    node = node[int(part)]
-            elif isinstance(node, dict):
-                if last:
-                    node[part] = value
-                else:
-                    if isinstance(node.get(part), str) and part == "method":  # method: kd  ->  a list of one
-                        node[part] = [{"name": node[part]}]
-                    node = node.setdefault(part, {})
-            else:
-                where = ".".join(parts[:depth])
-                raise ConfigError(f"--set {key}: {where} holds {node!r}, which has no keys to set")
+            raise ConfigError(
+                f"--set {override!r}: the value is not valid YAML ({exc})",
+                hint="quote strings with special characters.",
+            ) from exc
+        _set(result, key.strip().split("."), value, key)
     return result
+
+
+def _set(node: Any, parts: list[str], value: Any, key: str) -> None:
+    for depth, part in enumerate(parts):
+        if isinstance(node, list) and not part.isdigit() and len(node) == 1:
+            node = node[0]  # method.params.x for a single method
+        last = depth == len(parts) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(
+                    f"--set {key}: {part!r} is not a position in a list of {len(node)}",
+                    hint=f"use a position 0..{len(node) - 1}, e.g. method.0.weight=0.5",
+                )
+            if last:
+                node[int(part)] = value
+            else:
+                node = node[int(part)]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+            else:
+                node = node.setdefault(part, {})
+        else:
+            where = ".".join(parts[:depth])
+            raise ConfigError(
+                f"--set {key}: {where} holds {node!r}, which has no keys to set",
+                hint=f"set {where} itself, e.g. --set {where}=VALUE",
+            )
 
 
 # ---------------------------------------------------------------------------------------------------- error messages
@@ -579,7 +594,10 @@ def check_references(config: RunConfig) -> None:
 
 def _check_factory_params(role: str, factory: Any, params: dict[str, Any], signature_params: Any) -> None:
     if not callable(factory):
-        raise ConfigError(f"{role}.factory is a {type(factory).__name__}, not something to call")
+        raise ConfigError(
+            f"{role}.factory is a {type(factory).__name__}, not something to call",
+            hint="point it at a function or class that returns the model.",
+        )
     valid = signature_params(factory)
     if valid is None:
         return

@@ -175,7 +175,10 @@ def _flat(split: Split) -> Any:
 
 def _labels(split: Split) -> Any:
     if split.y is None:
-        raise ConfigError("this teacher is trained on the data, so the training split needs labels")
+        raise ConfigError(
+            "this teacher is trained on the data, so the training split needs labels",
+            hint="add labels (y:, or the label column), or use a teacher that is already trained.",
+        )
     return split.y.numpy()
 
 

@@ -191,7 +191,10 @@ def _read_csv(path: Path, label_column: str) -> tuple[np.ndarray, np.ndarray]:
     values = np.empty((len(rows) - 1, len(header)), dtype=np.float64)
     for line, row in enumerate(rows[1:], start=2):
         if len(row) != len(header):
-            raise DataError(f"{path} line {line} has {len(row)} fields, the header has {len(header)}")
+            raise DataError(
+                f"{path} line {line} has {len(row)} fields, the header has {len(header)}",
+                hint="every row needs one value per header column (no missing or extra commas).",
+            )
         for column, text in enumerate(row):
             try:
                 values[line - 2, column] = float(text)
@@ -232,7 +235,10 @@ def _read_split(config: RunConfig, name: str) -> tuple[np.ndarray, np.ndarray] |
                 )
             return archive["x"], archive["y"]
     except (ValueError, OSError) as exc:
-        raise DataError(f"{path} is not a readable .npz of plain arrays ({exc})") from exc
+        raise DataError(
+            f"{path} is not a readable .npz of plain arrays ({exc})",
+            hint="save it with np.savez(path, x=features, y=labels), numeric arrays only.",
+        ) from exc
 
 
 def _load_data(config: RunConfig) -> dict[str, Split | None]:
@@ -276,24 +282,13 @@ def _compute_targets(teacher: Teacher, train: Split, config: RunConfig) -> torch
     return teacher_logits(teacher, train.x)
 
 
-def _teacher_outputs(
-    config: RunConfig, teacher: Teacher | None, train: Split, folder: Path
-) -> tuple[torch.Tensor, list[Any] | None, Path]:
-    """The teacher's logits on the training rows and its classes, through the cache file; rank 0 computes and
-    writes, other ranks wait and read it."""
+def _cache_path(config: RunConfig, teacher: Teacher, train: Split, folder: Path) -> Path:
     cache_dir = Path(config.cache.dir) if config.cache.dir is not None else folder
-    name: list[Any] = [None]
-    if _rank() == 0:
-        assert teacher is not None
-        path = cache_dir / f"teacher-{_cache_key(teacher, train, config)}.safetensors"
-        if not (config.cache.reuse and path.is_file()):
-            logits = _compute_targets(teacher, train, config).contiguous()
-            metadata = {"classes": json.dumps(_jsonable(teacher.classes)), "fingerprint": teacher.fingerprint()}
-            atomic_write_bytes(path, safetensors_save({"logits": logits}, metadata=metadata))
-        name = [str(path)]
-    if dist.is_available() and dist.is_initialized():
-        dist.broadcast_object_list(name, src=0)  # the path only; the file is read below, never unpickled
-    path = Path(name[0])
+    return cache_dir / f"teacher-{_cache_key(teacher, train, config)}.safetensors"
+
+
+def _read_cache(path: Path, rows: int) -> tuple[torch.Tensor, list[Any] | None]:
+    """Teacher logits and classes from a cache file: safetensors and JSON only, never a pickle."""
     try:
         with safe_open(str(path), framework="pt") as handle:
             logits = handle.get_tensor("logits")
@@ -302,12 +297,25 @@ def _teacher_outputs(
         raise CheckpointError(
             f"the teacher cache {path} is unreadable ({exc})", hint="delete it; it is recomputed."
         ) from exc
-    if len(logits) != len(train):
+    if len(logits) != rows:
         raise CheckpointError(
-            f"the teacher cache {path} has {len(logits)} rows, the training data {len(train)}",
+            f"the teacher cache {path} has {len(logits)} rows, the training data {rows}",
             hint="delete it; it is recomputed.",
         )
-    return logits, classes, path
+    return logits, classes
+
+
+def _write_cache(path: Path, logits: torch.Tensor, classes: list[Any] | None, teacher: Teacher) -> None:
+    metadata = {"classes": json.dumps(classes), "fingerprint": teacher.fingerprint()}
+    atomic_write_bytes(path, safetensors_save({"logits": logits.contiguous()}, metadata=metadata))
+
+
+def _share_cache_path(path: Path | None) -> Path:
+    """Rank 0's cache path, sent to every rank (only the path travels; each rank reads the file itself)."""
+    box: list[Any] = [None if path is None else str(path)]
+    if dist.is_available() and dist.is_initialized():
+        dist.broadcast_object_list(box, src=0)
+    return Path(box[0])
 
 
 # ---------------------------------------------------------------------------------------------------- student, loss
@@ -418,6 +426,36 @@ def _train_phase(
     return state.history
 
 
+@dataclass
+class _Prepared:
+    """Everything built from the data and the teacher's outputs, before anything is written."""
+
+    splits: dict[str, Split | None]
+    targets: torch.Tensor
+    classes: list[Any] | None
+    loss_fn: Loss
+    student: nn.Module
+    spec: dict[str, Any] | None
+    baseline: nn.Module | None
+
+
+def _prepare(
+    config: RunConfig,
+    splits: dict[str, Split | None],
+    targets: torch.Tensor,
+    classes: list[Any] | None,
+    teacher: Teacher | None,
+) -> _Prepared:
+    splits = {name: _relabel(split, classes) for name, split in splits.items()}
+    train = splits["train"]
+    assert train is not None
+    loss_fn = _build_loss(config)
+    num_classes = _check_classes(_Columns(targets, teacher), targets, list(splits.values()))
+    student, spec = _build_student(config, train, num_classes)
+    baseline = copy.deepcopy(student) if config.report.baseline else None
+    return _Prepared(splits, targets, classes, loss_fn, student, spec, baseline)
+
+
 def _run(config: RunConfig, folder: Path, saved: dict[str, Any] | None, verbose: bool, started: float) -> RunResult:
     rank = _rank()
     splits = _load_data(config)
@@ -430,30 +468,39 @@ def _run(config: RunConfig, folder: Path, saved: dict[str, Any] | None, verbose:
             f"cannot resume {folder}: the training data changed since the run started",
             hint="resume with the same data files, or start a new run in another folder.",
         )
-    teacher = _build_teacher(config, train, verbose) if rank == 0 else None
-    if rank == 0 and saved is None:
-        folder.mkdir(parents=True, exist_ok=True)  # first write: every check above has passed
-    targets, classes, cache_path = _teacher_outputs(config, teacher, train, folder)
-    splits = {name: _relabel(split, classes) for name, split in splits.items()}
+    teacher: Teacher | None = None
+    cache_path: Path | None = None
+    if rank == 0:  # the teacher, its outputs and every check, before the first write
+        teacher = _build_teacher(config, train, verbose)
+        cache_path = _cache_path(config, teacher, train, folder)
+        cached = config.cache.reuse and cache_path.is_file()
+        if cached:
+            targets, classes = _read_cache(cache_path, len(train))
+        else:
+            targets, classes = _compute_targets(teacher, train, config), _jsonable(teacher.classes)
+        prepared = _prepare(config, splits, targets, classes, teacher)
+        if not cached:
+            _write_cache(cache_path, targets, classes, teacher)
+        if saved is None:
+            atomic_write_json(
+                folder / CONFIG_FILE,
+                {
+                    "config": config.model_dump(mode="json"),
+                    "fingerprint": resume_fingerprint(config),
+                    "data_fingerprint": data_fingerprint,
+                    "teacher_cache": str(cache_path),
+                },
+            )
+    cache_path = _share_cache_path(cache_path)
+    if rank != 0:  # the other ranks read the teacher's outputs that rank 0 wrote
+        targets, classes = _read_cache(cache_path, len(train))
+        if tuple(_build_loss(config).teacher_features):  # methods reading teacher features need it live
+            teacher = _build_teacher(config, train, verbose)
+        prepared = _prepare(config, splits, targets, classes, teacher)
+    splits, student, baseline = prepared.splits, prepared.student, prepared.baseline
     train = splits["train"]
     assert train is not None
-    loss_fn = _build_loss(config)
-    if teacher is None and tuple(loss_fn.teacher_features):  # other ranks need the live teacher for features
-        teacher = _build_teacher(config, train, verbose)
-    num_classes = _check_classes(_Columns(targets, teacher), targets, [splits["train"], splits["val"], splits["test"]])
-    student, spec = _build_student(config, train, num_classes)
-    baseline = copy.deepcopy(student) if config.report.baseline else None
 
-    if rank == 0 and saved is None:
-        atomic_write_json(
-            folder / CONFIG_FILE,
-            {
-                "config": config.model_dump(mode="json"),
-                "fingerprint": resume_fingerprint(config),
-                "data_fingerprint": data_fingerprint,
-                "teacher_cache": str(cache_path),
-            },
-        )
     train_config = TrainConfig(
         epochs=config.train.epochs,
         batch_size=config.train.batch_size,
@@ -473,9 +520,9 @@ def _run(config: RunConfig, folder: Path, saved: dict[str, Any] | None, verbose:
     val = splits["val"]
     val_tensors = None if val is None or val.y is None else (val.x, val.y)
     run_info = {"fingerprint": resume_fingerprint(config), "data_fingerprint": data_fingerprint}
-    transfer = TransferSet(train.x, train.y, targets)
+    transfer = TransferSet(train.x, train.y, prepared.targets)
     phase_args = (val_tensors, config, train_config, teacher, folder, run_info, verbose)
-    history = _train_phase("student", student, loss_fn, transfer, *phase_args)
+    history = _train_phase("student", student, prepared.loss_fn, transfer, *phase_args)
     baseline_history = None
     if baseline is not None:
         plain = TransferSet(train.x, train.y, None)
@@ -511,8 +558,8 @@ def _run(config: RunConfig, folder: Path, saved: dict[str, Any] | None, verbose:
         history=history,
         report=report,
         baseline=baseline,
-        spec=spec,
-        classes=classes,
+        spec=prepared.spec,
+        classes=prepared.classes,
         baseline_history=baseline_history,
     )
     result.save(folder)
