@@ -283,8 +283,9 @@ def _fit(
             scheduler.step()
             state.global_step += 1
             step_losses.append(terms["loss"].detach())
-            for name, value in terms.items():
-                totals[name] = totals[name] + value.detach().float() if name in totals else value.detach().float()
+            for name, value in terms.items():  # weighted by share, so the ranks' average is the batch mean
+                part = value.detach().float() * share
+                totals[name] = totals[name] + part if name in totals else part
 
         if world_size > 1:  # every rank sees the same epoch metrics, and the same NaN
             for total in totals.values():
