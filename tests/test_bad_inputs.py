@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -317,3 +318,16 @@ def test_bad_input_fails_clearly_and_writes_nothing(
     assert not (workspace / "runs" / "new").exists()
     assert not (workspace / "PICKLE_RAN").exists()
     assert not (workspace / "pwned").exists()
+
+
+def test_no_code_path_unpickles() -> None:
+    """Safe loading, checked on the source: no pickle.load, every torch.load with weights_only=True, every np.load
+    with allow_pickle=False."""
+    source = Path(__file__).resolve().parent.parent / "src" / "kdistill"
+    for path in source.rglob("*.py"):
+        text = path.read_text()
+        assert "pickle.load" not in text, path
+        for call in re.findall(r"torch\.load\([^)]*\)", text):
+            assert "weights_only=True" in call, (path, call)
+        for call in re.findall(r"np\.load\([^)]*\)", text):
+            assert "allow_pickle=False" in call, (path, call)

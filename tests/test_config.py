@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -149,3 +150,19 @@ def test_bf16_autocast_trains_on_the_cpu(tmp_path: Path) -> None:
     assert all(p.dtype == torch.float32 for p in outcome.result.student.parameters())  # autocast, not a cast
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     assert history[-1]["val_accuracy"] > 0.6
+
+
+def test_the_python_example_in_the_docs_runs_as_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    text = (ROOT / "docs" / "config.md").read_text()
+    block = re.search(r"```python\n(.*?)```", text, re.DOTALL)
+    assert block is not None
+    shutil.copytree(ROOT / "examples", tmp_path / "examples")
+    monkeypatch.chdir(tmp_path)
+    exec(compile(block.group(1), "docs/config.md", "exec"), {})
+    assert (tmp_path / "runs" / "docs-example" / "report.json").exists()
+
+
+def test_the_examples_the_docs_name_exist() -> None:
+    text = (ROOT / "docs" / "config.md").read_text()
+    for command in re.findall(r"kdistill (?:validate|run) (examples/\S+\.yaml)", text):
+        assert (ROOT / command).is_file(), command

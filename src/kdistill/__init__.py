@@ -10,9 +10,11 @@ from __future__ import annotations
 from kdistill.api import DistillResult, distill, load
 from kdistill.errors import (
     CheckpointError,
+    ConfigError,
     DataError,
     KdistillError,
     LabelError,
+    NonFiniteLossError,
     ShapeMismatchError,
     StudentError,
     TeacherError,
@@ -26,12 +28,14 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CheckpointError",
+    "ConfigError",
     "DataError",
     "DistillResult",
     "DistilledClassifier",
     "KDLoss",
     "KdistillError",
     "LabelError",
+    "NonFiniteLossError",
     "Outputs",
     "Report",
     "ShapeMismatchError",
