@@ -166,3 +166,42 @@ def test_the_examples_the_docs_name_exist() -> None:
     text = (ROOT / "docs" / "config.md").read_text()
     for command in re.findall(r"kdistill (?:validate|run) (examples/\S+\.yaml)", text):
         assert (ROOT / command).is_file(), command
+
+
+TORCH_TEACHER = """
+from torch import nn
+
+def build(features: int = 4, classes: int = 3) -> nn.Module:
+    return nn.Linear(features, classes)
+"""
+
+
+def test_teachers_from_a_torch_factory_with_weights_and_from_a_saved_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import numpy as np
+    from safetensors.torch import save_file
+    from sklearn.linear_model import LogisticRegression
+
+    shutil.copytree(ROOT / "examples", tmp_path / "examples")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "examples" / "linear_teacher.py").write_text(TORCH_TEACHER)
+    train = np.loadtxt(tmp_path / "examples" / "data" / "iris_train.csv", delimiter=",", skiprows=1)
+    test = np.loadtxt(tmp_path / "examples" / "data" / "iris_test.csv", delimiter=",", skiprows=1)
+    reference = LogisticRegression(max_iter=1000).fit(train[:, :4], train[:, 4].astype(int))
+    weights = {"weight": torch.tensor(np.ascontiguousarray(reference.coef_), dtype=torch.float32)}
+    weights["bias"] = torch.tensor(reference.intercept_, dtype=torch.float32)
+    save_file(weights, str(tmp_path / "examples" / "linear.safetensors"))
+
+    config = tmp_path / "examples" / "iris_csv.yaml"
+    torch_teacher = ["teacher.kind=torch", "teacher.params={}", "teacher.factory=linear_teacher:build"]
+    torch_teacher += ["teacher.path=linear.safetensors", "train.epochs=20", "out=runs/linear"]
+    first = run(config, overrides=torch_teacher, verbose=False)
+    report = json.loads((first.folder / "report.json").read_text())
+    expected = reference.score(test[:, :4], test[:, 4].astype(int))  # the same linear model, scored by sklearn
+    assert report["models"]["teacher"]["accuracy"] == pytest.approx(expected, abs=1e-6)
+
+    saved_teacher = ["teacher.kind=saved", "teacher.params={}", f"teacher.path={first.folder.resolve()}"]
+    second = run(config, overrides=[*saved_teacher, "train.epochs=5", "out=runs/second"], verbose=False)
+    report = json.loads((second.folder / "report.json").read_text())
+    assert report["models"]["teacher"]["accuracy"] == pytest.approx(first.result.report.models["student"]["accuracy"])

@@ -1,6 +1,7 @@
 """The same config under ``torchrun --nproc_per_node=2`` (DistributedDataParallel, gloo on the CPU) ends where a
 single process ends: each rank takes half of every batch and the gradients are averaged, so only the order of
-floating-point sums differs."""
+floating-point sums differs. The batches are chosen so that the ranks' slices differ by a row, and the last batch has
+fewer rows than there are ranks (one rank takes part with zero weight)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ data: {dataset: digits}
 teacher: {kind: random_forest, params: {n_estimators: 10}}
 student: {kind: mlp, params: {hidden: [32]}}
 method: {name: kd, params: {temperature: 3.0}}
-train: {epochs: 3, batch_size: 64}
+train: {epochs: 4, batch_size: 269}  # 1,077 rows: 4 batches split 135/134 over 2 ranks, then a batch of 1 row
 report: {baseline: false}
 logging: {console: false}
 """

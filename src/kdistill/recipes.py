@@ -232,7 +232,9 @@ register_teacher(
 )
 register_teacher(
     "saved",
-    TeacherRecipe("a student saved by an earlier kdistill run (path: its folder)", _saved, needs=("path",)),
+    TeacherRecipe(
+        "a student saved by an earlier kdistill run (path: its folder)", _saved, needs=("path",), params=list
+    ),
 )
 
 

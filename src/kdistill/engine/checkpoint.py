@@ -186,7 +186,7 @@ def restore_state(checkpoint: Checkpoint, state: TrainState) -> int:
     state.epoch = checkpoint.epoch
     state.stop = bool(trainer["stop"])
     state.global_step = int(trainer["global_step"])
-    state.last_checkpoint = str(checkpoint.path)
+    state.last_checkpoint = f"{checkpoint.path} (epoch {checkpoint.epoch})"
     return checkpoint.epoch + 1
 
 

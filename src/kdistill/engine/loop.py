@@ -261,6 +261,8 @@ def _fit(
             # each rank's loss is a mean over its slice; scaled so that DDP's average of gradients is the
             # gradient of the mean over the whole batch, even when the slices differ in size by one row
             share = len(index) * world_size / len(batch_index)
+            if len(index) == 0:  # a last batch smaller than the number of ranks: take part with zero weight
+                index = batch_index[:1]
             xb = x[index]
             yb = None if y is None else y[index]
             if teacher_features:
@@ -319,13 +321,14 @@ def _check_finite(
         return
     local = torch.stack(step_losses)
     bad = (~torch.isfinite(local)).nonzero().flatten()
-    batch = int(bad[0]) if len(bad) else 0  # under DDP the NaN may come from another rank
-    value = float(local[batch])
-    step = epoch * steps_per_epoch + batch
+    if len(bad):
+        batch = int(bad[0])
+        where = f"{float(local[batch])} at step {epoch * steps_per_epoch + batch} (epoch {epoch}, batch {batch})"
+    else:  # under DDP: another rank's
+        where = f"{float(total)} in epoch {epoch} on another rank"
     last_good = state.last_checkpoint or "none (no epoch finished before it)"
     raise NonFiniteLossError(
-        f"the training loss became {value} at step {step} (epoch {epoch}, batch {batch}); "
-        f"last good checkpoint: {last_good}",
+        f"the training loss became {where}; last good checkpoint: {last_good}",
         hint="the checkpoint is untouched: lower the learning rate, check the inputs' scale and the teacher's "
         "outputs for inf, then start again (a resume would repeat the same steps).",
     )
