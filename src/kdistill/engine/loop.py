@@ -252,8 +252,7 @@ def _fit(
             start_epoch(epoch, config.epochs)
         started = time.perf_counter()
         model.train()
-        totals: dict[str, torch.Tensor] = {}
-        step_losses: list[torch.Tensor] = []
+        step_terms: list[dict[str, torch.Tensor]] = []
         order = torch.randperm(rows, generator=state.generator).to(device)
         for start in range(0, rows, config.batch_size):
             batch_index = order[start : start + config.batch_size]
@@ -271,31 +270,35 @@ def _fit(
                 teacher_out: Outputs | None = Outputs(live.logits, live.features, index)
             else:
                 teacher_out = None if targets is None else Outputs(targets[index], index=index)
-            with _autocast(device, config.precision), capture_features(model, student_features) as captured:
-                logits = forward(xb)
-                terms = loss_fn(Outputs(logits, captured), teacher_out, yb)
+            with _autocast(device, config.precision):
+                if student_features:
+                    with capture_features(model, student_features) as captured:
+                        student_out = Outputs(forward(xb), captured)
+                else:
+                    student_out = Outputs(forward(xb))
+                terms = loss_fn(student_out, teacher_out, yb)
+            if world_size > 1:  # weighted by share, so that the ranks' average is the whole batch's mean
+                terms = {name: value * share for name, value in terms.items()}
             optimizer.zero_grad(set_to_none=True)
             if state.scaler is not None:
-                state.scaler.scale(terms["loss"] * share).backward()
+                state.scaler.scale(terms["loss"]).backward()
                 state.scaler.step(optimizer)
                 state.scaler.update()
             else:
-                (terms["loss"] * share).backward()
+                terms["loss"].backward()
                 optimizer.step()
             scheduler.step()
             state.global_step += 1
-            step_losses.append(terms["loss"].detach())
-            for name, value in terms.items():  # weighted by share, so the ranks' average is the batch mean
-                part = value.detach().float() * share
-                totals[name] = totals[name] + part if name in totals else part
+            step_terms.append({name: value.detach() for name, value in terms.items()})
 
+        means = {name: torch.stack([terms[name] for terms in step_terms]).float().mean() for name in step_terms[0]}
         if world_size > 1:  # every rank sees the same epoch metrics, and the same NaN
-            for total in totals.values():
-                dist.all_reduce(total)
-                total /= world_size
-        _check_finite(totals["loss"], step_losses, state, epoch, steps_per_epoch)
+            for mean in means.values():
+                dist.all_reduce(mean)
+                mean /= world_size
+        _check_finite(means["loss"], [terms["loss"] for terms in step_terms], state, epoch, steps_per_epoch)
         metrics: dict[str, float] = {"epoch": float(epoch), "lr": optimizer.param_groups[0]["lr"]}
-        metrics |= {f"train_{name}": float(total) / steps_per_epoch for name, total in totals.items()}
+        metrics |= {f"train_{name}": float(mean) for name, mean in means.items()}
         if val is not None:
             metrics |= _validate(model, *val)
         metrics["time_s"] = time.perf_counter() - started
@@ -314,7 +317,7 @@ def _fit(
 def _check_finite(
     total: torch.Tensor, step_losses: list[torch.Tensor], state: TrainState, epoch: int, steps_per_epoch: int
 ) -> None:
-    """One check per epoch on the summed loss (a NaN or inf in any step makes the sum non-finite); only when it
+    """One check per epoch on the mean loss (a NaN or inf in any step makes the mean non-finite); only when it
     fails are the epoch's step losses searched for the first bad one. Raises before any callback runs, so no
     checkpoint is ever written from a diverged model."""
     if bool(torch.isfinite(total)):
