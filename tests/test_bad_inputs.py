@@ -14,7 +14,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kdistill.errors import CheckpointError, ConfigError, DataError, KdistillError, LabelError
+from kdistill.errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    KdistillError,
+    LabelError,
+    StudentError,
+    TeacherError,
+)
 from kdistill.run import run
 
 GOOD = """
@@ -110,6 +118,13 @@ CASES = [
         "did you mean 'n_estimators'?",
         overrides=("teacher.kind=random_forest", "teacher.params.n_estimator=5"),
     ),
+    Case(
+        "teacher-param-value",
+        TeacherError,
+        "failed to build",
+        overrides=("teacher.kind=random_forest", "teacher.params.n_estimators=-5"),
+    ),
+    Case("student-param-value", StudentError, "cannot be built", overrides=("student.params.hidden=[-4]",)),
     Case("student-kind-typo", ConfigError, "did you mean 'mlp'?", overrides=("student.kind=mpl",)),
     Case("student-param-typo", ConfigError, "did you mean 'hidden'?", overrides=("student.params.hiden=[4]",)),
     Case(

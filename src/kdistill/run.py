@@ -42,7 +42,7 @@ from kdistill.engine import EarlyStopping, ProgressBar, TrainConfig, TransferSet
 from kdistill.engine.callbacks import Callback
 from kdistill.engine.checkpoint import Checkpointer, load_checkpoint
 from kdistill.engine.loggers import ConsoleLog, JsonlLogger, TensorBoardLogger
-from kdistill.errors import CheckpointError, ConfigError, DataError, StudentError
+from kdistill.errors import CheckpointError, ConfigError, DataError, KdistillError, StudentError, TeacherError
 from kdistill.io import atomic_write_bytes, atomic_write_json
 from kdistill.losses import Loss, get_loss
 from kdistill.recipes import TEACHER_RECIPES, import_reference
@@ -266,7 +266,16 @@ def _build_teacher(config: RunConfig, train: Split, verbose: bool) -> Teacher:
         "output": config.teacher.output,
         "verbose": verbose,
     }
-    return as_teacher(recipe.build(dict(config.teacher.params), train, context))
+    try:
+        built = recipe.build(dict(config.teacher.params), train, context)
+    except KdistillError:
+        raise
+    except (ValueError, TypeError, RuntimeError) as exc:
+        raise TeacherError(
+            f"teacher kind {config.teacher.kind!r} with params {config.teacher.params} failed to build: {exc}",
+            hint="check teacher.params (their names and values); `kdistill list teachers` says what each kind takes.",
+        ) from exc
+    return as_teacher(built)
 
 
 def _cache_key(teacher: Teacher, train: Split, config: RunConfig) -> str:
@@ -335,8 +344,15 @@ def _build_student(config: RunConfig, train: Split, classes: int) -> tuple[nn.Mo
                 )
             student, spec = module, None
         else:
-            params = dict(config.student.params)
-            student, spec = build_student(config.student.kind, train.x, classes, **params)
+            try:
+                student, spec = build_student(config.student.kind, train.x, classes, **config.student.params)
+            except KdistillError:
+                raise
+            except (ValueError, TypeError, RuntimeError) as exc:
+                raise StudentError(
+                    f"student {config.student.kind!r} with params {config.student.params} cannot be built: {exc}",
+                    hint="check student.params: hidden and channels are lists of positive widths.",
+                ) from exc
     _check_student(student, train.x, classes)
     return student, spec
 
