@@ -472,6 +472,25 @@ def _prepare(
     return _Prepared(splits, targets, classes, loss_fn, student, spec, baseline)
 
 
+def _train_config(config: RunConfig, verbose: bool) -> TrainConfig:
+    return TrainConfig(
+        epochs=config.train.epochs,
+        batch_size=config.train.batch_size,
+        lr=config.train.optimizer.lr,
+        weight_decay=config.train.optimizer.weight_decay,
+        warmup_fraction=config.train.schedule.warmup_fraction,
+        patience=config.train.patience,
+        seed=config.seed,
+        num_threads=config.device.num_threads,
+        device=_device(config),
+        verbose=verbose,
+        optimizer=config.train.optimizer.name,
+        momentum=config.train.optimizer.momentum,
+        schedule=config.train.schedule.name,
+        precision=config.device.precision,
+    )
+
+
 def _run(config: RunConfig, folder: Path, saved: dict[str, Any] | None, verbose: bool, started: float) -> RunResult:
     rank = _rank()
     splits = _load_data(config)
@@ -517,22 +536,7 @@ def _run(config: RunConfig, folder: Path, saved: dict[str, Any] | None, verbose:
     train = splits["train"]
     assert train is not None
 
-    train_config = TrainConfig(
-        epochs=config.train.epochs,
-        batch_size=config.train.batch_size,
-        lr=config.train.optimizer.lr,
-        weight_decay=config.train.optimizer.weight_decay,
-        warmup_fraction=config.train.schedule.warmup_fraction,
-        patience=config.train.patience,
-        seed=config.seed,
-        num_threads=config.device.num_threads,
-        device=_device(config),
-        verbose=verbose,
-        optimizer=config.train.optimizer.name,
-        momentum=config.train.optimizer.momentum,
-        schedule=config.train.schedule.name,
-        precision=config.device.precision,
-    )
+    train_config = _train_config(config, verbose)
     val = splits["val"]
     val_tensors = None if val is None or val.y is None else (val.x, val.y)
     run_info = {"fingerprint": resume_fingerprint(config), "data_fingerprint": data_fingerprint}
