@@ -83,10 +83,23 @@ def _unpack(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return obj
 
 
-def _trainer_state(state: TrainState) -> dict[str, Any]:
+def _rng_by_rank(state: TrainState) -> list[torch.Tensor]:
+    """Every rank's torch RNG state (dropout draws differ between ranks). A collective: all ranks must call it."""
+    local = torch.get_rng_state()
+    if state.world_size == 1:
+        return [local]
+    import torch.distributed as dist
+
+    gathered = [torch.empty_like(local) for _ in range(state.world_size)]
+    dist.all_gather(gathered, local)
+    return gathered
+
+
+def _trainer_state(state: TrainState, rng_by_rank: list[torch.Tensor] | None) -> dict[str, Any]:
     trainer: dict[str, Any] = {
         "optimizer": state.optimizer.state_dict(),
         "torch_rng": torch.get_rng_state(),
+        "torch_rng_by_rank": rng_by_rank or [torch.get_rng_state()],
         "stop": state.stop,
         "global_step": state.global_step,
         "callbacks": [callback.state_dict() for callback in state.callbacks],
@@ -106,9 +119,15 @@ def _trainer_state(state: TrainState) -> dict[str, Any]:
 
 
 def save_checkpoint(
-    path: str | os.PathLike[str], state: TrainState, *, completed: bool = False, run: dict[str, Any] | None = None
+    path: str | os.PathLike[str],
+    state: TrainState,
+    *,
+    completed: bool = False,
+    run: dict[str, Any] | None = None,
+    rng_by_rank: list[torch.Tensor] | None = None,
 ) -> Path:
-    """Write ``state`` to ``path`` as one safetensors file, atomically (temporary file, fsync, rename)."""
+    """Write ``state`` to ``path`` as one safetensors file, atomically (temporary file, fsync, rename).
+    ``rng_by_rank``: under DDP, every rank's RNG state (from a gather), so each rank resumes its own dropout draws."""
     tensors: dict[str, torch.Tensor] = {}
     model = {name: t.detach().cpu().clone().contiguous() for name, t in state.model.state_dict().items()}
     tensors |= {f"model/{name}": t for name, t in model.items()}
@@ -118,7 +137,7 @@ def save_checkpoint(
         "completed": completed,
         "history": state.history,
         "model": sorted(model),
-        "trainer": _pack(_trainer_state(state), tensors, "trainer"),
+        "trainer": _pack(_trainer_state(state, rng_by_rank), tensors, "trainer"),
         "run": run or {},
     }
     metadata = {_META_KEY: json.dumps(skeleton)}
@@ -181,7 +200,9 @@ def restore_state(checkpoint: Checkpoint, state: TrainState) -> int:
         loss_load(trainer["loss"])
     for callback, saved in zip(state.callbacks, trainer["callbacks"], strict=False):
         callback.load_state_dict(saved)
-    torch.set_rng_state(trainer["torch_rng"])
+    by_rank = trainer.get("torch_rng_by_rank") or []
+    same_world = len(by_rank) == state.world_size
+    torch.set_rng_state(by_rank[state.rank] if same_world else trainer["torch_rng"])
     state.history = list(checkpoint.history)
     state.epoch = checkpoint.epoch
     state.stop = bool(trainer["stop"])
@@ -203,10 +224,12 @@ class Checkpointer(Callback):
         self.run = run or {}
 
     def on_epoch_end(self, state: TrainState) -> None:
+        rng_by_rank = _rng_by_rank(state)
         if state.rank == 0:
-            save_checkpoint(self.path, state, run=self.run)
+            save_checkpoint(self.path, state, run=self.run, rng_by_rank=rng_by_rank)
         state.last_checkpoint = f"{self.path} (epoch {state.epoch})"
 
     def on_train_end(self, state: TrainState) -> None:
+        rng_by_rank = _rng_by_rank(state)
         if state.rank == 0:
-            save_checkpoint(self.path, state, completed=True, run=self.run)
+            save_checkpoint(self.path, state, completed=True, run=self.run, rng_by_rank=rng_by_rank)
