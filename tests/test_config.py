@@ -194,6 +194,7 @@ def test_teachers_from_a_torch_factory_with_weights_and_from_a_saved_run(
     save_file(weights, str(tmp_path / "examples" / "linear.safetensors"))
 
     config = tmp_path / "examples" / "iris_csv.yaml"
+    before = sorted(path for path in (tmp_path / "examples").rglob("*"))
     torch_teacher = ["teacher.kind=torch", "teacher.params={}", "teacher.factory=linear_teacher:build"]
     torch_teacher += ["teacher.path=linear.safetensors", "train.epochs=20", "out=runs/linear"]
     first = run(config, overrides=torch_teacher, verbose=False)
@@ -205,3 +206,5 @@ def test_teachers_from_a_torch_factory_with_weights_and_from_a_saved_run(
     second = run(config, overrides=[*saved_teacher, "train.epochs=5", "out=runs/second"], verbose=False)
     report = json.loads((second.folder / "report.json").read_text())
     assert report["models"]["teacher"]["accuracy"] == pytest.approx(first.result.report.models["student"]["accuracy"])
+    # the runs wrote only into their own folders: not even a __pycache__ next to the user's module
+    assert sorted(path for path in (tmp_path / "examples").rglob("*")) == before

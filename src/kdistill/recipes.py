@@ -63,6 +63,8 @@ def import_reference(reference: str, *, base: Path | None = None, field: str = "
     added = base is not None and str(base) not in sys.path
     if added:
         sys.path.insert(0, str(base))
+    bytecode = sys.dont_write_bytecode
+    sys.dont_write_bytecode = True  # no __pycache__ next to the user's module: a run writes only to its folder
     try:
         target: Any = importlib.import_module(module_name)
     except ImportError as exc:
@@ -71,6 +73,7 @@ def import_reference(reference: str, *, base: Path | None = None, field: str = "
             hint="put the module next to the config file or on PYTHONPATH, and check its spelling.",
         ) from exc
     finally:
+        sys.dont_write_bytecode = bytecode
         if added:
             sys.path.remove(str(base))
     for part in attribute.split("."):
