@@ -124,6 +124,7 @@ def test_run_from_the_cli_end_to_end_with_logs(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "retention" in done.stdout
+    assert "running iris-csv: teacher logistic_regression -> student mlp, method 1*kd, 12 epochs" in done.stdout
     assert "student epoch 12/12" in done.stderr  # the per-epoch console lines
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [line["epoch"] for line in lines] == [float(e) for e in range(12)]

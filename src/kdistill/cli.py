@@ -54,9 +54,22 @@ def _listing() -> dict[str, Callable[[], list[tuple[str, str]]]]:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    import os
+
+    from kdistill.config import load_config
     from kdistill.run import run
 
-    outcome = run(args.config, overrides=args.set, resume=args.resume, verbose=not args.quiet)
+    config = load_config(args.config, args.set)
+    if not args.quiet and os.environ.get("RANK", "0") == "0":
+        methods = " + ".join(f"{term.weight:g}*{term.name}" for term in config.method)
+        action = "resuming" if args.resume else "running"
+        _console.print(
+            f"[bold]{action} {config.name}[/bold]: teacher {config.teacher.kind} -> student {config.student.kind}, "
+            f"method {methods}, {config.train.epochs} epochs, device {config.device.type}; "
+            f"run folder {config.run_folder}",
+            highlight=False,
+        )
+    outcome = run(config, resume=args.resume, verbose=not args.quiet)
     if outcome.result is None:  # a rank other than 0 under torchrun: rank 0 reports
         return 0
     if outcome.result.report is not None:
