@@ -10,6 +10,8 @@ from __future__ import annotations
 __all__ = [
     "CheckpointError",
     "DataError",
+    "DependencyError",
+    "ExportError",
     "KdistillError",
     "LabelError",
     "ShapeMismatchError",
@@ -52,3 +54,11 @@ class StudentError(KdistillError, ValueError):
 
 class CheckpointError(KdistillError, ValueError):
     """A saved run or checkpoint is missing, corrupt, or was written by an incompatible version."""
+
+
+class ExportError(KdistillError, RuntimeError):
+    """A model could not be exported, quantized or pruned, or its export disagrees with PyTorch beyond tolerance."""
+
+
+class DependencyError(KdistillError, ImportError):
+    """An optional dependency is missing; the hint names the extra to install."""
