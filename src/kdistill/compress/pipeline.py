@@ -114,13 +114,15 @@ def _split_of(data: Any, name: str, adapter: Teacher) -> Split | None:
 def _measure(
     entries: dict[str, _Entry],
     split: Split,
-    reference: torch.Tensor,
+    reference: torch.Tensor | None,
     *,
     profile: bool,
     threads: int,
     batch_size: int,
     latency_budget_s: float | None,
 ) -> tuple[dict[str, dict[str, float]], dict[str, torch.Tensor]]:
+    """Accuracy (and agreement with ``reference``, the teacher's logits) of each entry on ``split``, its size and
+    parameters, and with ``profile`` its timings on :func:`~kdistill.profile.time_inference`; also the logits."""
     assert split.y is not None
     models: dict[str, dict[str, float]] = {}
     all_logits: dict[str, torch.Tensor] = {}
@@ -130,7 +132,8 @@ def _measure(
         logits = torch.cat([part.logits if isinstance(part, Outputs) else part for part in parts]).float()
         all_logits[name] = logits
         metrics = classification_metrics(logits, split.y, None if name == "teacher" else reference)
-        metrics["agreement"] = metrics.get("agreement", 1.0)
+        if name == "teacher":
+            metrics["agreement"] = 1.0
         metrics["parameters"] = float(entry.parameters)
         metrics["size_bytes"] = float(entry.size_bytes)
         if profile:
@@ -143,9 +146,9 @@ def _measure(
                 memory=True,
             )
         models[name] = metrics
-    teacher_accuracy = models["teacher"]["accuracy"]
     for name, metrics in models.items():
-        metrics["retention"] = metrics["accuracy"] / teacher_accuracy
+        if "teacher" in models:
+            metrics["retention"] = metrics["accuracy"] / models["teacher"]["accuracy"]
         source = name.removesuffix("_int8") + "_onnx"
         if name.endswith("_int8") and source in models:
             metrics["accuracy_delta"] = metrics["accuracy"] - models[source]["accuracy"]
