@@ -130,7 +130,7 @@ def _per_class(plt: Any, diagnostics: dict[str, Any]) -> str | None:
     axis.set(xlabel="class", ylabel="accuracy", title="per-class accuracy against the teacher")
     axis.set_ylim(max(0.0, lowest - 0.1), 1.0)
     axis.grid(alpha=0.3, axis="y")
-    axis.legend(ncol=len(shown), fontsize=8)
+    axis.legend(ncol=len(shown), fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.18))
     return _png(figure)
 
 
