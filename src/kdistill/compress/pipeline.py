@@ -195,7 +195,8 @@ def compress(
             measured.
         distilled: a :class:`~kdistill.DistillResult` from an earlier ``distill`` call, to skip distillation.
         prune_ratio: fraction of each hidden layer's neurons/channels removed (None or 0: no pruning stage).
-        finetune_epochs, finetune_lr: the KD fine-tuning of the pruned student against the original teacher.
+        finetune_epochs, finetune_lr: the KD fine-tuning of the pruned student against the original teacher's
+            logits on the training rows (same ``temperature`` and ``soft_weight`` as distillation).
         quantize: ``"auto"`` (static QDQ for CNNs, dynamic for the rest), ``"dynamic"``, ``"static"``, or
             ``"none"`` to skip INT8.
         tolerance: the largest |ONNX - PyTorch| logit difference accepted at export (else ExportError).
@@ -212,7 +213,8 @@ def compress(
     adapter = as_teacher(teacher)
     train_split = as_split(train, name="train", classes=adapter.classes)
     val_split = _split_of(val, "val", adapter)
-    eval_split = _split_of(test, "test", adapter) or val_split
+    test_split = _split_of(test, "test", adapter)
+    eval_split = test_split if test_split is not None else val_split
     if eval_split is None or eval_split.y is None:
         raise DataError(
             "compress measures every model on labelled rows, and neither test nor val was given",
@@ -239,6 +241,8 @@ def compress(
             val=val_tensors,
             epochs=finetune_epochs,
             lr=finetune_lr,
+            temperature=distill_params.get("temperature", 4.0),
+            soft_weight=distill_params.get("soft_weight", 0.5),
             seed=seed,
             verbose=verbose,
         )
