@@ -12,8 +12,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as safetensors_load
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_save
 from torch import nn
 
@@ -90,13 +89,10 @@ def load(path: str | os.PathLike[str], *, student: nn.Module | None = None) -> n
     weights = target / WEIGHTS_FILE if target.is_dir() else target
     if not weights.exists():
         raise CheckpointError(f"no saved student at {weights}", hint="pass the folder given to DistillResult.save.")
-    raw = weights.read_bytes()
     try:
-        tensors = safetensors_load(raw)
-        from safetensors import safe_open
-
         with safe_open(str(weights), framework="pt") as handle:
             metadata = handle.metadata() or {}
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118 - not a dict
     except (SafetensorError, ValueError, OSError) as exc:
         raise CheckpointError(
             f"{weights} is not a readable safetensors file ({exc})",

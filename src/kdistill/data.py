@@ -40,7 +40,13 @@ def _to_numpy_x(x: Any, name: str) -> np.ndarray:
     if isinstance(x, torch.Tensor):
         return x.detach().cpu().numpy()
     if hasattr(x, "to_numpy") and hasattr(x, "dtypes"):  # pandas DataFrame
-        bad = [str(col) for col, dtype in zip(x.columns, x.dtypes, strict=True) if not np.issubdtype(dtype, np.number)]
+        from pandas.api.types import is_bool_dtype, is_numeric_dtype
+
+        bad = [
+            str(col)
+            for col, dtype in zip(x.columns, x.dtypes, strict=True)
+            if not (is_numeric_dtype(dtype) or is_bool_dtype(dtype))
+        ]
         if bad:
             raise DataError(
                 f"{name} has non-numeric columns: {bad[:5]}",

@@ -166,7 +166,7 @@ def _fit(
             start_epoch(epoch, config.epochs)
         started = time.perf_counter()
         model.train()
-        totals: dict[str, torch.Tensor] = {}
+        step_terms: list[dict[str, torch.Tensor]] = []
         order = torch.randperm(rows, generator=generator).to(device)
         for start in range(0, rows, config.batch_size):
             index = order[start : start + config.batch_size]
@@ -178,18 +178,21 @@ def _fit(
                 teacher_out: Outputs | None = Outputs(live.logits, live.features, index)
             else:
                 teacher_out = None if targets is None else Outputs(targets[index], index=index)
-            with capture_features(model, student_features) as captured:
-                logits = model(xb)
-            terms = loss_fn(Outputs(logits, captured), teacher_out, yb)
+            if student_features:
+                with capture_features(model, student_features) as captured:
+                    student_out = Outputs(model(xb), captured)
+            else:
+                student_out = Outputs(model(xb))
+            terms = loss_fn(student_out, teacher_out, yb)
             optimizer.zero_grad(set_to_none=True)
             terms["loss"].backward()
             optimizer.step()
             scheduler.step()
-            for name, value in terms.items():
-                totals[name] = totals[name] + value.detach() if name in totals else value.detach()
+            step_terms.append({name: value.detach() for name, value in terms.items()})
 
         metrics: dict[str, float] = {"epoch": float(epoch), "lr": optimizer.param_groups[0]["lr"]}
-        metrics |= {f"train_{name}": float(total) / steps_per_epoch for name, total in totals.items()}
+        for name in step_terms[0]:
+            metrics[f"train_{name}"] = float(torch.stack([terms[name] for terms in step_terms]).mean())
         if not math.isfinite(metrics["train_loss"]):
             raise KdistillError(
                 f"the training loss became {metrics['train_loss']} in epoch {epoch}",

@@ -1,0 +1,96 @@
+"""The Hinton KD loss against an independent numpy computation, and its stated properties."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kdistill import KDLoss, Outputs, kd_loss
+from kdistill.errors import ShapeMismatchError
+
+
+def _numpy_kd(student: np.ndarray, teacher: np.ndarray, y: np.ndarray, temperature: float, soft_weight: float) -> float:
+    def log_softmax(z: np.ndarray) -> np.ndarray:
+        z = z - z.max(axis=1, keepdims=True)
+        return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+    log_q = log_softmax(student / temperature)
+    log_p = log_softmax(teacher / temperature)
+    kl = (np.exp(log_p) * (log_p - log_q)).sum(axis=1).mean()
+    ce = -log_softmax(student)[np.arange(len(y)), y].mean()
+    return float((1 - soft_weight) * ce + soft_weight * temperature**2 * kl)
+
+
+@pytest.mark.parametrize(("temperature", "soft_weight"), [(1.0, 0.5), (4.0, 0.9), (8.0, 0.3), (2.5, 1.0)])
+def test_matches_numpy(temperature: float, soft_weight: float) -> None:
+    rng = np.random.default_rng(0)
+    student, teacher = rng.normal(size=(32, 7)) * 3, rng.normal(size=(32, 7)) * 3
+    y = rng.integers(0, 7, size=32)
+    terms = kd_loss(
+        torch.tensor(student), torch.tensor(teacher), torch.tensor(y), temperature=temperature, soft_weight=soft_weight
+    )
+    expected = _numpy_kd(student, teacher, y, temperature, soft_weight)
+    assert float(terms["loss"]) == pytest.approx(expected, rel=1e-6)
+
+
+def test_kl_is_zero_when_student_equals_teacher() -> None:
+    logits = torch.randn(16, 5)
+    terms = kd_loss(logits, logits.clone(), torch.zeros(16, dtype=torch.long), temperature=3.0)
+    assert float(terms["kd"]) == pytest.approx(0.0, abs=1e-6)
+    assert float(kd_loss(logits, logits + 1.0, None)["kd"]) == pytest.approx(0.0, abs=1e-6)  # shift-invariant
+
+
+def test_soft_weight_zero_is_cross_entropy() -> None:
+    student, teacher = torch.randn(20, 4), torch.randn(20, 4)
+    y = torch.randint(0, 4, (20,))
+    terms = kd_loss(student, teacher, y, soft_weight=0.0)
+    assert float(terms["loss"]) == pytest.approx(float(F.cross_entropy(student, y)), rel=1e-6)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 4.0, 10.0])
+def test_gradient_scales_as_stated(temperature: float) -> None:
+    """d(T² KL)/dz_s = T (softmax(z_s/T) - softmax(z_t/T)) / batch: the T² factor undoes the 1/T² shrinkage."""
+    student = torch.randn(8, 6, dtype=torch.float64, requires_grad=True)
+    teacher = torch.randn(8, 6, dtype=torch.float64)
+    kd_loss(student, teacher, None, temperature=temperature)["loss"].backward()
+    expected = temperature * (torch.softmax(student / temperature, 1) - torch.softmax(teacher / temperature, 1)) / 8
+    assert student.grad is not None
+    assert torch.allclose(student.grad, expected.detach(), atol=1e-12)
+
+
+def test_high_temperature_gradient_approaches_logit_matching() -> None:
+    """Hinton's limit: for large T the soft gradient tends to (z_s - z_t)/(classes·batch) for zero-mean logits."""
+    student = torch.randn(4, 5, dtype=torch.float64)
+    teacher = torch.randn(4, 5, dtype=torch.float64)
+    student, teacher = student - student.mean(1, keepdim=True), teacher - teacher.mean(1, keepdim=True)
+    student.requires_grad_(True)
+    kd_loss(student, teacher, None, temperature=1000.0)["loss"].backward()
+    assert student.grad is not None
+    assert torch.allclose(student.grad, ((student - teacher) / (5 * 4)).detach(), atol=1e-4)
+
+
+def test_probabilities_with_exact_zeros_stay_finite() -> None:
+    probs = torch.tensor([[1.0, 0.0, 0.0], [0.5, 0.5, 0.0], [0.0, 0.0, 1.0]])
+    student = torch.randn(3, 3, requires_grad=True)
+    terms = kd_loss(student, probs, torch.tensor([0, 1, 2]), teacher_probs=True)
+    terms["loss"].backward()
+    assert torch.isfinite(terms["loss"])
+    assert student.grad is not None and torch.isfinite(student.grad).all()
+    # the floored zeros carry almost no mass at T=4: the teacher's soft target matches p^(1/T) renormalised
+    soft = torch.softmax(torch.log(probs.clamp_min(1e-12)) / 4.0, dim=1)
+    assert float(soft[0, 1]) < 2e-3
+
+
+def test_class_wraps_function_and_checks_shapes() -> None:
+    loss = KDLoss(temperature=2.0, soft_weight=0.7)
+    student, teacher, y = torch.randn(5, 3), torch.randn(5, 3), torch.tensor([0, 1, 2, 0, 1])
+    expected = kd_loss(student, teacher, y, temperature=2.0, soft_weight=0.7)["loss"]
+    assert torch.equal(loss(Outputs(student), Outputs(teacher), y)["loss"], expected)
+    with pytest.raises(ShapeMismatchError, match="differ"):
+        loss(Outputs(student), Outputs(torch.randn(5, 4)), y)
+    with pytest.raises(ValueError, match="temperature"):
+        KDLoss(temperature=0.0)
+    with pytest.raises(ValueError, match="soft_weight"):
+        KDLoss(soft_weight=1.5)
