@@ -14,6 +14,13 @@ from kdistill.students import CNN, MLP
 pytest.importorskip("onnxruntime")
 
 
+@pytest.fixture(autouse=True)
+def _leave_the_global_rng_as_found():
+    """These tests draw random tensors; the global generator is restored after each so no other test's draws change."""
+    with torch.random.fork_rng(devices=[]):
+        yield
+
+
 @pytest.mark.parametrize(
     ("build", "row_shape"),
     [

@@ -21,6 +21,14 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("torch_pruning")
 pytest.importorskip("matplotlib")
 
+
+@pytest.fixture(autouse=True)
+def _leave_the_global_rng_as_found():
+    """These tests draw random tensors; the global generator is restored after each so no other test's draws change."""
+    with torch.random.fork_rng(devices=[]):
+        yield
+
+
 DOC = Path(__file__).resolve().parents[1] / "docs" / "compress.md"
 
 
@@ -36,7 +44,8 @@ def doc_run(tmp_path_factory):
     previous = os.getcwd()
     os.chdir(folder)
     try:
-        exec(compile(_python_blocks(DOC.read_text())[0], str(DOC), "exec"), namespace)
+        with torch.random.fork_rng(devices=[]):
+            exec(compile(_python_blocks(DOC.read_text())[0], str(DOC), "exec"), namespace)
     finally:
         os.chdir(previous)
     return folder / "runs" / "compress-digits", namespace["result"]

@@ -13,6 +13,13 @@ from kdistill.profile import peak_memory_bytes, time_inference
 from kdistill.students import MLP
 
 
+@pytest.fixture(autouse=True)
+def _leave_the_global_rng_as_found():
+    """These tests draw random tensors; the global generator is restored after each so no other test's draws change."""
+    with torch.random.fork_rng(devices=[]):
+        yield
+
+
 def test_time_inference_reports_percentiles_throughput_and_settings():
     model = MLP((16,), 3, hidden=(8,)).eval()
     result = time_inference(model, torch.randn(40, 16), batch_size=32, threads=1, repeats=5, min_time=0.002)

@@ -21,6 +21,13 @@ from kdistill.teachers import as_teacher, teacher_logits
 pytest.importorskip("torch_pruning")
 
 
+@pytest.fixture(autouse=True)
+def _leave_the_global_rng_as_found():
+    """These tests draw random tensors; the global generator is restored after each so no other test's draws change."""
+    with torch.random.fork_rng(devices=[]):
+        yield
+
+
 def test_mlp_neurons_are_removed_and_the_output_layer_kept():
     torch.manual_seed(0)
     model = MLP((64,), 10, hidden=(128, 64)).eval()

@@ -14,6 +14,13 @@ from kdistill.students import CNN, MLP
 onnx = pytest.importorskip("onnx")
 
 
+@pytest.fixture(autouse=True)
+def _leave_the_global_rng_as_found():
+    """These tests draw random tensors; the global generator is restored after each so no other test's draws change."""
+    with torch.random.fork_rng(devices=[]):
+        yield
+
+
 def _int8_weight_numbers(path) -> int:
     """How many numbers the graph stores as int8 initializers."""
     graph = onnx.load(str(path)).graph

@@ -17,6 +17,14 @@ from kdistill.report_html import render_html, write_html_report, write_html_repo
 
 pytest.importorskip("matplotlib")
 
+
+@pytest.fixture(autouse=True)
+def _leave_the_global_rng_as_found():
+    """These tests draw random tensors; the global generator is restored after each so no other test's draws change."""
+    with torch.random.fork_rng(devices=[]):
+        yield
+
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 

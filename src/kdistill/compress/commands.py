@@ -53,11 +53,16 @@ def run_pipeline(
     verbose: bool = False,
     latency_budget_s: float | None = None,
 ) -> CompressResult:
-    """distil -> prune -> quantize -> export on a built-in data set with its built-in teacher and student
-    (digits: RandomForest(200) -> MLP; mnist1d: CNN(64, 64, 64) -> CNN(16, 16, 16))."""
+    """distil -> prune -> quantize -> export on a built-in data set with its built-in teacher and student, as
+    ``kdistill demo`` sets them up (digits: RandomForest(200) -> MLP at T=2; mnist1d: CNN(64, 64, 64) ->
+    CNN(16, 16, 16) at T=4)."""
     dataset = load_dataset(dataset_name, seed)
     teacher = builtin_teacher(dataset, seed, verbose)
-    student, params = ("mlp", None) if dataset_name == "digits" else ("cnn", {"channels": (16, 16, 16)})
+    # the same student and temperature as `kdistill demo` (T=2 suits a forest's log vote-fractions)
+    if dataset_name == "digits":
+        student, params, temperature = "mlp", None, 2.0
+    else:
+        student, params, temperature = "cnn", {"channels": (16, 16, 16)}, 4.0
     result = compress(
         teacher,
         student,
@@ -72,6 +77,7 @@ def run_pipeline(
         html=html,
         verbose=verbose,
         student_params=params,
+        temperature=temperature,
         latency_budget_s=latency_budget_s,
     )
     result.report.settings["dataset"] = dataset_name
