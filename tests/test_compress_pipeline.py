@@ -140,3 +140,21 @@ def test_cli_explains_an_empty_folder(tmp_path, capsys):
 
     assert main(["profile", str(tmp_path)]) == 2
     assert "nothing to profile" in capsys.readouterr().out
+
+
+def test_cli_pipeline_on_builtin_data_keeps_every_stage(tmp_path, capsys):
+    from kdistill.cli import main
+
+    out = tmp_path / "pipe"
+    args = ["export", "--dataset", "digits", "--out", str(out), "--epochs", "8", "--finetune-epochs", "2"]
+    assert main([*args, "--no-html", "--quiet", "--quantize", "static"]) == 0
+    printed = capsys.readouterr().out
+    assert "pruned_int8" in printed
+    assert "saved to" in printed
+    report = json.loads((out / "report.json").read_text())
+    assert report["settings"]["dataset"] == "digits"
+    assert report["settings"]["quantize"] == {"student": "static", "pruned": "static"}  # forced, not auto
+    assert report["settings"]["epochs_run"] <= 8
+    assert report["settings"]["finetune_epochs_run"] <= 2
+    assert not (out / "report.html").exists()
+    assert kdistill.load(out / "pruned")(torch.as_tensor(load_digits(0).test[0][:3])).shape == (3, 10)

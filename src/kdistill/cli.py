@@ -54,6 +54,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
         seed=args.seed,
         html=not args.no_html,
         verbose=not args.quiet,
+        epochs=args.epochs,
+        finetune_epochs=args.finetune_epochs,
     )
     _console.print(result.report.table())
     artefacts = ", ".join(result.report.settings["artefacts"].values())
@@ -141,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--prune-ratio", type=float, default=None, help="channels removed per layer (default 0.5)")
     export.add_argument("--quantize", choices=["auto", "dynamic", "static", "none"], default="auto")
     export.add_argument("--tolerance", type=float, default=1e-4, help="max |ONNX - PyTorch| logit difference")
+    export.add_argument("--epochs", type=int, default=100, help="distillation epochs, early-stopped (pipeline)")
+    export.add_argument("--finetune-epochs", type=int, default=50, help="KD fine-tuning epochs after pruning")
     export.add_argument("--seed", type=int, default=0)
     export.add_argument("--no-html", action="store_true", help="skip report.html (needs matplotlib)")
     export.add_argument("--quiet", action="store_true", help="no progress bars")

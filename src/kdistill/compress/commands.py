@@ -52,6 +52,8 @@ def run_pipeline(
     html: bool = True,
     verbose: bool = False,
     latency_budget_s: float | None = None,
+    epochs: int = 100,
+    finetune_epochs: int = 50,
 ) -> CompressResult:
     """distil -> prune -> quantize -> export on a built-in data set with its built-in teacher and student, as
     ``kdistill demo`` sets them up (digits: RandomForest(200) -> MLP at T=2; mnist1d: CNN(64, 64, 64) ->
@@ -79,6 +81,8 @@ def run_pipeline(
         student_params=params,
         temperature=temperature,
         latency_budget_s=latency_budget_s,
+        epochs=epochs,
+        finetune_epochs=finetune_epochs,
     )
     result.report.settings["dataset"] = dataset_name
     result.report.save(result.folder / "report.json")
