@@ -85,7 +85,9 @@ def per_class_accuracy(logits: torch.Tensor, target: torch.Tensor, num_classes: 
     return result
 
 
-def model_diagnostics(logits: dict[str, torch.Tensor], target: torch.Tensor, classes: list[Any] | None) -> dict:
+def model_diagnostics(
+    logits: dict[str, torch.Tensor], target: torch.Tensor, classes: list[Any] | None
+) -> dict[str, Any]:
     """The report's ``diagnostics``: reliability bins and per-class accuracy per model, plus the class labels."""
     num_classes = int(next(iter(logits.values())).shape[1])
     return {
