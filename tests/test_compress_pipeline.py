@@ -135,11 +135,16 @@ def test_cli_profile_and_export_on_the_saved_run(doc_run, tmp_path):
     assert "max |ONNX - PyTorch|" in exported.stdout
 
 
-def test_cli_explains_an_empty_folder(tmp_path, capsys):
+def test_cli_explains_an_empty_folder_and_the_wrong_dataset(doc_run, tmp_path, capsys):
     from kdistill.cli import main
 
     assert main(["profile", str(tmp_path)]) == 2
     assert "nothing to profile" in capsys.readouterr().out
+    out, _ = doc_run
+    assert main(["export", str(out / "distilled"), "--dataset", "mnist1d", "--out", str(tmp_path / "x")]) == 2
+    printed = " ".join(capsys.readouterr().out.split())  # the console wraps long lines
+    assert "takes rows of shape (64,)" in printed
+    assert "mnist1d rows have shape (40,)" in printed
 
 
 def test_cli_pipeline_on_builtin_data_keeps_every_stage(tmp_path, capsys):

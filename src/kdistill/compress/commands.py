@@ -23,7 +23,7 @@ from kdistill.compress.pipeline import CompressResult, _Entry, _measure, _torch_
 from kdistill.compress.quantize import quantize_onnx
 from kdistill.data import as_split
 from kdistill.datasets import Dataset, load_dataset
-from kdistill.errors import CheckpointError
+from kdistill.errors import CheckpointError, ShapeMismatchError
 from kdistill.io import atomic_write_json
 from kdistill.profile import count_parameters, model_size_bytes
 from kdistill.report import Report
@@ -89,6 +89,20 @@ def run_pipeline(
     return result
 
 
+def _check_fits(student: nn.Module, rows: torch.Tensor, source: str | os.PathLike[str], dataset_name: str) -> None:
+    """Raise a clear error when the saved student cannot take the data set's rows (the wrong ``--dataset``)."""
+    try:
+        with torch.no_grad():
+            student.eval()(rows[:2])
+    except RuntimeError as exc:
+        expected = getattr(student, "in_shape", "?")
+        raise ShapeMismatchError(
+            f"the student in {source} takes rows of shape {tuple(expected) if expected != '?' else '?'}, "
+            f"but {dataset_name} rows have shape {tuple(rows.shape[1:])} ({exc})",
+            hint="pass the --dataset the student was trained on.",
+        ) from exc
+
+
 def export_saved_student(
     source: str | os.PathLike[str],
     dataset_name: str,
@@ -106,6 +120,7 @@ def export_saved_student(
     train = as_split(dataset.train, name="train")
     test = as_split(dataset.test, name="test")
     assert test.y is not None
+    _check_fits(student, train.x, source, dataset_name)
     folder = Path(out)
     exported = export_onnx(student, train.x, folder / "student.onnx", tolerance=tolerance)
     summary: dict[str, Any] = {"source": str(source), "dataset": dataset_name, "export": exported.to_dict()}
@@ -172,6 +187,7 @@ def profile_folder(
     for path in files:
         if path.suffix == ".safetensors":
             module = load(path)
+            _check_fits(module, test.x, path, dataset_name)
             name = _artefact_name(path, root)
             modules[name] = module
             entries[name] = _Entry(_torch_predict(module), path.stat().st_size, count_parameters(module), "torch")
