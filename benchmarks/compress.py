@@ -86,6 +86,10 @@ def _print_table(entry: dict) -> None:
     print("ratios: " + ", ".join(f"{k} {v:.3g}" for k, v in entry["ratios"].items()))
 
 
+def _kb(value: float | None) -> str:
+    return "—" if value is None else f"{value / 1024:,.0f} KB"
+
+
 def _markdown(results: list[dict]) -> str:
     """The tables docs/compress.md quotes: claims vs measured ratios, then every model's numbers."""
     lines = [
@@ -108,8 +112,8 @@ def _markdown(results: list[dict]) -> str:
     lines += [
         "",
         "| data set | model | accuracy | retention | Δ acc INT8 | params | size on disk | p50 ms @1 | p95 ms @1 | "
-        "rows/s @256 |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "rows/s @256 | peak mem growth |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in results:
         for name, m in r["models"].items():
@@ -117,7 +121,7 @@ def _markdown(results: list[dict]) -> str:
             lines.append(
                 f"| {r['dataset']} | {name} | {m['accuracy']:.4f} | {m['retention']:.1%} | {delta} | "
                 f"{m['parameters']:,.0f} | {m['size_bytes'] / 1024:,.1f} KB | {m['latency_ms']:.3f} | "
-                f"{m['latency_p95_ms']:.3f} | {m['throughput_rows_s']:,.0f} |"
+                f"{m['latency_p95_ms']:.3f} | {m['throughput_rows_s']:,.0f} | {_kb(m['peak_memory_bytes'])} |"
             )
     return "\n".join(lines)
 

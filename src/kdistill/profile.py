@@ -7,6 +7,8 @@ eager, ONNX Runtime fp32 and INT8, scikit-learn) go through the same harness, :f
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
 import pickle
 import statistics
@@ -22,7 +24,12 @@ from torch import nn
 
 from kdistill.engine.loop import num_threads
 
-__all__ = ["count_parameters", "model_size_bytes", "peak_memory_bytes", "time_inference"]
+__all__ = ["MEMORY_MEASURE", "count_parameters", "model_size_bytes", "peak_memory_bytes", "time_inference"]
+
+MEMORY_MEASURE = (
+    "peak growth of process RSS (/proc/self/statm sampled every 0.5 ms) over 3 batch calls, after malloc_trim(0); "
+    "a lower bound: memory an allocator keeps (ONNX Runtime's arena) is not counted again"
+)
 
 
 def count_parameters(model: Any) -> int:
@@ -109,15 +116,23 @@ def _resident_bytes() -> int | None:
         return None
 
 
+def _return_free_memory_to_the_os() -> None:
+    """glibc's ``malloc_trim(0)``: hand memory freed by earlier work back to the OS, so that reusing it does not hide
+    a model's allocations from RSS. A no-op where glibc is absent."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def peak_memory_bytes(fn: Callable[[], Any], *, calls: int = 3, interval_s: float = 0.0005) -> float | None:
     """Peak growth of the process's resident memory (RSS) while ``fn`` runs ``calls`` times, in bytes.
 
-    A background thread samples RSS (``/proc/self/statm``) every ``interval_s``; the result is the highest sample
-    minus the RSS just before the first call. It counts every allocation the model makes (torch, ONNX Runtime,
-    numpy, scikit-learn's C code), but memory the allocator already held from earlier work is reused without
-    growing RSS, so it is a lower bound on the working memory; run each model in a fresh process for an upper one.
-    None where RSS cannot be read (non-Linux).
+    Free heap memory is first handed back to the OS (glibc ``malloc_trim(0)``); then a background thread samples
+    RSS (``/proc/self/statm``) every ``interval_s``; the result is the highest sample minus the RSS just before the
+    first call. It counts every allocation the model makes (torch, numpy, scikit-learn's C code), but memory an
+    allocator keeps for itself is reused without growing RSS (ONNX Runtime's arena, which holds its buffers after
+    the first run), so it is a lower bound on the working memory. None where RSS cannot be read (non-Linux).
     """
+    _return_free_memory_to_the_os()
     before = _resident_bytes()
     if before is None:
         return None

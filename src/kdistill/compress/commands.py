@@ -25,7 +25,7 @@ from kdistill.data import as_split
 from kdistill.datasets import Dataset, load_dataset
 from kdistill.errors import CheckpointError, ShapeMismatchError
 from kdistill.io import atomic_write_json
-from kdistill.profile import count_parameters, model_size_bytes
+from kdistill.profile import MEMORY_MEASURE, count_parameters, model_size_bytes
 from kdistill.report import Report
 from kdistill.teachers import SklearnTeacher, as_teacher, teacher_logits
 
@@ -213,6 +213,6 @@ def profile_folder(
         "runtimes": {name: entry.runtime for name, entry in entries.items()},
         "profile_threads": threads,
         "profile_batch_size": batch_size,
-        "memory_measure": "peak growth of process RSS (/proc/self/statm sampled every 0.5 ms) over 3 batch calls",
+        "memory_measure": MEMORY_MEASURE,
     }
     return Report(split="test", rows=len(test), models=models, settings=settings)

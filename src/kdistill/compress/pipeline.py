@@ -35,7 +35,7 @@ from kdistill.data import Split, as_split
 from kdistill.errors import DataError
 from kdistill.evaluate import classification_metrics
 from kdistill.io import atomic_write_json
-from kdistill.profile import count_parameters, model_size_bytes, time_inference
+from kdistill.profile import MEMORY_MEASURE, count_parameters, model_size_bytes, time_inference
 from kdistill.report import Report
 from kdistill.teachers import Outputs, SklearnTeacher, Teacher, as_teacher, teacher_logits
 
@@ -310,7 +310,7 @@ def compress(
         "export_tolerance": tolerance,
         "profile_threads": threads,
         "profile_batch_size": batch_size,
-        "memory_measure": "peak growth of process RSS (/proc/self/statm sampled every 0.5 ms) over 3 batch calls",
+        "memory_measure": MEMORY_MEASURE,
         "compress_wall_time_s": round(time.perf_counter() - started, 1),
     }
     report = Report(
