@@ -209,3 +209,36 @@ def test_teachers_from_a_torch_factory_with_weights_and_from_a_saved_run(
     assert report["models"]["teacher"]["accuracy"] == pytest.approx(first.result.report.models["student"]["accuracy"])
     # the runs wrote only into their own folders: not even a __pycache__ next to the user's module
     assert sorted(path for path in (tmp_path / "examples").rglob("*")) == before
+
+
+def test_compression_steps_export_and_quantize_the_trained_student(tmp_path: Path) -> None:
+    import numpy as np
+    import onnxruntime
+
+    steps = "compression=[{name: onnx, params: {tolerance: 0.0001}}, {name: quantize, params: {mode: dynamic}}]"
+    outcome = run(
+        ROOT / "examples" / "iris_csv.yaml",
+        overrides=[f"out={tmp_path / 'c'}", "train.epochs=5", "report.enabled=false", steps],
+        verbose=False,
+    )
+    folder = outcome.folder
+    summary = json.loads((folder / "compression.json").read_text())
+    assert summary["onnx"]["max_abs_diff"] <= 1e-4
+    assert summary["quantize"]["mode"] == "dynamic"
+    rows = np.loadtxt(ROOT / "examples" / "data" / "iris_test.csv", delimiter=",", skiprows=1)[:, :4]
+    session = onnxruntime.InferenceSession(str(folder / "student.onnx"))
+    onnx_logits = session.run(None, {session.get_inputs()[0].name: rows.astype(np.float32)})[0]
+    assert outcome.result is not None
+    torch_logits = outcome.result.student(torch.tensor(rows, dtype=torch.float32)).detach().numpy()
+    np.testing.assert_allclose(onnx_logits, torch_logits, atol=1e-4)
+    assert (folder / "student.int8.onnx").is_file()
+
+
+def test_compression_steps_are_checked_up_front(tmp_path: Path) -> None:
+    config = ROOT / "examples" / "iris_csv.yaml"
+    with pytest.raises(ConfigError, match=r"compression\[0\]: step 'quantize' needs a 'onnx' step before it"):
+        validate(config, ["compression=[{name: quantize}]"])
+    with pytest.raises(ConfigError, match=r"unknown compression step 'onxx'.*\n.*did you mean 'onnx'\?"):
+        validate(config, ["compression=[{name: onxx}]"])
+    with pytest.raises(ConfigError, match=r"takes no parameter 'tolerence'.*\n.*did you mean 'tolerance'\?"):
+        validate(config, ["compression=[{name: onnx, params: {tolerence: 0.1}}]"])

@@ -29,6 +29,59 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from kdistill.compress.commands import export_saved_student, run_pipeline
+
+    if args.source is not None:
+        if args.prune_ratio is not None:
+            _console.print("[yellow]--prune-ratio is ignored for a saved student: pruning needs its teacher[/yellow]")
+        summary = export_saved_student(
+            args.source, args.dataset, args.out, quantize=args.quantize, tolerance=args.tolerance, seed=args.seed
+        )
+        accuracy = ", ".join(f"{name} {value:.4f}" for name, value in summary["accuracy"].items())
+        _console.print(
+            f"exported {summary['export']['path']} (max |ONNX - PyTorch| = {summary['export']['max_abs_diff']:.2e}); "
+            f"test accuracy: {accuracy}; saved {args.out}/export.json",
+            highlight=False,
+        )
+        return 0
+    result = run_pipeline(
+        args.dataset,
+        args.out,
+        prune_ratio=0.5 if args.prune_ratio is None else args.prune_ratio,
+        quantize=args.quantize,
+        tolerance=args.tolerance,
+        seed=args.seed,
+        html=not args.no_html,
+        verbose=not args.quiet,
+        epochs=args.epochs,
+        finetune_epochs=args.finetune_epochs,
+    )
+    _console.print(result.report.table())
+    artefacts = ", ".join(result.report.settings["artefacts"].values())
+    _console.print(f"saved to {args.out}/: {artefacts}, report.json, report.html", highlight=False)
+    return 0
+
+
+def _cmd_profile(args: argparse.Namespace) -> int:
+    from kdistill.compress.commands import profile_folder
+    from kdistill.io import atomic_write_json
+
+    report = profile_folder(
+        args.folder,
+        args.dataset,
+        threads=args.threads,
+        batch_size=args.batch_size,
+        with_teacher=args.teacher,
+        seed=args.seed,
+    )
+    _console.print(report.table())
+    target = args.json or f"{args.folder}/profile.json"
+    atomic_write_json(target, report.to_dict())
+    _console.print(f"saved {target}", highlight=False)
+    return 0
+
+
 def _listing() -> dict[str, Callable[[], list[tuple[str, str]]]]:
     def methods() -> list[tuple[str, str]]:
         from kdistill.losses import list_losses
@@ -116,6 +169,35 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(handler=_cmd_demo)
+
+    export = commands.add_parser(
+        "export",
+        help="distil -> prune -> quantize -> export on built-in data, or a saved student to ONNX + INT8",
+    )
+    export.add_argument(
+        "source", nargs="?", help="a saved student (run folder or student.safetensors); omit to run the pipeline"
+    )
+    export.add_argument("--dataset", choices=["digits", "mnist1d"], default="digits", help="rows and labels to use")
+    export.add_argument("--out", default="runs/compress", help="folder for the artefacts (default: %(default)s)")
+    export.add_argument("--prune-ratio", type=float, default=None, help="channels removed per layer (default 0.5)")
+    export.add_argument("--quantize", choices=["auto", "dynamic", "static", "none"], default="auto")
+    export.add_argument("--tolerance", type=float, default=1e-4, help="max |ONNX - PyTorch| logit difference")
+    export.add_argument("--epochs", type=int, default=100, help="distillation epochs, early-stopped (pipeline)")
+    export.add_argument("--finetune-epochs", type=int, default=50, help="KD fine-tuning epochs after pruning")
+    export.add_argument("--seed", type=int, default=0)
+    export.add_argument("--no-html", action="store_true", help="skip report.html (needs matplotlib)")
+    export.add_argument("--quiet", action="store_true", help="no progress bars")
+    export.set_defaults(handler=_cmd_export)
+
+    profile = commands.add_parser("profile", help="size, latency (p50/p95), throughput, memory of saved artefacts")
+    profile.add_argument("folder", help="a folder written by `kdistill export` (its *.onnx and student.safetensors)")
+    profile.add_argument("--dataset", choices=["digits", "mnist1d"], default="digits", help="rows to time and score")
+    profile.add_argument("--threads", type=int, default=1, help="intra-op threads for every runtime (default 1)")
+    profile.add_argument("--batch-size", type=int, default=256, help="batch for the throughput figure")
+    profile.add_argument("--teacher", action="store_true", help="retrain the built-in teacher and profile it too")
+    profile.add_argument("--seed", type=int, default=0)
+    profile.add_argument("--json", default=None, help="where to write the results (default: FOLDER/profile.json)")
+    profile.set_defaults(handler=_cmd_profile)
 
     run = commands.add_parser("run", help="run a distillation from a YAML config (checkpointed, resumable)")
     run.add_argument("config", help="the YAML config file (see examples/ and docs/config.md)")

@@ -284,7 +284,8 @@ class CacheConfig(_Section):
 
 
 class CompressionStep(_Section):
-    """A compression step run on the trained student (registered by ``kdistill.compress`` when installed)."""
+    """A compression step run in order on the trained student: ``onnx`` (export, checked against PyTorch), then
+    ``quantize`` (INT8 with ONNX Runtime); see ``kdistill.recipes.COMPRESSION_STEPS``."""
 
     name: str
     params: dict[str, Any] = Field(default_factory=dict)
@@ -582,14 +583,38 @@ def check_references(config: RunConfig) -> None:
                 f"device.type: {config.device.type!r} but no CUDA GPU is available",
                 hint="use device.type: auto (falls back to the CPU) or cpu.",
             )
-    registered = _compressors()
+    _check_compression(config)
+
+
+def _check_compression(config: RunConfig) -> None:
+    from kdistill.recipes import COMPRESSION_STEPS
+
+    seen: list[str] = []
     for position, step in enumerate(config.compression):
-        if step.name not in registered:
+        where = f"compression[{position}]"
+        if step.name not in COMPRESSION_STEPS:
             raise ConfigError(
-                f"compression[{position}].name: unknown compression step {step.name!r}",
-                hint=_closest(step.name, list(registered))
-                + (f"valid: {', '.join(sorted(registered))}" if registered else "none is installed in this kdistill"),
+                f"{where}.name: unknown compression step {step.name!r}",
+                hint=_closest(step.name, list(COMPRESSION_STEPS)) + f"valid: {', '.join(sorted(COMPRESSION_STEPS))}",
             )
+        recipe = COMPRESSION_STEPS[step.name]
+        for name in step.params:
+            if name not in recipe.params:
+                raise ConfigError(
+                    f"{where}.params.{name}: step {step.name!r} takes no parameter {name!r}",
+                    hint=_closest(name, list(recipe.params)) + f"it takes: {', '.join(recipe.params)}",
+                )
+        if recipe.after is not None and recipe.after not in seen:
+            raise ConfigError(
+                f"{where}: step {step.name!r} needs a {recipe.after!r} step before it",
+                hint=f"list {{name: {recipe.after}}} first in compression.",
+            )
+        seen.append(step.name)
+    if config.compression:
+        from kdistill.compress._deps import require
+
+        require("onnx")
+        require("onnxruntime")
 
 
 def _check_factory_params(role: str, factory: Any, params: dict[str, Any], signature_params: Any) -> None:
@@ -607,14 +632,6 @@ def _check_factory_params(role: str, factory: Any, params: dict[str, Any], signa
                 f"{role}.params.{name}: {getattr(factory, '__name__', factory)} takes no parameter {name!r}",
                 hint=f"{_closest(name, valid)}it takes: {', '.join(valid) or 'nothing'}",
             )
-
-
-def _compressors() -> dict[str, Any]:
-    try:
-        from kdistill.compress import COMPRESSORS  # type: ignore[import-not-found,attr-defined,unused-ignore]
-    except ImportError:
-        return {}
-    return dict(COMPRESSORS)
 
 
 _RESUME_SECTIONS = ("seed", "data", "teacher", "student", "method", "train")

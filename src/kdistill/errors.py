@@ -11,6 +11,8 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "DataError",
+    "DependencyError",
+    "ExportError",
     "KdistillError",
     "LabelError",
     "NonFiniteLossError",
@@ -66,3 +68,11 @@ class ConfigError(KdistillError, ValueError):
 
 class NonFiniteLossError(KdistillError, FloatingPointError):
     """The training loss became NaN or inf; the message names the step and the last good checkpoint."""
+
+
+class ExportError(KdistillError, RuntimeError):
+    """A model could not be exported, quantized or pruned, or its export disagrees with PyTorch beyond tolerance."""
+
+
+class DependencyError(KdistillError, ImportError):
+    """An optional dependency is missing; the hint names the extra to install."""

@@ -23,7 +23,15 @@ from torch import nn
 from kdistill.data import Split
 from kdistill.errors import ConfigError, TeacherError
 
-__all__ = ["TEACHER_RECIPES", "TeacherRecipe", "import_reference", "register_teacher", "signature_params"]
+__all__ = [
+    "COMPRESSION_STEPS",
+    "TEACHER_RECIPES",
+    "CompressionRecipe",
+    "TeacherRecipe",
+    "import_reference",
+    "register_teacher",
+    "signature_params",
+]
 
 
 @dataclass(frozen=True)
@@ -254,3 +262,46 @@ def signature_params(factory: Callable[..., Any]) -> list[str] | None:
         if parameter.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY):
             names.append(name)
     return [name for name in names if name != "self"]
+
+
+@dataclass(frozen=True)
+class CompressionRecipe:
+    """A step of a config's ``compression`` list, run on the trained student in order. ``apply(student, params,
+    context)`` writes into ``context["folder"]`` and returns what it measured (JSON-able); ``context`` also holds
+    ``train_x`` (sample and calibration rows) and ``done`` (earlier steps' results, by name). ``after``: a step
+    that must come earlier in the list."""
+
+    description: str
+    apply: Callable[[nn.Module, dict[str, Any], dict[str, Any]], dict[str, Any]]
+    params: tuple[str, ...] = ()
+    after: str | None = None
+
+
+def _onnx_step(student: nn.Module, params: dict[str, Any], context: dict[str, Any]) -> dict[str, Any]:
+    from kdistill.compress import export_onnx
+
+    exported = export_onnx(student, context["train_x"], context["folder"] / "student.onnx", **params)
+    return exported.to_dict()
+
+
+def _quantize_step(student: nn.Module, params: dict[str, Any], context: dict[str, Any]) -> dict[str, Any]:
+    from kdistill.compress import quantize_onnx
+
+    source = Path(context["done"]["onnx"]["path"])
+    target = context["folder"] / "student.int8.onnx"
+    return quantize_onnx(source, target, calibration_rows=context["train_x"], **params).to_dict()
+
+
+COMPRESSION_STEPS: dict[str, CompressionRecipe] = {
+    "onnx": CompressionRecipe(
+        "export to student.onnx, checked against PyTorch (params: tolerance, opset; needs kdistill[onnx])",
+        _onnx_step,
+        params=("tolerance", "opset", "check_rows"),
+    ),
+    "quantize": CompressionRecipe(
+        "INT8 student.int8.onnx with ONNX Runtime (params: mode auto|dynamic|static, per_channel), after onnx",
+        _quantize_step,
+        params=("mode", "per_channel", "max_calibration_rows"),
+        after="onnx",
+    ),
+}

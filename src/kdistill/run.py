@@ -10,6 +10,7 @@ on the training rows, build and check the student and the loss. Only then is the
     <out>/checkpoint-student.safetensors, checkpoint-baseline.safetensors   every epoch, atomically
     <out>/metrics.jsonl                 one line per epoch and phase; tensorboard/ when asked for
     <out>/student.safetensors, history.json, report.json    at the end (``kdistill.load(out)`` reads the student)
+    <out>/student.onnx, student.int8.onnx, compression.json   with compression steps
 
 Under ``torchrun --nproc_per_node=N`` each rank runs this same code: rank 0 builds the teacher and writes its outputs,
 the other ranks read them (read-only), every rank trains on 1/N of each batch (DistributedDataParallel; gloo on the
@@ -583,7 +584,20 @@ def _run(config: RunConfig, folder: Path, saved: dict[str, Any] | None, verbose:
         baseline_history=baseline_history,
     )
     result.save(folder)
+    if config.compression:
+        _compress(config, student, train, folder)
     return RunResult(folder, result, saved is not None, config)
+
+
+def _compress(config: RunConfig, student: nn.Module, train: Split, folder: Path) -> None:
+    """Run the config's compression steps in order on the trained student; their results go to compression.json."""
+    from kdistill.recipes import COMPRESSION_STEPS
+
+    done: dict[str, Any] = {}
+    context = {"folder": folder, "train_x": train.x, "done": done}
+    for step in config.compression:
+        done[step.name] = COMPRESSION_STEPS[step.name].apply(copy.deepcopy(student).cpu().eval(), step.params, context)
+    atomic_write_json(folder / "compression.json", done)
 
 
 def _relabel(split: Split | None, classes: list[Any] | None) -> Split | None:
