@@ -24,32 +24,31 @@ Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 
 def live_batches(
     x: torch.Tensor,
-    order: torch.Tensor,
-    batch_size: int,
+    indices: Sequence[torch.Tensor],
     augment: Augment | None,
     generator: torch.Generator,
     teacher: Teacher | None,
     features: Sequence[str] = (),
     *,
     prefetch: bool = False,
-) -> Iterator[tuple[torch.Tensor, Outputs | None]]:
-    """For each batch of row positions ``order[i : i + batch_size]``: the (augmented) batch, and the teacher's outputs
-    on it (None without a teacher), with ``Outputs.index`` set to the positions.
+) -> Iterator[tuple[torch.Tensor, Outputs | None, torch.Tensor]]:
+    """For each step's row positions in ``indices``: the (augmented) batch, the teacher's outputs on it (None without
+    a teacher; ``Outputs.index`` set to the positions), and the positions themselves, so the caller can check that
+    they are the rows it meant.
 
     The teacher's adapter runs it in eval mode under ``torch.inference_mode()``; its outputs are cloned out of
     inference mode so losses may save them for backward.
     """
 
-    def produce(index: torch.Tensor) -> tuple[torch.Tensor, Outputs | None]:
+    def produce(index: torch.Tensor) -> tuple[torch.Tensor, Outputs | None, torch.Tensor]:
         xb = x[index]
         if augment is not None:
             xb = augment(xb, generator)
         if teacher is None:
-            return xb, None
+            return xb, None, index
         out = teacher(xb, features=features)
-        return xb, Outputs(out.logits.clone(), {name: t.clone() for name, t in out.features.items()}, index)
+        return xb, Outputs(out.logits.clone(), {name: t.clone() for name, t in out.features.items()}, index), index
 
-    indices = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
     if not prefetch:
         for index in indices:
             yield produce(index)
