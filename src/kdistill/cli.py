@@ -99,7 +99,7 @@ def _listing() -> dict[str, Callable[[], list[tuple[str, str]]]]:
         return [(name, description) for name, (_, description) in sorted(DATASETS.items())]
 
     def teachers() -> list[tuple[str, str]]:
-        from kdistill.recipes import TEACHER_RECIPES
+        from kdistill.config_recipes import TEACHER_RECIPES
 
         recipes = [(name, recipe.description) for name, recipe in TEACHER_RECIPES.items()]
         adapters = [  # what kdistill.as_teacher / kdistill.teachers wrap in Python (docs/teachers.md)

@@ -146,7 +146,7 @@ class TeacherConfig(_Section):
     @field_validator("kind")
     @classmethod
     def _known_kind(cls, value: str) -> str:
-        from kdistill.recipes import TEACHER_RECIPES
+        from kdistill.config_recipes import TEACHER_RECIPES
 
         if value not in TEACHER_RECIPES:
             raise _unknown("teacher kind", value, list(TEACHER_RECIPES))
@@ -162,7 +162,7 @@ class TeacherConfig(_Section):
     @field_validator("params")
     @classmethod
     def _known_params(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
-        from kdistill.recipes import TEACHER_RECIPES
+        from kdistill.config_recipes import TEACHER_RECIPES
 
         kind = info.data.get("kind")
         recipe = TEACHER_RECIPES.get(kind) if isinstance(kind, str) else None
@@ -172,7 +172,7 @@ class TeacherConfig(_Section):
 
     @model_validator(mode="after")
     def _recipe_needs(self) -> TeacherConfig:
-        from kdistill.recipes import TEACHER_RECIPES
+        from kdistill.config_recipes import TEACHER_RECIPES
 
         recipe = TEACHER_RECIPES[self.kind]
         for needed in recipe.needs:
@@ -234,8 +234,8 @@ class MethodTerm(_Section):
     @classmethod
     def _buildable(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
         """Builds the loss once, so a bad parameter value fails now, not after the teacher has run."""
+        from kdistill.config_recipes import signature_params
         from kdistill.losses import LOSSES
-        from kdistill.recipes import signature_params
 
         name = info.data.get("name")
         if not isinstance(name, str) or name not in LOSSES:
@@ -285,7 +285,7 @@ class CacheConfig(_Section):
 
 class CompressionStep(_Section):
     """A compression step run in order on the trained student: ``onnx`` (export, checked against PyTorch), then
-    ``quantize`` (INT8 with ONNX Runtime); see ``kdistill.recipes.COMPRESSION_STEPS``."""
+    ``quantize`` (INT8 with ONNX Runtime); see ``kdistill.config_recipes.COMPRESSION_STEPS``."""
 
     name: str
     params: dict[str, Any] = Field(default_factory=dict)
@@ -551,7 +551,7 @@ def load_config(path: str | os.PathLike[str], overrides: list[str] | tuple[str, 
 def check_references(config: RunConfig) -> None:
     """What the schema cannot check alone: data files exist, ``module:attribute`` references import, a CUDA device
     exists when asked for, compression steps are registered. Imports the user's modules (their own code)."""
-    from kdistill.recipes import TEACHER_RECIPES, import_reference, signature_params
+    from kdistill.config_recipes import TEACHER_RECIPES, import_reference, signature_params
 
     for split_name in ("train", "val", "test"):
         split: FileSplit | None = getattr(config.data, split_name)
@@ -587,7 +587,7 @@ def check_references(config: RunConfig) -> None:
 
 
 def _check_compression(config: RunConfig) -> None:
-    from kdistill.recipes import COMPRESSION_STEPS
+    from kdistill.config_recipes import COMPRESSION_STEPS
 
     seen: list[str] = []
     for position, step in enumerate(config.compression):

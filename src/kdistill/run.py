@@ -38,6 +38,7 @@ from torch import nn
 
 from kdistill.api import DistillResult, _build_report, _check_classes, _check_student, _jsonable, _oof_logits
 from kdistill.config import RunConfig, check_references, load_config, resume_fingerprint
+from kdistill.config_recipes import TEACHER_RECIPES, import_reference
 from kdistill.data import Split, as_split, encode_labels, fingerprint_arrays
 from kdistill.engine import EarlyStopping, ProgressBar, TrainConfig, TransferSet, fit
 from kdistill.engine.callbacks import Callback
@@ -46,7 +47,6 @@ from kdistill.engine.loggers import ConsoleLog, JsonlLogger, TensorBoardLogger
 from kdistill.errors import CheckpointError, ConfigError, DataError, KdistillError, StudentError, TeacherError
 from kdistill.io import atomic_write_bytes, atomic_write_json
 from kdistill.losses import Loss, get_loss
-from kdistill.recipes import TEACHER_RECIPES, import_reference
 from kdistill.students import build_student
 from kdistill.teachers import Outputs, Teacher, as_teacher, teacher_logits
 
@@ -591,7 +591,7 @@ def _run(config: RunConfig, folder: Path, saved: dict[str, Any] | None, verbose:
 
 def _compress(config: RunConfig, student: nn.Module, train: Split, folder: Path) -> None:
     """Run the config's compression steps in order on the trained student; their results go to compression.json."""
-    from kdistill.recipes import COMPRESSION_STEPS
+    from kdistill.config_recipes import COMPRESSION_STEPS
 
     done: dict[str, Any] = {}
     context = {"folder": folder, "train_x": train.x, "done": done}
