@@ -4,6 +4,7 @@ the background prefetch, and the same seed gives the same run."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +13,9 @@ from torch import nn
 
 import kdistill
 from kdistill.engine import TrainConfig, TransferSet, fit
+from kdistill.engine.callbacks import Callback
+from kdistill.engine.checkpoint import Checkpoint, Checkpointer, load_checkpoint
+from kdistill.engine.loop import TrainState
 from kdistill.losses import get_loss
 from kdistill.teachers import Outputs, TorchTeacher
 
@@ -105,3 +109,40 @@ def test_distill_with_augmentation_trains_student_and_baseline() -> None:
     assert len(result.baseline_history) == 2
     # 8 rows to check the classes, 3 batches x 2 epochs live (the baseline needs no teacher), then the report
     assert [len(batch) for batch in teacher.inputs[:7]] == [8, 32, 32, 32, 32, 32, 32]
+
+
+class _Interrupt(Exception):
+    pass
+
+
+class _StopAfterFirstEpoch(Callback):
+    def on_epoch_end(self, state: TrainState) -> None:
+        raise _Interrupt
+
+
+def test_resumed_run_replays_the_same_augmentations(tmp_path: Path) -> None:
+    x, y, module = _setup()
+    config = TrainConfig(epochs=3, batch_size=32, verbose=False)
+
+    def train(callbacks: list[Callback], resume: Checkpoint | None = None) -> tuple[Recording, nn.Module]:
+        teacher, student = Recording(module), _student()
+        fit(
+            student,
+            get_loss("kd"),
+            TransferSet(x, y, None),
+            config=config,
+            teacher=teacher,
+            augment=_jitter,
+            callbacks=callbacks,
+            resume=resume,
+        )
+        return teacher, student
+
+    whole_teacher, whole_student = train([])
+    with pytest.raises(_Interrupt):  # killed after the first epoch's checkpoint
+        train([Checkpointer(tmp_path / "ckpt.safetensors"), _StopAfterFirstEpoch()])
+    resumed_teacher, resumed_student = train([], resume=load_checkpoint(tmp_path / "ckpt.safetensors"))
+    assert len(resumed_teacher.inputs) == 2 * 3  # epochs 2 and 3 only
+    assert all(torch.equal(a, b) for a, b in zip(whole_teacher.inputs[3:], resumed_teacher.inputs, strict=True))
+    for a, b in zip(whole_student.parameters(), resumed_student.parameters(), strict=True):
+        assert torch.equal(a, b)
