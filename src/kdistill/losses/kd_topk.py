@@ -7,14 +7,12 @@ The packed form (one tensor, so the engine can index it by row like dense logits
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 import torch.nn.functional as F
 
 from kdistill.errors import ShapeMismatchError
 from kdistill.losses.base import register_loss
-from kdistill.teachers.base import Outputs
+from kdistill.losses.kd import KDLoss
 
 __all__ = ["KDTopKLoss", "encode_topk", "kd_topk_loss", "pack_topk", "unpack_topk"]
 
@@ -112,26 +110,8 @@ def kd_topk_loss(
 
 
 @register_loss("kd_topk", "Hinton KD from top-k cached teacher outputs: KL over the k top classes + one 'rest' bucket")
-class KDTopKLoss:
+class KDTopKLoss(KDLoss):
     """Class form of :func:`kd_topk_loss`; its teacher ``Outputs.logits`` are the packed top-k form (rows, 2k + 1),
     which is what ``kdistill.distill(..., cache_dir=..., cache_storage="topk:K")`` gives it."""
 
-    needs_teacher = True
-    student_features: Sequence[str] = ()
-    teacher_features: Sequence[str] = ()
-
-    def __init__(self, temperature: float = 4.0, soft_weight: float = 0.5) -> None:
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        if not 0.0 <= soft_weight <= 1.0:
-            raise ValueError(f"soft_weight must be in [0, 1], got {soft_weight}")
-        self.temperature = temperature
-        self.soft_weight = soft_weight
-
-    def __call__(
-        self, student: Outputs, teacher: Outputs | None, target: torch.Tensor | None
-    ) -> dict[str, torch.Tensor]:
-        assert teacher is not None, "kd_topk needs teacher outputs"
-        return kd_topk_loss(
-            student.logits, teacher.logits, target, temperature=self.temperature, soft_weight=self.soft_weight
-        )
+    loss_function = staticmethod(kd_topk_loss)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -59,3 +61,32 @@ def to_logits(values: Any, output: str, *, source: str) -> tuple[torch.Tensor, s
         kind = detect_output_kind(tensor)
         _log.info("%s: outputs look like %s (state output='logits' or 'probs' to override)", source, kind)
     return (probs_to_logits(tensor) if kind == "probs" else tensor), kind
+
+
+class FileBacked:
+    """For teachers that live in one file (ONNX models, precomputed outputs): the report's size is the file's, the
+    parameter count is unknown, and the fingerprint hashes the file's bytes behind ``_fingerprint_header()``."""
+
+    path: Path
+    _fingerprint: str | None = None
+
+    def _fingerprint_header(self) -> str:
+        raise NotImplementedError
+
+    def size_bytes(self) -> int | None:
+        """Bytes of the file, for the report."""
+        return self.path.stat().st_size
+
+    def parameter_count(self) -> int | None:
+        """Unknown from the outside: None (the report shows a dash)."""
+        return None
+
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            digest = hashlib.blake2b(digest_size=16)
+            digest.update(self._fingerprint_header().encode())
+            with self.path.open("rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+            self._fingerprint = digest.hexdigest()
+        return self._fingerprint

@@ -14,7 +14,7 @@ import torch
 from kdistill.data import fingerprint_arrays
 from kdistill.errors import TeacherError
 from kdistill.io import atomic_write_bytes
-from kdistill.teachers._convert import check_output_kind, to_logits
+from kdistill.teachers._convert import FileBacked, check_output_kind, to_logits
 from kdistill.teachers.base import Outputs
 
 __all__ = ["FileTeacher", "save_teacher_outputs"]
@@ -110,7 +110,7 @@ def save_teacher_outputs(
     raise TeacherError(f"cannot write teacher outputs to {target.name}", hint=f"use one of {', '.join(SUFFIXES)}.")
 
 
-class FileTeacher:
+class FileTeacher(FileBacked):
     """Serves precomputed outputs from ``path``: a ``.npy`` array, a ``.safetensors`` file or a ``.parquet`` table.
 
     ``inputs`` (rows, *features) are the rows the outputs were computed on; row id ``i`` means ``inputs[i]``. A file
@@ -166,23 +166,8 @@ class FileTeacher:
     def num_classes(self) -> int | None:
         return self._num_classes
 
-    def size_bytes(self) -> int | None:
-        """Bytes of the file, for the report."""
-        return self.path.stat().st_size
-
-    def parameter_count(self) -> int | None:
-        """Unknown from the outside: None (the report shows a dash)."""
-        return None
-
-    def fingerprint(self) -> str:
-        if self._fingerprint is None:
-            digest = hashlib.blake2b(digest_size=16)
-            digest.update(f"file:{self.output}:{self._inputs_fingerprint}".encode())
-            with self.path.open("rb") as handle:
-                for block in iter(lambda: handle.read(1 << 20), b""):
-                    digest.update(block)
-            self._fingerprint = digest.hexdigest()
-        return self._fingerprint
+    def _fingerprint_header(self) -> str:
+        return f"file:{self.output}:{self._inputs_fingerprint}"
 
     def __call__(self, x: torch.Tensor, *, features: Sequence[str] = ()) -> Outputs:
         if features:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -12,7 +11,7 @@ import numpy as np
 import torch
 
 from kdistill.errors import TeacherError
-from kdistill.teachers._convert import check_output_kind, to_logits
+from kdistill.teachers._convert import FileBacked, check_output_kind, to_logits
 from kdistill.teachers.base import Outputs
 
 __all__ = ["OnnxTeacher"]
@@ -36,7 +35,7 @@ def _onnxruntime() -> Any:
     return onnxruntime
 
 
-class OnnxTeacher:
+class OnnxTeacher(FileBacked):
     """Runs ``path`` (an ``.onnx`` file) with ONNX Runtime on the CPU.
 
     ``output_name``: which of the model's outputs holds the class scores (default: the first); ``input_name``: which
@@ -96,23 +95,8 @@ class OnnxTeacher:
     def num_classes(self) -> int | None:
         return self._num_classes
 
-    def size_bytes(self) -> int | None:
-        """Bytes of the file, for the report."""
-        return self.path.stat().st_size
-
-    def parameter_count(self) -> int | None:
-        """Unknown from the outside: None (the report shows a dash)."""
-        return None
-
-    def fingerprint(self) -> str:
-        if self._fingerprint is None:
-            digest = hashlib.blake2b(digest_size=16)
-            digest.update(f"onnx:{self.input_name}:{self.output_name}:{self.output}".encode())
-            with self.path.open("rb") as handle:
-                for block in iter(lambda: handle.read(1 << 20), b""):
-                    digest.update(block)
-            self._fingerprint = digest.hexdigest()
-        return self._fingerprint
+    def _fingerprint_header(self) -> str:
+        return f"onnx:{self.input_name}:{self.output_name}:{self.output}"
 
     def __call__(self, x: torch.Tensor, *, features: Sequence[str] = ()) -> Outputs:
         unknown = [name for name in features if name not in self.output_names]
