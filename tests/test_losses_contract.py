@@ -6,7 +6,8 @@ a (batch, channels, length) map (student and teacher maps differ in channels and
 are exercised), or (batch, members, classes) logits for ``"members"``. Class attributes steer the checks:
 ``at_equal`` (``"zero"``, the default: every term vanishes when the student equals the teacher; ``"none"`` opts out,
 as do methods that need no teacher) and ``batch_order_invariant`` (default True). A new method is thus held to the
-strict contract unless it says why not.
+strict contract unless it says why not. A method that reads the teacher's logits in another form than (batch, classes)
+(``kd_topk``'s packed top-k) converts dense ones with ``encode_teacher_logits``.
 """
 
 from __future__ import annotations
@@ -44,6 +45,9 @@ def _fabricate(
         else:
             teacher_features[name] = torch.randn(BATCH, 10, 8, generator=generator)
     teacher_logits = logits.detach().clone() if equal else 2 * torch.randn(BATCH, CLASSES, generator=generator)
+    encode = getattr(loss, "encode_teacher_logits", None)  # methods that read teacher logits in another form
+    if encode is not None:
+        teacher_logits = encode(teacher_logits)
     teacher = Outputs(teacher_logits, teacher_features, index=torch.arange(BATCH))
     target = torch.randint(0, CLASSES, (BATCH,), generator=generator)
     student = Outputs(logits, student_features)
@@ -53,7 +57,7 @@ def _fabricate(
     return student, teacher, target, [logits, *student_features.values()]
 
 
-def _permute(outputs: Outputs, order: torch.Tensor) -> Outputs:
+def _permute(outputs: Outputs, order: torch.Tensor) -> Outputs:  # rows of every tensor, in the same order
     index = None if outputs.index is None else outputs.index[order]
     return Outputs(outputs.logits[order], {k: v[order] for k, v in outputs.features.items()}, index)
 

@@ -62,13 +62,15 @@ def test_gradient_scales_as_stated(temperature: float) -> None:
 
 def test_high_temperature_gradient_approaches_logit_matching() -> None:
     """Hinton's limit: for large T the soft gradient tends to (z_s - z_t)/(classes·batch) for zero-mean logits."""
-    student = torch.randn(4, 5, dtype=torch.float64)
-    teacher = torch.randn(4, 5, dtype=torch.float64)
+    generator = torch.Generator().manual_seed(0)
+    student = torch.randn(4, 5, dtype=torch.float64, generator=generator)
+    teacher = torch.randn(4, 5, dtype=torch.float64, generator=generator)
     student, teacher = student - student.mean(1, keepdim=True), teacher - teacher.mean(1, keepdim=True)
     student.requires_grad_(True)
     kd_loss(student, teacher, None, temperature=1000.0)["loss"].backward()
     assert student.grad is not None
-    assert torch.allclose(student.grad, ((student - teacher) / (5 * 4)).detach(), atol=1e-4)
+    # first order in 1/T: the remainder is O(z²/T), about 0.5% of the gradient here
+    assert torch.allclose(student.grad, ((student - teacher) / (5 * 4)).detach(), rtol=1e-2, atol=1e-6)
 
 
 def test_probabilities_with_exact_zeros_stay_finite() -> None:

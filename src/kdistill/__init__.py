@@ -9,11 +9,14 @@ from __future__ import annotations
 
 from kdistill.api import DistillResult, distill, load
 from kdistill.errors import (
+    CacheError,
     CheckpointError,
+    ConfigError,
     DataError,
     KdistillError,
     LabelError,
     MethodError,
+    NonFiniteLossError,
     ShapeMismatchError,
     StudentError,
     TeacherError,
@@ -26,7 +29,9 @@ from kdistill.teachers import Outputs, Teacher, as_teacher
 __version__ = "0.1.0"
 
 __all__ = [
+    "CacheError",
     "CheckpointError",
+    "ConfigError",
     "DataError",
     "DistillResult",
     "DistilledClassifier",
@@ -34,6 +39,7 @@ __all__ = [
     "KdistillError",
     "LabelError",
     "MethodError",
+    "NonFiniteLossError",
     "Outputs",
     "Report",
     "ShapeMismatchError",

@@ -18,6 +18,7 @@ from torch import nn
 
 from kdistill.data import Split, as_split
 from kdistill.engine import EarlyStopping, ProgressBar, TrainConfig, TransferSet, fit, predict_logits
+from kdistill.engine.live import Augment
 from kdistill.errors import CheckpointError, LabelError, ShapeMismatchError, StudentError, TeacherError
 from kdistill.evaluate import classification_metrics
 from kdistill.io import atomic_write_bytes, atomic_write_json
@@ -182,8 +183,14 @@ def _model_metrics(
     metrics = classification_metrics(logits, target, None if name == "teacher" else reference)
     if name == "teacher":
         metrics["agreement"] = 1.0
-    metrics["parameters"] = float(count_parameters(model))
-    metrics["size_bytes"] = float(model_size_bytes(model))
+    if hasattr(model, "size_bytes"):  # teacher adapters that know their size (ONNX and output files, ensembles)
+        size, parameters = model.size_bytes(), model.parameter_count()
+    else:
+        size, parameters = model_size_bytes(model), count_parameters(model)
+    if parameters is not None:
+        metrics["parameters"] = float(parameters)
+    if size is not None:
+        metrics["size_bytes"] = float(size)
     if profile:
         metrics |= time_inference(predict, x)
     return metrics
@@ -241,6 +248,10 @@ def distill(
     num_threads: int | str = "auto",
     device: str = "cpu",
     verbose: bool = True,
+    cache_dir: str | os.PathLike[str] | None = None,
+    cache_storage: str = "fp32",
+    augment: Augment | None = None,
+    prefetch_teacher: bool = False,
 ) -> DistillResult:
     """Distil ``teacher`` into ``student`` and report how it compares.
 
@@ -260,6 +271,12 @@ def distill(
         baseline: also train the same student, same seed and epochs, on hard labels only, for the report.
         profile: time latency and throughput in the report (the slowest part of the report).
         num_threads: torch threads while training (``"auto"``: 1 for small students); the caller's is restored.
+        cache_dir: keep the teacher's outputs on the training rows in this folder (:mod:`kdistill.cache`), keyed by
+            teacher, data and storage, and reuse them in later runs. ``cache_storage``: ``"fp32"``, ``"fp16"`` or
+            ``"topk:K"`` (the ``"kd"`` method then becomes ``"kd_topk"``, which reads that form exactly).
+        augment: ``augment(x_batch, generator) -> x_batch``, applied to every training batch; the teacher then runs
+            live on the augmented rows (no cache). ``prefetch_teacher``: run it in a background thread, one batch
+            ahead. The baseline is trained with the same augmentation.
 
     Returns:
         A :class:`DistillResult`.
@@ -268,13 +285,26 @@ def distill(
     train_split = as_split(train, name="train", classes=adapter.classes)
     val_split = None if val is None else as_split(val, name="val", classes=adapter.classes)
     test_split = None if test is None else as_split(test, name="test", classes=adapter.classes)
-    if soft_targets == "oof":
-        targets = _oof_logits(adapter, train_split, oof_folds, seed)
-    elif soft_targets == "predict":
-        targets = teacher_logits(adapter, train_split.x)
-    else:
+    if soft_targets not in ("predict", "oof"):
         raise ValueError(f"soft_targets must be 'predict' or 'oof', got {soft_targets!r}")
-    classes = _check_classes(adapter, targets, [train_split, val_split, test_split])
+    targets: torch.Tensor | None
+    if augment is not None:  # the teacher labels each augmented batch live; check its classes on a few rows
+        classes = _check_classes(
+            adapter, teacher_logits(adapter, train_split.x[:8]), [train_split, val_split, test_split]
+        )
+        targets = None
+    elif soft_targets == "oof":
+        targets = _oof_logits(adapter, train_split, oof_folds, seed)
+        classes = _check_classes(adapter, targets, [train_split, val_split, test_split])
+    elif cache_dir is not None:
+        from kdistill.cache import cached_teacher_outputs
+
+        entry = cached_teacher_outputs(adapter, train_split.x, cache_dir=cache_dir, storage=cache_storage)
+        targets = entry.teacher_targets()
+        classes = _check_classes(adapter, torch.empty(0, entry.classes), [train_split, val_split, test_split])
+    else:
+        targets = teacher_logits(adapter, train_split.x)
+        classes = _check_classes(adapter, targets, [train_split, val_split, test_split])
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -282,8 +312,12 @@ def distill(
     _check_student(module, train_split.x, classes)
     baseline_module = copy.deepcopy(module) if baseline else None
 
+    if cache_dir is not None and cache_storage.startswith("topk") and targets is not None:
+        if method not in ("kd", "kd_topk"):
+            raise ValueError(f"cache_storage={cache_storage!r} works with method 'kd' only, got {method!r}")
+        method = "kd_topk"
     if isinstance(method, str):
-        params = {"temperature": temperature, "soft_weight": soft_weight} if method == "kd" else {}
+        params = {"temperature": temperature, "soft_weight": soft_weight} if method in ("kd", "kd_topk") else {}
         loss_fn = get_loss(method, **(params | (method_params or {})))
     elif isinstance(method, (list, tuple, dict)):
         per_method = {name: dict(values) for name, values in (method_params or {}).items()}
@@ -317,6 +351,8 @@ def distill(
             config=config,
             callbacks=callbacks,
             teacher=adapter,
+            augment=augment,
+            prefetch_teacher=prefetch_teacher,
         )
         return state.history
 

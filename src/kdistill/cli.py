@@ -29,6 +29,59 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from kdistill.compress.commands import export_saved_student, run_pipeline
+
+    if args.source is not None:
+        if args.prune_ratio is not None:
+            _console.print("[yellow]--prune-ratio is ignored for a saved student: pruning needs its teacher[/yellow]")
+        summary = export_saved_student(
+            args.source, args.dataset, args.out, quantize=args.quantize, tolerance=args.tolerance, seed=args.seed
+        )
+        accuracy = ", ".join(f"{name} {value:.4f}" for name, value in summary["accuracy"].items())
+        _console.print(
+            f"exported {summary['export']['path']} (max |ONNX - PyTorch| = {summary['export']['max_abs_diff']:.2e}); "
+            f"test accuracy: {accuracy}; saved {args.out}/export.json",
+            highlight=False,
+        )
+        return 0
+    result = run_pipeline(
+        args.dataset,
+        args.out,
+        prune_ratio=0.5 if args.prune_ratio is None else args.prune_ratio,
+        quantize=args.quantize,
+        tolerance=args.tolerance,
+        seed=args.seed,
+        html=not args.no_html,
+        verbose=not args.quiet,
+        epochs=args.epochs,
+        finetune_epochs=args.finetune_epochs,
+    )
+    _console.print(result.report.table())
+    artefacts = ", ".join(result.report.settings["artefacts"].values())
+    _console.print(f"saved to {args.out}/: {artefacts}, report.json, report.html", highlight=False)
+    return 0
+
+
+def _cmd_profile(args: argparse.Namespace) -> int:
+    from kdistill.compress.commands import profile_folder
+    from kdistill.io import atomic_write_json
+
+    report = profile_folder(
+        args.folder,
+        args.dataset,
+        threads=args.threads,
+        batch_size=args.batch_size,
+        with_teacher=args.teacher,
+        seed=args.seed,
+    )
+    _console.print(report.table())
+    target = args.json or f"{args.folder}/profile.json"
+    atomic_write_json(target, report.to_dict())
+    _console.print(f"saved {target}", highlight=False)
+    return 0
+
+
 def _listing() -> dict[str, Callable[[], list[tuple[str, str]]]]:
     def methods() -> list[tuple[str, str]]:
         from kdistill.losses import list_losses
@@ -46,17 +99,89 @@ def _listing() -> dict[str, Callable[[], list[tuple[str, str]]]]:
         return [(name, description) for name, (_, description) in sorted(DATASETS.items())]
 
     def teachers() -> list[tuple[str, str]]:
-        return [
-            ("sklearn", "a fitted scikit-learn classifier (predict_proba, else decision_function)"),
-            ("torch", "a torch.nn.Module returning logits (or probabilities with output='probs')"),
+        from kdistill.config_recipes import TEACHER_RECIPES
+
+        recipes = [(name, recipe.description) for name, recipe in TEACHER_RECIPES.items()]
+        adapters = [  # what kdistill.as_teacher / kdistill.teachers wrap in Python (docs/teachers.md)
+            ("hf", "adapter: a Hugging Face transformers model with .logits, from a local folder or a config [hf]"),
+            ("onnx", "adapter: an .onnx file run by ONNX Runtime, output chosen by name [onnx]"),
+            ("callable", "adapter: a function batch -> probabilities or logits; batched, retried, resumable"),
+            ("file", "adapter: precomputed outputs in .npy, .safetensors or .parquet (with row ids)"),
+            ("ensemble", "adapter: several teachers, mean of probabilities or of logits, optional weights"),
         ]
+        return recipes + [(name, text) for name, text in adapters if name not in TEACHER_RECIPES]
 
     return {"methods": methods, "students": students, "datasets": datasets, "teachers": teachers}
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    import os
+
+    from kdistill.config import load_config
+    from kdistill.run import run
+
+    config = load_config(args.config, args.set)
+    if not args.quiet and os.environ.get("RANK", "0") == "0":
+        methods = " + ".join(f"{term.weight:g}*{term.name}" for term in config.method)
+        action = "resuming" if args.resume else "running"
+        _console.print(
+            f"[bold]{action} {config.name}[/bold]: teacher {config.teacher.kind} -> student {config.student.kind}, "
+            f"method {methods}, {config.train.epochs} epochs, device {config.device.type}; "
+            f"run folder {config.run_folder}",
+            highlight=False,
+        )
+    outcome = run(config, resume=args.resume, verbose=not args.quiet)
+    if outcome.result is None:  # a rank other than 0 under torchrun: rank 0 reports
+        return 0
+    if outcome.result.report is not None:
+        _console.print(outcome.result.report.table())
+        _console.print(f"retention {outcome.result.report.retention:.1%} of the teacher's accuracy", highlight=False)
+    resumed = " (resumed)" if outcome.resumed else ""
+    _console.print(f"run{resumed} saved to {outcome.folder}/", highlight=False)
+    return 0
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from kdistill.run import validate
+
+    config = validate(args.config, overrides=args.set)
+    methods = " + ".join(f"{term.weight:g}*{term.name}" for term in config.method)
+    _console.print(
+        f"{args.config}: valid. teacher {config.teacher.kind} -> student {config.student.kind}, method {methods}, "
+        f"{config.train.epochs} epochs; run folder {config.run_folder}",
+        highlight=False,
+    )
+    return 0
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
     for name, description in _listing()[args.what]():
         _console.print(f"[bold]{name:<12}[/bold] {description}", highlight=False)
+    return 0
+
+
+def _cmd_cache(args: argparse.Namespace) -> int:
+    from kdistill.cache import cache_entries, clear_cache, default_cache_dir
+
+    root = args.dir or default_cache_dir()
+    if args.action == "clear":
+        removed = clear_cache(root, args.names or None)
+        _console.print(f"removed {len(removed)} cache entr{'y' if len(removed) == 1 else 'ies'} from {root}")
+        return 0
+    entries = cache_entries(root)
+    if not entries:
+        _console.print(f"no cache entries in {root}")
+        return 0
+    _console.print(
+        f"[bold]{'entry':<32}  {'status':<8} {'rows':>9} {'classes':>7} {'storage':<8} {'MB':>9}  teacher   data"
+    )
+    for info in entries:
+        status = "complete" if info.complete else "partial"
+        _console.print(
+            f"{info.name:<32}  {status:<8} {info.rows or 0:>9} {info.classes or 0:>7} {info.storage or '?':<8} "
+            f"{info.size_bytes / 1e6:>9.3f}  {(info.teacher or '?')[:8]}  {(info.data or '?')[:8]}",
+            highlight=False,
+        )
     return 0
 
 
@@ -78,9 +203,62 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(handler=_cmd_demo)
 
+    export = commands.add_parser(
+        "export",
+        help="distil -> prune -> quantize -> export on built-in data, or a saved student to ONNX + INT8",
+    )
+    export.add_argument(
+        "source", nargs="?", help="a saved student (run folder or student.safetensors); omit to run the pipeline"
+    )
+    export.add_argument("--dataset", choices=["digits", "mnist1d"], default="digits", help="rows and labels to use")
+    export.add_argument("--out", default="runs/compress", help="folder for the artefacts (default: %(default)s)")
+    export.add_argument("--prune-ratio", type=float, default=None, help="channels removed per layer (default 0.5)")
+    export.add_argument("--quantize", choices=["auto", "dynamic", "static", "none"], default="auto")
+    export.add_argument("--tolerance", type=float, default=1e-4, help="max |ONNX - PyTorch| logit difference")
+    export.add_argument("--epochs", type=int, default=100, help="distillation epochs, early-stopped (pipeline)")
+    export.add_argument("--finetune-epochs", type=int, default=50, help="KD fine-tuning epochs after pruning")
+    export.add_argument("--seed", type=int, default=0)
+    export.add_argument("--no-html", action="store_true", help="skip report.html (needs matplotlib)")
+    export.add_argument("--quiet", action="store_true", help="no progress bars")
+    export.set_defaults(handler=_cmd_export)
+
+    profile = commands.add_parser("profile", help="size, latency (p50/p95), throughput, memory of saved artefacts")
+    profile.add_argument("folder", help="a folder written by `kdistill export` (its *.onnx and student.safetensors)")
+    profile.add_argument("--dataset", choices=["digits", "mnist1d"], default="digits", help="rows to time and score")
+    profile.add_argument("--threads", type=int, default=1, help="intra-op threads for every runtime (default 1)")
+    profile.add_argument("--batch-size", type=int, default=256, help="batch for the throughput figure")
+    profile.add_argument("--teacher", action="store_true", help="retrain the built-in teacher and profile it too")
+    profile.add_argument("--seed", type=int, default=0)
+    profile.add_argument("--json", default=None, help="where to write the results (default: FOLDER/profile.json)")
+    profile.set_defaults(handler=_cmd_profile)
+
+    run = commands.add_parser("run", help="run a distillation from a YAML config (checkpointed, resumable)")
+    run.add_argument("config", help="the YAML config file (see examples/ and docs/config.md)")
+    run.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a field, e.g. train.epochs=5"
+    )
+    run.add_argument("--resume", action="store_true", help="continue the run in the config's folder")
+    run.add_argument("--quiet", action="store_true", help="no per-epoch console lines")
+    run.set_defaults(handler=_cmd_run)
+
+    check = commands.add_parser("validate", help="check a YAML config (fields, names, files, references)")
+    check.add_argument("config")
+    check.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field")
+    check.set_defaults(handler=_cmd_validate)
+
     listing = commands.add_parser("list", help="list what exists: methods, students, datasets, teachers")
     listing.add_argument("what", choices=sorted(_listing()))
     listing.set_defaults(handler=_cmd_list)
+
+    cache = commands.add_parser("cache", help="list or clear the teacher-output cache")
+    cache_actions = cache.add_subparsers(dest="action", required=True)
+    cache_dir_help = "cache folder (default: $KDISTILL_CACHE_DIR or ./.kdistill-cache)"
+    cache_ls = cache_actions.add_parser("ls", help="list the entries: status, rows, storage, size, fingerprints")
+    cache_ls.add_argument("--dir", default=None, help=cache_dir_help)
+    cache_clear = cache_actions.add_parser("clear", help="delete entries (every entry when no name is given)")
+    cache_clear.add_argument("names", nargs="*", help="entry names (or unique prefixes) from `kdistill cache ls`")
+    cache_clear.add_argument("--dir", default=None, help=cache_dir_help)
+    cache.set_defaults(handler=_cmd_cache)
     return parser
 
 

@@ -8,11 +8,16 @@ know kdistill.
 from __future__ import annotations
 
 __all__ = [
+    "CacheError",
     "CheckpointError",
+    "ConfigError",
     "DataError",
+    "DependencyError",
+    "ExportError",
     "KdistillError",
     "LabelError",
     "MethodError",
+    "NonFiniteLossError",
     "ShapeMismatchError",
     "StudentError",
     "TeacherError",
@@ -57,3 +62,27 @@ class StudentError(KdistillError, ValueError):
 
 class CheckpointError(KdistillError, ValueError):
     """A saved run or checkpoint is missing, corrupt, or was written by an incompatible version."""
+
+
+class CacheError(KdistillError, ValueError):
+    """A teacher-output cache entry is corrupt, incomplete, or does not match what it claims to hold."""
+
+
+class ConfigError(KdistillError, ValueError):
+    """A run configuration that cannot be used: a wrong key, type or value, a missing file, a bad override.
+
+    Raised before any training; the message names the field path (``train.optimizer.lr``), the value seen and, for
+    names, the closest valid one.
+    """
+
+
+class NonFiniteLossError(KdistillError, FloatingPointError):
+    """The training loss became NaN or inf; the message names the step and the last good checkpoint."""
+
+
+class ExportError(KdistillError, RuntimeError):
+    """A model could not be exported, quantized or pruned, or its export disagrees with PyTorch beyond tolerance."""
+
+
+class DependencyError(KdistillError, ImportError):
+    """An optional dependency is missing; the hint names the extra to install."""

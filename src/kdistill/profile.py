@@ -1,13 +1,18 @@
-"""Cost of a model: parameters, size on disk, latency at batch 1 and throughput at a larger batch.
+"""Cost of a model: parameters, size on disk, latency at batch 1 (p50, p95), throughput at a larger batch, and peak
+memory during inference.
 
-Every timing warms up first, takes the median of repeats, and records the thread count it ran with; teacher and
-students go through the same harness.
+Every timing warms up first, states its warm-up and thread count, and reports medians; teacher and students (PyTorch
+eager, ONNX Runtime fp32 and INT8, scikit-learn) go through the same harness, :func:`time_inference`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import os
 import pickle
 import statistics
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -19,7 +24,12 @@ from torch import nn
 
 from kdistill.engine.loop import num_threads
 
-__all__ = ["count_parameters", "model_size_bytes", "time_inference"]
+__all__ = ["MEMORY_MEASURE", "count_parameters", "model_size_bytes", "peak_memory_bytes", "time_inference"]
+
+MEMORY_MEASURE = (
+    "peak growth of process RSS (/proc/self/statm sampled every 0.5 ms) over 3 batch calls, after malloc_trim(0); "
+    "a lower bound: memory an allocator keeps (ONNX Runtime's arena) is not counted again"
+)
 
 
 def count_parameters(model: Any) -> int:
@@ -85,6 +95,68 @@ def _median_seconds(fn: Callable[[], Any], *, repeats: int, min_time: float) -> 
     return statistics.median(samples)
 
 
+def _latency_samples(fn: Callable[[], Any], *, budget_s: float, min_calls: int, max_calls: int) -> list[float]:
+    """Seconds taken by each of several single calls: at least ``min_calls``, more while within ``budget_s``."""
+    samples: list[float] = []
+    spent = 0.0
+    while len(samples) < min_calls or (spent < budget_s and len(samples) < max_calls):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+        spent += samples[-1]
+    return samples
+
+
+def _resident_bytes() -> int | None:
+    """The process's resident set size from /proc/self/statm (Linux); None where that file does not exist."""
+    try:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _return_free_memory_to_the_os() -> None:
+    """glibc's ``malloc_trim(0)``: hand memory freed by earlier work back to the OS, so that reusing it does not hide
+    a model's allocations from RSS. A no-op where glibc is absent."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def peak_memory_bytes(fn: Callable[[], Any], *, calls: int = 3, interval_s: float = 0.0005) -> float | None:
+    """Peak growth of the process's resident memory (RSS) while ``fn`` runs ``calls`` times, in bytes.
+
+    Free heap memory is first handed back to the OS (glibc ``malloc_trim(0)``); then a background thread samples
+    RSS (``/proc/self/statm``) every ``interval_s``; the result is the highest sample minus the RSS just before the
+    first call. It counts every allocation the model makes (torch, numpy, scikit-learn's C code), but memory an
+    allocator keeps for itself is reused without growing RSS (ONNX Runtime's arena, which holds its buffers after
+    the first run), so it is a lower bound on the working memory. None where RSS cannot be read (non-Linux).
+    """
+    _return_free_memory_to_the_os()
+    before = _resident_bytes()
+    if before is None:
+        return None
+    peak = before
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, _resident_bytes() or 0)
+            time.sleep(interval_s)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        for _ in range(calls):
+            fn()
+    finally:
+        done.set()
+        sampler.join()
+    peak = max(peak, _resident_bytes() or 0)
+    return float(max(0, peak - before))
+
+
 def time_inference(
     predict: Callable[[torch.Tensor], Any],
     rows: torch.Tensor,
@@ -93,22 +165,46 @@ def time_inference(
     threads: int = 1,
     repeats: int = 7,
     min_time: float = 0.02,
+    latency_budget_s: float | None = None,
+    memory: bool = False,
 ) -> dict[str, float]:
-    """p50 latency at batch 1 (ms) and throughput at ``batch_size`` (rows/s) of ``predict`` on ``rows``.
+    """Latency at batch 1 (p50 and p95, ms) and throughput at ``batch_size`` (rows/s) of ``predict`` on ``rows``.
 
-    ``predict`` is called under ``torch.inference_mode()`` with ``threads`` intra-op threads (scikit-learn models run
-    with their own ``n_jobs``). Each figure is the median of ``repeats`` timings after a warm-up call.
+    The one harness for teachers and students, whatever runs them (PyTorch eager, ONNX Runtime, scikit-learn).
+    ``predict`` is called under ``torch.inference_mode()`` with ``threads`` intra-op threads (an ONNX Runtime
+    predictor is built with its own thread count; scikit-learn models run with their own ``n_jobs``).
+
+    - warm-up: ``warmup_calls`` calls at each batch size, not timed (first-call allocation, lazy initialisation).
+    - latency: single batch-1 calls timed one by one, at least ``repeats`` of them and more until
+      ``latency_budget_s`` (default ``repeats * min_time``) is spent, at most 1,000; ``latency_ms`` is their median
+      (p50), ``latency_p95_ms`` the 95th percentile, ``latency_calls`` how many were timed.
+    - throughput: the median over ``repeats`` timings of a loop of ``batch_size``-row calls lasting ``min_time``.
+    - ``peak_memory_bytes`` (with ``memory=True``): :func:`peak_memory_bytes` over 3 batch calls, measured after the
+      timings so the sampling thread cannot slow them.
     """
     one = rows[:1]
     batch = rows[:batch_size]
     if len(batch) < batch_size:
         batch = rows[torch.arange(batch_size) % len(rows)]
+    warmup_calls = 3
+    budget = repeats * min_time if latency_budget_s is None else latency_budget_s
     with torch.inference_mode(), num_threads(threads):
-        latency = _median_seconds(lambda: predict(one), repeats=repeats, min_time=min_time)
+        for _ in range(warmup_calls):
+            predict(one)
+            predict(batch)
+        samples = _latency_samples(lambda: predict(one), budget_s=budget, min_calls=repeats, max_calls=1000)
         per_batch = _median_seconds(lambda: predict(batch), repeats=repeats, min_time=min_time)
-    return {
-        "latency_ms": latency * 1e3,
+        peak = peak_memory_bytes(lambda: predict(batch)) if memory else None
+    timings = np.asarray(samples) * 1e3
+    result = {
+        "latency_ms": float(np.percentile(timings, 50)),
+        "latency_p95_ms": float(np.percentile(timings, 95)),
+        "latency_calls": float(len(samples)),
         "throughput_rows_s": batch_size / per_batch,
         "batch_size": float(batch_size),
         "threads": float(threads),
+        "warmup_calls": float(warmup_calls),
     }
+    if peak is not None:
+        result["peak_memory_bytes"] = peak
+    return result

@@ -25,6 +25,7 @@ _COLUMNS = (
     ("parameters", "params", "{:,.0f}"),
     ("size_bytes", "size", None),
     ("latency_ms", "p50 ms @1", "{:.3f}"),
+    ("latency_p95_ms", "p95 ms @1", "{:.3f}"),
     ("throughput_rows_s", "rows/s @256", "{:,.0f}"),
 )
 
@@ -43,12 +44,15 @@ class Report:
 
     Each model's entry holds accuracy, nll, ece, agreement (with the teacher), retention (accuracy / the teacher's),
     parameters, size_bytes, latency_ms (p50, batch 1), throughput_rows_s and the thread count used.
+    ``diagnostics`` (optional, written by :func:`kdistill.compress.compress`) holds per-model reliability bins and
+    per-class accuracy for the HTML report.
     """
 
     split: str
     rows: int
     models: dict[str, dict[str, float]]
     settings: dict[str, Any] = field(default_factory=dict)
+    diagnostics: dict[str, Any] = field(default_factory=dict)
 
     @property
     def retention(self) -> float:
@@ -56,7 +60,7 @@ class Report:
         return self.models["student"]["retention"]
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data = {
             "split": self.split,
             "rows": self.rows,
             "models": self.models,
@@ -68,6 +72,9 @@ class Report:
                 "torch": torch.__version__,
             },
         }
+        if self.diagnostics:
+            data["diagnostics"] = self.diagnostics
+        return data
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the report as JSON, atomically."""
@@ -76,7 +83,13 @@ class Report:
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Report:
         data = json.loads(Path(path).read_text())
-        return cls(split=data["split"], rows=data["rows"], models=data["models"], settings=data.get("settings", {}))
+        return cls(
+            split=data["split"],
+            rows=data["rows"],
+            models=data["models"],
+            settings=data.get("settings", {}),
+            diagnostics=data.get("diagnostics", {}),
+        )
 
     def table(self) -> Any:
         """A rich Table, one row per model."""

@@ -1,7 +1,9 @@
 """Callbacks: what happens around the loop (early stopping, progress), kept out of the loop itself.
 
 Hooks, called in this order: ``on_train_begin(state)``, then per epoch ``on_epoch_end(state)`` after validation,
-and ``on_train_end(state)``. A callback stops training by setting ``state.stop = True``.
+and ``on_train_end(state)``. A callback stops training by setting ``state.stop = True``. A callback with state that a
+resumed run needs (early stopping's best score and weights) returns it from ``state_dict()`` (tensors, numbers,
+strings, lists, dicts) and takes it back in ``load_state_dict()``; checkpoints store it.
 """
 
 from __future__ import annotations
@@ -27,6 +29,13 @@ class Callback:
 
     def on_train_end(self, state: TrainState) -> None:
         """After the last epoch (or the one that stopped)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs to continue exactly; empty for stateless callbacks."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Take back what :meth:`state_dict` returned."""
 
 
 class EarlyStopping(Callback):
@@ -65,6 +74,15 @@ class EarlyStopping(Callback):
         if self._best_state is not None:
             state.model.load_state_dict(self._best_state)
             state.best_epoch = self.best_epoch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best_epoch": self.best_epoch, "best": list(self._best), "best_state": self._best_state}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best_epoch = int(state["best_epoch"])
+        first, second = state["best"]
+        self._best = (float(first), float(second))
+        self._best_state = state["best_state"]
 
 
 class ProgressBar(Callback):

@@ -11,6 +11,7 @@ from kdistill.losses.dist import DISTLoss, dist_loss
 from kdistill.losses.dkd import DKDLoss, dkd_loss
 from kdistill.losses.fitnet import FitNet, hint_loss
 from kdistill.losses.kd import CrossEntropy, KDLoss, kd_loss
+from kdistill.losses.kd_topk import KDTopKLoss, kd_topk_loss
 from kdistill.losses.logit_std import LogitStandardized, standardize_logits
 from kdistill.losses.multi_teacher import MultiTeacherKD, confidence_weights, multi_teacher_loss
 from kdistill.losses.pkt import PKTLoss, pkt_loss
@@ -30,6 +31,7 @@ __all__ = [
     "DeepSupervision",
     "FitNet",
     "KDLoss",
+    "KDTopKLoss",
     "LogitStandardized",
     "Loss",
     "LossInfo",
@@ -50,6 +52,7 @@ __all__ = [
     "get_loss",
     "hint_loss",
     "kd_loss",
+    "kd_topk_loss",
     "list_losses",
     "multi_teacher_loss",
     "pkt_loss",

@@ -5,7 +5,7 @@ Hinton, Vinyals & Dean, "Distilling the Knowledge in a Neural Network" (2015), h
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -81,6 +81,9 @@ class KDLoss:
     student_features: Sequence[str] = ()
     teacher_features: Sequence[str] = ()
 
+    # the function behind the class; a subclass with another form of the same loss swaps only this (kd_topk)
+    loss_function: Callable[..., dict[str, torch.Tensor]] = staticmethod(kd_loss)
+
     def __init__(self, temperature: float = 4.0, soft_weight: float = 0.5) -> None:
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -92,8 +95,8 @@ class KDLoss:
     def __call__(
         self, student: Outputs, teacher: Outputs | None, target: torch.Tensor | None
     ) -> dict[str, torch.Tensor]:
-        teacher = require_teacher(teacher, "kd")
-        return kd_loss(
+        teacher = require_teacher(teacher, type(self).__name__)
+        return self.loss_function(
             student.logits, teacher.logits, target, temperature=self.temperature, soft_weight=self.soft_weight
         )
 

@@ -50,6 +50,7 @@ class CNN(nn.Module):
         self.head = nn.Linear(width, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.standardize(x.reshape(len(x), *self.shape))
+        # x.shape[0], not len(x): a traced ONNX export then keeps the batch axis dynamic
+        x = self.standardize(x.reshape(x.shape[0], *self.shape))
         x = self.features(x)
         return self.head(x.flatten(2).mean(dim=2))

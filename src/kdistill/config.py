@@ -1,0 +1,644 @@
+"""The run configuration: a YAML file, typed and validated up front with pydantic, before any training.
+
+A wrong key, type or value fails with a :class:`~kdistill.errors.ConfigError` that names the field path
+(``train.optimizer.lr``), the value seen, and for names the closest valid one (``did you mean 'kd'?``). YAML is read
+with ``yaml.safe_load`` semantics: no tag can construct an object or run code, and a key written twice in one mapping
+is an error. The only code a config can run is the user's own ``module:attribute`` (``teacher.factory``,
+``student.factory``), imported like running their script.
+
+>>> config = load_config("examples/digits_rf_mlp.yaml", overrides=["train.epochs=3"])
+>>> config.train.epochs
+3
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, get_args
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from kdistill.errors import ConfigError
+
+__all__ = [
+    "CacheConfig",
+    "CompressionStep",
+    "DataConfig",
+    "DeviceConfig",
+    "FileSplit",
+    "LoggingConfig",
+    "MethodTerm",
+    "OptimizerConfig",
+    "ReportConfig",
+    "RunConfig",
+    "ScheduleConfig",
+    "StudentConfig",
+    "TeacherConfig",
+    "TrainSection",
+    "apply_overrides",
+    "check_references",
+    "load_config",
+    "resume_fingerprint",
+]
+
+STUDENT_PARAMS = {
+    "mlp": ["dropout", "hidden"],
+    "cnn": ["channels", "in_shape", "kernel_size"],
+}
+"""What ``student.params`` accepts for each built-in student (the keywords of ``kdistill.students.build_student``)."""
+
+
+def _closest(value: object, valid: list[str]) -> str:
+    close = difflib.get_close_matches(str(value), valid, n=1, cutoff=0.5)
+    return f"did you mean {close[0]!r}? " if close else ""
+
+
+def _unknown(kind: str, value: object, valid: list[str]) -> ValueError:
+    return ValueError(f"unknown {kind} {value!r}; {_closest(value, valid)}valid: {', '.join(sorted(valid))}")
+
+
+def _check_names(kind: str, params: dict[str, Any], valid: list[str]) -> None:
+    for name in params:
+        if name not in valid:
+            raise _unknown(kind, name, valid)
+
+
+class _Section(BaseModel):
+    """Every section: unknown keys are errors, values are checked as assigned."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class FileSplit(_Section):
+    """One split read from files: ``path`` (a .npz with arrays ``x`` and ``y``, or a .csv with a header whose
+    ``label_column`` holds integer class indices), or ``x`` and ``y`` (two .npy files). Relative paths are relative
+    to the config file's folder."""
+
+    path: str | None = None
+    x: str | None = None
+    y: str | None = None
+    label_column: str = "label"
+
+    @model_validator(mode="after")
+    def _one_source(self) -> FileSplit:
+        if (self.path is None) == (self.x is None):
+            raise ValueError("give either path (a .npz or .csv file) or x (and y: .npy files), not both or neither")
+        if self.path is not None and Path(self.path).suffix.lower() not in (".npz", ".csv"):
+            raise ValueError(f"path must end in .npz or .csv, got {self.path!r}; for .npy files use x: and y:")
+        if self.x is not None and self.y is None:
+            raise ValueError("x is given without y; add y: labels.npy")
+        return self
+
+
+class DataConfig(_Section):
+    """A built-in data set (``kdistill list datasets``), or files for ``train`` and optionally ``val``/``test``.
+
+    ``val`` drives early stopping and keeps the best epoch; the report is measured on ``test``, else ``val``."""
+
+    dataset: str | None = None
+    train: FileSplit | None = None
+    val: FileSplit | None = None
+    test: FileSplit | None = None
+
+    @field_validator("dataset")
+    @classmethod
+    def _known_dataset(cls, value: str | None) -> str | None:
+        from kdistill.datasets import DATASETS
+
+        if value is not None and value not in DATASETS:
+            raise _unknown("dataset", value, list(DATASETS))
+        return value
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataConfig:
+        if (self.dataset is None) == (self.train is None):
+            raise ValueError("give either dataset (a built-in name) or train (files), not both or neither")
+        return self
+
+
+class TeacherConfig(_Section):
+    """``kind``: a registered teacher (``kdistill list teachers``). ``factory``: ``module:attribute`` of your own
+    code for kinds ``sklearn``/``torch``; ``path``: a file or folder for kinds that load one. ``params`` go to the
+    recipe or to your factory. ``soft_targets``: ``predict`` or ``oof`` (out-of-fold, scikit-learn teachers)."""
+
+    kind: str = "random_forest"
+    params: dict[str, Any] = Field(default_factory=dict)
+    factory: str | None = None
+    path: str | None = None
+    output: Literal["auto", "logits", "probs"] = "auto"
+    soft_targets: Literal["predict", "oof"] = "predict"
+    oof_folds: Annotated[int, Field(ge=2)] = 5
+
+    @field_validator("kind")
+    @classmethod
+    def _known_kind(cls, value: str) -> str:
+        from kdistill.config_recipes import TEACHER_RECIPES
+
+        if value not in TEACHER_RECIPES:
+            raise _unknown("teacher kind", value, list(TEACHER_RECIPES))
+        return value
+
+    @field_validator("factory")
+    @classmethod
+    def _reference(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*", value):
+            raise ValueError(f"{value!r} is not a module:attribute reference (e.g. my_models:build_teacher)")
+        return value
+
+    @field_validator("params")
+    @classmethod
+    def _known_params(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        from kdistill.config_recipes import TEACHER_RECIPES
+
+        kind = info.data.get("kind")
+        recipe = TEACHER_RECIPES.get(kind) if isinstance(kind, str) else None
+        if recipe is not None and recipe.params is not None:
+            _check_names(f"param for teacher kind {kind!r}:", value, recipe.params())
+        return value
+
+    @model_validator(mode="after")
+    def _recipe_needs(self) -> TeacherConfig:
+        from kdistill.config_recipes import TEACHER_RECIPES
+
+        recipe = TEACHER_RECIPES[self.kind]
+        for needed in recipe.needs:
+            if getattr(self, needed) is None:
+                raise ValueError(f"teacher kind {self.kind!r} needs {needed}: ({recipe.description})")
+        return self
+
+
+class StudentConfig(_Section):
+    """``kind``: ``mlp`` or ``cnn`` (built and sized from the data; ``params`` as in ``kdistill list students``), or
+    ``custom`` with ``factory: module:attribute`` returning your ``nn.Module`` (called with ``params``)."""
+
+    kind: str = "mlp"
+    params: dict[str, Any] = Field(default_factory=dict)
+    factory: str | None = None
+
+    @field_validator("kind")
+    @classmethod
+    def _known_kind(cls, value: str) -> str:
+        valid = [*STUDENT_PARAMS, "custom"]
+        if value not in valid:
+            raise _unknown("student kind", value, valid)
+        return value
+
+    @field_validator("params")
+    @classmethod
+    def _known_params(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        kind = info.data.get("kind")
+        if isinstance(kind, str) and kind in STUDENT_PARAMS:
+            _check_names(f"param for student {kind!r}:", value, STUDENT_PARAMS[kind])
+        return value
+
+    @model_validator(mode="after")
+    def _factory(self) -> StudentConfig:
+        if self.kind == "custom" and self.factory is None:
+            raise ValueError("student kind 'custom' needs factory: module:attribute returning an nn.Module")
+        if self.kind != "custom" and self.factory is not None:
+            raise ValueError(f"factory is only for kind 'custom', not {self.kind!r}")
+        return self
+
+
+class MethodTerm(_Section):
+    """One distillation method (``kdistill list methods``) with its ``params`` and, in a list, its ``weight``."""
+
+    name: str
+    weight: Annotated[float, Field(gt=0)] = 1.0
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, value: str) -> str:
+        from kdistill.losses import LOSSES
+
+        if value not in LOSSES:
+            raise _unknown("method", value, list(LOSSES))
+        return value
+
+    @field_validator("params")
+    @classmethod
+    def _buildable(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        """Builds the loss once, so a bad parameter value fails now, not after the teacher has run."""
+        from kdistill.config_recipes import signature_params
+        from kdistill.losses import LOSSES
+
+        name = info.data.get("name")
+        if not isinstance(name, str) or name not in LOSSES:
+            return value
+        factory = LOSSES[name].factory
+        valid = signature_params(factory)
+        if valid is not None:
+            _check_names(f"param for method {name!r}:", value, valid)
+        try:
+            factory(**value)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"method {name!r} rejects these params: {exc}") from exc
+        return value
+
+
+class OptimizerConfig(_Section):
+    name: Literal["adamw", "sgd"] = "adamw"
+    lr: Annotated[float, Field(gt=0)] = 3e-3
+    weight_decay: Annotated[float, Field(ge=0)] = 1e-2
+    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
+
+
+class ScheduleConfig(_Section):
+    name: Literal["warmup_cosine", "constant"] = "warmup_cosine"
+    warmup_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.05
+
+
+class TrainSection(_Section):
+    """``batch_size`` is the global batch (split across ranks under torchrun). ``patience``: epochs without a better
+    validation accuracy before stopping (null: never stop early, still keep the best epoch's weights)."""
+
+    epochs: Annotated[int, Field(gt=0)] = 100
+    batch_size: Annotated[int, Field(gt=0)] = 64
+    patience: Annotated[int, Field(gt=0)] | None = 15
+    optimizer: OptimizerConfig = OptimizerConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+
+
+class CacheConfig(_Section):
+    """Teacher outputs on the training rows are stored in ``dir`` (default: the run folder), keyed by the teacher's
+    and the data's fingerprints; a resumed run and every torchrun rank read them instead of running the teacher.
+    ``reuse: false`` recomputes them even when a matching file exists."""
+
+    dir: str | None = None
+    reuse: bool = True
+
+
+class CompressionStep(_Section):
+    """A compression step run in order on the trained student: ``onnx`` (export, checked against PyTorch), then
+    ``quantize`` (INT8 with ONNX Runtime); see ``kdistill.config_recipes.COMPRESSION_STEPS``."""
+
+    name: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class ReportConfig(_Section):
+    """``baseline``: also train the student on hard labels only, for the report. ``profile``: time latency and
+    throughput (the slowest part of the report)."""
+
+    enabled: bool = True
+    baseline: bool = True
+    profile: bool = False
+
+
+class DeviceConfig(_Section):
+    """``type``: ``auto`` (a GPU when there is one, else the CPU), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
+    ``precision``: ``fp32``, or ``bf16``/``fp16`` autocast (fp16 only on CUDA). ``num_threads``: ``auto`` or a count."""
+
+    type: str = "auto"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    num_threads: int | Literal["auto"] = "auto"
+
+    @field_validator("type")
+    @classmethod
+    def _known(cls, value: str) -> str:
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value):
+            raise _unknown("device", value, ["auto", "cpu", "cuda", "cuda:0", "mps"])
+        return value
+
+    @model_validator(mode="after")
+    def _precision(self) -> DeviceConfig:
+        if self.precision == "fp16" and self.type in ("cpu", "mps"):
+            raise ValueError(f"precision fp16 needs CUDA, but device is {self.type!r}; use bf16 on the CPU")
+        return self
+
+
+class LoggingConfig(_Section):
+    """``jsonl``: metrics.jsonl in the run folder (one line per epoch). ``tensorboard``: event files under
+    ``tensorboard/`` (needs the tensorboard package). ``console``: one line per epoch; ``progress``: a progress bar."""
+
+    jsonl: bool = True
+    tensorboard: bool = False
+    console: bool = True
+    progress: bool = False
+
+
+class RunConfig(_Section):
+    """A whole run. ``out``: the run folder, relative to the current directory (default ``runs/<name>``); every
+    output goes there. ``method``: a name, a mapping ``{name, params}``, or a list of weighted terms."""
+
+    name: Annotated[str, Field(pattern=r"^[\w.-]+$")] = "run"
+    out: str | None = None
+    seed: int = 0
+    data: DataConfig
+    teacher: TeacherConfig = TeacherConfig()
+    student: StudentConfig = StudentConfig()
+    method: list[MethodTerm] = Field(default_factory=lambda: [MethodTerm(name="kd")], min_length=1)
+    train: TrainSection = TrainSection()
+    cache: CacheConfig = CacheConfig()
+    compression: list[CompressionStep] = Field(default_factory=list)
+    report: ReportConfig = ReportConfig()
+    device: DeviceConfig = DeviceConfig()
+    logging: LoggingConfig = LoggingConfig()
+
+    _base: Path = PrivateAttr(default_factory=Path.cwd)
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _method_forms(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [{"name": value}]
+        if isinstance(value, dict):
+            return [value]
+        return value
+
+    @property
+    def base(self) -> Path:
+        """The config file's folder: relative data paths and user modules are found from here."""
+        return self._base
+
+    @property
+    def run_folder(self) -> Path:
+        return Path(self.out) if self.out is not None else Path("runs") / self.name
+
+    def resolve(self, path: str) -> Path:
+        """A path from the config, relative to the config file's folder."""
+        candidate = Path(os.path.expanduser(path))
+        return candidate if candidate.is_absolute() else self._base / candidate
+
+
+# ---------------------------------------------------------------------------------------------------- reading YAML
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """safe_load, plus: a key written twice in one mapping is an error (YAML would silently keep the last)."""
+
+
+def _no_duplicates(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"key {key!r} appears twice in one mapping (first on line {seen[key]})", key_node.start_mark
+            )
+        seen[key] = key_node.start_mark.line + 1
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _no_duplicates)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"no config file at {path}", hint="check the path; `kdistill validate FILE` checks one.")
+    try:
+        raw = yaml.load(path.read_text(), Loader=_StrictLoader)  # a SafeLoader subclass: plain data only
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(
+            f"{path} is not valid YAML{where}: {problem}",
+            hint="configs are plain data: no !tags (nothing in a config runs code), no repeated keys.",
+        ) from exc
+    if raw is None:
+        raise ConfigError(f"{path} is empty", hint="start from a file in examples/ (kdistill validate checks it).")
+    if not isinstance(raw, dict):
+        raise ConfigError(
+            f"{path} must hold a mapping of sections at the top, got a {type(raw).__name__}",
+            hint="write `data:`, `teacher:`, `student:`, ... at the top level.",
+        )
+    return raw
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """Return a copy of ``raw`` with each ``dotted.key=value`` set; the value is parsed as YAML (``3``, ``1e-3``,
+    ``[64, 32]``, ``true``). List items are addressed by position (``method.1.weight=0.5``); a list of one item
+    also by the item's keys (``method.params.temperature=2``)."""
+    result = copy.deepcopy(raw)
+    if isinstance(result.get("method"), (str, dict)):  # the short forms of method, as the list they stand for
+        method = result["method"]
+        result["method"] = [{"name": method} if isinstance(method, str) else method]
+    for override in overrides:
+        key, sep, text = override.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {override!r} is not key=value", hint="write e.g. --set train.epochs=5")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(
+                f"--set {override!r}: the value is not valid YAML ({exc})",
+                hint="quote strings with special characters.",
+            ) from exc
+        _set(result, key.strip().split("."), value, key)
+    return result
+
+
+def _set(node: Any, parts: list[str], value: Any, key: str) -> None:
+    for depth, part in enumerate(parts):
+        if isinstance(node, list) and not part.isdigit() and len(node) == 1:
+            node = node[0]  # method.params.x for a single method
+        last = depth == len(parts) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(
+                    f"--set {key}: {part!r} is not a position in a list of {len(node)}",
+                    hint=f"use a position 0..{len(node) - 1}, e.g. method.0.weight=0.5",
+                )
+            if last:
+                node[int(part)] = value
+            else:
+                node = node[int(part)]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+            else:
+                node = node.setdefault(part, {})
+        else:
+            where = ".".join(parts[:depth])
+            raise ConfigError(
+                f"--set {key}: {where} holds {node!r}, which has no keys to set",
+                hint=f"set {where} itself, e.g. --set {where}=VALUE",
+            )
+
+
+# ---------------------------------------------------------------------------------------------------- error messages
+
+
+def _model_at(model: type[BaseModel] | None, loc: tuple[int | str, ...]) -> type[BaseModel] | None:
+    """The section model found by following ``loc`` from ``model``, or None."""
+    for part in loc:
+        if model is None:
+            return None
+        if isinstance(part, int):
+            continue
+        if part not in model.model_fields:
+            return None
+        model = _find_model(model.model_fields[part].annotation)
+    return model
+
+
+def _find_model(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for argument in get_args(annotation):
+        found = _find_model(argument)
+        if found is not None:
+            return found
+    return None
+
+
+def _path(loc: tuple[int | str, ...]) -> str:
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text or "(top level)"
+
+
+def _describe(error: Any) -> str:
+    loc = tuple(error["loc"])
+    path, value, kind = _path(loc), error.get("input"), error["type"]
+    if kind == "extra_forbidden":
+        section = _model_at(RunConfig, loc[:-1])
+        valid = sorted(section.model_fields) if section is not None else []
+        return f"{path}: unknown key; {_closest(loc[-1], valid)}valid keys here: {', '.join(valid)}"
+    if kind == "literal_error":
+        valid = re.findall(r"'([^']*)'", error["ctx"]["expected"])
+        return f"{path}: {value!r} is not allowed; {_closest(value, valid)}valid: {', '.join(valid)}"
+    if kind == "missing":
+        return f"{path}: required, but missing"
+    message = str(error["msg"]).removeprefix("Value error, ")
+    shown = (
+        "" if isinstance(value, dict) or (isinstance(value, str) and repr(value) in message) else f" (got {value!r})"
+    )
+    return f"{path}: {message}{shown}"
+
+
+def _validate(raw: dict[str, Any], source: str) -> RunConfig:
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        problems = [_describe(error) for error in exc.errors()]
+        count = f"{len(problems)} error" + ("s" if len(problems) > 1 else "")
+        raise ConfigError(
+            f"{source}: {count}:\n    " + "\n    ".join(problems),
+            hint="fix the fields named above; `kdistill list methods|teachers|students|datasets` shows valid names.",
+        ) from None
+
+
+def load_config(path: str | os.PathLike[str], overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read, override and validate a run config. Raises :class:`ConfigError` naming every bad field at once."""
+    source = Path(path)
+    raw = apply_overrides(_read_yaml(source), overrides)
+    config = _validate(raw, str(source))
+    config._base = source.resolve().parent
+    return config
+
+
+# ---------------------------------------------------------------------------------------------------- references
+
+
+def check_references(config: RunConfig) -> None:
+    """What the schema cannot check alone: data files exist, ``module:attribute`` references import, a CUDA device
+    exists when asked for, compression steps are registered. Imports the user's modules (their own code)."""
+    from kdistill.config_recipes import TEACHER_RECIPES, import_reference, signature_params
+
+    for split_name in ("train", "val", "test"):
+        split: FileSplit | None = getattr(config.data, split_name)
+        if split is None:
+            continue
+        for field_name in ("path", "x", "y"):
+            value = getattr(split, field_name)
+            if value is not None and not config.resolve(value).is_file():
+                raise ConfigError(
+                    f"data.{split_name}.{field_name}: no file at {config.resolve(value)} (from {value!r})",
+                    hint="relative paths are read from the config file's folder.",
+                )
+    if config.teacher.factory is not None:
+        factory = import_reference(config.teacher.factory, base=config.base, field="teacher.factory")
+        _check_factory_params("teacher", factory, config.teacher.params, signature_params)
+    if config.teacher.path is not None and not config.resolve(config.teacher.path).exists():
+        raise ConfigError(
+            f"teacher.path: nothing at {config.resolve(config.teacher.path)} (from {config.teacher.path!r})",
+            hint=f"teacher kind {config.teacher.kind!r}: {TEACHER_RECIPES[config.teacher.kind].description}",
+        )
+    if config.student.factory is not None:
+        factory = import_reference(config.student.factory, base=config.base, field="student.factory")
+        _check_factory_params("student", factory, config.student.params, signature_params)
+    if config.device.type.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"device.type: {config.device.type!r} but no CUDA GPU is available",
+                hint="use device.type: auto (falls back to the CPU) or cpu.",
+            )
+    _check_compression(config)
+
+
+def _check_compression(config: RunConfig) -> None:
+    from kdistill.config_recipes import COMPRESSION_STEPS
+
+    seen: list[str] = []
+    for position, step in enumerate(config.compression):
+        where = f"compression[{position}]"
+        if step.name not in COMPRESSION_STEPS:
+            raise ConfigError(
+                f"{where}.name: unknown compression step {step.name!r}",
+                hint=_closest(step.name, list(COMPRESSION_STEPS)) + f"valid: {', '.join(sorted(COMPRESSION_STEPS))}",
+            )
+        recipe = COMPRESSION_STEPS[step.name]
+        for name in step.params:
+            if name not in recipe.params:
+                raise ConfigError(
+                    f"{where}.params.{name}: step {step.name!r} takes no parameter {name!r}",
+                    hint=_closest(name, list(recipe.params)) + f"it takes: {', '.join(recipe.params)}",
+                )
+        if recipe.after is not None and recipe.after not in seen:
+            raise ConfigError(
+                f"{where}: step {step.name!r} needs a {recipe.after!r} step before it",
+                hint=f"list {{name: {recipe.after}}} first in compression.",
+            )
+        seen.append(step.name)
+    if config.compression:
+        from kdistill.compress._deps import require
+
+        require("onnx")
+        require("onnxruntime")
+
+
+def _check_factory_params(role: str, factory: Any, params: dict[str, Any], signature_params: Any) -> None:
+    if not callable(factory):
+        raise ConfigError(
+            f"{role}.factory is a {type(factory).__name__}, not something to call",
+            hint="point it at a function or class that returns the model.",
+        )
+    valid = signature_params(factory)
+    if valid is None:
+        return
+    for name in params:
+        if name not in valid:
+            raise ConfigError(
+                f"{role}.params.{name}: {getattr(factory, '__name__', factory)} takes no parameter {name!r}",
+                hint=f"{_closest(name, valid)}it takes: {', '.join(valid) or 'nothing'}",
+            )
+
+
+_RESUME_SECTIONS = ("seed", "data", "teacher", "student", "method", "train")
+
+
+def resume_fingerprint(config: RunConfig) -> dict[str, Any]:
+    """The parts of a config a resumed run must share with the run it continues (what changes the weights);
+    logging, report, cache, device type and the run's name may change."""
+    dumped = config.model_dump(mode="json")
+    return {key: dumped[key] for key in _RESUME_SECTIONS} | {"precision": config.device.precision}

@@ -1,0 +1,123 @@
+"""A Hugging Face transformers model (anything whose output has ``.logits``) as a teacher, loaded offline."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from kdistill.errors import TeacherError
+from kdistill.features import capture_features
+from kdistill.teachers._convert import check_output_kind, to_logits
+from kdistill.teachers.base import Outputs
+from kdistill.teachers.torch import TorchTeacher
+
+__all__ = ["HFTeacher"]
+
+_INTEGER_INPUTS = ("input_ids", "token_type_ids")
+
+
+def _transformers() -> Any:
+    try:
+        import transformers
+    except ImportError as exc:
+        raise TeacherError(
+            "Hugging Face teachers need the transformers package",
+            hint="pip install 'kdistill[hf]' (or: pip install transformers).",
+        ) from exc
+    return transformers
+
+
+class HFTeacher(TorchTeacher):
+    """Runs a transformers model in eval mode under ``torch.inference_mode()`` and reads ``output.logits``.
+
+    Each batch ``x`` (batch, *shape) is passed as the keyword ``input_name`` (``"input_ids"``: (batch, tokens), cast to
+    int64 since kdistill keeps data as float32; ``"pixel_values"``, ``"inputs_embeds"``: kept float). For token ids,
+    an ``attention_mask`` hides the model's ``pad_token_id`` when its config has one. Named intermediate outputs
+    (``"bert.encoder.layer.0"``) are captured with forward hooks, as for any torch teacher.
+
+    Never touches the hub: build from a local folder (:meth:`from_pretrained`) or a config (:meth:`from_config`).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        input_name: str = "input_ids",
+        output: str = "logits",
+        classes: np.ndarray | Sequence[Any] | None = None,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        super().__init__(
+            model, output="logits", classes=None if classes is None else np.asarray(classes), device=device
+        )
+        self.output = check_output_kind(output)
+        self._kind = self.output
+        self.input_name = input_name
+
+    @classmethod
+    def from_pretrained(
+        cls, folder: str | os.PathLike[str], *, auto_class: str = "AutoModelForSequenceClassification", **kwargs: Any
+    ) -> HFTeacher:
+        """Load a saved model from a local ``folder`` (``save_pretrained`` output) with ``local_files_only=True``.
+
+        ``auto_class``: the transformers class that builds it (any ``AutoModelFor...`` whose output has logits).
+        Other keyword arguments go to :class:`HFTeacher`.
+        """
+        path = Path(folder)
+        if not (path / "config.json").exists():
+            raise TeacherError(
+                f"{path} is not a saved transformers model (no config.json there)",
+                hint="pass the folder written by model.save_pretrained(folder); kdistill never downloads from the hub.",
+            )
+        factory = getattr(_transformers(), auto_class)
+        return cls(factory.from_pretrained(str(path), local_files_only=True), **kwargs)
+
+    @classmethod
+    def from_config(
+        cls, config: Any, *, auto_class: str = "AutoModelForSequenceClassification", seed: int = 0, **kwargs: Any
+    ) -> HFTeacher:
+        """Build a freshly initialised model from a transformers config (seeded), e.g. for tests or to train later."""
+        factory = getattr(_transformers(), auto_class)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = factory.from_config(config)
+        return cls(model, **kwargs)
+
+    def fingerprint(self) -> str:
+        config: Any = getattr(self.module, "config", None)
+        text = config.to_json_string() if config is not None and hasattr(config, "to_json_string") else ""
+        digest = hashlib.blake2b(
+            f"{super().fingerprint()}:{self.input_name}:{self.output}:{text}".encode(), digest_size=16
+        )
+        return digest.hexdigest()
+
+    def _inputs(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        x = x.to(self.device)
+        if self.input_name not in _INTEGER_INPUTS:
+            return {self.input_name: x}
+        ids = x.round().long()
+        inputs = {self.input_name: ids}
+        pad = getattr(getattr(self.module, "config", None), "pad_token_id", None)
+        if self.input_name == "input_ids" and pad is not None:
+            inputs["attention_mask"] = (ids != pad).long()
+        return inputs
+
+    def __call__(self, x: torch.Tensor, *, features: Sequence[str] = ()) -> Outputs:
+        with torch.inference_mode(), capture_features(self.module, features) as captured:
+            result = self.module(**self._inputs(x))
+        raw = getattr(result, "logits", None)
+        if not isinstance(raw, torch.Tensor):
+            raise TeacherError(
+                f"the transformers model {type(self.module).__name__} returned no .logits tensor",
+                hint="use a model with a classification head (AutoModelForSequenceClassification, ...).",
+            )
+        logits, self._kind = to_logits(raw, self._kind, source=f"transformers teacher {type(self.module).__name__}")
+        self._num_classes = int(logits.shape[-1])
+        return Outputs(logits=logits, features=dict(captured))
