@@ -13,15 +13,10 @@ import torch.nn.functional as F
 
 from kdistill.losses.base import register_loss
 from kdistill.losses.common import (
+    LayerPairLoss,
     as_target,
-    check_non_negative,
-    get_feature,
-    layer_pairs,
-    require_teacher,
-    with_cross_entropy,
 )
 from kdistill.losses.projector import resize_map
-from kdistill.teachers.base import Outputs
 
 __all__ = ["ATLoss", "at_loss", "attention_map"]
 
@@ -53,14 +48,14 @@ def at_loss(student_feature: torch.Tensor, teacher_feature: torch.Tensor) -> tor
 
 
 @register_loss("at", "Zagoruyko 2017: CE + β/2·Σ_l mean((Q_s - Q_t)²), Q = normalised channel-mean of F²")
-class ATLoss:
+class ATLoss(LayerPairLoss):
     r""":math:`\mathcal{L} = c\,\mathrm{CE} + \frac{\beta}{2}\sum_l \mathrm{at\_loss}(F^s_l, F^t_l)`, β = 1000 as in
     the paper. Layers are module paths paired one to one (default ``"features"``). Returns ``{"loss", "ce", "at"}``,
     ``"at"`` being the sum over pairs before β/2."""
 
-    needs_teacher = True
-    at_equal = "zero"
-    batch_order_invariant = True
+    name = "at"
+    scale = 0.5
+    pair_loss = staticmethod(at_loss)
 
     def __init__(
         self,
@@ -69,24 +64,4 @@ class ATLoss:
         weight: float = 1000.0,
         ce_weight: float = 1.0,
     ) -> None:
-        self.pairs = layer_pairs(student_layers, teacher_layers, "at")
-        self.student_features = tuple(s for s, _ in self.pairs)
-        self.teacher_features = tuple(t for _, t in self.pairs)
-        self.weight = check_non_negative("weight", weight)
-        self.ce_weight = check_non_negative("ce_weight", ce_weight)
-
-    def __call__(
-        self, student: Outputs, teacher: Outputs | None, target: torch.Tensor | None
-    ) -> dict[str, torch.Tensor]:
-        teacher = require_teacher(teacher, "at")
-        term = sum(
-            (
-                at_loss(
-                    get_feature(student, s, role="student", method="at"),
-                    get_feature(teacher, t, role="teacher", method="at"),
-                )
-                for s, t in self.pairs
-            ),
-            start=student.logits.new_zeros(()),
-        )
-        return with_cross_entropy({"at": term}, self.weight / 2 * term, student.logits, target, self.ce_weight)
+        super().__init__(student_layers, teacher_layers, weight, ce_weight)

@@ -5,7 +5,8 @@ Not a method itself (nothing here is registered).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +15,7 @@ from kdistill.errors import MethodError
 from kdistill.teachers.base import Outputs
 
 __all__ = [
+    "LayerPairLoss",
     "as_target",
     "check_non_negative",
     "check_positive",
@@ -110,3 +112,45 @@ def with_cross_entropy(
         return {"loss": distill_total, **terms}
     hard = F.cross_entropy(student_logits, target)
     return {"loss": ce_weight * hard + distill_total, "ce": hard, **terms}
+
+
+class LayerPairLoss:
+    r"""Base of the methods that compare student and teacher features layer by layer (AT, SP):
+
+    :math:`\mathcal{L} = c\,\mathrm{CE} + \mathrm{scale}\cdot w\sum_l \mathrm{pair\_loss}(F^s_l, F^t_l)`.
+
+    A subclass sets ``name``, ``pair_loss`` and ``scale``, and keeps its own ``__init__`` only to state its paper's
+    default ``weight``. Returns ``{"loss", "ce", name}``, the named term being the sum over pairs before scaling."""
+
+    needs_teacher = True
+    at_equal = "zero"
+    batch_order_invariant = True
+    name: ClassVar[str]
+    scale: ClassVar[float] = 1.0
+    pair_loss: ClassVar[Callable[..., torch.Tensor]]  # (student feature, teacher feature) -> scalar
+
+    def __init__(
+        self, student_layers: str | Sequence[str], teacher_layers: str | Sequence[str], weight: float, ce_weight: float
+    ) -> None:
+        self.pairs = layer_pairs(student_layers, teacher_layers, self.name)
+        self.student_features = tuple(s for s, _ in self.pairs)
+        self.teacher_features = tuple(t for _, t in self.pairs)
+        self.weight = check_non_negative("weight", weight)
+        self.ce_weight = check_non_negative("ce_weight", ce_weight)
+
+    def __call__(
+        self, student: Outputs, teacher: Outputs | None, target: torch.Tensor | None
+    ) -> dict[str, torch.Tensor]:
+        teacher = require_teacher(teacher, self.name)
+        term = sum(
+            (
+                type(self).pair_loss(
+                    get_feature(student, s, role="student", method=self.name),
+                    get_feature(teacher, t, role="teacher", method=self.name),
+                )
+                for s, t in self.pairs
+            ),
+            start=student.logits.new_zeros(()),
+        )
+        total = self.scale * self.weight * term
+        return with_cross_entropy({self.name: term}, total, student.logits, target, self.ce_weight)

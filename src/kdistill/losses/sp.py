@@ -12,15 +12,10 @@ import torch.nn.functional as F
 
 from kdistill.losses.base import register_loss
 from kdistill.losses.common import (
+    LayerPairLoss,
     as_target,
-    check_non_negative,
     flatten_rows,
-    get_feature,
-    layer_pairs,
-    require_teacher,
-    with_cross_entropy,
 )
-from kdistill.teachers.base import Outputs
 
 __all__ = ["SPLoss", "similarity_matrix", "sp_loss"]
 
@@ -40,13 +35,13 @@ def sp_loss(student_feature: torch.Tensor, teacher_feature: torch.Tensor) -> tor
 
 
 @register_loss("sp", "Tung 2019: CE + γ·Σ_l ‖G̃_t - G̃_s‖²_F / B², G̃ the row-normalised batch similarity")
-class SPLoss:
+class SPLoss(LayerPairLoss):
     r""":math:`\mathcal{L} = c\,\mathrm{CE} + \gamma\sum_l \mathrm{SP}(F^s_l, F^t_l)`, γ = 3000 as in the paper.
     Layers are module paths paired one to one (default ``"features"``). Returns ``{"loss", "ce", "sp"}``."""
 
-    needs_teacher = True
-    at_equal = "zero"
-    batch_order_invariant = True
+    name = "sp"
+    scale = 1.0
+    pair_loss = staticmethod(sp_loss)
 
     def __init__(
         self,
@@ -55,24 +50,4 @@ class SPLoss:
         weight: float = 3000.0,
         ce_weight: float = 1.0,
     ) -> None:
-        self.pairs = layer_pairs(student_layers, teacher_layers, "sp")
-        self.student_features = tuple(s for s, _ in self.pairs)
-        self.teacher_features = tuple(t for _, t in self.pairs)
-        self.weight = check_non_negative("weight", weight)
-        self.ce_weight = check_non_negative("ce_weight", ce_weight)
-
-    def __call__(
-        self, student: Outputs, teacher: Outputs | None, target: torch.Tensor | None
-    ) -> dict[str, torch.Tensor]:
-        teacher = require_teacher(teacher, "sp")
-        term = sum(
-            (
-                sp_loss(
-                    get_feature(student, s, role="student", method="sp"),
-                    get_feature(teacher, t, role="teacher", method="sp"),
-                )
-                for s, t in self.pairs
-            ),
-            start=student.logits.new_zeros(()),
-        )
-        return with_cross_entropy({"sp": term}, self.weight * term, student.logits, target, self.ce_weight)
+        super().__init__(student_layers, teacher_layers, weight, ce_weight)
