@@ -305,18 +305,11 @@ def _fit(
                 index = batch_index[:1]
             xb = x[index]
             yb = None if y is None else y[index]
-            teacher_out: Outputs | None
             if augmented is not None:
                 xb, teacher_out, live_index = next(augmented)  # augmented rows, and the teacher's outputs on them
                 assert torch.equal(live_index, index), "the live-teacher batches drifted from the loop's"
-            elif bank is not None:
-                teacher_out = bank.select(index)
-            elif teacher_features:
-                assert teacher is not None, "this method needs the live teacher for its features"
-                live = teacher(xb, features=teacher_features)
-                teacher_out = Outputs(live.logits, live.features, index)
             else:
-                teacher_out = None if targets is None else Outputs(targets[index].float(), index=index)
+                teacher_out = _teacher_outputs(index, xb, bank, teacher, teacher_features, targets)
             with _autocast(device, config.precision):
                 if student_features:
                     with capture_features(model, student_features) as captured:
@@ -326,14 +319,7 @@ def _fit(
                 terms = loss_fn(student_out, teacher_out, yb)
             if world_size > 1:  # weighted by share, so that the ranks' average is the whole batch's mean
                 terms = {name: value * share for name, value in terms.items()}
-            optimizer.zero_grad(set_to_none=True)
-            if state.scaler is not None:
-                state.scaler.scale(terms["loss"]).backward()
-                state.scaler.step(optimizer)
-                state.scaler.update()
-            else:
-                terms["loss"].backward()
-                optimizer.step()
+            _step(terms["loss"], optimizer, state.scaler)
             scheduler.step()
             state.global_step += 1
             step_terms.append({name: value.detach() for name, value in terms.items()})
@@ -359,6 +345,37 @@ def _fit(
         callback.on_train_end(state)
     model.eval()
     return state
+
+
+def _teacher_outputs(
+    index: torch.Tensor,
+    xb: torch.Tensor,
+    bank: TeacherBank | None,
+    teacher: Teacher | None,
+    teacher_features: tuple[str, ...],
+    targets: torch.Tensor | None,
+) -> Outputs | None:
+    """The teacher's outputs for the batch's rows ``index``: from the bank of precomputed features, from the live
+    teacher when a method needs features that are not banked, else the precomputed logits (None without a teacher)."""
+    if bank is not None:
+        return bank.select(index)
+    if teacher_features:
+        assert teacher is not None, "this method needs the live teacher for its features"
+        live = teacher(xb, features=teacher_features)
+        return Outputs(live.logits, live.features, index)
+    return None if targets is None else Outputs(targets[index].float(), index=index)
+
+
+def _step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None) -> None:
+    """Back-propagate ``loss`` and step the optimizer, through the fp16 gradient scaler when there is one."""
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is None:
+        loss.backward()
+        optimizer.step()
+        return
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
 
 
 def _check_finite(
