@@ -15,7 +15,7 @@ from kdistill.losses.base import register_loss
 from kdistill.losses.common import require_teacher
 from kdistill.teachers.base import Outputs, probs_to_logits
 
-__all__ = ["CrossEntropy", "KDLoss", "check_logits", "kd_loss"]
+__all__ = ["CrossEntropy", "KDLoss", "check_logits", "kd_loss", "mix_soft_and_hard"]
 
 
 def check_logits(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> None:
@@ -25,6 +25,24 @@ def check_logits(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> 
             f"student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} differ",
             hint="the student's last layer must output as many classes as the teacher.",
         )
+
+
+def mix_soft_and_hard(
+    student_log_probs: torch.Tensor,
+    teacher_log_probs: torch.Tensor,
+    student_logits: torch.Tensor,
+    target: torch.Tensor | None,
+    *,
+    temperature: float,
+    soft_weight: float,
+) -> dict[str, torch.Tensor]:
+    """``(1 - w)·CE(student_logits, y) + w·T²·KL(teacher || student)`` from log-probabilities already taken at
+    temperature T (over classes, or over kd_topk's buckets); without targets, the soft term alone at full weight."""
+    soft = F.kl_div(student_log_probs, teacher_log_probs, reduction="batchmean", log_target=True) * temperature**2
+    if target is None:
+        return {"loss": soft, "kd": soft}
+    hard = F.cross_entropy(student_logits, target)
+    return {"loss": (1.0 - soft_weight) * hard + soft_weight * soft, "ce": hard, "kd": soft}
 
 
 def kd_loss(
@@ -66,11 +84,9 @@ def kd_loss(
     check_logits(student_logits, teacher_logits)
     student_log_probs = F.log_softmax(student_logits / temperature, dim=1)
     teacher_log_probs = F.log_softmax(teacher_logits / temperature, dim=1)
-    soft = F.kl_div(student_log_probs, teacher_log_probs, reduction="batchmean", log_target=True) * temperature**2
-    if target is None:
-        return {"loss": soft, "kd": soft}
-    hard = F.cross_entropy(student_logits, target)
-    return {"loss": (1.0 - soft_weight) * hard + soft_weight * soft, "ce": hard, "kd": soft}
+    return mix_soft_and_hard(
+        student_log_probs, teacher_log_probs, student_logits, target, temperature=temperature, soft_weight=soft_weight
+    )
 
 
 @register_loss("kd", "Hinton 2015: (1-w)·CE + w·T²·KL(teacher/T || student/T)")

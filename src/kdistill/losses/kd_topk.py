@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from kdistill.errors import ShapeMismatchError
 from kdistill.losses.base import register_loss
-from kdistill.losses.kd import KDLoss
+from kdistill.losses.kd import KDLoss, mix_soft_and_hard
 
 __all__ = ["KDTopKLoss", "encode_topk", "kd_topk_loss", "pack_topk", "unpack_topk"]
 
@@ -102,11 +102,9 @@ def kd_topk_loss(
     student_buckets = torch.cat([student_top, student_rest], dim=1) / temperature
     teacher_log_probs = F.log_softmax(teacher_buckets, dim=1)
     student_log_probs = F.log_softmax(student_buckets, dim=1)
-    soft = F.kl_div(student_log_probs, teacher_log_probs, reduction="batchmean", log_target=True) * temperature**2
-    if target is None:
-        return {"loss": soft, "kd": soft}
-    hard = F.cross_entropy(student_logits, target)
-    return {"loss": (1.0 - soft_weight) * hard + soft_weight * soft, "ce": hard, "kd": soft}
+    return mix_soft_and_hard(
+        student_log_probs, teacher_log_probs, student_logits, target, temperature=temperature, soft_weight=soft_weight
+    )
 
 
 @register_loss("kd_topk", "Hinton KD from top-k cached teacher outputs: KL over the k top classes + one 'rest' bucket")
