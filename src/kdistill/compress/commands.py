@@ -22,23 +22,15 @@ from kdistill.compress.export import OnnxPredictor, export_onnx
 from kdistill.compress.pipeline import CompressResult, _Entry, _measure, _torch_predict, compress
 from kdistill.compress.quantize import quantize_onnx
 from kdistill.data import as_split
-from kdistill.datasets import Dataset, load_dataset
+from kdistill.datasets import load_dataset
+from kdistill.demo import builtin_teacher, demo_recipe
 from kdistill.errors import CheckpointError, ShapeMismatchError
 from kdistill.io import atomic_write_json
 from kdistill.profile import MEMORY_MEASURE, count_parameters, model_size_bytes
 from kdistill.report import Report
 from kdistill.teachers import SklearnTeacher, as_teacher, teacher_logits
 
-__all__ = ["builtin_teacher", "export_saved_student", "profile_folder", "run_pipeline"]
-
-
-def builtin_teacher(dataset: Dataset, seed: int = 0, verbose: bool = False) -> Any:
-    """The teacher ``kdistill demo`` uses for a built-in data set, trained the same seeded way."""
-    from kdistill.demo import _digits_teacher, _mnist1d_teacher
-
-    if dataset.name == "digits":
-        return _digits_teacher(dataset.train, seed)
-    return _mnist1d_teacher(dataset, seed, verbose)
+__all__ = ["export_saved_student", "profile_folder", "run_pipeline"]
 
 
 def run_pipeline(
@@ -59,12 +51,7 @@ def run_pipeline(
     ``kdistill demo`` sets them up (digits: RandomForest(200) -> MLP at T=2; mnist1d: CNN(64, 64, 64) ->
     CNN(16, 16, 16) at T=4)."""
     dataset = load_dataset(dataset_name, seed)
-    teacher = builtin_teacher(dataset, seed, verbose)
-    # the same student and temperature as `kdistill demo` (T=2 suits a forest's log vote-fractions)
-    if dataset_name == "digits":
-        student, params, temperature = "mlp", None, 2.0
-    else:
-        student, params, temperature = "cnn", {"channels": (16, 16, 16)}, 4.0
+    teacher, student, params, temperature = demo_recipe(dataset, seed, verbose)
     result = compress(
         teacher,
         student,
