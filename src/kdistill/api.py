@@ -288,23 +288,18 @@ def distill(
     if soft_targets not in ("predict", "oof"):
         raise ValueError(f"soft_targets must be 'predict' or 'oof', got {soft_targets!r}")
     targets: torch.Tensor | None
-    if augment is not None:  # the teacher labels each augmented batch live; check its classes on a few rows
-        classes = _check_classes(
-            adapter, teacher_logits(adapter, train_split.x[:8]), [train_split, val_split, test_split]
-        )
-        targets = None
+    if augment is not None:  # the teacher labels each augmented batch live; a few rows tell its classes
+        targets, widths = None, teacher_logits(adapter, train_split.x[:8])
     elif soft_targets == "oof":
-        targets = _oof_logits(adapter, train_split, oof_folds, seed)
-        classes = _check_classes(adapter, targets, [train_split, val_split, test_split])
+        targets = widths = _oof_logits(adapter, train_split, oof_folds, seed)
     elif cache_dir is not None:
         from kdistill.cache import cached_teacher_outputs
 
         entry = cached_teacher_outputs(adapter, train_split.x, cache_dir=cache_dir, storage=cache_storage)
-        targets = entry.teacher_targets()
-        classes = _check_classes(adapter, torch.empty(0, entry.classes), [train_split, val_split, test_split])
+        targets, widths = entry.teacher_targets(), torch.empty(0, entry.classes)
     else:
-        targets = teacher_logits(adapter, train_split.x)
-        classes = _check_classes(adapter, targets, [train_split, val_split, test_split])
+        targets = widths = teacher_logits(adapter, train_split.x)
+    classes = _check_classes(adapter, widths, [train_split, val_split, test_split])
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
