@@ -23,7 +23,7 @@ from kdistill.engine.live import Augment, live_batches
 from kdistill.errors import ConfigError, KdistillError, NonFiniteLossError
 from kdistill.features import capture_features
 from kdistill.losses.base import Loss
-from kdistill.losses.prepare import TeacherBank, prepare_loss
+from kdistill.losses.prepare import StaticTargets, TeacherBank, prepare_loss
 from kdistill.teachers.base import Outputs, Teacher
 
 if TYPE_CHECKING:
@@ -270,6 +270,10 @@ def _fit(
         raise KdistillError("augmentation needs the live teacher", hint="pass teacher= to fit().")
     # teacher features computed once when they fit (not with augmentation: the rows change every batch)
     bank = None if augment is not None else TeacherBank.build(teacher, x, teacher_features, logits=targets)
+    # teacher logits that never change, with the loss's per-row work done once beside them (kd packs its targets)
+    static = None
+    if targets is not None and augment is None and bank is None and not teacher_features:
+        static = StaticTargets.build(loss_fn, targets, y)
     for callback in callbacks:
         callback.on_train_begin(state)
 
@@ -303,13 +307,13 @@ def _fit(
             share = len(index) * world_size / len(batch_index)
             if len(index) == 0:  # a last batch smaller than the number of ranks: take part with zero weight
                 index = batch_index[:1]
-            xb = x[index]
-            yb = None if y is None else y[index]
+            xb = x.index_select(0, index)
+            yb = None if y is None else y.index_select(0, index)
             if augmented is not None:
                 xb, teacher_out, live_index = next(augmented)  # augmented rows, and the teacher's outputs on them
                 assert torch.equal(live_index, index), "the live-teacher batches drifted from the loop's"
             else:
-                teacher_out = _teacher_outputs(index, xb, bank, teacher, teacher_features, targets)
+                teacher_out = _teacher_outputs(index, xb, bank, teacher, teacher_features, static)
             with _autocast(device, config.precision):
                 if student_features:
                     with capture_features(model, student_features) as captured:
@@ -353,7 +357,7 @@ def _teacher_outputs(
     bank: TeacherBank | None,
     teacher: Teacher | None,
     teacher_features: tuple[str, ...],
-    targets: torch.Tensor | None,
+    static: StaticTargets | None,
 ) -> Outputs | None:
     """The teacher's outputs for the batch's rows ``index``: from the bank of precomputed features, from the live
     teacher when a method needs features that are not banked, else the precomputed logits (None without a teacher)."""
@@ -363,7 +367,7 @@ def _teacher_outputs(
         assert teacher is not None, "this method needs the live teacher for its features"
         live = teacher(xb, features=teacher_features)
         return Outputs(live.logits, live.features, index)
-    return None if targets is None else Outputs(targets[index].float(), index=index)
+    return None if static is None else static.select(index)
 
 
 def _step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None) -> None:

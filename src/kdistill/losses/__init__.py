@@ -15,7 +15,7 @@ from kdistill.losses.kd_topk import KDTopKLoss, kd_topk_loss
 from kdistill.losses.logit_std import LogitStandardized, standardize_logits
 from kdistill.losses.multi_teacher import MultiTeacherKD, confidence_weights, multi_teacher_loss
 from kdistill.losses.pkt import PKTLoss, pkt_loss
-from kdistill.losses.prepare import TeacherBank, prepare_loss
+from kdistill.losses.prepare import StaticTargets, TeacherBank, prepare_loss
 from kdistill.losses.projector import Projector
 from kdistill.losses.rkd import RKDLoss, rkd_angle_loss, rkd_distance_loss
 from kdistill.losses.sp import SPLoss, sp_loss
@@ -40,6 +40,7 @@ __all__ = [
     "Projector",
     "RKDLoss",
     "SPLoss",
+    "StaticTargets",
     "TeacherBank",
     "UnknownNameError",
     "at_loss",

@@ -33,7 +33,11 @@ class Loss(Protocol):
     whose outputs the method reads from ``Outputs.features`` (teacher features make the engine run the teacher live).
 
     Optional: a method with a schedule (a warm-up) defines ``start_epoch(epoch, total_epochs)``, which the engine
-    calls before each epoch. The teacher's ``Outputs.index`` holds the batch's row positions in the transfer set."""
+    calls before each epoch. The teacher's ``Outputs.index`` holds the batch's row positions in the transfer set.
+    A method whose teacher-side work per row is the same every epoch may define ``precompute(teacher_logits, y)``
+    returning a (rows, ...) tensor or None: for a teacher whose outputs never change (cached, precomputed or
+    out-of-fold targets, no augmentation) the engine calls it once and hands each batch its rows as the teacher's
+    ``Outputs.precomputed`` (``kd`` packs its targets this way: ~10% faster steps on tiny students)."""
 
     needs_teacher: bool
     student_features: Sequence[str]

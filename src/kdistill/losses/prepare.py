@@ -15,7 +15,7 @@ from kdistill.features import capture_features
 from kdistill.losses.base import Loss
 from kdistill.teachers.base import Outputs, Teacher
 
-__all__ = ["TeacherBank", "prepare_loss"]
+__all__ = ["StaticTargets", "TeacherBank", "prepare_loss"]
 
 
 def prepare_loss(
@@ -104,3 +104,33 @@ class TeacherBank:
         """The bank's rows ``index`` (batch,), as the teacher's outputs for that batch (with ``index`` set)."""
         features = {name: value[index] for name, value in self.outputs.features.items()}
         return Outputs(self.outputs.logits[index], features, index)
+
+
+class StaticTargets:
+    """Teacher logits that never change during training (cached, precomputed or out-of-fold, no augmentation), served
+    per batch.
+
+    When the loss defines ``precompute(teacher_logits, y)`` (see :class:`~kdistill.losses.Loss`), its per-row table
+    is built once and stored beside the logits in one float32 tensor, so that a single row gather per batch serves
+    both: on a tiny student every gather from a transfer set larger than the CPU cache costs as much as several
+    small ops. Without it the logits stay as given (a memory-mapped cache entry is not copied; fp16 is upcast per
+    batch).
+    """
+
+    def __init__(self, logits: torch.Tensor, precomputed: torch.Tensor | None = None) -> None:
+        self.classes = logits.shape[1]
+        self.packed = precomputed is not None
+        self.table = logits if precomputed is None else torch.cat([logits.float(), precomputed.float()], dim=1)
+
+    @classmethod
+    def build(cls, loss_fn: Loss, logits: torch.Tensor, y: torch.Tensor | None) -> StaticTargets:
+        """Ask ``loss_fn``'s optional ``precompute`` hook for its table (it may return None) and serve it too."""
+        precompute = getattr(loss_fn, "precompute", None)
+        return cls(logits, None if precompute is None else precompute(logits, y))
+
+    def select(self, index: torch.Tensor) -> Outputs:
+        """The teacher's outputs for the rows ``index`` (batch,), with ``index`` and ``precomputed`` set."""
+        rows = self.table.index_select(0, index)
+        if not self.packed:
+            return Outputs(rows.float(), index=index)
+        return Outputs(rows[:, : self.classes], index=index, precomputed=rows[:, self.classes :])

@@ -31,11 +31,14 @@ class Outputs:
     ``features``: intermediate outputs by module path, only those a method asked for.
     ``index``: (batch,) positions of the rows in the transfer set, set by the engine on the teacher's outputs, for
     methods that keep per-row state (CRD's memory bank).
+    ``precomputed``: the batch's rows of what the loss's optional ``precompute`` hook returned for the whole transfer
+    set, when the teacher's outputs never change (see :class:`~kdistill.losses.Loss`).
     """
 
     logits: torch.Tensor
     features: Mapping[str, torch.Tensor] = field(default_factory=dict)
     index: torch.Tensor | None = None
+    precomputed: torch.Tensor | None = None
 
 
 def probs_to_logits(probs: torch.Tensor) -> torch.Tensor:
