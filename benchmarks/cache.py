@@ -5,8 +5,8 @@ to 39,600 rows; batch 128; a CNN teacher with (320, 320, 320) channels (~7.7M mu
 student); two MLP students, 40-100-100-10 (~15k MACs) and 40-512-512-10 (~288k MACs). A hand-written loop (index
 in-memory tensors, AdamW), one torch thread (what the engine picks for students this small). Each configuration runs
 ``--repeats`` epochs (``--live-repeats`` for the slow live-teacher one) after one warm-up round, the configurations
-taking turns every 16 steps so that all see the same load on a shared machine; the median epoch is reported, and the
-per-round (c)/(a) ratios:
+taking turns every 16 steps (in an order that rotates every turn) so that all see the same load on a shared machine
+and none always follows the live teacher; the median epoch is reported, and the per-round (c)/(a) ratios:
 
 (a) CE only; (b) KD, the teacher run live on every batch (``kdistill.kd_loss``); (c) KD from the cache (fp32 entry,
 memory-mapped), as the engine does it (``StaticTargets``): the ``kd`` loss packs its targets once beside the cached
@@ -92,11 +92,16 @@ def interleaved_epoch(
     block: int = 16,
 ) -> dict[str, float]:
     """Seconds each configuration spends on one epoch of the hand-written loop (``step_loss(student_logits,
-    index)``), run in turns of ``block`` steps so that all of them see the same load on a shared machine."""
+    index)``), run in turns of ``block`` steps so that all of them see the same load on a shared machine, in an
+    order that rotates every turn."""
     spent = dict.fromkeys(step_losses, 0.0)
     starts = list(range(0, len(order), BATCH))
-    for first in range(0, len(starts), block):
-        for name, step_loss in step_losses.items():
+    names = list(step_losses)
+    for turn, first in enumerate(range(0, len(starts), block)):
+        # the order rotates every turn: a configuration that always ran right after the live teacher would always
+        # start on caches the teacher's large activations had just evicted
+        for name in names[turn % len(names) :] + names[: turn % len(names)]:
+            step_loss = step_losses[name]
             student, optimizer = students[name], optimizers[name]
             started = time.perf_counter()
             for start in starts[first : first + block]:

@@ -16,6 +16,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_save
 from torch import nn
 
+from kdistill import defaults
 from kdistill.data import Split, as_split
 from kdistill.engine import EarlyStopping, ProgressBar, TrainConfig, TransferSet, fit, predict_logits
 from kdistill.engine.live import Augment
@@ -232,11 +233,11 @@ def distill(
     temperature: float = 4.0,
     soft_weight: float = 0.5,
     method_params: dict[str, Any] | None = None,
-    epochs: int = 100,
-    batch_size: int = 64,
-    lr: float = 3e-3,
-    weight_decay: float = 1e-2,
-    patience: int | None = 15,
+    epochs: int = defaults.EPOCHS,
+    batch_size: int = defaults.BATCH_SIZE,
+    lr: float = defaults.LR,
+    weight_decay: float = defaults.WEIGHT_DECAY,
+    patience: int | None = defaults.PATIENCE,
     seed: int = 0,
     soft_targets: str = "predict",
     oof_folds: int = 5,

@@ -32,6 +32,7 @@ from pydantic import (
     model_validator,
 )
 
+from kdistill import defaults
 from kdistill.errors import ConfigError
 
 __all__ = [
@@ -253,8 +254,8 @@ class MethodTerm(_Section):
 
 class OptimizerConfig(_Section):
     name: Literal["adamw", "sgd"] = "adamw"
-    lr: Annotated[float, Field(gt=0)] = 3e-3
-    weight_decay: Annotated[float, Field(ge=0)] = 1e-2
+    lr: Annotated[float, Field(gt=0)] = defaults.LR
+    weight_decay: Annotated[float, Field(ge=0)] = defaults.WEIGHT_DECAY
     momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
 
 
@@ -267,9 +268,9 @@ class TrainSection(_Section):
     """``batch_size`` is the global batch (split across ranks under torchrun). ``patience``: epochs without a better
     validation accuracy before stopping (null: never stop early, still keep the best epoch's weights)."""
 
-    epochs: Annotated[int, Field(gt=0)] = 100
-    batch_size: Annotated[int, Field(gt=0)] = 64
-    patience: Annotated[int, Field(gt=0)] | None = 15
+    epochs: Annotated[int, Field(gt=0)] = defaults.EPOCHS
+    batch_size: Annotated[int, Field(gt=0)] = defaults.BATCH_SIZE
+    patience: Annotated[int, Field(gt=0)] | None = defaults.PATIENCE
     optimizer: OptimizerConfig = OptimizerConfig()
     schedule: ScheduleConfig = ScheduleConfig()
 

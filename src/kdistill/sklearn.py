@@ -15,6 +15,7 @@ from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
+from kdistill import defaults
 from kdistill.api import distill
 from kdistill.data import as_split
 from kdistill.engine import predict_logits
@@ -58,12 +59,12 @@ class DistilledClassifier(ClassifierMixin, BaseEstimator):
         temperature: float = 4.0,
         soft_weight: float = 0.5,
         soft_targets: str = "predict",
-        max_epochs: int = 100,
-        batch_size: int = 64,
-        lr: float = 3e-3,
-        weight_decay: float = 1e-2,
+        max_epochs: int = defaults.EPOCHS,
+        batch_size: int = defaults.BATCH_SIZE,
+        lr: float = defaults.LR,
+        weight_decay: float = defaults.WEIGHT_DECAY,
         validation_fraction: float = 0.1,
-        patience: int | None = 15,
+        patience: int | None = defaults.PATIENCE,
         report: bool = True,
         num_threads: int | str = "auto",
         random_state: int | None = None,

@@ -18,6 +18,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from kdistill import defaults
 from kdistill.engine.callbacks import Callback
 from kdistill.engine.live import Augment, live_batches
 from kdistill.errors import ConfigError, KdistillError, NonFiniteLossError
@@ -40,14 +41,15 @@ class TrainConfig:
     ``optimizer``: ``"adamw"`` or ``"sgd"`` (with ``momentum``). ``schedule``: ``"warmup_cosine"`` (linear warm-up over
     ``warmup_fraction`` of the steps, then cosine decay to 0) or ``"constant"``. ``precision``: ``"fp32"``, or
     ``"bf16"``/``"fp16"`` autocast for the forward pass and the loss (fp16 on CUDA uses a gradient scaler).
-    ``batch_size`` is the global batch: under torchrun each of the N ranks takes 1/N of every batch."""
+    ``batch_size`` is the global batch: under torchrun each of the N ranks takes 1/N of every batch. The optimizer
+    defaults are :mod:`kdistill.defaults` (a strongly regularised AdamW, measured there)."""
 
-    epochs: int = 100
-    batch_size: int = 64
-    lr: float = 3e-3
-    weight_decay: float = 1e-2
+    epochs: int = defaults.EPOCHS
+    batch_size: int = defaults.BATCH_SIZE
+    lr: float = defaults.LR
+    weight_decay: float = defaults.WEIGHT_DECAY
     warmup_fraction: float = 0.05
-    patience: int | None = 15
+    patience: int | None = defaults.PATIENCE
     seed: int = 0
     num_threads: int | str = "auto"
     device: str = "cpu"
