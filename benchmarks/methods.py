@@ -312,10 +312,11 @@ def _targets(results: list[dict[str, Any]]) -> list[str]:
         tuned_label = max(tuned, key=tuned.__getitem__)
         gap = tuned[tuned_label] - defaults
         met = "met" if gap <= 1.0 else "NOT met"
+        side = f"{gap:.1f} points below" if gap > 0 else f"{-gap:.1f} points above"
         lines.append(
-            f"- All defaults (`distill(teacher, student, train, val=val)`, method kd): {defaults:.1f}%, "
-            f"{gap:+.1f} points from the tuned kd result ({tuned_label}: {tuned[tuned_label]:.1f}%; target: within "
-            f"1 point: {met}); {means[best_label] - defaults:.1f} points below the best tuned method."
+            f"- All defaults (`distill(teacher, student, train, val=val)`, method kd): {defaults:.1f}%, {side} the "
+            f"tuned kd result ({tuned_label}: {tuned[tuned_label]:.1f}%; target: within 1 point: {met}); "
+            f"{means[best_label] - defaults:.1f} points below the best tuned method."
         )
     old = means.get(OLD_DEFAULTS_LABEL)
     if old is not None and defaults is not None:

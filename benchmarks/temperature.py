@@ -2,7 +2,8 @@
 
 A forest's outputs are vote fractions; kdistill takes their log as logits, so temperature T turns votes p into
 p^(1/T) renormalised. This sweep measures which T suits such a teacher; it is why the digits demo uses T = 2.
-Mean test accuracy of the distilled MLP over 3 seeds, and the no-teacher baseline.
+Mean test accuracy of the distilled MLP over 3 seeds, and the no-teacher baseline, with the demo's optimizer
+(``kdistill.demo.DIGITS_OPTIMIZER``).
 
     python benchmarks/temperature.py         # ~4 minutes on a 2-core CPU box
 """
@@ -17,7 +18,7 @@ import time
 
 from kdistill import distill
 from kdistill.datasets import load_digits
-from kdistill.demo import _digits_teacher
+from kdistill.demo import DIGITS_OPTIMIZER, builtin_teacher
 
 
 def main() -> None:
@@ -28,7 +29,7 @@ def main() -> None:
     accuracy: dict[str, list[float]] = {}
     for seed in range(args.seeds):
         data = load_digits(seed)
-        teacher = _digits_teacher(data.train, seed)
+        teacher = builtin_teacher(data, seed)
         grid = itertools.product([1.0, 2.0, 4.0], [0.3, 0.5, 0.9], ["predict", "oof"])
         for index, (temperature, soft_weight, soft_targets) in enumerate(grid):
             result = distill(
@@ -44,6 +45,7 @@ def main() -> None:
                 baseline=index == 0,
                 profile=False,
                 verbose=False,
+                **DIGITS_OPTIMIZER,
             )
             assert result.report is not None
             key = f"T={temperature:g} w={soft_weight:g} {soft_targets}"

@@ -231,3 +231,22 @@ def test_torch_dataset_and_cnn_student() -> None:
     )
     assert result.spec is not None and result.spec["kind"] == "cnn"
     assert result.student(x[:5]).shape == (5, 4)
+
+
+def test_every_entry_point_shares_the_training_defaults() -> None:
+    """distill(), DistilledClassifier, run configs and TrainConfig read one module, so they cannot drift apart."""
+    import inspect
+
+    from kdistill import defaults
+    from kdistill.config import OptimizerConfig, TrainSection
+    from kdistill.engine import TrainConfig
+
+    expected = {"lr": defaults.LR, "weight_decay": defaults.WEIGHT_DECAY, "patience": defaults.PATIENCE}
+    signature = inspect.signature(kdistill.distill).parameters
+    assert {name: signature[name].default for name in expected} == expected
+    estimator = kdistill.DistilledClassifier(teacher=None).get_params()
+    assert {name: estimator[name] for name in expected} == expected
+    assert {name: getattr(TrainConfig(), name) for name in expected} == expected
+    section = TrainSection()
+    assert (OptimizerConfig().lr, OptimizerConfig().weight_decay, section.patience) == tuple(expected.values())
+    assert (section.epochs, section.batch_size) == (defaults.EPOCHS, defaults.BATCH_SIZE) == (100, 64)

@@ -48,10 +48,9 @@ def run_pipeline(
     finetune_epochs: int = 50,
 ) -> CompressResult:
     """distil -> prune -> quantize -> export on a built-in data set with its built-in teacher and student, as
-    ``kdistill demo`` sets them up (digits: RandomForest(200) -> MLP at T=2; mnist1d: CNN(64, 64, 64) ->
-    CNN(16, 16, 16) at T=4)."""
+    ``kdistill demo`` sets them up (:func:`kdistill.demo.demo_recipe`)."""
     dataset = load_dataset(dataset_name, seed)
-    teacher, student, params, temperature = demo_recipe(dataset, seed, verbose)
+    teacher, student, settings = demo_recipe(dataset, seed, verbose)
     result = compress(
         teacher,
         student,
@@ -65,11 +64,10 @@ def run_pipeline(
         seed=seed,
         html=html,
         verbose=verbose,
-        student_params=params,
-        temperature=temperature,
         latency_budget_s=latency_budget_s,
         epochs=epochs,
         finetune_epochs=finetune_epochs,
+        **settings,
     )
     result.report.settings["dataset"] = dataset_name
     result.report.save(result.folder / "report.json")
