@@ -5,7 +5,7 @@ p^(1/T) renormalised. This sweep measures which T suits such a teacher; it is wh
 Mean test accuracy of the distilled MLP over 3 seeds, and the no-teacher baseline, with the demo's optimizer
 (``kdistill.demo.DIGITS_OPTIMIZER``).
 
-    python benchmarks/temperature.py         # ~4 minutes on a 2-core CPU box
+    python benchmarks/temperature.py         # ~2 minutes on a 2-core CPU box
 """
 
 from __future__ import annotations
