@@ -267,6 +267,9 @@ def distill(
             ``soft_weight`` configure ``"kd"``; other methods take ``method_params``. Several methods at once: a list
             ``["kd", "fitnet"]`` or weights ``{"kd": 1.0, "fitnet": 0.5}``, with ``method_params`` keyed by method
             (``{"fitnet": {"student_layers": "layers.3"}}``); each term is logged as ``train_<method>/<term>``.
+        epochs, batch_size, lr, weight_decay, patience: AdamW with warm-up and cosine decay; the defaults are
+            :mod:`kdistill.defaults` (lr 3e-2, weight decay 0.1, patience 40: strongly regularised, measured in
+            ``docs/defaults.md``). ``patience`` counts epochs without a better ``val`` accuracy (None: never stop).
         soft_targets: ``"predict"`` (the teacher's outputs on the training rows) or ``"oof"`` (out-of-fold outputs of
             clones of a scikit-learn teacher, for teachers that have memorised their training rows).
         baseline: also train the same student, same seed and epochs, on hard labels only, for the report.

@@ -42,7 +42,8 @@ class DistilledClassifier(ClassifierMixin, BaseEstimator):
     DistilledClassifier holds an *unfitted* copy of its teacher, and an unfitted teacher is fitted on the rows given
     to ``fit`` (so cross-validation never lets the teacher see the test fold). To keep a prefit teacher across clones,
     wrap it: ``DistilledClassifier(FrozenEstimator(forest))`` (``sklearn.frozen``). A fitted teacher passed directly
-    is used as is.
+    is used as is. The training parameters are :func:`kdistill.distill`'s, with the same defaults
+    (:mod:`kdistill.defaults`).
 
     Attributes after fit: ``classes_`` (the teacher's order; any labels sklearn accepts), ``teacher_``, ``student_``
     (the trained ``nn.Module``), ``history_``, ``report_`` (teacher, student and the no-teacher baseline on the
