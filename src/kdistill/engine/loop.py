@@ -272,9 +272,10 @@ def _fit(
         raise KdistillError("augmentation needs the live teacher", hint="pass teacher= to fit().")
     # teacher features computed once when they fit (not with augmentation: the rows change every batch)
     bank = None if augment is not None else TeacherBank.build(teacher, x, teacher_features, logits=targets)
-    # teacher logits that never change, with the loss's per-row work done once beside them (kd packs its targets)
+    # teacher logits that never change, with the loss's per-row work done once beside them (kd packs its targets);
+    # methods that read teacher features get theirs from the bank or the live teacher instead
     static = None
-    if targets is not None and augment is None and bank is None and not teacher_features:
+    if targets is not None and augment is None and not teacher_features:
         static = StaticTargets.build(loss_fn, targets, y)
     for callback in callbacks:
         callback.on_train_begin(state)

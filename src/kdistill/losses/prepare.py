@@ -102,8 +102,8 @@ class TeacherBank:
 
     def select(self, index: torch.Tensor) -> Outputs:
         """The bank's rows ``index`` (batch,), as the teacher's outputs for that batch (with ``index`` set)."""
-        features = {name: value[index] for name, value in self.outputs.features.items()}
-        return Outputs(self.outputs.logits[index], features, index)
+        features = {name: value.index_select(0, index) for name, value in self.outputs.features.items()}
+        return Outputs(self.outputs.logits.index_select(0, index), features, index)
 
 
 class StaticTargets:
