@@ -27,6 +27,7 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +37,7 @@ import torch
 import kdistill
 from kdistill import defaults
 
-OLD_DEFAULTS: dict[str, Any] = {"lr": 3e-3, "weight_decay": 1e-2, "patience": 15}
-SETTINGS: dict[str, dict[str, Any]] = {"today": {}, "0.1": OLD_DEFAULTS}
+SETTINGS: dict[str, Mapping[str, Any]] = {"today": {}, "0.1": defaults.GENTLE}  # GENTLE: 0.1's defaults
 CASES = ("mnist1d_mlp", "mnist1d_cnn", "digits_t2", "digits", "breast_cancer", "wine")
 TITLES = {
     "mnist1d_mlp": "MNIST-1D, CNN → MLP 40-100-100-10",

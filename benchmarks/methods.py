@@ -33,8 +33,7 @@ from kdistill import defaults
 # tuned on this data (see docs/results.md): high lr + strong weight decay, no early stop, best val epoch kept
 TUNED_OPTIMIZER: dict[str, Any] = {"lr": 3e-2, "weight_decay": 0.1}
 TUNED: dict[str, Any] = {**TUNED_OPTIMIZER, "patience": None}
-# what distill() defaulted to before kdistill.defaults (kept to show what the new defaults change)
-OLD_DEFAULTS: dict[str, Any] = {"lr": 3e-3, "weight_decay": 1e-2, "patience": 15}
+# defaults.GENTLE: what distill() defaulted to in 0.1 (kept to show what today's defaults change)
 OLD_DEFAULTS_LABEL = "kd, 0.1's defaults (lr 3e-3, wd 1e-2, patience 15)"
 MLP_HIDDEN = (100, 100)
 CNN_CHANNELS = (16, 16, 16)
@@ -71,7 +70,7 @@ def plan(students: Sequence[str], seeds: Sequence[int]) -> list[Job]:
         rows: list[tuple[str, Any, dict[str, Any], dict[str, Any], str | None, str]] = [
             ("ce (no teacher)", "ce", {}, {}, None, "single"),
             ("kd, all defaults", "kd", {}, {"defaults": True}, None, "single"),
-            (OLD_DEFAULTS_LABEL, "kd", {}, {"defaults": True, **OLD_DEFAULTS}, None, "single"),
+            (OLD_DEFAULTS_LABEL, "kd", {}, {"defaults": True, **defaults.GENTLE}, None, "single"),
             ("kd", "kd", {}, {}, None, "single"),
             ("kd (soft weight 0.9)", "kd", {}, {"soft_weight": 0.9}, None, "single"),
             ("dkd", "dkd", {}, {}, None, "single"),

@@ -9,6 +9,7 @@ from typing import Any
 
 from sklearn.ensemble import RandomForestClassifier
 
+from kdistill import defaults
 from kdistill.api import DistillResult, distill
 from kdistill.datasets import load_dataset
 from kdistill.engine import EarlyStopping, TrainConfig, TransferSet, fit
@@ -58,10 +59,11 @@ def builtin_teacher(dataset: Any, seed: int = 0, verbose: bool = False) -> Any:
     return _mnist1d_teacher(dataset, seed, verbose)
 
 
-DIGITS_OPTIMIZER: dict[str, Any] = {"lr": 3e-3, "weight_decay": 1e-2, "patience": 15}
-"""The digits demo's gentler optimizer: on this small, easy set ``kdistill.defaults``' strong regularisation helps the
-no-teacher baseline as much as the student (5 seeds: student 97.5%, baseline 97.3%), while these settings give the
-student 98.1% against the baseline's 97.2% (``benchmarks/demo_quality.py``, ``docs/defaults.md``)."""
+DIGITS_OPTIMIZER = defaults.GENTLE
+"""The digits demo's gentler optimizer (kdistill 0.1's defaults): on this small, easy set the strong regularisation
+of ``kdistill.defaults`` helps the no-teacher baseline as much as the student (5 seeds: student 97.5%, baseline
+97.3%), while these settings give the student 98.1% against the baseline's 97.2% (``benchmarks/demo_quality.py``,
+``docs/defaults.md``)."""
 
 
 def demo_recipe(dataset: Any, seed: int = 0, verbose: bool = False) -> tuple[Any, str, dict[str, Any]]:
