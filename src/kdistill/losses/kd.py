@@ -105,9 +105,10 @@ def kd_loss(
 def pack_kd_targets(
     teacher_logits: torch.Tensor, target: torch.Tensor, *, temperature: float, soft_weight: float
 ) -> torch.Tensor:
-    r"""Everything the Hinton loss needs from a row's teacher and label, computed once: (rows, 2·classes + 1) float32
+    r"""Everything the Hinton loss needs from a row's teacher and label, computed once.
 
-    ``-2·classes·[(1 - w)·one-hot(y) | w·T²·p_t]`` and a last column ``w·T²·Σ_c p_t log p_t``, with
+    A (rows, 2·classes + 1) float32 table: ``-2·classes·[(1 - w)·one-hot(y) | w·T²·p_t]`` and a last column
+    ``w·T²·Σ_c p_t log p_t``, with
     :math:`p_t = \mathrm{softmax}(z_t / T)`. For a teacher whose outputs never change (a cache, precomputed or
     out-of-fold targets, no augmentation) the engine packs the transfer set once (:meth:`KDLoss.precompute`) and
     :func:`kd_loss_packed` reads each batch's rows. Needs ``0 < soft_weight < 1``."""
