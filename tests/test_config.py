@@ -18,7 +18,9 @@ from kdistill.cli import main
 from kdistill.config import load_config
 from kdistill.errors import ConfigError
 from kdistill.losses import get_loss
-from kdistill.run import WeightedSum, run, validate
+from kdistill.config import MethodTerm
+from kdistill.pipeline import build_loss
+from kdistill.run import run, validate
 from kdistill.teachers import Outputs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -89,12 +91,17 @@ def test_weighted_methods_sum_their_terms() -> None:
     torch.manual_seed(0)
     student, teacher = torch.randn(8, 5), torch.randn(8, 5)
     target = torch.randint(0, 5, (8,))
-    combined = WeightedSum([("kd", 0.7, get_loss("kd", temperature=2.0, soft_weight=1.0)), ("ce", 0.3, get_loss("ce"))])
+    terms_of_config = [
+        MethodTerm(name="kd", weight=0.7, params={"temperature": 2.0, "soft_weight": 1.0}),
+        MethodTerm(name="ce", weight=0.3),
+    ]
+    combined = build_loss(terms_of_config)
     terms = combined(Outputs(student), Outputs(teacher), target)
     soft = F.kl_div(F.log_softmax(student / 2, 1), F.softmax(teacher / 2, 1), reduction="batchmean") * 4
     hard = F.cross_entropy(student, target)
     torch.testing.assert_close(terms["loss"], 0.7 * soft + 0.3 * hard)
-    torch.testing.assert_close(terms["ce_ce"], hard)
+    torch.testing.assert_close(terms["ce/ce"], hard)
+    torch.testing.assert_close(terms["kd/kd"], soft)
     assert combined.needs_teacher
 
 

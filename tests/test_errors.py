@@ -10,7 +10,7 @@ from sklearn.ensemble import RandomForestClassifier
 from torch import nn
 
 import kdistill
-from kdistill.errors import DataError, LabelError, ShapeMismatchError, StudentError, TeacherError
+from kdistill.errors import ConfigError, DataError, LabelError, ShapeMismatchError, StudentError, TeacherError
 
 QUICK = {"epochs": 1, "verbose": False, "report": False}
 
@@ -101,7 +101,8 @@ def test_non_numeric_dataframe_column(digits, forest) -> None:
 def test_unknown_student_and_method(digits, forest) -> None:
     with pytest.raises(StudentError, match="unknown student 'transformer'"):
         kdistill.distill(forest, "transformer", digits["train"], **QUICK)
-    with pytest.raises(KeyError, match="did you mean 'kd'"):
+    # the API validates its method through the config's model: the same error as `method: kdd` in YAML
+    with pytest.raises(ConfigError, match=r"method\[0\]\.name: unknown method 'kdd'; did you mean 'kd'\?"):
         kdistill.distill(forest, "mlp", digits["train"], method="kdd", **QUICK)
 
 

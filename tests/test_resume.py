@@ -104,12 +104,12 @@ def test_resume_refuses_a_config_that_changes_the_weights(tmp_path: Path) -> Non
     folder = tmp_path / "run"
     overrides = ["out=" + str(folder), "train.epochs=1", "report.baseline=false"]
     run(config, overrides=overrides, verbose=False)
-    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
     with pytest.raises(CheckpointError, match=r"train\.optimizer\.lr: 0\.03 -> 0\.01"):
         run(config, overrides=[*overrides, "train.optimizer.lr=0.01"], resume=True, verbose=False)
     with pytest.raises(CheckpointError, match=r"student\.params\.hidden: \[32\] -> \[64\]"):
         run(config, overrides=[*overrides, "student.params.hidden=[64]"], resume=True, verbose=False)
-    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before
     # what does not decide the weights may change: logging, the report
     again = run(config, overrides=[*overrides, "logging.jsonl=false", "report.enabled=false"], resume=True)
     assert again.resumed

@@ -1,225 +1,153 @@
-"""``kdistill.distill``: teacher in, trained student and an honest report out."""
+"""``kdistill.distill``: teacher in, trained student and an honest report out.
+
+A thin front end: it turns its arguments into a :class:`~kdistill.pipeline.RunSpec` (the settings validated by the
+same model as a YAML config) and runs it through :func:`kdistill.pipeline.execute`, the one path every run takes.
+"""
 
 from __future__ import annotations
 
 import copy
-import json
 import os
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save as safetensors_save
 from torch import nn
 
 from kdistill import defaults
-from kdistill.data import Split, as_split
-from kdistill.engine import EarlyStopping, ProgressBar, TrainConfig, TransferSet, fit, predict_logits
+from kdistill.config import validate_settings, validate_soft_targets
 from kdistill.engine.live import Augment
-from kdistill.errors import CheckpointError, LabelError, ShapeMismatchError, StudentError, TeacherError
-from kdistill.evaluate import classification_metrics
-from kdistill.io import atomic_write_bytes, atomic_write_json
-from kdistill.losses import Loss, compose_methods, get_loss
-from kdistill.profile import count_parameters, model_size_bytes, time_inference
-from kdistill.report import Report
-from kdistill.students import build_student, student_from_spec
-from kdistill.teachers import SklearnTeacher, Teacher, as_teacher, probs_to_logits, teacher_logits
+from kdistill.errors import ConfigError
+from kdistill.losses import Loss
+from kdistill.pipeline import RunSpec, _oof_logits, execute
+from kdistill.result import WEIGHTS_FILE, DistillResult, load, save_student
+from kdistill.teachers import as_teacher
 
-__all__ = ["DistillResult", "distill", "load"]
+__all__ = ["WEIGHTS_FILE", "DistillResult", "distill", "load", "save_student"]
 
-WEIGHTS_FILE = "student.safetensors"
+_oof_logits = _oof_logits  # re-exported for the tests of out-of-fold targets
 
+_ARGUMENT_PATHS: dict[str, tuple[str, ...]] = {
+    "epochs": ("train", "epochs"),
+    "batch_size": ("train", "batch_size"),
+    "lr": ("train", "optimizer", "lr"),
+    "weight_decay": ("train", "optimizer", "weight_decay"),
+    "patience": ("train", "patience"),
+    "seed": ("seed",),
+    "num_threads": ("device", "num_threads"),
+    "device": ("device", "type"),
+    "cache_dir": ("cache", "dir"),
+    "cache_storage": ("cache", "storage"),
+    "baseline": ("report", "baseline"),
+    "report": ("report", "enabled"),
+    "profile": ("report", "profile"),
+}
+"""Where each of distill()'s own arguments lives in the settings (the YAML layout)."""
 
-@dataclass
-class DistillResult:
-    """What :func:`distill` returns.
-
-    ``student``: the trained module (eval mode, best validation weights). ``history``: one dict of metrics per epoch.
-    ``report``: the side-by-side :class:`~kdistill.report.Report` (None with ``report=False``). ``baseline``: the same
-    student trained on hard labels only (None with ``baseline=False``). ``spec``: how to rebuild a built-in student.
-    ``classes``: the label of each output column.
-    """
-
-    student: nn.Module
-    history: list[dict[str, float]]
-    report: Report | None
-    baseline: nn.Module | None
-    spec: dict[str, Any] | None
-    classes: list[Any] | None
-    baseline_history: list[dict[str, float]] | None = None
-
-    def predict(self, x: Any) -> np.ndarray:
-        """Predicted labels for ``x`` (in the teacher's label space when it had one)."""
-        logits = predict_logits(self.student, as_split(x, name="x", labeled=False).x)
-        index = logits.argmax(dim=1).numpy()
-        return np.asarray(self.classes)[index] if self.classes is not None else index
-
-    def save(self, path: str | os.PathLike[str]) -> Path:
-        """Save into folder ``path``: ``student.safetensors`` (weights, with the spec and classes as metadata),
-        ``history.json`` and ``report.json``. Every file is written atomically."""
-        folder = Path(path)
-        save_student(self.student, folder / WEIGHTS_FILE, spec=self.spec, classes=self.classes)
-        atomic_write_json(folder / "history.json", {"student": self.history, "baseline": self.baseline_history})
-        if self.report is not None:
-            self.report.save(folder / "report.json")
-        return folder
+_API_DEFAULTS: dict[str, Any] = {
+    "device": {"type": "cpu"},
+    "report": {"profile": True},
+    "logging": {"console": False, "progress": True},
+}
+"""Where the Python API's defaults differ from a config file's: the CPU unless told (a config says ``auto``), the
+report times the models, and the progress bar replaces the per-epoch console line."""
 
 
-def save_student(student: nn.Module, path: Path, *, spec: dict[str, Any] | None, classes: Sequence[Any] | None) -> Path:
-    """Write ``student``'s state dict as safetensors with ``spec`` and ``classes`` as JSON metadata, atomically."""
-    tensors = {name: t.detach().cpu().contiguous() for name, t in student.state_dict().items()}
-    metadata = {"kdistill_spec": json.dumps(spec), "classes": json.dumps(_jsonable(classes))}
-    return atomic_write_bytes(path, safetensors_save(tensors, metadata=metadata))
+def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    merged = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
 
 
-def _jsonable(classes: Sequence[Any] | np.ndarray | None) -> list[Any] | None:
-    return None if classes is None else np.asarray(classes).tolist()
+def _lookup(tree: Mapping[str, Any], path: tuple[str, ...]) -> tuple[bool, Any]:
+    node: Any = tree
+    for part in path:
+        if not isinstance(node, Mapping) or part not in node:
+            return False, None
+        node = node[part]
+    return True, node
 
 
-def load(path: str | os.PathLike[str], *, student: nn.Module | None = None) -> nn.Module:
-    """Restore a saved student (eval mode) from a folder written by :meth:`DistillResult.save` or its weights file.
-
-    Built-in students are rebuilt from the spec stored with the weights; for your own module, pass an instance of
-    it as ``student`` and its weights are loaded into it. Nothing is unpickled. The column labels are on
-    ``module.kdistill_classes``.
-    """
-    target = Path(path)
-    weights = target / WEIGHTS_FILE if target.is_dir() else target
-    if not weights.exists():
-        raise CheckpointError(f"no saved student at {weights}", hint="pass the folder given to DistillResult.save.")
-    try:
-        with safe_open(str(weights), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118 - not a dict
-    except (SafetensorError, ValueError, OSError) as exc:
-        raise CheckpointError(
-            f"{weights} is not a readable safetensors file ({exc})",
-            hint="the file is corrupt or truncated; save the student again from its run.",
-        ) from exc
-    spec = json.loads(metadata.get("kdistill_spec", "null"))
-    if student is None:
-        if spec is None:
-            raise CheckpointError(
-                f"{weights} holds a custom student, which cannot be rebuilt from a spec",
-                hint="pass an instance of your module: kdistill.load(path, student=MyNet()).",
+def _method_terms(
+    method: Any, temperature: float, soft_weight: float, method_params: Mapping[str, Any] | None
+) -> list[dict[str, Any]] | None:
+    """``method`` as the list of terms a config holds (None for a Loss object)."""
+    kd_params = {"temperature": temperature, "soft_weight": soft_weight}
+    if isinstance(method, str):
+        own = kd_params if method in ("kd", "kd_topk") else {}
+        return [{"name": method, "params": own | dict(method_params or {})}]
+    if isinstance(method, (list, tuple, dict)):
+        per_method = {name: dict(values) for name, values in (method_params or {}).items()}
+        stray = sorted(set(per_method) - set(method))
+        if stray:
+            raise ConfigError(
+                f"method_params for {stray}, which are not among the methods {sorted(method)}",
+                hint="key method_params by the method names you compose.",
             )
-        student = student_from_spec(spec)
-    try:
-        student.load_state_dict(tensors)
-    except RuntimeError as exc:
-        raise CheckpointError(f"the weights in {weights} do not fit {type(student).__name__}: {exc}") from exc
-    student.kdistill_classes = json.loads(metadata.get("classes", "null"))
-    return student.eval()
+        if "kd" in method:
+            per_method["kd"] = kd_params | per_method.get("kd", {})
+        weights = dict(method) if isinstance(method, dict) else dict.fromkeys(method, 1.0)
+        return [
+            {"name": name, "weight": weight, "params": per_method.get(name, {})} for name, weight in weights.items()
+        ]
+    return None
 
 
-def _oof_logits(teacher: Teacher, train: Split, folds: int, seed: int) -> torch.Tensor:
-    """Out-of-fold soft targets: each row labelled by a clone of the teacher fitted on the other folds."""
-    from sklearn.base import clone
-    from sklearn.model_selection import StratifiedKFold, cross_val_predict
-
-    if not isinstance(teacher, SklearnTeacher):
-        raise TeacherError(
-            "soft_targets='oof' refits clones of the teacher, so it needs a scikit-learn teacher",
-            hint="use soft_targets='predict' for this teacher.",
-        )
-    assert train.y is not None
-    method = "predict_proba" if teacher.output == "probs" else "decision_function"
-    folds_split = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-    x = np.asarray(train.x.reshape(len(train.x), -1).numpy())
-    scores = cross_val_predict(clone(teacher.estimator), x, train.y.numpy(), cv=folds_split, method=method)
-    out = torch.as_tensor(np.asarray(scores), dtype=torch.float32)
-    if method == "predict_proba":
-        return probs_to_logits(out)
-    return torch.stack([torch.zeros_like(out), out], dim=1) if out.ndim == 1 else out
-
-
-def _check_classes(teacher: Teacher, logits: torch.Tensor, splits: Sequence[Split | None]) -> int:
-    classes = int(logits.shape[1])
-    if teacher.num_classes is not None and teacher.num_classes != classes:
-        raise ShapeMismatchError(f"the teacher says it has {teacher.num_classes} classes but outputs {classes}")
-    for split in splits:
-        if split is not None and split.y is not None and int(split.y.max()) >= classes:
-            raise LabelError(
-                f"labels go up to {int(split.y.max())} but the teacher outputs {classes} classes",
-                hint="labels must be 0..classes-1 in the teacher's output order, and the teacher must cover them all.",
+def _settings_from_arguments(
+    settings: Mapping[str, Any] | None,
+    *,
+    method: Any,
+    temperature: float,
+    soft_weight: float,
+    method_params: Mapping[str, Any] | None,
+    flat: Mapping[str, Any],
+) -> dict[str, Any]:
+    """distill()'s arguments as settings in the YAML layout: the API's defaults, then ``settings``, then every
+    argument that is not at its default (one that ``settings`` sets to another value is an error)."""
+    given = dict(settings or {})
+    merged = _merge(_API_DEFAULTS, given)
+    defaults_of = _argument_defaults()
+    for name, value in flat.items():
+        path = _ARGUMENT_PATHS[name]
+        if value == defaults_of[name]:
+            if not _lookup(given, path)[0]:
+                merged = _merge(merged, _nested(path, value))
+            continue
+        present, other = _lookup(given, path)
+        if present and other != value:
+            raise ConfigError(
+                f"{name}={value!r} and settings {'.'.join(path)}={other!r} disagree",
+                hint=f"set it in one place: drop {name}= or the settings entry.",
             )
-    return classes
+        merged = _merge(merged, _nested(path, value))
+    terms = _method_terms(method, temperature, soft_weight, method_params)
+    default_method = method == "kd" and temperature == 4.0 and soft_weight == 0.5 and not method_params
+    if terms is not None and not ("method" in given and default_method):
+        if "method" in given:
+            raise ConfigError(
+                "the method is given twice: as method= (with temperature, soft_weight, method_params) and in settings",
+                hint="set it in one place.",
+            )
+        merged["method"] = terms
+    return merged
 
 
-def _check_student(student: nn.Module, x: torch.Tensor, classes: int) -> None:
-    was_training = student.training
-    student.eval()
-    try:
-        with torch.no_grad():
-            out = student(x[:2])
-    except Exception as exc:
-        raise StudentError(
-            f"the student failed on a batch of shape {tuple(x[:2].shape)}: {exc}",
-            hint="check the student's expected input shape against the data.",
-        ) from exc
-    finally:
-        student.train(was_training)
-    if not isinstance(out, torch.Tensor) or out.shape != (len(x[:2]), classes):
-        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ShapeMismatchError(
-            f"the student outputs {shape} for 2 rows, but the teacher has {classes} classes: expected (2, {classes})",
-            hint=f"make the student's last layer output {classes} logits.",
-        )
+def _nested(path: tuple[str, ...], value: Any) -> dict[str, Any]:
+    tree: Any = value
+    for part in reversed(path):
+        tree = {part: tree}
+    return tree
 
 
-def _model_metrics(
-    name: str,
-    model: Any,
-    predict: Any,
-    logits: torch.Tensor,
-    target: torch.Tensor,
-    reference: torch.Tensor,
-    x: torch.Tensor,
-    profile: bool,
-) -> dict[str, float]:
-    metrics = classification_metrics(logits, target, None if name == "teacher" else reference)
-    if name == "teacher":
-        metrics["agreement"] = 1.0
-    if hasattr(model, "size_bytes"):  # teacher adapters that know their size (ONNX and output files, ensembles)
-        size, parameters = model.size_bytes(), model.parameter_count()
-    else:
-        size, parameters = model_size_bytes(model), count_parameters(model)
-    if parameters is not None:
-        metrics["parameters"] = float(parameters)
-    if size is not None:
-        metrics["size_bytes"] = float(size)
-    if profile:
-        metrics |= time_inference(predict, x)
-    return metrics
+def _argument_defaults() -> dict[str, Any]:
+    import inspect
 
-
-def _build_report(
-    teacher: Teacher,
-    student: nn.Module,
-    baseline: nn.Module | None,
-    split: Split,
-    split_name: str,
-    settings: dict[str, Any],
-    profile: bool,
-) -> Report:
-    assert split.y is not None
-    reference = teacher_logits(teacher, split.x)
-    wrapped: Any = teacher.estimator if isinstance(teacher, SklearnTeacher) else getattr(teacher, "module", teacher)
-    entries: list[tuple[str, Any, Any, torch.Tensor]] = [("teacher", wrapped, teacher, reference)]
-    entries.append(("student", student, student, predict_logits(student, split.x)))
-    if baseline is not None:
-        entries.append(("baseline", baseline, baseline, predict_logits(baseline, split.x)))
-    models = {
-        name: _model_metrics(name, model, predict, logits, split.y, reference, split.x, profile)
-        for name, model, predict, logits in entries
-    }
-    for metrics in models.values():
-        metrics["retention"] = metrics["accuracy"] / models["teacher"]["accuracy"]
-    return Report(split=split_name, rows=len(split), models=models, settings=settings)
+    parameters = inspect.signature(distill).parameters
+    return {name: parameters[name].default for name in _ARGUMENT_PATHS}
 
 
 def distill(
@@ -253,6 +181,9 @@ def distill(
     cache_storage: str = "fp32",
     augment: Augment | None = None,
     prefetch_teacher: bool = False,
+    settings: Mapping[str, Any] | None = None,
+    out: str | os.PathLike[str] | None = None,
+    resume: bool = False,
 ) -> DistillResult:
     """Distil ``teacher`` into ``student`` and report how it compares.
 
@@ -281,111 +212,71 @@ def distill(
         augment: ``augment(x_batch, generator) -> x_batch``, applied to every training batch; the teacher then runs
             live on the augmented rows (no cache). ``prefetch_teacher``: run it in a background thread, one batch
             ahead. The baseline is trained with the same augmentation.
+        settings: anything else a YAML run can set, in the same layout (``docs/config.md``): ``{"train":
+            {"optimizer": {"name": "sgd", "momentum": 0.9}, "schedule": {"name": "constant"}}, "device":
+            {"precision": "bf16"}, "logging": {"tensorboard": True}, "compression": [{"name": "onnx"}]}``. It is
+            validated by the same model as a config file, so a bad value gets the same error; an argument above that
+            is left at its default does not override it, one set to another value that ``settings`` also sets is an
+            error.
+        out: a run folder: checkpoints every epoch, metrics.jsonl, the teacher-output cache (``<out>/cache``), and
+            at the end the student, history and report, as ``kdistill run`` writes them. ``resume=True`` continues
+            the run in ``out`` from its last checkpoint (same arguments and data, else a CheckpointError).
 
     Returns:
         A :class:`DistillResult`.
     """
-    adapter = as_teacher(teacher)
-    train_split = as_split(train, name="train", classes=adapter.classes)
-    val_split = None if val is None else as_split(val, name="val", classes=adapter.classes)
-    test_split = None if test is None else as_split(test, name="test", classes=adapter.classes)
-    if soft_targets not in ("predict", "oof"):
-        raise ValueError(f"soft_targets must be 'predict' or 'oof', got {soft_targets!r}")
-    targets: torch.Tensor | None
-    if augment is not None:  # the teacher labels each augmented batch live; a few rows tell its classes
-        targets, widths = None, teacher_logits(adapter, train_split.x[:8])
-    elif soft_targets == "oof":
-        targets = widths = _oof_logits(adapter, train_split, oof_folds, seed)
-    elif cache_dir is not None:
-        from kdistill.cache import cached_teacher_outputs
-
-        entry = cached_teacher_outputs(adapter, train_split.x, cache_dir=cache_dir, storage=cache_storage)
-        targets, widths = entry.teacher_targets(), torch.empty(0, entry.classes)
-    else:
-        targets = widths = teacher_logits(adapter, train_split.x)
-    classes = _check_classes(adapter, widths, [train_split, val_split, test_split])
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        module, spec = build_student(student, train_split.x, classes, hidden=hidden, **(student_params or {}))
-    _check_student(module, train_split.x, classes)
-    baseline_module = copy.deepcopy(module) if baseline else None
-
-    if cache_dir is not None and cache_storage.startswith("topk") and targets is not None:
-        if method not in ("kd", "kd_topk"):
-            raise ValueError(f"cache_storage={cache_storage!r} works with method 'kd' only, got {method!r}")
-        method = "kd_topk"
-    if isinstance(method, str):
-        params = {"temperature": temperature, "soft_weight": soft_weight} if method in ("kd", "kd_topk") else {}
-        loss_fn = get_loss(method, **(params | (method_params or {})))
-    elif isinstance(method, (list, tuple, dict)):
-        per_method = {name: dict(values) for name, values in (method_params or {}).items()}
-        if "kd" in method:
-            per_method["kd"] = {"temperature": temperature, "soft_weight": soft_weight} | per_method.get("kd", {})
-        loss_fn = compose_methods(method, per_method)
-    else:
-        loss_fn = method
-    config = TrainConfig(
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        weight_decay=weight_decay,
-        patience=patience,
-        seed=seed,
-        num_threads=num_threads,
-        device=device,
-        verbose=verbose,
-    )
-    val_tensors = None if val_split is None else (val_split.x, val_split.y)
-
-    def train_one(model: nn.Module, loss: Loss, name: str, soft: torch.Tensor | None) -> list[dict[str, float]]:
-        callbacks: list[Any] = [EarlyStopping(patience=patience)] if val_tensors is not None else []
-        if verbose:
-            callbacks.append(ProgressBar(name))
-        state = fit(
-            model,
-            loss,
-            TransferSet(train_split.x, train_split.y, soft),
-            val=val_tensors,  # type: ignore[arg-type]
-            config=config,
-            callbacks=callbacks,
-            teacher=adapter,
-            augment=augment,
-            prefetch_teacher=prefetch_teacher,
-        )
-        return state.history
-
-    history = train_one(module, loss_fn, "distilling", targets)
-    baseline_history = None
-    if baseline_module is not None:
-        baseline_history = train_one(baseline_module, get_loss("ce"), "baseline (no teacher)", None)
-
-    built_report = None
-    eval_split, eval_name = (test_split, "test") if test_split is not None else (val_split, "val")
-    if report and eval_split is not None:
-        settings = {
-            "method": method if isinstance(method, (str, list, tuple, dict)) else type(method).__name__,
-            "temperature": temperature,
-            "soft_weight": soft_weight,
-            "soft_targets": soft_targets,
-            "epochs_run": len(history),
-            "baseline_epochs_run": None if baseline_history is None else len(baseline_history),
-            "max_epochs": epochs,
+    settings_dict = _settings_from_arguments(
+        settings,
+        method=method,
+        temperature=temperature,
+        soft_weight=soft_weight,
+        method_params=method_params,
+        flat={
+            "epochs": epochs,
             "batch_size": batch_size,
             "lr": lr,
+            "weight_decay": weight_decay,
+            "patience": patience,
             "seed": seed,
-            "train_rows": len(train_split),
-            "student": spec["kind"] if spec else type(module).__name__,
-            "teacher": type(getattr(adapter, "estimator", getattr(adapter, "module", adapter))).__name__,
-            "loss_terms": {key[6:]: value for key, value in history[-1].items() if key.startswith("train_")},
-        }
-        built_report = _build_report(adapter, module, baseline_module, eval_split, eval_name, settings, profile)
-    return DistillResult(
-        student=module.eval(),
-        history=history,
-        report=built_report,
-        baseline=baseline_module,
-        spec=spec,
-        classes=_jsonable(adapter.classes),
-        baseline_history=baseline_history,
+            "num_threads": num_threads,
+            "device": device,
+            "cache_dir": None if cache_dir is None else os.fspath(cache_dir),
+            "cache_storage": cache_storage,
+            "baseline": baseline,
+            "report": report,
+            "profile": profile,
+        },
     )
+    validated = validate_settings(settings_dict)
+    targets = validate_soft_targets(soft_targets, oof_folds)
+    adapter = as_teacher(teacher)
+    student_params = dict(student_params or {})
+    if hidden is not None:
+        student_params["hidden"] = hidden
+    folder = None if out is None else Path(out)
+    identity: dict[str, Any] = {}
+    if folder is not None:  # what a resume must match besides the settings and the data
+        student_id = student if isinstance(student, str) else type(student).__name__
+        identity = {"teacher": adapter.fingerprint(), "student": {"kind": student_id, "params": repr(student_params)}}
+    spec = RunSpec(
+        settings=validated,
+        train=train,
+        val=val,
+        test=test,
+        teacher=adapter,
+        student=student,
+        student_params=student_params,
+        soft_targets=targets.soft_targets,
+        oof_folds=targets.oof_folds,
+        loss=None if isinstance(method, (str, list, tuple, dict)) else method,
+        augment=augment,
+        prefetch_teacher=prefetch_teacher,
+        out=folder,
+        resume=resume,
+        verbose=verbose,
+        identity=identity,
+        report_settings={"temperature": temperature, "soft_weight": soft_weight},
+    )
+    result = execute(spec)
+    assert result is not None, "distill() returns on every rank: only kdistill.run leaves the others without one"
+    return result

@@ -18,7 +18,7 @@ import difflib
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal, TypeVar, get_args
 
 import yaml
 from pydantic import (
@@ -36,6 +36,7 @@ from kdistill import defaults
 from kdistill.errors import ConfigError
 
 __all__ = [
+    "AugmentConfig",
     "CacheConfig",
     "CompressionStep",
     "DataConfig",
@@ -47,6 +48,8 @@ __all__ = [
     "ReportConfig",
     "RunConfig",
     "ScheduleConfig",
+    "Settings",
+    "SoftTargets",
     "StudentConfig",
     "TeacherConfig",
     "TrainSection",
@@ -54,6 +57,8 @@ __all__ = [
     "check_references",
     "load_config",
     "resume_fingerprint",
+    "validate_settings",
+    "validate_soft_targets",
 ]
 
 STUDENT_PARAMS = {
@@ -76,6 +81,12 @@ def _check_names(kind: str, params: dict[str, Any], valid: list[str]) -> None:
     for name in params:
         if name not in valid:
             raise _unknown(kind, name, valid)
+
+
+def _check_reference(value: str) -> str:
+    if not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*", value):
+        raise ValueError(f"{value!r} is not a module:attribute reference (e.g. my_models:build_teacher)")
+    return value
 
 
 class _Section(BaseModel):
@@ -156,9 +167,7 @@ class TeacherConfig(_Section):
     @field_validator("factory")
     @classmethod
     def _reference(cls, value: str | None) -> str | None:
-        if value is not None and not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*", value):
-            raise ValueError(f"{value!r} is not a module:attribute reference (e.g. my_models:build_teacher)")
-        return value
+        return None if value is None else _check_reference(value)
 
     @field_validator("params")
     @classmethod
@@ -276,12 +285,27 @@ class TrainSection(_Section):
 
 
 class CacheConfig(_Section):
-    """Teacher outputs on the training rows are stored in ``dir`` (default: the run folder), keyed by the teacher's
-    and the data's fingerprints; a resumed run and every torchrun rank read them instead of running the teacher.
-    ``reuse: false`` recomputes them even when a matching file exists."""
+    """Teacher outputs on the training rows go through :mod:`kdistill.cache`, stored under ``dir`` (a YAML run's
+    default: ``<run folder>/cache``; the Python API's: no cache, computed in memory), keyed by the teacher's and the
+    data's fingerprints; a resumed run and every torchrun rank read them instead of running the teacher.
+    ``reuse: false`` recomputes them even when a matching entry exists. ``storage``: ``fp32``, ``fp16`` or
+    ``topk:K`` (then the ``kd`` method reads that form exactly, as ``kd_topk``)."""
 
     dir: str | None = None
     reuse: bool = True
+    storage: str = "fp32"
+
+    @field_validator("storage")
+    @classmethod
+    def _known_storage(cls, value: str) -> str:
+        from kdistill.cache import parse_storage
+        from kdistill.errors import CacheError
+
+        try:
+            parse_storage(value)
+        except CacheError as exc:
+            raise ValueError(f"{exc.message}; {exc.hint}") from None
+        return value
 
 
 class CompressionStep(_Section):
@@ -290,6 +314,20 @@ class CompressionStep(_Section):
 
     name: str
     params: dict[str, Any] = Field(default_factory=dict)
+
+
+class AugmentConfig(_Section):
+    """Augment every training batch with your own ``function: module:attribute``, called as ``function(x_batch,
+    generator) -> x_batch`` (draw randomness from ``generator`` only: a resumed run replays it). The teacher then
+    labels each augmented batch live; ``prefetch_teacher`` runs it one batch ahead in a background thread."""
+
+    function: str
+    prefetch_teacher: bool = False
+
+    @field_validator("function")
+    @classmethod
+    def _reference(cls, value: str) -> str:
+        return _check_reference(value)
 
 
 class ReportConfig(_Section):
@@ -333,25 +371,21 @@ class LoggingConfig(_Section):
     progress: bool = False
 
 
-class RunConfig(_Section):
-    """A whole run. ``out``: the run folder, relative to the current directory (default ``runs/<name>``); every
-    output goes there. ``method``: a name, a mapping ``{name, params}``, or a list of weighted terms."""
+class Settings(_Section):
+    """How a run trains, caches, reports and logs: every section of a config except what it distils (data, teacher,
+    student). The Python API validates its arguments through this same model, so a bad value gets the same error
+    from ``kdistill.distill`` as from YAML. ``method``: a name, a mapping ``{name, params}``, or a list of weighted
+    terms (each name once)."""
 
-    name: Annotated[str, Field(pattern=r"^[\w.-]+$")] = "run"
-    out: str | None = None
     seed: int = 0
-    data: DataConfig
-    teacher: TeacherConfig = TeacherConfig()
-    student: StudentConfig = StudentConfig()
     method: list[MethodTerm] = Field(default_factory=lambda: [MethodTerm(name="kd")], min_length=1)
     train: TrainSection = TrainSection()
     cache: CacheConfig = CacheConfig()
+    augment: AugmentConfig | None = None
     compression: list[CompressionStep] = Field(default_factory=list)
     report: ReportConfig = ReportConfig()
     device: DeviceConfig = DeviceConfig()
     logging: LoggingConfig = LoggingConfig()
-
-    _base: Path = PrivateAttr(default_factory=Path.cwd)
 
     @field_validator("method", mode="before")
     @classmethod
@@ -361,6 +395,31 @@ class RunConfig(_Section):
         if isinstance(value, dict):
             return [value]
         return value
+
+    @field_validator("method")
+    @classmethod
+    def _each_once(cls, value: list[MethodTerm]) -> list[MethodTerm]:
+        names = [term.name for term in value]
+        twice = sorted({name for name in names if names.count(name) > 1})
+        if twice:
+            raise ValueError(
+                f"{twice[0]!r} is listed {names.count(twice[0])} times; list each method once "
+                "(its terms are logged under its name) and set its weight instead"
+            )
+        return value
+
+
+class RunConfig(Settings):
+    """A whole run. ``out``: the run folder, relative to the current directory (default ``runs/<name>``); every
+    output goes there."""
+
+    name: Annotated[str, Field(pattern=r"^[\w.-]+$")] = "run"
+    out: str | None = None
+    data: DataConfig
+    teacher: TeacherConfig = TeacherConfig()
+    student: StudentConfig = StudentConfig()
+
+    _base: Path = PrivateAttr(default_factory=Path.cwd)
 
     @property
     def base(self) -> Path:
@@ -506,11 +565,11 @@ def _path(loc: tuple[int | str, ...]) -> str:
     return text or "(top level)"
 
 
-def _describe(error: Any) -> str:
+def _describe(error: Any, root: type[BaseModel] = BaseModel) -> str:
     loc = tuple(error["loc"])
     path, value, kind = _path(loc), error.get("input"), error["type"]
     if kind == "extra_forbidden":
-        section = _model_at(RunConfig, loc[:-1])
+        section = _model_at(root, loc[:-1])
         valid = sorted(section.model_fields) if section is not None else []
         return f"{path}: unknown key; {_closest(loc[-1], valid)}valid keys here: {', '.join(valid)}"
     if kind == "literal_error":
@@ -525,11 +584,14 @@ def _describe(error: Any) -> str:
     return f"{path}: {message}{shown}"
 
 
-def _validate(raw: dict[str, Any], source: str) -> RunConfig:
+_Model = TypeVar("_Model", bound=BaseModel)
+
+
+def _validate(raw: dict[str, Any], source: str, model: type[_Model]) -> _Model:
     try:
-        return RunConfig.model_validate(raw)
+        return model.model_validate(raw)
     except ValidationError as exc:
-        problems = [_describe(error) for error in exc.errors()]
+        problems = [_describe(error, model) for error in exc.errors()]
         count = f"{len(problems)} error" + ("s" if len(problems) > 1 else "")
         raise ConfigError(
             f"{source}: {count}:\n    " + "\n    ".join(problems),
@@ -541,9 +603,29 @@ def load_config(path: str | os.PathLike[str], overrides: list[str] | tuple[str, 
     """Read, override and validate a run config. Raises :class:`ConfigError` naming every bad field at once."""
     source = Path(path)
     raw = apply_overrides(_read_yaml(source), overrides)
-    config = _validate(raw, str(source))
+    config = _validate(raw, str(source), RunConfig)
     config._base = source.resolve().parent
     return config
+
+
+class SoftTargets(_Section):
+    """What the student learns from on the training rows: the teacher's own outputs (``predict``) or out-of-fold
+    outputs of clones of a scikit-learn teacher (``oof``, with ``oof_folds`` folds), for teachers that memorised
+    their rows. In a config these are ``teacher.soft_targets`` and ``teacher.oof_folds``."""
+
+    soft_targets: Literal["predict", "oof"] = "predict"
+    oof_folds: Annotated[int, Field(ge=2)] = 5
+
+
+def validate_soft_targets(soft_targets: str, oof_folds: int, source: str = "distill()") -> SoftTargets:
+    """Validate the soft-target arguments of the Python API with the rule a config's teacher section follows."""
+    return _validate({"soft_targets": soft_targets, "oof_folds": oof_folds}, source, SoftTargets)
+
+
+def validate_settings(raw: dict[str, Any], source: str = "distill()") -> Settings:
+    """Validate run settings given as the sections of a config (``{"train": {"epochs": 5}, ...}``); the error is the
+    one a YAML file with those sections gets, with ``source`` naming where they came from."""
+    return _validate(raw, source, Settings)
 
 
 # ---------------------------------------------------------------------------------------------------- references
@@ -576,6 +658,13 @@ def check_references(config: RunConfig) -> None:
     if config.student.factory is not None:
         factory = import_reference(config.student.factory, base=config.base, field="student.factory")
         _check_factory_params("student", factory, config.student.params, signature_params)
+    if config.augment is not None:
+        function = import_reference(config.augment.function, base=config.base, field="augment.function")
+        if not callable(function):
+            raise ConfigError(
+                f"augment.function is a {type(function).__name__}, not something to call",
+                hint="point it at a function (x_batch, generator) -> x_batch.",
+            )
     if config.device.type.startswith("cuda"):
         import torch
 

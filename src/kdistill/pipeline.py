@@ -1,0 +1,718 @@
+"""One path for every run: a :class:`RunSpec` goes through :func:`prepare`, :func:`train` and :func:`report`.
+
+``kdistill.distill``, ``DistilledClassifier``, ``kdistill run``, ``kdistill demo`` and ``kdistill export`` only build
+a :class:`RunSpec` and call :func:`execute`; nothing else assembles a teacher, its outputs, a student, a loss or a
+report. The spec holds *what* a run is (the teacher, the student, the data, and :class:`~kdistill.config.Settings`,
+the typed sections a YAML file has); this module is *how* it runs:
+
+    prepare   splits (labels in the teacher's order) -> teacher outputs on the training rows, through
+              kdistill.cache when a cache folder is set -> the composed loss -> the student, checked on 2 rows
+    train     the engine, once for the student and once for the no-teacher baseline; callbacks for early stopping,
+              progress, logs and checkpoints; a run folder resumes from its last checkpoint
+    report    teacher vs student vs baseline on the test (else validation) rows
+
+With a run folder (``out``), everything is written there, atomically (see :mod:`kdistill.run` for the layout), and
+``resume=True`` continues it. Under ``torchrun --nproc_per_node=N`` every rank runs this same code: rank 0 builds the
+teacher and fills the cache, the other ranks read it, each rank trains on 1/N of every batch, and only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from kdistill.config import MethodTerm, Settings
+from kdistill.data import Split, as_split, encode_labels, fingerprint_arrays
+from kdistill.engine import EarlyStopping, ProgressBar, TrainConfig, TransferSet, fit, predict_logits
+from kdistill.engine.callbacks import Callback
+from kdistill.engine.checkpoint import Checkpointer, load_checkpoint
+from kdistill.engine.live import Augment
+from kdistill.engine.loggers import ConsoleLog, JsonlLogger, TensorBoardLogger
+from kdistill.errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    KdistillError,
+    LabelError,
+    ShapeMismatchError,
+    StudentError,
+    TeacherError,
+)
+from kdistill.evaluate import classification_metrics
+from kdistill.io import atomic_write_json
+from kdistill.losses import Loss, compose_methods, get_loss
+from kdistill.profile import count_parameters, model_size_bytes, time_inference
+from kdistill.report import Report
+from kdistill.result import DistillResult, _jsonable
+from kdistill.students import build_student
+from kdistill.teachers import SklearnTeacher, Teacher, probs_to_logits, teacher_logits
+
+__all__ = ["CONFIG_FILE", "Prepared", "RunSpec", "build_loss", "execute", "prepare", "report", "train"]
+
+CONFIG_FILE = "config.json"
+_RUN_MARKERS = (CONFIG_FILE, "student.safetensors", "checkpoint-student.safetensors")
+
+StudentFactory = Callable[[], nn.Module]
+TeacherFactory = Callable[[Split], Teacher]
+
+
+@dataclass
+class RunSpec:
+    """What a run is.
+
+    ``settings``: the validated sections (method, train, cache, report, device, logging, ...), the same model a YAML
+    config is read into. ``train``/``val``/``test``: ``(X, y)`` pairs, Datasets or :class:`~kdistill.data.Split`\\ s.
+    ``teacher``: the adapter; or ``teacher_factory(train_split) -> Teacher`` for teachers that a run builds itself
+    (a YAML teacher kind fits a forest on the training rows: labels are then mapped to its classes afterwards).
+    ``student``: a registered name (``student_params`` go to its builder), an ``nn.Module``, or a factory.
+    ``soft_targets``/``oof_folds``: :class:`~kdistill.config.SoftTargets`. ``loss``: a Loss object used instead of
+    ``settings.method``. ``augment(x_batch, generator) -> x_batch``: applied to every training batch, the teacher
+    then runs live (``prefetch_teacher``: one batch ahead, in a thread). ``out``: the run folder (None: nothing is
+    written); ``resume``: continue the run there.
+    ``identity``: what a resumed run must match besides the settings (the YAML data/teacher/student sections, or
+    the API's teacher and data fingerprints). ``report_settings``: extra entries for the report's settings.
+    """
+
+    settings: Settings
+    train: Any
+    val: Any = None
+    test: Any = None
+    teacher: Teacher | None = None
+    teacher_factory: TeacherFactory | None = None
+    student: str | nn.Module | StudentFactory = "mlp"
+    student_params: dict[str, Any] = field(default_factory=dict)
+    soft_targets: str = "predict"
+    oof_folds: int = 5
+    loss: Loss | None = None
+    augment: Augment | None = None
+    prefetch_teacher: bool = False
+    out: Path | None = None
+    resume: bool = False
+    verbose: bool = True
+    identity: dict[str, Any] = field(default_factory=dict)
+    report_settings: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if (self.teacher is None) == (self.teacher_factory is None):
+            raise TeacherError("a run needs exactly one of teacher and teacher_factory")
+
+
+@dataclass
+class Prepared:
+    """Everything :func:`prepare` built, before any training."""
+
+    splits: dict[str, Split | None]
+    teacher: Teacher | None
+    targets: torch.Tensor | None
+    classes: list[Any] | None
+    num_classes: int
+    loss: Loss
+    student: nn.Module
+    student_spec: dict[str, Any] | None
+    baseline: nn.Module | None
+    data_fingerprint: str
+
+
+# ---------------------------------------------------------------------------------------------------- distributed
+
+
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def device_name(settings: Settings) -> str:
+    """The torch device a run trains on: ``auto`` resolves to CUDA when there is one; under torchrun with CUDA each
+    rank takes ``cuda:LOCAL_RANK``."""
+    kind = settings.device.type
+    if kind == "auto":
+        kind = "cuda" if torch.cuda.is_available() else "cpu"
+    if kind == "cuda" and _world_size() > 1:
+        kind = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    return kind
+
+
+def _init_distributed(settings: Settings) -> bool:
+    """Join the torchrun process group (gloo on the CPU, NCCL on CUDA); False when not under torchrun."""
+    if _world_size() <= 1 or dist.is_initialized():
+        return False
+    device = device_name(settings)
+    if device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(device))
+    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    return True
+
+
+def _broadcast(value: Any) -> Any:
+    """Rank 0's ``value`` on every rank (small Python objects only: a cache key, the class labels)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+# ---------------------------------------------------------------------------------------------------- prepare
+
+
+def build_loss(terms: list[MethodTerm], *, storage: str = "fp32") -> Loss:
+    """The loss of ``settings.method``: one term of weight 1 is that method itself; several (or a weight other than
+    1) are a :class:`~kdistill.losses.Compose`, whose later methods drop their own hard-label term so that the
+    cross-entropy is counted once. With top-k cache storage, ``kd`` reads the stored form exactly (``kd_topk``)."""
+    if storage.startswith("topk"):
+        names = [term.name for term in terms]
+        if names not in (["kd"], ["kd_topk"]):
+            raise ConfigError(
+                f"cache storage {storage!r} keeps only each row's top-k teacher logits, which method 'kd' alone can "
+                f"read exactly; got {names}",
+                hint="use cache storage 'fp32' or 'fp16' with other methods.",
+            )
+        terms = [term.model_copy(update={"name": "kd_topk"}) for term in terms]
+    if len(terms) == 1 and terms[0].weight == 1.0:
+        return get_loss(terms[0].name, **terms[0].params)
+    return compose_methods({term.name: term.weight for term in terms}, {term.name: dict(term.params) for term in terms})
+
+
+def _splits(spec: RunSpec, classes: np.ndarray | None) -> dict[str, Split | None]:
+    raw = {"train": spec.train, "val": spec.val, "test": spec.test}
+    splits = {
+        name: None
+        if value is None
+        else value
+        if isinstance(value, Split)
+        else as_split(value, name=name, classes=classes)
+        for name, value in raw.items()
+    }
+    train = splits["train"]
+    assert train is not None
+    for name in ("val", "test"):
+        split = splits[name]
+        if split is not None and split.x.shape[1:] != train.x.shape[1:]:
+            raise DataError(
+                f"{name} X has rows of shape {tuple(split.x.shape[1:])} but train X has {tuple(train.x.shape[1:])}",
+                hint=f"{name} must have the same features, in the same order, as the training rows.",
+            )
+    return splits
+
+
+def _relabel(split: Split | None, classes: list[Any] | None) -> Split | None:
+    """Labels as the teacher's column positions (for a teacher built by the run, with its own ``classes_``)."""
+    if split is None or split.y is None or classes is None:
+        return split
+    return Split(x=split.x, y=encode_labels(split.y.numpy(), np.asarray(classes), name="y"), raw_x=split.raw_x)
+
+
+def _oof_logits(teacher: Teacher, train: Split, folds: int, seed: int) -> torch.Tensor:
+    """Out-of-fold soft targets: each row labelled by a clone of the teacher fitted on the other folds."""
+    from sklearn.base import clone
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+
+    if not isinstance(teacher, SklearnTeacher):
+        raise TeacherError(
+            "soft_targets='oof' refits clones of the teacher, so it needs a scikit-learn teacher",
+            hint="use soft_targets='predict' for this teacher.",
+        )
+    assert train.y is not None
+    method = "predict_proba" if teacher.output == "probs" else "decision_function"
+    folds_split = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    x = np.asarray(train.x.reshape(len(train.x), -1).numpy())
+    scores = cross_val_predict(clone(teacher.estimator), x, train.y.numpy(), cv=folds_split, method=method)
+    out = torch.as_tensor(np.asarray(scores), dtype=torch.float32)
+    if method == "predict_proba":
+        return probs_to_logits(out)
+    return torch.stack([torch.zeros_like(out), out], dim=1) if out.ndim == 1 else out
+
+
+def _check_classes(declared: int | None, width: int, splits: Mapping[str, Split | None]) -> int:
+    if declared is not None and declared != width:
+        raise ShapeMismatchError(f"the teacher says it has {declared} classes but outputs {width}")
+    for split in splits.values():
+        if split is not None and split.y is not None and int(split.y.max()) >= width:
+            raise LabelError(
+                f"labels go up to {int(split.y.max())} but the teacher outputs {width} classes",
+                hint="labels must be 0..classes-1 in the teacher's output order, and the teacher must cover them all.",
+            )
+    return width
+
+
+def _check_student(student: nn.Module, x: torch.Tensor, classes: int) -> None:
+    was_training = student.training
+    student.eval()
+    try:
+        with torch.no_grad():
+            out = student(x[:2])
+    except Exception as exc:
+        raise StudentError(
+            f"the student failed on a batch of shape {tuple(x[:2].shape)}: {exc}",
+            hint="check the student's expected input shape against the data.",
+        ) from exc
+    finally:
+        student.train(was_training)
+    if not isinstance(out, torch.Tensor) or out.shape != (len(x[:2]), classes):
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ShapeMismatchError(
+            f"the student outputs {shape} for 2 rows, but the teacher has {classes} classes: expected (2, {classes})",
+            hint=f"make the student's last layer output {classes} logits.",
+        )
+
+
+def _build_student(spec: RunSpec, train: Split, classes: int) -> tuple[nn.Module, dict[str, Any] | None]:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.settings.seed)
+        if isinstance(spec.student, nn.Module):
+            student, student_spec = spec.student, None
+        elif callable(spec.student):
+            student, student_spec = spec.student(), None
+            if not isinstance(student, nn.Module):
+                raise StudentError(
+                    f"the student factory returned a {type(student).__name__}, not a torch.nn.Module",
+                    hint="return an nn.Module mapping a batch to (batch, classes) logits.",
+                )
+        else:
+            try:
+                student, student_spec = build_student(spec.student, train.x, classes, **spec.student_params)
+            except KdistillError:
+                raise
+            except (ValueError, TypeError, RuntimeError) as exc:
+                raise StudentError(
+                    f"student {spec.student!r} with params {spec.student_params} cannot be built: {exc}",
+                    hint="check the student's params: hidden and channels are lists of positive widths.",
+                ) from exc
+    _check_student(student, train.x, classes)
+    return student, student_spec
+
+
+def _cache_root(spec: RunSpec) -> Path | None:
+    """``cache.dir``; else a run folder's ``cache/``; else None (the teacher's outputs are computed in memory)."""
+    if spec.settings.cache.dir is not None:
+        return Path(spec.settings.cache.dir)
+    return None if spec.out is None else spec.out / "cache"
+
+
+def _cached_targets(spec: RunSpec, teacher: Teacher | None, train: Split, root: Path) -> torch.Tensor:
+    """The teacher's logits on the training rows through :mod:`kdistill.cache`: rank 0 fills the entry, the other
+    ranks open the one it names (they need no teacher for it)."""
+    from kdistill.cache import cached_teacher_outputs, clear_cache, open_entry
+
+    storage = spec.settings.cache.storage
+    entry = None
+    if _rank() == 0:
+        assert teacher is not None
+        if not spec.settings.cache.reuse:
+            from kdistill.cache import CacheKey
+
+            key = CacheKey(teacher.fingerprint(), fingerprint_arrays(train.x), "logits", storage)
+            if (root / key.digest()).exists():
+                clear_cache(root, [key.digest()])
+        entry = cached_teacher_outputs(teacher, train.x, cache_dir=root, storage=storage)
+    key = _broadcast(None if entry is None else entry.key)
+    if entry is None:
+        entry = open_entry(root, key)
+        if entry is None:
+            raise CheckpointError(f"rank {_rank()} found no teacher outputs in {root}", hint="start the run again.")
+    return entry.teacher_targets()
+
+
+def _teacher_targets(spec: RunSpec, teacher: Teacher | None, train: Split) -> torch.Tensor | None:
+    """Soft targets for the training rows, or None when the teacher runs live on augmented batches."""
+    if spec.augment is not None:
+        return None
+    if spec.soft_targets == "oof":
+        assert teacher is not None
+        return _oof_logits(teacher, train, spec.oof_folds, spec.settings.seed)
+    root = _cache_root(spec)
+    if root is not None:
+        return _cached_targets(spec, teacher, train, root)
+    assert teacher is not None
+    return teacher_logits(teacher, train.x)
+
+
+def prepare(spec: RunSpec) -> Prepared:
+    """Build everything a run trains, checking it all before anything is written (the teacher's outputs go to the
+    cache last) or trained."""
+    rank = _rank()
+    loss = spec.loss if spec.loss is not None else build_loss(spec.settings.method, storage=_storage(spec))
+    teacher = spec.teacher
+    if teacher is not None:
+        splits = _splits(spec, teacher.classes)
+    else:  # the run builds the teacher from the training rows: labels are mapped to its classes after
+        splits = _splits(spec, None)
+        train = splits["train"]
+        assert train is not None and spec.teacher_factory is not None
+        needs_live = bool(tuple(loss.teacher_features)) or spec.augment is not None or spec.soft_targets == "oof"
+        if rank == 0 or needs_live:
+            teacher = spec.teacher_factory(train)
+    train = splits["train"]
+    assert train is not None
+    # the teacher's classes and output width, from a few rows (rank 0's, on ranks that have no teacher)
+    probe = None if teacher is None else (_jsonable(teacher.classes), teacher.num_classes, _width(spec, teacher, train))
+    classes, declared, width = _broadcast(probe)
+    if spec.teacher is None:
+        splits = {name: _relabel(split, classes) for name, split in splits.items()}
+        train = splits["train"]
+        assert train is not None
+    num_classes = _check_classes(declared, width, splits)
+    student, student_spec = _build_student(spec, train, num_classes)
+    baseline = copy.deepcopy(student) if spec.settings.report.baseline else None
+    return Prepared(
+        splits=splits,
+        teacher=teacher,
+        targets=_teacher_targets(spec, teacher, train),
+        classes=classes,
+        num_classes=num_classes,
+        loss=loss,
+        student=student,
+        student_spec=student_spec,
+        baseline=baseline,
+        data_fingerprint=fingerprint_arrays(train.x, train.y),
+    )
+
+
+def _width(spec: RunSpec, teacher: Teacher, train: Split) -> int:
+    """The teacher's output width: from its cache entry when one is complete (the teacher need not run), else from
+    its outputs on a few rows."""
+    root = _cache_root(spec)
+    if root is not None and spec.settings.cache.reuse and spec.augment is None and spec.soft_targets == "predict":
+        from kdistill.cache import CacheKey, open_entry
+        from kdistill.errors import CacheError
+
+        key = CacheKey(teacher.fingerprint(), fingerprint_arrays(train.x), "logits", spec.settings.cache.storage)
+        try:
+            entry = open_entry(root, key, verify=False)
+        except CacheError:  # filling it recomputes the entry, and says so
+            entry = None
+        if entry is not None:
+            return entry.classes
+    return int(teacher_logits(teacher, train.x[:8]).shape[1])
+
+
+def _storage(spec: RunSpec) -> str:
+    """The cache storage in force: top-k only matters when the teacher's outputs go through the cache."""
+    uses_cache = _cache_root(spec) is not None and spec.augment is None and spec.soft_targets != "oof"
+    return spec.settings.cache.storage if uses_cache else "fp32"
+
+
+# ---------------------------------------------------------------------------------------------------- train
+
+
+def train_config(settings: Settings, verbose: bool) -> TrainConfig:
+    """The engine's settings from the run's."""
+    return TrainConfig(
+        epochs=settings.train.epochs,
+        batch_size=settings.train.batch_size,
+        lr=settings.train.optimizer.lr,
+        weight_decay=settings.train.optimizer.weight_decay,
+        warmup_fraction=settings.train.schedule.warmup_fraction,
+        patience=settings.train.patience,
+        seed=settings.seed,
+        num_threads=settings.device.num_threads,
+        device=device_name(settings),
+        verbose=verbose,
+        optimizer=settings.train.optimizer.name,
+        momentum=settings.train.optimizer.momentum,
+        schedule=settings.train.schedule.name,
+        precision=settings.device.precision,
+    )
+
+
+def _callbacks(
+    spec: RunSpec, phase: str, has_val: bool, checkpoint: Path | None, run_info: dict[str, Any]
+) -> list[Callback]:
+    logging = spec.settings.logging
+    callbacks: list[Callback] = []
+    if has_val:
+        callbacks.append(EarlyStopping(patience=spec.settings.train.patience))
+    if spec.verbose and logging.progress:
+        callbacks.append(ProgressBar(phase))
+    if spec.verbose and logging.console:
+        callbacks.append(ConsoleLog(phase))
+    if spec.out is not None and logging.jsonl:
+        callbacks.append(JsonlLogger(spec.out / "metrics.jsonl", phase=phase))
+    if spec.out is not None and logging.tensorboard:
+        callbacks.append(TensorBoardLogger(spec.out / "tensorboard", phase=phase))
+    if checkpoint is not None:
+        callbacks.append(Checkpointer(checkpoint, run=run_info))  # last: it saves the others' state
+    return callbacks
+
+
+def _phase(
+    spec: RunSpec,
+    prepared: Prepared,
+    phase: str,
+    module: nn.Module,
+    loss: Loss,
+    transfer: TransferSet,
+    run_info: dict[str, Any],
+) -> list[dict[str, float]]:
+    """Train one phase (the distilled student, or the no-teacher baseline), resumed from its checkpoint if any."""
+    checkpoint_path = None if spec.out is None else spec.out / f"checkpoint-{phase}.safetensors"
+    checkpoint = load_checkpoint(checkpoint_path) if checkpoint_path is not None and checkpoint_path.is_file() else None
+    if checkpoint is not None and checkpoint.completed:
+        module.load_state_dict(checkpoint.model)
+        return checkpoint.history
+    val = prepared.splits["val"]
+    val_tensors = None if val is None or val.y is None else (val.x, val.y)
+    label = {"student": "distilling", "baseline": "baseline (no teacher)"}[phase] if spec.out is None else phase
+    state = fit(
+        module,
+        loss,
+        transfer,
+        val=val_tensors,
+        config=train_config(spec.settings, spec.verbose),
+        callbacks=_callbacks(spec, label, val_tensors is not None, checkpoint_path, run_info),
+        teacher=prepared.teacher,
+        resume=checkpoint,
+        augment=spec.augment,
+        prefetch_teacher=spec.prefetch_teacher,
+    )
+    return state.history
+
+
+def train(spec: RunSpec, prepared: Prepared, run_info: dict[str, Any] | None = None) -> tuple[list, list | None]:
+    """Train the student with the run's loss, then (``report.baseline``) the baseline with cross-entropy alone, on
+    the same rows, seed and settings. Returns both histories (the baseline's is None without one)."""
+    run_info = run_info or {}
+    train_split = prepared.splits["train"]
+    assert train_split is not None
+    transfer = TransferSet(train_split.x, train_split.y, prepared.targets)
+    history = _phase(spec, prepared, "student", prepared.student, prepared.loss, transfer, run_info)
+    baseline_history = None
+    if prepared.baseline is not None:
+        plain = TransferSet(train_split.x, train_split.y, None)
+        baseline_history = _phase(spec, prepared, "baseline", prepared.baseline, get_loss("ce"), plain, run_info)
+    return history, baseline_history
+
+
+# ---------------------------------------------------------------------------------------------------- report
+
+
+def _model_metrics(
+    name: str,
+    model: Any,
+    predict: Any,
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    reference: torch.Tensor,
+    x: torch.Tensor,
+    profile: bool,
+) -> dict[str, float]:
+    metrics = classification_metrics(logits, target, None if name == "teacher" else reference)
+    if name == "teacher":
+        metrics["agreement"] = 1.0
+    if hasattr(model, "size_bytes"):  # teacher adapters that know their size (ONNX and output files, ensembles)
+        size, parameters = model.size_bytes(), model.parameter_count()
+    else:
+        size, parameters = model_size_bytes(model), count_parameters(model)
+    if parameters is not None:
+        metrics["parameters"] = float(parameters)
+    if size is not None:
+        metrics["size_bytes"] = float(size)
+    if profile:
+        metrics |= time_inference(predict, x)
+    return metrics
+
+
+def build_report(
+    teacher: Teacher,
+    student: nn.Module,
+    baseline: nn.Module | None,
+    split: Split,
+    split_name: str,
+    settings: dict[str, Any],
+    profile: bool,
+) -> Report:
+    """Teacher vs student vs baseline on ``split``: accuracy, retention, agreement, calibration, size (and with
+    ``profile`` latency and throughput)."""
+    assert split.y is not None
+    reference = teacher_logits(teacher, split.x)
+    wrapped: Any = teacher.estimator if isinstance(teacher, SklearnTeacher) else getattr(teacher, "module", teacher)
+    entries: list[tuple[str, Any, Any, torch.Tensor]] = [("teacher", wrapped, teacher, reference)]
+    entries.append(("student", student, student, predict_logits(student, split.x)))
+    if baseline is not None:
+        entries.append(("baseline", baseline, baseline, predict_logits(baseline, split.x)))
+    models = {
+        name: _model_metrics(name, model, predict, logits, split.y, reference, split.x, profile)
+        for name, model, predict, logits in entries
+    }
+    for metrics in models.values():
+        metrics["retention"] = metrics["accuracy"] / models["teacher"]["accuracy"]
+    return Report(split=split_name, rows=len(split), models=models, settings=settings)
+
+
+def _method_label(spec: RunSpec) -> Any:
+    if spec.loss is not None:
+        return type(spec.loss).__name__
+    terms = spec.settings.method
+    if len(terms) == 1 and terms[0].weight == 1.0:
+        return terms[0].name
+    return "+".join(f"{term.weight:g}*{term.name}" for term in terms)
+
+
+def report(
+    spec: RunSpec,
+    prepared: Prepared,
+    history: list[dict[str, float]],
+    baseline_history: list[dict[str, float]] | None,
+    *,
+    started: float,
+) -> Report | None:
+    """The side-by-side report on the test rows (else the validation rows); None without either or when off."""
+    splits = prepared.splits
+    eval_split, eval_name = (splits["test"], "test") if splits["test"] is not None else (splits["val"], "val")
+    if not spec.settings.report.enabled or eval_split is None or prepared.teacher is None:
+        return None
+    settings = spec.settings
+    train_split = splits["train"]
+    assert train_split is not None
+    teacher = prepared.teacher
+    described = {
+        "method": _method_label(spec),
+        "soft_targets": spec.soft_targets,
+        "teacher": type(getattr(teacher, "estimator", getattr(teacher, "module", teacher))).__name__,
+        "student": prepared.student_spec["kind"] if prepared.student_spec else type(prepared.student).__name__,
+        "epochs_run": len(history),
+        "baseline_epochs_run": None if baseline_history is None else len(baseline_history),
+        "max_epochs": settings.train.epochs,
+        "batch_size": settings.train.batch_size,
+        "lr": settings.train.optimizer.lr,
+        "seed": settings.seed,
+        "train_rows": len(train_split),
+        "device": device_name(settings),
+        "precision": settings.device.precision,
+        "world_size": _world_size(),
+        "resumed": spec.resume,
+        "loss_terms": {key[6:]: value for key, value in history[-1].items() if key.startswith("train_")},
+        "wall_time_s": round(time.perf_counter() - started, 1),
+    }
+    return build_report(
+        teacher,
+        prepared.student,
+        prepared.baseline,
+        eval_split,
+        eval_name,
+        described | spec.report_settings,
+        settings.report.profile,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------- run folder
+
+
+def run_fingerprint(spec: RunSpec) -> dict[str, Any]:
+    """What a resumed run must share with the run it continues (what changes the weights): the front end's identity
+    (data, teacher, student) and the settings' seed, method, training and precision."""
+    dumped = spec.settings.model_dump(mode="json")
+    return (
+        dict(spec.identity)
+        | {key: dumped[key] for key in ("seed", "method", "train")}
+        | {"precision": spec.settings.device.precision}
+    )
+
+
+def _check_folder(folder: Path, fingerprint: dict[str, Any], resume: bool) -> dict[str, Any] | None:
+    """The saved config.json of the run to resume (None for a new run); refuses a clash either way."""
+    saved_file = folder / CONFIG_FILE
+    if not resume:
+        present = [name for name in _RUN_MARKERS if (folder / name).exists()]
+        if present:
+            raise ConfigError(
+                f"the run folder {folder} already holds a run ({', '.join(present)})",
+                hint="pass --resume (resume=True) to continue it, or choose another folder (--set out=PATH, out=).",
+            )
+        return None
+    if not saved_file.is_file():
+        raise CheckpointError(
+            f"nothing to resume in {folder}: no {CONFIG_FILE}",
+            hint="run without --resume to start it, or point out: at the folder of the run to continue.",
+        )
+    try:
+        saved: dict[str, Any] = json.loads(saved_file.read_text())
+        before = saved["fingerprint"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise CheckpointError(
+            f"{saved_file} is unreadable ({exc})", hint="start the run again in a new folder."
+        ) from exc
+    changes = _differences(before, fingerprint)
+    if changes:
+        raise CheckpointError(
+            f"cannot resume {folder}: the config changed in what decides the weights: " + "; ".join(changes[:10]),
+            hint="resume with the original config (saved in config.json there), or start a new run in another folder.",
+        )
+    return saved
+
+
+def _differences(before: Any, after: Any, path: str = "") -> list[str]:
+    if isinstance(before, dict) and isinstance(after, dict):
+        found: list[str] = []
+        for key in sorted(set(before) | set(after), key=str):
+            found += _differences(before.get(key), after.get(key), f"{path}.{key}" if path else str(key))
+        return found
+    return [] if before == after else [f"{path}: {before!r} -> {after!r}"]
+
+
+def _compress(spec: RunSpec, student: nn.Module, train_split: Split, folder: Path) -> None:
+    """Run the settings' compression steps in order on the trained student; their results go to compression.json."""
+    from kdistill.config_recipes import COMPRESSION_STEPS
+
+    done: dict[str, Any] = {}
+    context = {"folder": folder, "train_x": train_split.x, "done": done}
+    for step in spec.settings.compression:
+        done[step.name] = COMPRESSION_STEPS[step.name].apply(copy.deepcopy(student).cpu().eval(), step.params, context)
+    atomic_write_json(folder / "compression.json", done)
+
+
+def execute(spec: RunSpec, *, config_dump: dict[str, Any] | None = None) -> DistillResult | None:
+    """Run ``spec`` end to end: prepare, train, report, and with a run folder save everything there. Returns the
+    result (None on torchrun ranks other than 0). ``config_dump``: what config.json records as the run's config."""
+    started = time.perf_counter()
+    fingerprint = run_fingerprint(spec)
+    saved = None if spec.out is None else _check_folder(spec.out, fingerprint, spec.resume)
+    created_group = _init_distributed(spec.settings)
+    try:
+        prepared = prepare(spec)
+        if saved is not None and saved.get("data_fingerprint") != prepared.data_fingerprint:
+            raise CheckpointError(
+                f"cannot resume {spec.out}: the training data changed since the run started",
+                hint="resume with the same data, or start a new run in another folder.",
+            )
+        run_info = {"fingerprint": fingerprint, "data_fingerprint": prepared.data_fingerprint}
+        if spec.out is not None and saved is None and _rank() == 0:
+            config = config_dump if config_dump is not None else spec.settings.model_dump(mode="json")
+            atomic_write_json(spec.out / CONFIG_FILE, {"config": config, **run_info})
+        history, baseline_history = train(spec, prepared, run_info)
+        if _rank() != 0:
+            return None
+        built = report(spec, prepared, history, baseline_history, started=started)
+        result = DistillResult(
+            student=prepared.student.eval(),
+            history=history,
+            report=built,
+            baseline=prepared.baseline,
+            spec=prepared.student_spec,
+            classes=prepared.classes,
+            baseline_history=baseline_history,
+        )
+        if spec.out is not None:
+            result.save(spec.out)
+            if spec.settings.compression:
+                train_split = prepared.splits["train"]
+                assert train_split is not None
+                _compress(spec, prepared.student, train_split, spec.out)
+        return result
+    finally:
+        if created_group:
+            dist.destroy_process_group()

@@ -1,0 +1,251 @@
+"""One pipeline: `kdistill run` and `kdistill.distill` build the same run, validate it the same way, and give the same
+weights; a Python run folder resumes as a YAML one does."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import kdistill
+from kdistill.config import load_config
+from kdistill.datasets import load_dataset
+from kdistill.errors import CheckpointError, ConfigError, DataError
+from kdistill.pipeline import build_loss, prepare
+from kdistill.run import run, run_spec
+
+MODELS = """
+import torch
+from torch import nn
+
+
+class Teacher(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(7)
+        self.layers = nn.Sequential(nn.Linear(64, 24), nn.Tanh(), nn.Linear(24, 10))
+
+    def forward(self, x):
+        return self.layers(x / 16.0)
+
+
+def make_teacher():
+    return Teacher()
+
+
+def jitter(x, generator):
+    return x + 0.5 * torch.randn(x.shape, generator=generator)
+"""
+
+CONFIG = """
+name: parity
+seed: 0
+data: {dataset: digits}
+teacher: {kind: torch, factory: "pmodels:make_teacher"}
+student: {kind: mlp, params: {hidden: [16]}}
+method:
+  - {name: kd, params: {temperature: 2.0, soft_weight: 0.5}}
+  - {name: fitnet, weight: 0.5, params: {student_layers: layers.1, teacher_layers: layers.1}}
+train:
+  epochs: 3
+  batch_size: 64
+  optimizer: {name: sgd, lr: 0.05, momentum: 0.9, weight_decay: 0.0}
+  schedule: {name: constant}
+device: {type: cpu}
+report: {baseline: false}
+"""
+
+
+@pytest.fixture
+def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    (tmp_path / "pmodels.py").write_text(MODELS)
+    (tmp_path / "parity.yaml").write_text(CONFIG)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return tmp_path
+
+
+def _api_run(**extra: object) -> kdistill.DistillResult:
+    import pmodels  # the test's own module, written by the fixture
+
+    data = load_dataset("digits", 0)
+    return kdistill.distill(
+        pmodels.make_teacher(),
+        "mlp",
+        data.train,
+        val=data.val,
+        test=data.test,
+        method={"kd": 1.0, "fitnet": 0.5},
+        temperature=2.0,
+        method_params={"fitnet": {"student_layers": "layers.1", "teacher_layers": "layers.1"}},
+        hidden=(16,),
+        epochs=3,
+        baseline=False,
+        profile=False,
+        verbose=False,
+        settings={
+            "train": {
+                "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 0.0},
+                "schedule": {"name": "constant"},
+            }
+        },
+        **extra,  # type: ignore[arg-type]
+    )
+
+
+def test_yaml_and_api_give_the_same_weights_with_a_composed_fitnet(project: Path) -> None:
+    yaml_result = run(project / "parity.yaml", overrides=[f"out={project / 'yaml'}"], verbose=False).result
+    api_result = _api_run()
+    assert yaml_result is not None
+    yaml_state, api_state = yaml_result.student.state_dict(), api_result.student.state_dict()
+    assert yaml_state.keys() == api_state.keys()
+    for name, value in yaml_state.items():
+        assert torch.equal(value, api_state[name]), name
+    # the same terms under the same names; the hard-label term is counted once (KD's), fitnet adds only its hint
+    yaml_terms = {key for key in yaml_result.history[-1] if key.startswith("train_")}
+    assert yaml_terms == {key for key in api_result.history[-1] if key.startswith("train_")}
+    assert {"train_kd/ce", "train_kd/kd", "train_fitnet/hint"} <= yaml_terms
+    assert not any(key.startswith("train_fitnet/ce") for key in yaml_terms)
+
+
+def test_a_yaml_run_trains_the_fitnet_projector(project: Path) -> None:
+    config = load_config(project / "parity.yaml", [f"out={project / 'projector'}"])
+    spec = run_spec(config, verbose=False)
+    prepared = prepare(spec)
+    loss = prepared.loss
+    assert isinstance(loss, nn.Module)  # a Compose of kd and fitnet: its projector is a submodule
+    from kdistill.engine import TransferSet, fit
+    from kdistill.pipeline import train_config
+
+    train = prepared.splits["train"]
+    assert train is not None
+    fit(
+        prepared.student,
+        loss,
+        TransferSet(train.x, train.y, prepared.targets),
+        config=train_config(config, False),
+        teacher=prepared.teacher,
+    )
+    projector = [p for p in loss.parameters() if p.requires_grad]
+    assert projector, "the FitNets projector has no parameters"
+    assert all(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in projector)
+
+
+def test_a_yaml_method_list_is_one_compose_with_weights() -> None:
+    config = load_config(
+        Path(__file__).resolve().parents[1] / "examples" / "digits_rf_mlp.yaml",
+        ["method=[{name: kd, weight: 0.7}, {name: ce, weight: 0.3}]"],
+    )
+    loss = build_loss(config.method)
+    assert isinstance(loss, nn.Module) and loss.weights == {"kd": 0.7, "ce": 0.3}
+
+
+@pytest.mark.parametrize(
+    ("api_argument", "yaml_override", "expected"),
+    [
+        ({"batch_size": 0}, "train.batch_size=0", r"train\.batch_size: Input should be greater than 0"),
+        ({"epochs": 0}, "train.epochs=0", r"train\.epochs: Input should be greater than 0"),
+        ({"lr": -1.0}, "train.optimizer.lr=-1", r"train\.optimizer\.lr: Input should be greater than 0"),
+        ({"cache_storage": "topk:0"}, "cache.storage=topk:0", r"cache\.storage: unknown cache storage 'topk:0'"),
+        ({"method": "kdd"}, "method=kdd", r"unknown method 'kdd'; did you mean 'kd'\?"),
+    ],
+)
+def test_a_bad_value_gets_the_same_error_from_the_api_and_from_yaml(
+    digits, forest, api_argument: dict[str, object], yaml_override: str, expected: str
+) -> None:
+    config = Path(__file__).resolve().parents[1] / "examples" / "digits_rf_mlp.yaml"
+    with pytest.raises(ConfigError, match=expected) as from_yaml:
+        load_config(config, [yaml_override])
+    with pytest.raises(ConfigError, match=expected) as from_api:
+        kdistill.distill(forest, "mlp", digits["train"], verbose=False, **api_argument)  # type: ignore[arg-type]
+    assert str(from_api.value).startswith("distill(): 1 error")
+    assert str(from_yaml.value).split(":", 1)[1].strip().startswith("1 error")
+
+
+def test_a_validation_split_of_another_width_fails_before_training(digits, forest, tmp_path: Path) -> None:
+    x_val, y_val = digits["val"]
+    with pytest.raises(DataError, match=r"val X has rows of shape \(63,\) but train X has \(64,\)"):
+        kdistill.distill(forest, "mlp", digits["train"], val=(x_val[:, :63], y_val), verbose=False, out=tmp_path / "r")
+    assert not (tmp_path / "r").exists()  # nothing written
+
+
+def test_settings_and_a_differing_argument_clash(digits, forest) -> None:
+    with pytest.raises(ConfigError, match=r"epochs=5 and settings train\.epochs=7 disagree"):
+        kdistill.distill(forest, "mlp", digits["train"], epochs=5, settings={"train": {"epochs": 7}}, verbose=False)
+    unknown_key = r"distill\(\): 1 error:\n    train\.epoch: unknown key; did you mean 'epochs'\?"
+    with pytest.raises(ConfigError, match=unknown_key):
+        kdistill.distill(forest, "mlp", digits["train"], settings={"train": {"epoch": 7}}, verbose=False)
+
+
+def test_a_python_run_folder_checkpoints_and_resumes(digits, forest, tmp_path: Path) -> None:
+    out = tmp_path / "api-run"
+    small = (digits["train"][0][:300], digits["train"][1][:300])
+    common = {"val": digits["val"], "epochs": 3, "verbose": False, "profile": False, "seed": 1}
+    first = kdistill.distill(forest, "mlp", small, out=out, **common)  # type: ignore[arg-type]
+    names = {path.name for path in out.iterdir()}
+    assert {
+        "config.json",
+        "checkpoint-student.safetensors",
+        "checkpoint-baseline.safetensors",
+        "metrics.jsonl",
+        "student.safetensors",
+        "history.json",
+        "report.json",
+        "cache",
+    } <= names
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["config"]["train"]["epochs"] == 3
+    assert saved["fingerprint"]["teacher"] == kdistill.as_teacher(forest).fingerprint()
+    with pytest.raises(ConfigError, match="already holds a run"):
+        kdistill.distill(forest, "mlp", small, out=out, **common)  # type: ignore[arg-type]
+    again = kdistill.distill(forest, "mlp", small, out=out, resume=True, **common)  # type: ignore[arg-type]
+    for name, value in first.student.state_dict().items():
+        assert torch.equal(value, again.student.state_dict()[name])
+    with pytest.raises(CheckpointError, match="the config changed"):
+        kdistill.distill(forest, "mlp", small, out=out, resume=True, **(common | {"epochs": 4}))  # type: ignore[arg-type]
+
+
+def test_the_api_reaches_every_setting_a_config_has(digits, forest) -> None:
+    """Optimizer, schedule and precision from the API's settings change the run as they do in YAML."""
+    small = (digits["train"][0][:200], digits["train"][1][:200])
+    common = {"epochs": 2, "verbose": False, "profile": False, "baseline": False, "report": False}
+    adamw = kdistill.distill(forest, "mlp", small, **common)  # type: ignore[arg-type]
+    sgd = kdistill.distill(forest, "mlp", small, settings={"train": {"optimizer": {"name": "sgd"}}}, **common)  # type: ignore[arg-type]
+    bf16 = kdistill.distill(forest, "mlp", small, settings={"device": {"precision": "bf16"}}, **common)  # type: ignore[arg-type]
+    first = "layers.0.weight"
+    assert not torch.equal(adamw.student.state_dict()[first], sgd.student.state_dict()[first])
+    assert not torch.equal(adamw.student.state_dict()[first], bf16.student.state_dict()[first])
+
+
+def test_augmentation_from_yaml_matches_the_api(project: Path) -> None:
+    config = project / "parity.yaml"
+    overrides = [f"out={project / 'aug'}", "augment.function=pmodels:jitter", "method=kd", "train.epochs=2"]
+    yaml_result = run(config, overrides=overrides, verbose=False).result
+    import pmodels
+
+    data = load_dataset("digits", 0)
+    api_result = kdistill.distill(
+        pmodels.make_teacher(),
+        "mlp",
+        data.train,
+        val=data.val,
+        test=data.test,
+        hidden=(16,),
+        epochs=2,
+        temperature=4.0,
+        augment=pmodels.jitter,
+        baseline=False,
+        profile=False,
+        verbose=False,
+        settings={
+            "train": {
+                "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 0.0},
+                "schedule": {"name": "constant"},
+            }
+        },
+    )
+    assert yaml_result is not None
+    for name, value in yaml_result.student.state_dict().items():
+        assert torch.equal(value, api_result.student.state_dict()[name]), name
