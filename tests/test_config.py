@@ -160,14 +160,16 @@ def test_bf16_autocast_trains_on_the_cpu(tmp_path: Path) -> None:
     assert history[-1]["val_accuracy"] > 0.6
 
 
-def test_the_python_example_in_the_docs_runs_as_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_python_examples_in_the_docs_run_as_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     text = (ROOT / "docs" / "config.md").read_text()
-    block = re.search(r"```python\n(.*?)```", text, re.DOTALL)
-    assert block is not None
+    blocks = re.findall(r"```python\n(.*?)```", text, re.DOTALL)
+    assert len(blocks) >= 2
     shutil.copytree(ROOT / "examples", tmp_path / "examples")
     monkeypatch.chdir(tmp_path)
-    exec(compile(block.group(1), "docs/config.md", "exec"), {})
+    for index, block in enumerate(blocks):
+        exec(compile(block, f"docs/config.md python block {index}", "exec"), {})
     assert (tmp_path / "runs" / "docs-example" / "report.json").exists()
+    assert (tmp_path / "runs" / "from-python" / "checkpoint-student.safetensors").exists()
 
 
 def test_the_examples_the_docs_name_exist() -> None:
