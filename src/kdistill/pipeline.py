@@ -34,7 +34,7 @@ from torch import nn
 
 from kdistill.config import MethodTerm, Settings
 from kdistill.data import Split, as_split, encode_labels, fingerprint_arrays
-from kdistill.engine import EarlyStopping, ProgressBar, TrainConfig, TransferSet, fit, predict_logits
+from kdistill.engine import EarlyStopping, ProgressBar, TrainConfig, TransferSet, fit
 from kdistill.engine.callbacks import Callback
 from kdistill.engine.checkpoint import Checkpointer, load_checkpoint
 from kdistill.engine.live import Augment
@@ -58,7 +58,20 @@ from kdistill.result import DistillResult, _jsonable
 from kdistill.students import build_student
 from kdistill.teachers import SklearnTeacher, Teacher, probs_to_logits, teacher_logits
 
-__all__ = ["CONFIG_FILE", "Prepared", "RunSpec", "build_loss", "execute", "prepare", "report", "train"]
+__all__ = [
+    "CONFIG_FILE",
+    "ModelEntry",
+    "Prepared",
+    "RunSpec",
+    "build_loss",
+    "build_report",
+    "execute",
+    "measure_models",
+    "model_entry",
+    "prepare",
+    "report",
+    "train",
+]
 
 CONFIG_FILE = "config.json"
 _RUN_MARKERS = (CONFIG_FILE, "student.safetensors", "checkpoint-student.safetensors")
@@ -500,30 +513,86 @@ def train(spec: RunSpec, prepared: Prepared, run_info: dict[str, Any] | None = N
 # ---------------------------------------------------------------------------------------------------- report
 
 
-def _model_metrics(
-    name: str,
-    model: Any,
-    predict: Any,
-    logits: torch.Tensor,
-    target: torch.Tensor,
-    reference: torch.Tensor,
-    x: torch.Tensor,
+@dataclass
+class ModelEntry:
+    """One model the report measures: how to call it (``predict(x) -> logits or Outputs``), its size on disk, its
+    parameter count (None when unknown) and the runtime it ran on."""
+
+    predict: Any
+    size_bytes: int | None
+    parameters: int | None
+    runtime: str
+
+
+def model_entry(model: Any, predict: Any = None, runtime: str = "torch") -> ModelEntry:
+    """The entry of a torch module, a scikit-learn model, or a teacher adapter that knows its own size (ONNX files,
+    files of outputs, ensembles)."""
+    if hasattr(model, "size_bytes"):
+        return ModelEntry(predict or model, model.size_bytes(), model.parameter_count(), runtime)
+    return ModelEntry(predict or model, model_size_bytes(model), count_parameters(model), runtime)
+
+
+def measure_models(
+    entries: Mapping[str, ModelEntry],
+    split: Split,
+    reference: torch.Tensor | None,
+    *,
     profile: bool,
-) -> dict[str, float]:
-    metrics = classification_metrics(logits, target, None if name == "teacher" else reference)
-    if name == "teacher":
-        metrics["agreement"] = 1.0
-    if hasattr(model, "size_bytes"):  # teacher adapters that know their size (ONNX and output files, ensembles)
-        size, parameters = model.size_bytes(), model.parameter_count()
-    else:
-        size, parameters = model_size_bytes(model), count_parameters(model)
-    if parameters is not None:
-        metrics["parameters"] = float(parameters)
-    if size is not None:
-        metrics["size_bytes"] = float(size)
-    if profile:
-        metrics |= time_inference(predict, x)
-    return metrics
+    threads: int = 1,
+    batch_size: int = 256,
+    latency_budget_s: float | None = None,
+    memory: bool = False,
+) -> tuple[dict[str, dict[str, float]], dict[str, torch.Tensor]]:
+    """The report's numbers for each entry on ``split``: accuracy, NLL, ECE, agreement with ``reference`` (the
+    teacher's logits; the entry named ``teacher`` agrees with itself), parameters and size, retention (accuracy over
+    the teacher's), ``accuracy_delta`` of an ``X_int8`` entry against ``X_onnx``, and with ``profile`` latency and
+    throughput (:func:`~kdistill.profile.time_inference`). Returns
+    the metrics and each entry's logits. Every report, ``distill``'s and ``compress``'s, is measured here."""
+    from kdistill.teachers import Outputs
+
+    assert split.y is not None
+    models: dict[str, dict[str, float]] = {}
+    all_logits: dict[str, torch.Tensor] = {}
+    for name, entry in entries.items():
+        with torch.inference_mode():
+            parts = [entry.predict(split.x[i : i + 1024]) for i in range(0, len(split.x), 1024)]
+        logits = torch.cat([part.logits if isinstance(part, Outputs) else part for part in parts]).float().cpu()
+        all_logits[name] = logits
+        metrics = classification_metrics(logits, split.y, None if name == "teacher" else reference)
+        if name == "teacher":
+            metrics["agreement"] = 1.0
+        if entry.parameters is not None:
+            metrics["parameters"] = float(entry.parameters)
+        if entry.size_bytes is not None:
+            metrics["size_bytes"] = float(entry.size_bytes)
+        if profile:
+            metrics |= time_inference(
+                entry.predict,
+                split.x,
+                batch_size=batch_size,
+                threads=threads,
+                latency_budget_s=latency_budget_s,
+                memory=memory,
+            )
+        models[name] = metrics
+    for name, metrics in models.items():
+        if "teacher" in models:
+            metrics["retention"] = metrics["accuracy"] / models["teacher"]["accuracy"]
+        source = name.removesuffix("_int8") + "_onnx"  # what INT8 cost against its fp32 ONNX source
+        if name.endswith("_int8") and source in models:
+            metrics["accuracy_delta"] = metrics["accuracy"] - models[source]["accuracy"]
+    return models, all_logits
+
+
+def _eval_predict(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``model``'s logits in eval mode on its own device, as the report measures them."""
+    model.eval()
+    device = next(model.parameters()).device
+
+    def predict(x: torch.Tensor) -> torch.Tensor:
+        return model(x.to(device))
+
+    return predict
 
 
 def build_report(
@@ -536,20 +605,14 @@ def build_report(
     profile: bool,
 ) -> Report:
     """Teacher vs student vs baseline on ``split``: accuracy, retention, agreement, calibration, size (and with
-    ``profile`` latency and throughput)."""
-    assert split.y is not None
-    reference = teacher_logits(teacher, split.x)
+    ``profile`` latency and throughput), through :func:`measure_models`."""
     wrapped: Any = teacher.estimator if isinstance(teacher, SklearnTeacher) else getattr(teacher, "module", teacher)
-    entries: list[tuple[str, Any, Any, torch.Tensor]] = [("teacher", wrapped, teacher, reference)]
-    entries.append(("student", student, student, predict_logits(student, split.x)))
+    teacher_entry = model_entry(teacher if hasattr(teacher, "size_bytes") else wrapped, teacher)
+    entries = {"teacher": teacher_entry, "student": model_entry(student, _eval_predict(student))}
     if baseline is not None:
-        entries.append(("baseline", baseline, baseline, predict_logits(baseline, split.x)))
-    models = {
-        name: _model_metrics(name, model, predict, logits, split.y, reference, split.x, profile)
-        for name, model, predict, logits in entries
-    }
-    for metrics in models.values():
-        metrics["retention"] = metrics["accuracy"] / models["teacher"]["accuracy"]
+        entries["baseline"] = model_entry(baseline, _eval_predict(baseline))
+    reference = teacher_logits(teacher, split.x)
+    models, _ = measure_models(entries, split, reference, profile=profile)
     return Report(split=split_name, rows=len(split), models=models, settings=settings)
 
 

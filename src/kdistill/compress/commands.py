@@ -19,14 +19,15 @@ from torch import nn
 
 from kdistill.api import load
 from kdistill.compress.export import OnnxPredictor, export_onnx
-from kdistill.compress.pipeline import CompressResult, _Entry, _measure, _torch_predict, compress
+from kdistill.compress.pipeline import CompressResult, compress
 from kdistill.compress.quantize import quantize_onnx
 from kdistill.data import as_split
 from kdistill.datasets import load_dataset
 from kdistill.demo import builtin_teacher, demo_recipe
 from kdistill.errors import CheckpointError, ShapeMismatchError
 from kdistill.io import atomic_write_json
-from kdistill.profile import MEMORY_MEASURE, count_parameters, model_size_bytes
+from kdistill.pipeline import ModelEntry, _eval_predict, measure_models, model_entry
+from kdistill.profile import MEMORY_MEASURE, count_parameters
 from kdistill.report import Report
 from kdistill.teachers import SklearnTeacher, as_teacher, teacher_logits
 
@@ -159,14 +160,13 @@ def profile_folder(
         )
     dataset = load_dataset(dataset_name, seed)
     test = as_split(dataset.test, name="test")
-    entries: dict[str, _Entry] = {}
+    entries: dict[str, ModelEntry] = {}
     reference = None
     if with_teacher:
         adapter = as_teacher(builtin_teacher(dataset, seed))
         wrapped = adapter.estimator if isinstance(adapter, SklearnTeacher) else getattr(adapter, "module", adapter)
-        entries["teacher"] = _Entry(
-            adapter, model_size_bytes(wrapped), count_parameters(wrapped), type(wrapped).__name__
-        )
+        teacher_model = adapter if hasattr(adapter, "size_bytes") else wrapped
+        entries["teacher"] = model_entry(teacher_model, adapter, type(wrapped).__name__)
         reference = teacher_logits(adapter, test.x)
     modules: dict[str, nn.Module] = {}
     for path in files:
@@ -175,15 +175,15 @@ def profile_folder(
             _check_fits(module, test.x, path, dataset_name)
             name = _artefact_name(path, root)
             modules[name] = module
-            entries[name] = _Entry(_torch_predict(module), path.stat().st_size, count_parameters(module), "torch")
+            entries[name] = ModelEntry(_eval_predict(module), path.stat().st_size, count_parameters(module), "torch")
     for path in files:
         if path.suffix == ".onnx":
             name = _artefact_name(path, root)
             source = modules.get(name.removesuffix("_int8").removesuffix("_onnx"))
             params = count_parameters(source) if source is not None else 0
             runtime = "onnxruntime int8" if name.endswith("_int8") else "onnxruntime fp32"
-            entries[name] = _Entry(OnnxPredictor(path, threads=threads), path.stat().st_size, params, runtime)
-    models, _ = _measure(
+            entries[name] = ModelEntry(OnnxPredictor(path, threads=threads), path.stat().st_size, params, runtime)
+    models, _ = measure_models(
         entries,
         test,
         reference,
@@ -191,6 +191,7 @@ def profile_folder(
         threads=threads,
         batch_size=batch_size,
         latency_budget_s=latency_budget_s,
+        memory=True,
     )
     settings = {
         "dataset": dataset_name,

@@ -33,11 +33,11 @@ from kdistill.compress.prune import PrunedStudent, prune_and_finetune
 from kdistill.compress.quantize import QuantizedModel, quantize_onnx
 from kdistill.data import Split, as_split
 from kdistill.errors import DataError
-from kdistill.evaluate import classification_metrics
 from kdistill.io import atomic_write_json
-from kdistill.profile import MEMORY_MEASURE, count_parameters, model_size_bytes, time_inference
+from kdistill.pipeline import ModelEntry, _eval_predict, measure_models, model_entry
+from kdistill.profile import MEMORY_MEASURE
 from kdistill.report import Report
-from kdistill.teachers import Outputs, SklearnTeacher, Teacher, as_teacher, teacher_logits
+from kdistill.teachers import SklearnTeacher, Teacher, as_teacher, teacher_logits
 
 __all__ = ["CompressResult", "compress", "model_diagnostics", "per_class_accuracy", "reliability_bins"]
 
@@ -99,71 +99,8 @@ def model_diagnostics(
     }
 
 
-@dataclass
-class _Entry:
-    """One model to measure: how to call it, what it is, where it lives."""
-
-    predict: Any
-    size_bytes: int
-    parameters: int
-    runtime: str
-
-
 def _split_of(data: Any, name: str, adapter: Teacher) -> Split | None:
     return None if data is None else as_split(data, name=name, classes=adapter.classes)
-
-
-def _measure(
-    entries: dict[str, _Entry],
-    split: Split,
-    reference: torch.Tensor | None,
-    *,
-    profile: bool,
-    threads: int,
-    batch_size: int,
-    latency_budget_s: float | None,
-) -> tuple[dict[str, dict[str, float]], dict[str, torch.Tensor]]:
-    """Accuracy (and agreement with ``reference``, the teacher's logits) of each entry on ``split``, its size and
-    parameters, and with ``profile`` its timings on :func:`~kdistill.profile.time_inference`; also the logits."""
-    assert split.y is not None
-    models: dict[str, dict[str, float]] = {}
-    all_logits: dict[str, torch.Tensor] = {}
-    for name, entry in entries.items():
-        with torch.inference_mode():
-            parts = [entry.predict(split.x[i : i + 1024]) for i in range(0, len(split.x), 1024)]
-        logits = torch.cat([part.logits if isinstance(part, Outputs) else part for part in parts]).float()
-        all_logits[name] = logits
-        metrics = classification_metrics(logits, split.y, None if name == "teacher" else reference)
-        if name == "teacher":
-            metrics["agreement"] = 1.0
-        metrics["parameters"] = float(entry.parameters)
-        metrics["size_bytes"] = float(entry.size_bytes)
-        if profile:
-            metrics |= time_inference(
-                entry.predict,
-                split.x,
-                batch_size=batch_size,
-                threads=threads,
-                latency_budget_s=latency_budget_s,
-                memory=True,
-            )
-        models[name] = metrics
-    for name, metrics in models.items():
-        if "teacher" in models:
-            metrics["retention"] = metrics["accuracy"] / models["teacher"]["accuracy"]
-        source = name.removesuffix("_int8") + "_onnx"
-        if name.endswith("_int8") and source in models:
-            metrics["accuracy_delta"] = metrics["accuracy"] - models[source]["accuracy"]
-    return models, all_logits
-
-
-def _torch_predict(model: nn.Module) -> Any:
-    model.eval()
-
-    def predict(x: torch.Tensor) -> torch.Tensor:
-        return model(x)
-
-    return predict
 
 
 def compress(
@@ -271,25 +208,23 @@ def compress(
             artefacts[f"{name}_int8"] = quantized[name].path
 
     wrapped: Any = adapter.estimator if isinstance(adapter, SklearnTeacher) else getattr(adapter, "module", adapter)
-    entries: dict[str, _Entry] = {
-        "teacher": _Entry(adapter, model_size_bytes(wrapped), count_parameters(wrapped), type(wrapped).__name__)
-    }
+    teacher_model = adapter if hasattr(adapter, "size_bytes") else wrapped
+    entries: dict[str, ModelEntry] = {"teacher": model_entry(teacher_model, adapter, type(wrapped).__name__)}
     if distilled.baseline is not None:
-        base = distilled.baseline
-        entries["baseline"] = _Entry(_torch_predict(base), model_size_bytes(base), count_parameters(base), "torch")
+        entries["baseline"] = model_entry(distilled.baseline, _eval_predict(distilled.baseline))
     for name, module in torch_models.items():
-        params = count_parameters(module)
-        entries[name] = _Entry(_torch_predict(module), model_size_bytes(module), params, "torch")
-        entries[f"{name}_onnx"] = _Entry(
+        entries[name] = model_entry(module, _eval_predict(module))
+        params = entries[name].parameters
+        entries[f"{name}_onnx"] = ModelEntry(
             OnnxPredictor(exports[name].path, threads=threads), exports[name].size_bytes, params, "onnxruntime fp32"
         )
         if name in quantized:
             q = quantized[name]
             runtime = f"onnxruntime int8 ({q.mode})"
-            entries[f"{name}_int8"] = _Entry(OnnxPredictor(q.path, threads=threads), q.size_bytes, params, runtime)
+            entries[f"{name}_int8"] = ModelEntry(OnnxPredictor(q.path, threads=threads), q.size_bytes, params, runtime)
 
     reference = teacher_logits(adapter, eval_split.x)
-    models, logits = _measure(
+    models, logits = measure_models(
         entries,
         eval_split,
         reference,
@@ -297,6 +232,7 @@ def compress(
         threads=threads,
         batch_size=batch_size,
         latency_budget_s=latency_budget_s,
+        memory=True,
     )
     assert eval_split.y is not None
     settings: dict[str, Any] = dict(distilled.report.settings) if distilled.report is not None else {}
