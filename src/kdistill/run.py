@@ -48,7 +48,7 @@ from kdistill.errors import CheckpointError, ConfigError, DataError, KdistillErr
 from kdistill.io import atomic_write_bytes, atomic_write_json
 from kdistill.losses import Loss, get_loss
 from kdistill.students import build_student
-from kdistill.teachers import Outputs, Teacher, as_teacher, teacher_logits
+from kdistill.teachers import Outputs, Teacher, TeacherBase, as_teacher, teacher_logits
 
 __all__ = ["RunResult", "run", "validate"]
 
@@ -607,7 +607,7 @@ def _relabel(split: Split | None, classes: list[Any] | None) -> Split | None:
     return Split(x=split.x, y=encode_labels(split.y.numpy(), np.asarray(classes), name="y"), raw_x=split.raw_x)
 
 
-class _Columns:
+class _Columns(TeacherBase):
     """The teacher as the class-count check sees it, also on ranks that only read the teacher's outputs."""
 
     def __init__(self, logits: torch.Tensor, teacher: Teacher | None) -> None:
