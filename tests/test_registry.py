@@ -4,6 +4,7 @@ walk-throughs of docs/architecture.md run as written, their printed output compa
 from __future__ import annotations
 
 import contextlib
+import copy
 import doctest
 import io
 import pickle
@@ -29,7 +30,14 @@ from kdistill.errors import ConfigError, KdistillError, StudentError, TeacherErr
 from kdistill.losses import LOSSES, get_loss
 from kdistill.losses import UnknownNameError as LossesUnknownNameError
 from kdistill.registry import Entry, Registry, UnknownNameError, signature_params
-from kdistill.students import MLP, STUDENTS, build_student, register_student, student_from_spec
+from kdistill.students import (
+    MLP,
+    STUDENTS,
+    build_student,
+    register_student,
+    register_student_family,
+    student_from_spec,
+)
 from kdistill.teachers import (
     ADAPTERS,
     CallableTeacher,
@@ -152,6 +160,7 @@ def test_a_family_stands_for_every_prefixed_name() -> None:
     assert entry.name == "zoo:lion" and entry.description == "any zoo model by name"
     assert entry.factory(3, depth=2) == ("lion", 3, 2)  # the variant is bound first
     assert models.params("zoo:lion") == ["depth"]
+    assert models.params("zoo:") == ["depth"]  # the family itself, as `kdistill list` shows it
     assert models.names() == ["zoo:"] and list(models) == []
     with pytest.raises(UnknownNameError, match="names the family 'zoo' but no member of it"):
         models.get("zoo:")
@@ -224,6 +233,21 @@ def test_student_config_validates_params_from_the_registry() -> None:
         del STUDENTS["probe_student"]
     with pytest.raises(ValueError, match="unknown student kind 'probe_student'"):
         StudentConfig(kind="probe_student")
+
+
+def test_a_student_family_member_builds_checks_params_and_rebuilds_from_its_spec() -> None:
+    @register_student_family("probe_wide", "test-only")
+    def wide(variant: str, in_shape: Any, num_classes: int, *, dropout: float = 0.0) -> nn.Module:
+        return MLP(in_shape, num_classes, hidden=(int(variant),), dropout=dropout)
+
+    module, spec = build_student("probe_wide:12", torch.randn(8, 5), 3)
+    assert spec == {"kind": "probe_wide:12", "in_shape": [5], "num_classes": 3, "dropout": 0.0}
+    rebuilt = student_from_spec(spec)
+    assert [p.shape for p in rebuilt.parameters()] == [p.shape for p in module.parameters()]
+    assert [p.shape for p in module.parameters()][:2] == [(12, 5), (12,)]
+    with pytest.raises(StudentError, match=r"did you mean 'dropout'\?"):
+        build_student("probe_wide:12", torch.randn(8, 5), 3, dropuot=0.1)
+    assert StudentConfig(kind="probe_wide:7").kind == "probe_wide:7"
 
 
 def test_a_student_builder_returning_no_module_is_a_clear_error() -> None:
@@ -328,6 +352,8 @@ def test_an_object_with_the_core_protocol_gets_size_defaults() -> None:
     assert teacher(torch.zeros(2, 4)).logits.shape == (2, 3)
     assert teacher.members == ("kept",)  # type: ignore[attr-defined]
     assert not isinstance(teacher, CallableTeacher)
+    copied = copy.deepcopy(teacher)
+    assert type(copied) is type(teacher) and copied.fingerprint() == "core-only"
 
 
 def test_kdistill_list_teachers_reads_both_registries() -> None:

@@ -222,12 +222,14 @@ class Registry(Generic[E]):
 
     def params(self, name: str) -> list[str] | None:
         """The parameters entry ``name`` accepts (its factory's signature after the ``skip_leading`` ones, or
-        ``params_of``'s), then ``common_params``; None when it accepts any."""
-        entry = self.get(name)
+        ``params_of``'s), then ``common_params``; None when it accepts any. A family (``"timm:"``) lists its
+        members' parameters."""
+        prefix = name[:-1] if name.endswith(":") else None
+        entry = self._families[prefix] if prefix in self._families else self.get(name)
         if entry.params_of is not None:
             own = signature_params(entry.params_of())
-        else:
-            own = signature_params(entry.factory, skip_leading=self.skip_leading)
+        else:  # a family's factory takes the variant first
+            own = signature_params(entry.factory, skip_leading=self.skip_leading + (prefix is not None))
         return None if own is None else [*own, *(extra for extra in self.common_params if extra not in own)]
 
     def check_params(self, name: str, params: Iterable[str]) -> None:

@@ -67,7 +67,7 @@ class _WithDefaults(TeacherBase):
         self.classes: np.ndarray | None = teacher.classes
 
     def __getattr__(self, name: str) -> Any:
-        if name == "teacher":  # not set yet (copying, unpickling): no recursion
+        if name == "teacher" or name.startswith("__"):  # not set yet (copying, unpickling); protocols stay ours
             raise AttributeError(name)
         return getattr(self.teacher, name)
 
