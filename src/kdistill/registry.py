@@ -137,7 +137,7 @@ class Registry(Generic[E]):
         """Decorator form of :meth:`add`: ``@registry.register("name", "one line")`` over a function or class."""
 
         def decorate(factory: _T) -> _T:
-            self.add(name, factory, description, **fields)  # type: ignore[arg-type]
+            self.add(name, cast(Callable[..., Any], factory), description, **fields)
             return factory
 
         return decorate
@@ -152,7 +152,7 @@ class Registry(Generic[E]):
             if not prefix or ":" in prefix:
                 raise ValueError(f"{self.kind} family prefix {prefix!r} must be non-empty and without ':'")
             if prefix in self._families:
-                raise ValueError(f"{self.kind} family {prefix!r}: is registered twice")
+                raise ValueError(f"{self.kind} family {prefix + ':'!r} is registered twice")
             entry = self._entry_type(
                 name=f"{prefix}:", factory=cast(Callable[..., Any], factory), description=description, **fields
             )
