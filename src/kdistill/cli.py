@@ -82,34 +82,46 @@ def _cmd_profile(args: argparse.Namespace) -> int:
     return 0
 
 
-def _listing() -> dict[str, Callable[[], list[tuple[str, str]]]]:
-    def methods() -> list[tuple[str, str]]:
+_Row = tuple[str, str, "list[str] | bool | None"]
+"""A ``kdistill list`` line: name, description, and the params it takes (a list; None: any; False: not shown)."""
+
+
+def _params_line(params: list[str] | bool | None) -> str:
+    if params is None:
+        return "any (passed to your factory)"
+    return ", ".join(params) if isinstance(params, list) and params else "none"
+
+
+def _listing() -> dict[str, Callable[[], list[tuple[str, list[_Row]]]]]:
+    """Each ``kdistill list WHAT``: sections (a heading, or "" for none) of rows, read from the registries."""
+
+    def methods() -> list[tuple[str, list[_Row]]]:
         from kdistill.losses import list_losses
 
-        return [(info.name, info.description) for info in list_losses()]
+        return [("", [(info.name, info.description, False) for info in list_losses()])]
 
-    def students() -> list[tuple[str, str]]:
+    def students() -> list[tuple[str, list[_Row]]]:
         from kdistill.students import STUDENTS
 
-        return sorted(STUDENTS.items())
+        rows: list[_Row] = [(e.name, e.description, STUDENTS.params(e.name)) for e in STUDENTS.entries()]
+        custom = ("custom", "config files only: your nn.Module from student.factory: module:attribute", None)
+        return [("", [*rows, custom])]
 
-    def datasets() -> list[tuple[str, str]]:
+    def datasets() -> list[tuple[str, list[_Row]]]:
         from kdistill.datasets import DATASETS
 
-        return [(name, description) for name, (_, description) in sorted(DATASETS.items())]
+        return [("", [(name, description, False) for name, (_, description) in sorted(DATASETS.items())])]
 
-    def teachers() -> list[tuple[str, str]]:
+    def teachers() -> list[tuple[str, list[_Row]]]:
         from kdistill.config_recipes import TEACHER_RECIPES
+        from kdistill.teachers import ADAPTERS
 
-        recipes = [(name, recipe.description) for name, recipe in TEACHER_RECIPES.items()]
-        adapters = [  # what kdistill.as_teacher / kdistill.teachers wrap in Python (docs/teachers.md)
-            ("hf", "adapter: a Hugging Face transformers model with .logits, from a local folder or a config [hf]"),
-            ("onnx", "adapter: an .onnx file run by ONNX Runtime, output chosen by name [onnx]"),
-            ("callable", "adapter: a function batch -> probabilities or logits; batched, retried, resumable"),
-            ("file", "adapter: precomputed outputs in .npy, .safetensors or .parquet (with row ids)"),
-            ("ensemble", "adapter: several teachers, mean of probabilities or of logits, optional weights"),
+        kinds: list[_Row] = [(e.name, e.description, TEACHER_RECIPES.params(e.name)) for e in TEACHER_RECIPES.entries()]
+        adapters: list[_Row] = [(e.name, e.description, ADAPTERS.params(e.name)) for e in ADAPTERS.entries()]
+        return [
+            ("teacher kinds (a config's teacher.kind; params: teacher.params)", kinds),
+            ("adapters (what kdistill.as_teacher wraps in Python; params: the adapter's keywords)", adapters),
         ]
-        return recipes + [(name, text) for name, text in adapters if name not in TEACHER_RECIPES]
 
     return {"methods": methods, "students": students, "datasets": datasets, "teachers": teachers}
 
@@ -155,8 +167,15 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    for name, description in _listing()[args.what]():
-        _console.print(f"[bold]{name:<12}[/bold] {description}", highlight=False)
+    from rich.markup import escape
+
+    for position, (heading, rows) in enumerate(_listing()[args.what]()):
+        if heading:
+            _console.print(("\n" if position else "") + f"[bold underline]{heading}[/bold underline]", highlight=False)
+        for name, description, params in rows:
+            _console.print(f"[bold]{name:<20}[/bold] {escape(description)}", highlight=False, soft_wrap=True)
+            if params is not False:
+                _console.print(f"{'':<20}   params: {_params_line(params)}", highlight=False, soft_wrap=True)
     return 0
 
 

@@ -34,6 +34,7 @@ from pydantic import (
 
 from kdistill import defaults
 from kdistill.errors import ConfigError
+from kdistill.registry import Registry
 
 __all__ = [
     "AugmentConfig",
@@ -61,12 +62,6 @@ __all__ = [
     "validate_soft_targets",
 ]
 
-STUDENT_PARAMS = {
-    "mlp": ["dropout", "hidden"],
-    "cnn": ["channels", "in_shape", "kernel_size"],
-}
-"""What ``student.params`` accepts for each built-in student (the keywords of ``kdistill.students.build_student``)."""
-
 
 def _closest(value: object, valid: list[str]) -> str:
     close = difflib.get_close_matches(str(value), valid, n=1, cutoff=0.5)
@@ -87,6 +82,14 @@ def _check_reference(value: str) -> str:
     if not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*", value):
         raise ValueError(f"{value!r} is not a module:attribute reference (e.g. my_models:build_teacher)")
     return value
+
+
+def _check_registered(registry: Registry[Any], kind: str, params: dict[str, Any], role: str) -> None:
+    """``params`` checked against the registered ``kind``'s signature; a ValueError (what pydantic reports) naming
+    the closest valid parameter."""
+    valid = registry.params(kind)
+    if valid is not None:
+        _check_names(f"param for {role} {kind!r}:", params, valid)
 
 
 class _Section(BaseModel):
@@ -175,9 +178,8 @@ class TeacherConfig(_Section):
         from kdistill.config_recipes import TEACHER_RECIPES
 
         kind = info.data.get("kind")
-        recipe = TEACHER_RECIPES.get(kind) if isinstance(kind, str) else None
-        if recipe is not None and recipe.params is not None:
-            _check_names(f"param for teacher kind {kind!r}:", value, recipe.params())
+        if isinstance(kind, str) and kind in TEACHER_RECIPES:
+            _check_registered(TEACHER_RECIPES, kind, value, "teacher kind")
         return value
 
     @model_validator(mode="after")
@@ -192,8 +194,9 @@ class TeacherConfig(_Section):
 
 
 class StudentConfig(_Section):
-    """``kind``: ``mlp`` or ``cnn`` (built and sized from the data; ``params`` as in ``kdistill list students``), or
-    ``custom`` with ``factory: module:attribute`` returning your ``nn.Module`` (called with ``params``)."""
+    """``kind``: a registered student (``mlp``, ``cnn``, ...: built and sized from the data; ``params`` as in
+    ``kdistill list students``, checked against its builder's signature), or ``custom`` with
+    ``factory: module:attribute`` returning your ``nn.Module`` (called with ``params``)."""
 
     kind: str = "mlp"
     params: dict[str, Any] = Field(default_factory=dict)
@@ -202,17 +205,20 @@ class StudentConfig(_Section):
     @field_validator("kind")
     @classmethod
     def _known_kind(cls, value: str) -> str:
-        valid = [*STUDENT_PARAMS, "custom"]
-        if value not in valid:
-            raise _unknown("student kind", value, valid)
+        from kdistill.students import STUDENTS
+
+        if value != "custom" and value not in STUDENTS:
+            raise _unknown("student kind", value, [*STUDENTS.names(), "custom"])
         return value
 
     @field_validator("params")
     @classmethod
     def _known_params(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        from kdistill.students import STUDENTS
+
         kind = info.data.get("kind")
-        if isinstance(kind, str) and kind in STUDENT_PARAMS:
-            _check_names(f"param for student {kind!r}:", value, STUDENT_PARAMS[kind])
+        if isinstance(kind, str) and kind in STUDENTS:
+            _check_registered(STUDENTS, kind, value, "student")
         return value
 
     @model_validator(mode="after")

@@ -1,61 +1,77 @@
 """Teachers a config file can name (``teacher.kind``), in one registry: ``kdistill list teachers``.
 
-Each entry says what the kind needs (``factory``: a ``module:attribute`` of the user's own code; ``path``: a file or
-folder), which ``params`` it accepts (``None``: any, they go to the user's factory), and how to build the teacher
-from the training split. Built-in recipes (``random_forest``, ``logistic_regression``, ``cnn``) are trained here on
-the configured data, seeded; ``sklearn`` and ``torch`` call the user's factory; ``saved`` loads a kdistill run folder.
-Other teacher kinds register here with :func:`register_teacher`.
+A teacher kind is one builder, ``build(train, context, **params)``, registered with :func:`register_teacher`. It
+returns anything :func:`kdistill.as_teacher` accepts. ``train`` is the training :class:`~kdistill.data.Split`;
+``context`` holds ``seed``, ``factory`` (the user's ``module:attribute``, already imported, or None), ``path``
+(resolved, or None), ``output`` and ``verbose``. The builder's keyword parameters are what ``teacher.params``
+accepts (``**params``: any, passed on; ``params_of`` names the class whose signature lists them). Built-in kinds
+(``random_forest``, ``logistic_regression``, ``cnn``) are trained here on the configured data, seeded; ``sklearn``
+and ``torch`` call the user's factory; ``saved`` loads a kdistill run folder.
 """
 
 from __future__ import annotations
 
 import importlib
-import inspect
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
 from kdistill.data import Split
 from kdistill.errors import ConfigError, TeacherError
+from kdistill.registry import Entry, Registry, UnknownNameError, signature_params
 
 __all__ = [
     "COMPRESSION_STEPS",
     "TEACHER_RECIPES",
     "CompressionRecipe",
     "TeacherRecipe",
+    "UnknownTeacherKindError",
     "import_reference",
     "register_teacher",
     "signature_params",
 ]
 
+_T = TypeVar("_T")
+
+
+class UnknownTeacherKindError(UnknownNameError, ConfigError):
+    """An unknown ``teacher.kind`` or teacher parameter, with the closest valid name."""
+
 
 @dataclass(frozen=True)
-class TeacherRecipe:
-    """``build(params, train, context)`` returns a teacher object that :func:`kdistill.as_teacher` accepts.
+class TeacherRecipe(Entry):
+    """A registered teacher kind: ``factory(train, context, **params)`` builds it; ``needs``: the config fields it
+    requires (``"factory"``, ``"path"``)."""
 
-    ``context`` holds ``seed``, ``factory`` (already imported, or None), ``path`` (resolved, or None), ``output``
-    and ``verbose``. ``params``: the accepted parameter names, or None when any are passed through.
-    """
-
-    description: str
-    build: Callable[[dict[str, Any], Split, dict[str, Any]], Any]
     needs: tuple[str, ...] = ()
-    params: Callable[[], list[str]] | None = None
+
+    def build(self, params: dict[str, Any], train: Split, context: dict[str, Any]) -> Any:
+        """The teacher object for ``params`` (``teacher.params``), trained or loaded from ``train`` and ``context``."""
+        return self.factory(train, context, **params)
 
 
-TEACHER_RECIPES: dict[str, TeacherRecipe] = {}
+TEACHER_RECIPES: Registry[TeacherRecipe] = Registry(
+    "teacher kind", entry_type=TeacherRecipe, skip_leading=2, error=UnknownTeacherKindError
+)
+"""Every teacher kind a config can name, by name."""
 
 
-def register_teacher(name: str, recipe: TeacherRecipe) -> None:
-    """Make ``teacher.kind: name`` valid in config files."""
-    if name in TEACHER_RECIPES:
-        raise ValueError(f"teacher kind {name!r} is registered twice")
-    TEACHER_RECIPES[name] = recipe
+def register_teacher(
+    name: str,
+    description: str,
+    *,
+    needs: Sequence[str] = (),
+    params_of: Callable[[], Callable[..., Any]] | None = None,
+) -> Callable[[_T], _T]:
+    """Decorator making ``teacher.kind: name`` valid in config files; it decorates ``build(train, context,
+    **params)``. ``needs``: config fields the kind requires; ``params_of``: returns the callable whose signature
+    lists the accepted params, for a builder that passes ``**params`` on."""
+    return TEACHER_RECIPES.register(name, description, needs=tuple(needs), params_of=params_of)
 
 
 def import_reference(reference: str, *, base: Path | None = None, field: str = "factory") -> Any:
@@ -98,54 +114,82 @@ def import_reference(reference: str, *, base: Path | None = None, field: str = "
     return target
 
 
-def _random_forest(params: dict[str, Any], train: Split, context: dict[str, Any]) -> Any:
+def _random_forest_class() -> Any:
     from sklearn.ensemble import RandomForestClassifier
 
-    settings = {"n_estimators": 200, "n_jobs": 1, "random_state": context["seed"]} | params
-    return RandomForestClassifier(**settings).fit(_flat(train), _labels(train))
+    return RandomForestClassifier
 
 
-def _logistic_regression(params: dict[str, Any], train: Split, context: dict[str, Any]) -> Any:
+def _logistic_regression_class() -> Any:
     from sklearn.linear_model import LogisticRegression
+
+    return LogisticRegression
+
+
+@register_teacher(
+    "random_forest",
+    "a scikit-learn RandomForestClassifier (200 trees) fitted on the training split; params go to it",
+    params_of=_random_forest_class,
+)
+def _random_forest(train: Split, context: dict[str, Any], **params: Any) -> Any:
+    settings = {"n_estimators": 200, "n_jobs": 1, "random_state": context["seed"]} | params
+    return _random_forest_class()(**settings).fit(_flat(train), _labels(train))
+
+
+@register_teacher(
+    "logistic_regression",
+    "StandardScaler + LogisticRegression fitted on the training split; params go to LogisticRegression",
+    params_of=_logistic_regression_class,
+)
+def _logistic_regression(train: Split, context: dict[str, Any], **params: Any) -> Any:
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
     settings = {"max_iter": 1000, "random_state": context["seed"]} | params
-    return make_pipeline(StandardScaler(), LogisticRegression(**settings)).fit(_flat(train), _labels(train))
+    model = make_pipeline(StandardScaler(), _logistic_regression_class()(**settings))
+    return model.fit(_flat(train), _labels(train))
 
 
-def _cnn_params() -> list[str]:
-    return ["batch_size", "channels", "epochs", "kernel_size", "lr", "patience", "weight_decay"]
-
-
-def _cnn(params: dict[str, Any], train: Split, context: dict[str, Any]) -> nn.Module:
-    """A CNN trained on the hard labels with kdistill's own loop (the teacher of the MNIST-1D demo)."""
+@register_teacher("cnn", "a 1-D/2-D CNN trained first on the hard labels (the teacher of the MNIST-1D demo)")
+def _cnn(
+    train: Split,
+    context: dict[str, Any],
+    *,
+    channels: Sequence[int] = (64, 64, 64),
+    kernel_size: int = 5,
+    epochs: int = 60,
+    batch_size: int = 128,
+    lr: float = 1e-2,
+    weight_decay: float = 5e-2,
+    patience: int | None = 15,
+) -> nn.Module:
+    """A CNN trained on the hard labels with kdistill's own loop. It is given no validation rows, so ``patience``
+    (early stopping) has no effect yet; it is accepted so configs written for it stay valid."""
     from kdistill.engine import EarlyStopping, TrainConfig, TransferSet, fit
     from kdistill.losses import get_loss
     from kdistill.students import CNN
 
-    settings: dict[str, Any] = {"channels": [64, 64, 64], "kernel_size": 5, "epochs": 60, "batch_size": 128}
-    settings["lr"] = 1e-2
-    settings |= {"weight_decay": 5e-2, "patience": 15} | params
-    assert train.y is not None
-    classes = int(train.y.max()) + 1
+    labels = _labels(train)
+    classes = int(labels.max()) + 1
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(context["seed"])
-        teacher = CNN(train.x.shape[1:], classes, channels=settings["channels"], kernel_size=settings["kernel_size"])
+        teacher = CNN(train.x.shape[1:], classes, channels=list(channels), kernel_size=kernel_size)
     teacher.standardize.fit(train.x)
     config = TrainConfig(
-        epochs=settings["epochs"],
-        batch_size=settings["batch_size"],
-        lr=settings["lr"],
-        weight_decay=settings["weight_decay"],
-        seed=context["seed"],
-        verbose=False,
+        epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=context["seed"], verbose=False
     )
-    fit(teacher, get_loss("ce"), TransferSet(train.x, train.y, None), config=config, callbacks=[EarlyStopping()])
+    assert train.y is not None
+    stopping = EarlyStopping(patience=patience)
+    fit(teacher, get_loss("ce"), TransferSet(train.x, train.y, None), config=config, callbacks=[stopping])
     return teacher.eval()
 
 
-def _user_sklearn(params: dict[str, Any], train: Split, context: dict[str, Any]) -> Any:
+@register_teacher(
+    "sklearn",
+    "your scikit-learn classifier from factory: module:attribute (fitted on the training split if unfitted)",
+    needs=("factory",),
+)
+def _user_sklearn(train: Split, context: dict[str, Any], **params: Any) -> Any:
     from sklearn.utils.validation import check_is_fitted
 
     model = context["factory"](**params)
@@ -157,7 +201,12 @@ def _user_sklearn(params: dict[str, Any], train: Split, context: dict[str, Any])
     return model
 
 
-def _user_torch(params: dict[str, Any], train: Split, context: dict[str, Any]) -> Any:
+@register_teacher(
+    "torch",
+    "your trained torch.nn.Module from factory: module:attribute (path: optional .safetensors weights)",
+    needs=("factory",),
+)
+def _user_torch(train: Split, context: dict[str, Any], **params: Any) -> Any:
     from kdistill.teachers import TorchTeacher
 
     module = context["factory"](**params)
@@ -174,7 +223,8 @@ def _user_torch(params: dict[str, Any], train: Split, context: dict[str, Any]) -
     return TorchTeacher(module, output=output)
 
 
-def _saved(params: dict[str, Any], train: Split, context: dict[str, Any]) -> Any:
+@register_teacher("saved", "a student saved by an earlier kdistill run (path: its folder)", needs=("path",))
+def _saved(train: Split, context: dict[str, Any]) -> Any:
     from kdistill.api import load
 
     return load(context["path"])
@@ -191,77 +241,6 @@ def _labels(split: Split) -> Any:
             hint="add labels (y:, or the label column), or use a teacher that is already trained.",
         )
     return split.y.numpy()
-
-
-def _lazy_sklearn(path: str, name: str) -> Callable[[], list[str]]:
-    def names() -> list[str]:
-        module = importlib.import_module(path)
-        return sorted(getattr(module, name)().get_params())
-
-    return names
-
-
-register_teacher(
-    "random_forest",
-    TeacherRecipe(
-        "a scikit-learn RandomForestClassifier (200 trees) fitted on the training split; params go to it",
-        _random_forest,
-        params=_lazy_sklearn("sklearn.ensemble", "RandomForestClassifier"),
-    ),
-)
-register_teacher(
-    "logistic_regression",
-    TeacherRecipe(
-        "StandardScaler + LogisticRegression fitted on the training split; params go to LogisticRegression",
-        _logistic_regression,
-        params=_lazy_sklearn("sklearn.linear_model", "LogisticRegression"),
-    ),
-)
-register_teacher(
-    "cnn",
-    TeacherRecipe(
-        "a 1-D/2-D CNN trained first on the hard labels (params: channels, kernel_size, epochs, lr, ...)",
-        _cnn,
-        params=_cnn_params,
-    ),
-)
-register_teacher(
-    "sklearn",
-    TeacherRecipe(
-        "your scikit-learn classifier from factory: module:attribute (fitted on the training split if unfitted)",
-        _user_sklearn,
-        needs=("factory",),
-    ),
-)
-register_teacher(
-    "torch",
-    TeacherRecipe(
-        "your trained torch.nn.Module from factory: module:attribute (path: optional .safetensors weights)",
-        _user_torch,
-        needs=("factory",),
-    ),
-)
-register_teacher(
-    "saved",
-    TeacherRecipe(
-        "a student saved by an earlier kdistill run (path: its folder)", _saved, needs=("path",), params=list
-    ),
-)
-
-
-def signature_params(factory: Callable[..., Any]) -> list[str] | None:
-    """The keyword parameters ``factory`` accepts, or None when it takes ``**kwargs`` (anything goes)."""
-    try:
-        signature = inspect.signature(factory)
-    except (TypeError, ValueError):
-        return None
-    names = []
-    for name, parameter in signature.parameters.items():
-        if parameter.kind is inspect.Parameter.VAR_KEYWORD:
-            return None
-        if parameter.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY):
-            names.append(name)
-    return [name for name in names if name != "self"]
 
 
 @dataclass(frozen=True)

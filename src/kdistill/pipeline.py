@@ -70,6 +70,7 @@ __all__ = [
     "model_entry",
     "prepare",
     "report",
+    "teacher_entry",
     "train",
 ]
 
@@ -524,12 +525,16 @@ class ModelEntry:
     runtime: str
 
 
-def model_entry(model: Any, predict: Any = None, runtime: str = "torch") -> ModelEntry:
-    """The entry of a torch module, a scikit-learn model, or a teacher adapter that knows its own size (ONNX files,
-    files of outputs, ensembles)."""
-    if hasattr(model, "size_bytes"):
-        return ModelEntry(predict or model, model.size_bytes(), model.parameter_count(), runtime)
-    return ModelEntry(predict or model, model_size_bytes(model), count_parameters(model), runtime)
+def model_entry(module: nn.Module) -> ModelEntry:
+    """The report's entry of a torch module: its logits in eval mode, its safetensors size, its parameters."""
+    return ModelEntry(_eval_predict(module), model_size_bytes(module), count_parameters(module), "torch")
+
+
+def teacher_entry(teacher: Teacher) -> ModelEntry:
+    """The report's entry of a teacher adapter, which knows its own size and parameter count (None when it cannot
+    tell: a black box behind an API)."""
+    wrapped = getattr(teacher, "estimator", getattr(teacher, "module", teacher))
+    return ModelEntry(teacher, teacher.size_bytes(), teacher.parameter_count(), type(wrapped).__name__)
 
 
 def measure_models(
@@ -606,11 +611,9 @@ def build_report(
 ) -> Report:
     """Teacher vs student vs baseline on ``split``: accuracy, retention, agreement, calibration, size (and with
     ``profile`` latency and throughput), through :func:`measure_models`."""
-    wrapped: Any = teacher.estimator if isinstance(teacher, SklearnTeacher) else getattr(teacher, "module", teacher)
-    teacher_entry = model_entry(teacher if hasattr(teacher, "size_bytes") else wrapped, teacher)
-    entries = {"teacher": teacher_entry, "student": model_entry(student, _eval_predict(student))}
+    entries = {"teacher": teacher_entry(teacher), "student": model_entry(student)}
     if baseline is not None:
-        entries["baseline"] = model_entry(baseline, _eval_predict(baseline))
+        entries["baseline"] = model_entry(baseline)
     reference = teacher_logits(teacher, split.x)
     models, _ = measure_models(entries, split, reference, profile=profile)
     return Report(split=split_name, rows=len(split), models=models, settings=settings)

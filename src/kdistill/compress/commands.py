@@ -26,10 +26,10 @@ from kdistill.datasets import load_dataset
 from kdistill.demo import builtin_teacher, demo_recipe
 from kdistill.errors import CheckpointError, ShapeMismatchError
 from kdistill.io import atomic_write_json
-from kdistill.pipeline import ModelEntry, _eval_predict, measure_models, model_entry
+from kdistill.pipeline import ModelEntry, _eval_predict, measure_models, teacher_entry
 from kdistill.profile import MEMORY_MEASURE, count_parameters
 from kdistill.report import Report
-from kdistill.teachers import SklearnTeacher, as_teacher, teacher_logits
+from kdistill.teachers import as_teacher, teacher_logits
 
 __all__ = ["export_saved_student", "profile_folder", "run_pipeline"]
 
@@ -164,9 +164,7 @@ def profile_folder(
     reference = None
     if with_teacher:
         adapter = as_teacher(builtin_teacher(dataset, seed))
-        wrapped = adapter.estimator if isinstance(adapter, SklearnTeacher) else getattr(adapter, "module", adapter)
-        teacher_model = adapter if hasattr(adapter, "size_bytes") else wrapped
-        entries["teacher"] = model_entry(teacher_model, adapter, type(wrapped).__name__)
+        entries["teacher"] = teacher_entry(adapter)
         reference = teacher_logits(adapter, test.x)
     modules: dict[str, nn.Module] = {}
     for path in files:

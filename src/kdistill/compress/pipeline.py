@@ -34,10 +34,10 @@ from kdistill.compress.quantize import QuantizedModel, quantize_onnx
 from kdistill.data import Split, as_split
 from kdistill.errors import DataError
 from kdistill.io import atomic_write_json
-from kdistill.pipeline import ModelEntry, _eval_predict, measure_models, model_entry
+from kdistill.pipeline import ModelEntry, measure_models, model_entry, teacher_entry
 from kdistill.profile import MEMORY_MEASURE
 from kdistill.report import Report
-from kdistill.teachers import SklearnTeacher, Teacher, as_teacher, teacher_logits
+from kdistill.teachers import Teacher, as_teacher, teacher_logits
 
 __all__ = ["CompressResult", "compress", "model_diagnostics", "per_class_accuracy", "reliability_bins"]
 
@@ -207,13 +207,11 @@ def compress(
             )
             artefacts[f"{name}_int8"] = quantized[name].path
 
-    wrapped: Any = adapter.estimator if isinstance(adapter, SklearnTeacher) else getattr(adapter, "module", adapter)
-    teacher_model = adapter if hasattr(adapter, "size_bytes") else wrapped
-    entries: dict[str, ModelEntry] = {"teacher": model_entry(teacher_model, adapter, type(wrapped).__name__)}
+    entries: dict[str, ModelEntry] = {"teacher": teacher_entry(adapter)}
     if distilled.baseline is not None:
-        entries["baseline"] = model_entry(distilled.baseline, _eval_predict(distilled.baseline))
+        entries["baseline"] = model_entry(distilled.baseline)
     for name, module in torch_models.items():
-        entries[name] = model_entry(module, _eval_predict(module))
+        entries[name] = model_entry(module)
         params = entries[name].parameters
         entries[f"{name}_onnx"] = ModelEntry(
             OnnxPredictor(exports[name].path, threads=threads), exports[name].size_bytes, params, "onnxruntime fp32"

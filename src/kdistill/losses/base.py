@@ -7,24 +7,16 @@ methods that need none) and the hard labels (or None for unlabeled rows). It ret
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import torch
 
-from kdistill.errors import KdistillError
+from kdistill.registry import Entry, Registry, UnknownNameError
+from kdistill.registry import unknown_name as unknown_name  # re-exported: it lived here first
 from kdistill.teachers.base import Outputs
 
 __all__ = ["LOSSES", "Loss", "LossInfo", "UnknownNameError", "get_loss", "list_losses", "register_loss"]
-
-
-class UnknownNameError(KdistillError, KeyError):
-    """A name that is not in a registry; the message lists the valid names and the closest one."""
-
-    def __str__(self) -> str:  # KeyError would quote the message
-        return self.args[0] if self.args else ""
 
 
 @runtime_checkable
@@ -50,42 +42,24 @@ class Loss(Protocol):
         ...
 
 
-@dataclass(frozen=True)
-class LossInfo:
-    name: str
-    factory: Callable[..., Loss]
-    description: str
+LossInfo = Entry
+"""A registered method: ``name``, ``factory`` (the class or function that builds it), ``description``."""
 
-
-LOSSES: dict[str, LossInfo] = {}
+LOSSES: Registry[Entry] = Registry("method")
+"""Every method, by name (:class:`kdistill.registry.Registry`: ``name in LOSSES``, ``LOSSES[name].factory``)."""
 _T = TypeVar("_T")
 
 
 def register_loss(name: str, description: str) -> Callable[[_T], _T]:
     """Class decorator adding a method to the registry under ``name`` with a one-line description."""
-
-    def decorate(factory: _T) -> _T:
-        if name in LOSSES:
-            raise ValueError(f"loss {name!r} is registered twice")
-        LOSSES[name] = LossInfo(name, factory, description)  # type: ignore[arg-type]
-        return factory
-
-    return decorate
-
-
-def unknown_name(kind: str, name: str, known: Sequence[str]) -> UnknownNameError:
-    close = difflib.get_close_matches(name, known, n=1)
-    suggestion = f"did you mean {close[0]!r}? " if close else ""
-    return UnknownNameError(f"unknown {kind} {name!r}", hint=f"{suggestion}valid names: {', '.join(sorted(known))}")
+    return LOSSES.register(name, description)
 
 
 def get_loss(name: str, **params: Any) -> Loss:
     """Build the registered loss ``name`` with its hyper-parameters."""
-    if name not in LOSSES:
-        raise unknown_name("method", name, list(LOSSES))
     return LOSSES[name].factory(**params)
 
 
 def list_losses() -> list[LossInfo]:
     """Every registered method, by name."""
-    return [LOSSES[name] for name in sorted(LOSSES)]
+    return LOSSES.entries()

@@ -1,5 +1,5 @@
-"""A small convolutional student for signals (rows, length) / (rows, channels, length) and images
-(rows, height, width) / (rows, channels, height, width)."""
+"""A small convolutional student, registered as ``"cnn"``, for signals (rows, length) / (rows, channels, length)
+and images (rows, height, width) / (rows, channels, height, width)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ import torch
 from torch import nn
 
 from kdistill.errors import StudentError
+from kdistill.students.base import register_student
 from kdistill.students.layers import Standardize
 
-__all__ = ["CNN"]
+__all__ = ["CNN", "cnn"]
 
 
 class CNN(nn.Module):
@@ -54,3 +55,11 @@ class CNN(nn.Module):
         x = self.standardize(x.reshape(x.shape[0], *self.shape))
         x = self.features(x)
         return self.head(x.flatten(2).mean(dim=2))
+
+
+@register_student("cnn", "small 1-D/2-D convolutional net for signals and images (channels=(c1, ...), in_shape=...)")
+def cnn(
+    in_shape: Sequence[int], num_classes: int, *, channels: Sequence[int] = (32, 32, 32), kernel_size: int = 5
+) -> CNN:
+    """A :class:`CNN`; pass ``in_shape`` to read flat rows as images (digits: ``in_shape=(1, 8, 8)``)."""
+    return CNN(in_shape, num_classes, channels=channels, kernel_size=kernel_size)

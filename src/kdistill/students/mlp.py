@@ -1,16 +1,18 @@
-"""A multilayer perceptron student."""
+"""A multilayer perceptron student, registered as ``"mlp"``."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
+from kdistill.students.base import register_student
 from kdistill.students.layers import Standardize
 
-__all__ = ["MLP", "default_hidden"]
+__all__ = ["MLP", "default_hidden", "mlp"]
 
 
 def default_hidden(in_features: int, num_classes: int) -> tuple[int, ...]:
@@ -43,3 +45,16 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layers(self.standardize(x.flatten(1)))
+
+
+def _sized(in_shape: Sequence[int], num_classes: int, params: dict[str, Any]) -> dict[str, Any]:
+    """Fill ``hidden`` from the data (:func:`default_hidden`) when it is not given, so the spec records the widths."""
+    hidden = params.get("hidden") or default_hidden(math.prod(in_shape), num_classes)
+    return params | {"hidden": [int(width) for width in hidden]}
+
+
+@register_student("mlp", "multilayer perceptron sized from the data (hidden=(w1, w2, ...) to choose)", resolve=_sized)
+def mlp(in_shape: Sequence[int], num_classes: int, *, hidden: Sequence[int] | None = None, dropout: float = 0.0) -> MLP:
+    """An :class:`MLP`; ``hidden=None`` sizes it from the data (:func:`default_hidden`)."""
+    widths = hidden or default_hidden(math.prod(in_shape), num_classes)
+    return MLP(in_shape, num_classes, hidden=widths, dropout=dropout)

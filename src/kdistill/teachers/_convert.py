@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from kdistill.errors import TeacherError
-from kdistill.teachers.base import probs_to_logits
+from kdistill.teachers.base import TeacherBase, probs_to_logits
 
 __all__ = ["OUTPUT_KINDS", "check_output_kind", "detect_output_kind", "to_logits"]
 
@@ -63,7 +63,7 @@ def to_logits(values: Any, output: str, *, source: str) -> tuple[torch.Tensor, s
     return (probs_to_logits(tensor) if kind == "probs" else tensor), kind
 
 
-class FileBacked:
+class FileBacked(TeacherBase):
     """For teachers that live in one file (ONNX models, precomputed outputs): the report's size is the file's, the
     parameter count is unknown, and the fingerprint hashes the file's bytes behind ``_fingerprint_header()``."""
 

@@ -13,7 +13,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import torch
 
-__all__ = ["PROB_FLOOR", "Outputs", "Teacher", "probs_to_logits", "teacher_logits"]
+__all__ = ["PROB_FLOOR", "Outputs", "Teacher", "TeacherBase", "probs_to_logits", "teacher_logits"]
 
 PROB_FLOOR = 1e-12
 """Probabilities are floored here before the log, so the exact zeros of a tree ensemble give finite logits.
@@ -52,6 +52,9 @@ class Teacher(Protocol):
 
     ``classes``: the label of each output column when the teacher knows them (scikit-learn's ``classes_``), else None
     and labels are column indices. ``num_classes`` may be None until the first call for teachers that cannot tell.
+    ``size_bytes()`` and ``parameter_count()`` are what the report shows for the teacher, None when unknown (a model
+    behind a function); :class:`TeacherBase` gives those defaults. An object with only the first four members is
+    still accepted by :func:`~kdistill.as_teacher`, which adds the defaults.
     """
 
     classes: np.ndarray | None
@@ -66,6 +69,26 @@ class Teacher(Protocol):
     def __call__(self, x: torch.Tensor, *, features: Sequence[str] = ()) -> Outputs:
         """Outputs for a batch ``x``: (batch, *features), run without gradients."""
         ...
+
+    def size_bytes(self) -> int | None:
+        """Bytes the model takes stored the usual way (safetensors of a torch state dict, a pickle of a scikit-learn
+        model, the file of an ONNX model), or None when unknown."""
+        ...
+
+    def parameter_count(self) -> int | None:
+        """Numbers in the model (torch parameters, a fitted scikit-learn model's arrays), or None when unknown."""
+        ...
+
+
+class TeacherBase:
+    """Defaults for the optional parts of :class:`Teacher`: size and parameter count unknown (None, a dash in the
+    report). Adapters that can measure their model override both."""
+
+    def size_bytes(self) -> int | None:
+        return None
+
+    def parameter_count(self) -> int | None:
+        return None
 
 
 def teacher_logits(teacher: Teacher, x: torch.Tensor, *, batch_size: int = 1024) -> torch.Tensor:

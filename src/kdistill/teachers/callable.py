@@ -18,7 +18,8 @@ from safetensors.numpy import save as save_numpy
 from kdistill.errors import TeacherError
 from kdistill.io import atomic_write_bytes
 from kdistill.teachers._convert import check_output_kind, to_logits
-from kdistill.teachers.base import Outputs
+from kdistill.teachers.base import Outputs, TeacherBase
+from kdistill.teachers.registry import register_adapter
 
 __all__ = ["CallableTeacher"]
 
@@ -31,7 +32,17 @@ def _row_keys(rows: np.ndarray) -> list[bytes]:
     return [hashlib.blake2b(row.tobytes(), digest_size=16).digest() for row in flat]
 
 
-class CallableTeacher:
+def _is_callable(obj: object) -> bool:
+    return callable(obj)
+
+
+@register_adapter(
+    "callable",
+    "a function batch -> probabilities or logits (a remote model): batched, retried, resumable journal",
+    accepts=_is_callable,
+    order=90,
+)
+class CallableTeacher(TeacherBase):
     """Wraps ``fn(batch) -> scores``: ``batch`` is a float32 numpy array (rows, *features), ``scores`` is
     (rows, classes), probabilities or logits (``output="auto"`` detects which, once, and logs it).
 
@@ -93,13 +104,6 @@ class CallableTeacher:
     @property
     def num_classes(self) -> int | None:
         return self._num_classes
-
-    def size_bytes(self) -> int | None:
-        """Unknown (the model is behind a function): None, so the report shows a dash."""
-        return None
-
-    def parameter_count(self) -> int | None:
-        return None
 
     def fingerprint(self) -> str:
         text = f"callable:{self.name}:{self.version}:{self.output}"

@@ -11,7 +11,8 @@ import numpy as np
 import torch
 
 from kdistill.errors import ShapeMismatchError, TeacherError
-from kdistill.teachers.base import Outputs, Teacher
+from kdistill.teachers.base import Outputs, Teacher, TeacherBase
+from kdistill.teachers.registry import register_adapter
 
 __all__ = ["EnsembleTeacher"]
 
@@ -19,19 +20,22 @@ MEMBERS = "members"
 """The feature name under which an ensemble returns each member's logits: (batch, members, classes)."""
 
 
-def _member_size(member: Teacher) -> tuple[int | None, int | None]:
-    """(bytes, parameters) of one member, as the report measures them; None where unknown."""
-    from kdistill.profile import count_parameters, model_size_bytes
-
-    if hasattr(member, "size_bytes") and hasattr(member, "parameter_count"):
-        return member.size_bytes(), member.parameter_count()
-    model = getattr(member, "estimator", getattr(member, "module", None))
-    if model is None:
-        return None, None
-    return model_size_bytes(model), count_parameters(model)
+def _is_sequence(obj: object) -> bool:
+    return isinstance(obj, (list, tuple))
 
 
-class EnsembleTeacher:
+def _total(values: Sequence[int | None]) -> int | None:
+    """The sum, or None when any part is unknown."""
+    return None if any(value is None for value in values) else sum(value for value in values if value is not None)
+
+
+@register_adapter(
+    "ensemble",
+    "a list or tuple of teachers: mean of probabilities (default) or of logits, optional weights",
+    accepts=_is_sequence,
+    order=50,
+)
+class EnsembleTeacher(TeacherBase):
     r"""Combines ``members`` (anything :func:`~kdistill.as_teacher` accepts) with optional ``weights``.
 
     With normalised weights :math:`w_i = \text{weights}_i / \sum_j \text{weights}_j` and member logits :math:`z_i`:
@@ -82,13 +86,11 @@ class EnsembleTeacher:
 
     def size_bytes(self) -> int | None:
         """Total bytes of the members, for the report; None if any member's size is unknown."""
-        sizes = [_member_size(member)[0] for member in self.members]
-        return None if any(size is None for size in sizes) else sum(s for s in sizes if s is not None)
+        return _total([member.size_bytes() for member in self.members])
 
     def parameter_count(self) -> int | None:
         """Total parameters of the members; None if any member's count is unknown."""
-        counts = [_member_size(member)[1] for member in self.members]
-        return None if any(count is None for count in counts) else sum(c for c in counts if c is not None)
+        return _total([member.parameter_count() for member in self.members])
 
     def fingerprint(self) -> str:
         parts = [self.combine, *(f"{w:.17g}" for w in self.weights), *(m.fingerprint() for m in self.members)]

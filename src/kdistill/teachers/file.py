@@ -16,6 +16,7 @@ from kdistill.errors import TeacherError
 from kdistill.io import atomic_write_bytes
 from kdistill.teachers._convert import FileBacked, check_output_kind, to_logits
 from kdistill.teachers.base import Outputs
+from kdistill.teachers.registry import register_adapter
 
 __all__ = ["FileTeacher", "save_teacher_outputs"]
 
@@ -110,6 +111,7 @@ def save_teacher_outputs(
     raise TeacherError(f"cannot write teacher outputs to {target.name}", hint=f"use one of {', '.join(SUFFIXES)}.")
 
 
+@register_adapter("file", "precomputed outputs in .npy, .safetensors or .parquet: FileTeacher(path, inputs=X)")
 class FileTeacher(FileBacked):
     """Serves precomputed outputs from ``path``: a ``.npy`` array, a ``.safetensors`` file or a ``.parquet`` table.
 

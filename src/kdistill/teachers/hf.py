@@ -16,6 +16,7 @@ from kdistill.errors import TeacherError
 from kdistill.features import capture_features
 from kdistill.teachers._convert import check_output_kind, to_logits
 from kdistill.teachers.base import Outputs
+from kdistill.teachers.registry import register_adapter
 from kdistill.teachers.torch import TorchTeacher
 
 __all__ = ["HFTeacher"]
@@ -34,6 +35,16 @@ def _transformers() -> Any:
     return transformers
 
 
+def _is_transformers_model(obj: Any) -> bool:
+    return isinstance(obj, nn.Module) and type(obj).__module__.startswith("transformers.") and hasattr(obj, "config")
+
+
+@register_adapter(
+    "hf",
+    "a Hugging Face transformers model with .logits, from a local folder or a config [hf]",
+    accepts=_is_transformers_model,
+    order=10,
+)
 class HFTeacher(TorchTeacher):
     """Runs a transformers model in eval mode under ``torch.inference_mode()`` and reads ``output.logits``.
 

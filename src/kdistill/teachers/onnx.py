@@ -13,6 +13,7 @@ import torch
 from kdistill.errors import TeacherError
 from kdistill.teachers._convert import FileBacked, check_output_kind, to_logits
 from kdistill.teachers.base import Outputs
+from kdistill.teachers.registry import register_adapter
 
 __all__ = ["OnnxTeacher"]
 
@@ -35,6 +36,16 @@ def _onnxruntime() -> Any:
     return onnxruntime
 
 
+def _is_onnx_path(obj: object) -> bool:
+    return isinstance(obj, (str, os.PathLike)) and Path(obj).suffix == ".onnx"
+
+
+@register_adapter(
+    "onnx",
+    "an .onnx file (a path) run by ONNX Runtime on the CPU, output chosen by name [onnx]",
+    accepts=_is_onnx_path,
+    order=60,
+)
 class OnnxTeacher(FileBacked):
     """Runs ``path`` (an ``.onnx`` file) with ONNX Runtime on the CPU.
 

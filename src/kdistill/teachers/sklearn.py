@@ -14,14 +14,26 @@ from sklearn.exceptions import NotFittedError
 from sklearn.utils.validation import check_is_fitted
 
 from kdistill.errors import TeacherError
-from kdistill.teachers.base import Outputs, probs_to_logits
+from kdistill.teachers.base import Outputs, TeacherBase, probs_to_logits
+from kdistill.teachers.registry import register_adapter
 
 __all__ = ["SklearnTeacher"]
 
 _log = logging.getLogger(__name__)
 
 
-class SklearnTeacher:
+def _is_estimator(obj: Any) -> bool:
+    """A scikit-learn-style model: ``fit`` and a way to score (a predict-only model gets the adapter's own error)."""
+    return hasattr(obj, "fit") and any(hasattr(obj, name) for name in ("predict_proba", "decision_function", "predict"))
+
+
+@register_adapter(
+    "sklearn",
+    "a fitted scikit-learn classifier: predict_proba, else decision_function; columns follow classes_",
+    accepts=_is_estimator,
+    order=30,
+)
+class SklearnTeacher(TeacherBase):
     """Wraps a fitted classifier; uses ``predict_proba`` when it has one, else ``decision_function``.
 
     Probabilities become log-probabilities (:func:`probs_to_logits`); decision scores are used as logits (a binary
@@ -59,6 +71,18 @@ class SklearnTeacher:
     @property
     def num_classes(self) -> int | None:
         return None if self.classes is None else len(self.classes)
+
+    def size_bytes(self) -> int | None:
+        """Bytes of the estimator's pickle (what ``joblib.dump`` writes, uncompressed)."""
+        from kdistill.profile import model_size_bytes
+
+        return model_size_bytes(self.estimator)
+
+    def parameter_count(self) -> int | None:
+        """Numbers in the fitted estimator's arrays (:func:`kdistill.profile.count_parameters`)."""
+        from kdistill.profile import count_parameters
+
+        return count_parameters(self.estimator)
 
     def fingerprint(self) -> str:
         return hashlib.blake2b(pickle.dumps(self.estimator), digest_size=16).hexdigest()

@@ -11,12 +11,23 @@ from torch import nn
 
 from kdistill.errors import TeacherError
 from kdistill.features import capture_features
-from kdistill.teachers.base import Outputs, probs_to_logits
+from kdistill.teachers.base import Outputs, TeacherBase, probs_to_logits
+from kdistill.teachers.registry import register_adapter
 
 __all__ = ["TorchTeacher"]
 
 
-class TorchTeacher:
+def _is_module(obj: object) -> bool:
+    return isinstance(obj, nn.Module)
+
+
+@register_adapter(
+    "torch",
+    "a torch.nn.Module: eval mode, inference_mode, named features via forward hooks",
+    accepts=_is_module,
+    order=20,
+)
+class TorchTeacher(TeacherBase):
     """Runs ``module`` in eval mode under ``torch.inference_mode()``.
 
     ``output``: ``"logits"`` (default) or ``"probs"`` when the module ends in a softmax. Named intermediate outputs are
@@ -44,6 +55,18 @@ class TorchTeacher:
     @property
     def num_classes(self) -> int | None:
         return self._num_classes
+
+    def size_bytes(self) -> int | None:
+        """Bytes of the module's state dict saved as safetensors."""
+        from kdistill.profile import model_size_bytes
+
+        return model_size_bytes(self.module)
+
+    def parameter_count(self) -> int | None:
+        """The module's parameters (buffers such as batch-norm statistics not counted)."""
+        from kdistill.profile import count_parameters
+
+        return count_parameters(self.module)
 
     def fingerprint(self) -> str:
         digest = hashlib.blake2b(digest_size=16)
