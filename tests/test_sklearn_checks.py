@@ -16,6 +16,7 @@ which pytest's process cannot do any more; that check runs in a fresh process be
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
@@ -91,3 +93,21 @@ def test_tags_say_sparse_is_accepted_and_nothing_else_changes() -> None:
     assert tags.estimator_type == "classifier" and isinstance(CHECKED, ClassifierMixin)
     assert tags.input_tags.allow_nan is False and tags.non_deterministic is False and tags.requires_fit is True
     assert tags.classifier_tags is not None and tags.classifier_tags.poor_score is False  # held to 0.83 accuracy
+
+
+def _doc_blocks() -> list[str]:
+    return re.findall(r"```python\n(.*?)```", (ROOT / "docs" / "sklearn.md").read_text(), flags=re.DOTALL)
+
+
+@pytest.mark.parametrize("index", range(len(_doc_blocks())))
+def test_docs_sklearn_example_runs(index: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """docs/sklearn.md's examples run as written (the XGBoost/LightGBM one skips without them)."""
+    code = _doc_blocks()[index]
+    if "check_estimator(" in code and not os.environ.get("KDISTILL_SLOW"):
+        pytest.skip("the same checks as test_scikit_learn_estimator_check, run again (~10 s): KDISTILL_SLOW=1")
+    for library in ("xgboost", "lightgbm"):
+        if f"from {library} import" in code:
+            pytest.importorskip(library)
+    monkeypatch.chdir(tmp_path)
+    with torch.random.fork_rng(devices=[]):
+        exec(compile(code, f"docs/sklearn.md python block {index}", "exec"), {"__name__": "__doc_example__"})
