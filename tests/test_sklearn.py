@@ -255,3 +255,21 @@ def test_gradient_boosted_teacher(library: str, digits) -> None:
 
     frozen = DistilledClassifier(FrozenEstimator(prefit), report=False, **FAST).fit(*digits["train"])
     assert frozen.teacher_.estimator is prefit
+
+
+def test_random_state_seeds_an_unseeded_teacher_and_keeps_a_set_one(digits) -> None:
+    """scikit-learn's checks fix only DistilledClassifier's random_state: it must make the teacher reproducible too."""
+    x, y = digits["train"][0][:300], digits["train"][1][:300]
+    settings = {"hidden": (8,), "max_epochs": 3, "report": False}
+    first, again = (
+        DistilledClassifier(RandomForestClassifier(n_estimators=5), random_state=4, **settings).fit(x, y)
+        for _ in range(2)
+    )
+    assert first.teacher.random_state is None  # the parameter itself is left alone (check_dont_overwrite_parameters)
+    assert isinstance(first.teacher_.random_state, int) and first.teacher_.random_state == again.teacher_.random_state
+    assert np.array_equal(first.teacher_.predict_proba(x), again.teacher_.predict_proba(x))
+    assert _same_weights(first, again)
+    kept = DistilledClassifier(RandomForestClassifier(n_estimators=5, random_state=7), random_state=4, **settings)
+    assert kept.fit(x, y).teacher_.random_state == 7
+    unseeded = DistilledClassifier(RandomForestClassifier(n_estimators=5), **settings).fit(x, y)
+    assert unseeded.teacher_.random_state is None  # no random_state: nothing is fixed

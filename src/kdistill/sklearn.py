@@ -58,6 +58,24 @@ def _is_fitted(estimator: Any) -> bool:
     return True
 
 
+def _unfitted_copy(teacher: Any, seed: int | None) -> Any:
+    """``clone(teacher)``, with its unset ``random_state`` parameters (its own and nested ones) drawn from ``seed``.
+
+    scikit-learn's checks (and users) fix only the outer estimator's ``random_state``; seeding the teacher from it
+    makes a fixed ``random_state`` give the same teacher and so the same student. Parameters the user set are kept;
+    with ``seed`` None nothing is set.
+    """
+    copied = clone(teacher)
+    if seed is None:
+        return copied
+    rng = np.random.RandomState(seed)
+    params = copied.get_params(deep=True)
+    unset = sorted(k for k, v in params.items() if v is None and (k == "random_state" or k.endswith("__random_state")))
+    if unset:
+        copied.set_params(**{key: int(rng.randint(np.iinfo(np.int32).max)) for key in unset})
+    return copied
+
+
 def _densify(X: Any) -> Any:
     """A scipy sparse matrix or array as a dense numpy array, if that takes at most :data:`SPARSE_DENSE_LIMIT_BYTES`.
 
@@ -155,8 +173,9 @@ class DistilledClassifier(ClassifierMixin, BaseEstimator):
     cloned DistilledClassifier holds an *unfitted* copy of its teacher, and an unfitted teacher is fitted on the rows
     given to ``fit`` (so cross-validation never lets the teacher see the test fold). To keep a prefit teacher across
     clones, wrap it: ``DistilledClassifier(FrozenEstimator(forest))`` (``sklearn.frozen``). A fitted teacher passed
-    directly is used as is. The training parameters are :func:`kdistill.distill`'s, with the same defaults
-    (:mod:`kdistill.defaults`).
+    directly is used as is. A fixed ``random_state`` also seeds the unfitted teacher's unset ``random_state``
+    parameters, so it gives the same teacher and the same student every time. The training parameters are
+    :func:`kdistill.distill`'s, with the same defaults (:mod:`kdistill.defaults`).
 
     ``X``: (rows, features) numpy, pandas, torch, a list, an object array of numbers, or a scipy sparse matrix up to
     :data:`SPARSE_DENSE_LIMIT_BYTES` as a dense array (densified; the teacher sees the dense rows too); (rows,
@@ -230,7 +249,10 @@ class DistilledClassifier(ClassifierMixin, BaseEstimator):
         if len(y_array) != len(x_all):
             raise DataError(f"X has {len(x_all)} rows but y has {len(y_array)}", hint="pass X and y of the same rows.")
         check_classification_targets(y_array)
-        teacher = self.teacher if _is_fitted(self.teacher) else clone(self.teacher).fit(X, y_array)
+        if _is_fitted(self.teacher):
+            teacher = self.teacher
+        else:
+            teacher = _unfitted_copy(self.teacher, None if self.random_state is None else seed).fit(X, y_array)
         train, val = _hold_out(X, y_array, self.validation_fraction, seed, self.max_epochs)
         student = copy.deepcopy(self.student) if isinstance(self.student, nn.Module) else self.student
         result = distill(
