@@ -273,3 +273,11 @@ def test_random_state_seeds_an_unseeded_teacher_and_keeps_a_set_one(digits) -> N
     assert kept.fit(x, y).teacher_.random_state == 7
     unseeded = DistilledClassifier(RandomForestClassifier(n_estimators=5), **settings).fit(x, y)
     assert unseeded.teacher_.random_state is None  # no random_state: nothing is fixed
+
+
+def test_a_training_part_smaller_than_the_classes_holds_out_at_random() -> None:
+    """Rule 2 from the other side: 2 rows per class, validation_fraction=0.6 holds out 4 of 6, leaving 2 < 3."""
+    x, y = _rows([2, 2, 2])
+    with pytest.warns(SmallDataWarning, match="2 training rows are fewer than the 3 classes.*holding out 4 of 6"):
+        model = DistilledClassifier(LogisticRegression(), validation_fraction=0.6, **TINY).fit(x, y)
+    assert model.report_ is not None and model.report_.rows == 4

@@ -1,6 +1,6 @@
 """``DistilledClassifier``: distillation as a scikit-learn classifier (Pipeline, cross_val_score, GridSearchCV).
 
-It passes scikit-learn's own estimator checks (``sklearn.utils.estimator_checks``; see docs/sklearn.md). Three rules
+It passes scikit-learn's own estimator checks (``sklearn.utils.estimator_checks``; see docs/sklearn.md). Four rules
 make that possible, and each is a rule a user with real data meets too:
 
 - **Small data** (:func:`_hold_out`): the validation rows are drawn stratified when every class has two rows and
@@ -11,6 +11,8 @@ make that possible, and each is a rule a user with real data meets too:
   (1 GiB), refused with scikit-learn's wording above that.
 - **Object arrays of numbers** are read as float64 (``check_array(dtype="numeric")``); a non-number in one is a
   ``TypeError`` from numpy, as in scikit-learn.
+- **Reproducibility** (:func:`_unfitted_copy`): a fixed ``random_state`` seeds an unfitted teacher's unset
+  ``random_state`` parameters too, so the same settings give the same teacher and student.
 """
 
 from __future__ import annotations
@@ -127,7 +129,7 @@ def _hold_out(
     1. stratified, when every class has at least 2 rows, ``held >= k`` and ``n - held >= k`` (what a stratified
        ``train_test_split`` needs);
     2. else at random (unstratified), with a :class:`SmallDataWarning`, when ``held >= k`` and ``n - held >= 1``
-       (a rare class, but enough rows to hold out one per class on average);
+       (a class with a single row, or a training part smaller than ``k``, but enough held-out rows);
     3. else no hold-out, with a :class:`SmallDataWarning`: all rows train, all ``max_epochs`` run, no early
        stopping, and there is no report.
 
@@ -143,10 +145,15 @@ def _hold_out(
         stratify: np.ndarray | None = y
     elif held >= classes and rows - held >= 1:
         stratify = None
+        reason = (
+            f"a class has {counts.min()} row(s)"
+            if counts.min() < 2
+            else f"{rows - held} training rows are fewer than the {classes} classes"
+        )
         warnings.warn(
-            f"DistilledClassifier: a class has {counts.min()} row(s), too few for a stratified validation split; "
-            f"holding out {held} of {rows} rows at random instead (validation_fraction={fraction}). "
-            "Give every class at least 2 rows for a stratified split.",
+            f"DistilledClassifier: {reason}, too few for a stratified validation split; holding out {held} of "
+            f"{rows} rows at random instead (validation_fraction={fraction}). Give every class at least 2 rows, "
+            "and keep at least one row per class on each side, for a stratified split.",
             SmallDataWarning,
             stacklevel=3,
         )
