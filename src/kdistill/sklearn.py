@@ -1,18 +1,37 @@
-"""``DistilledClassifier``: distillation as a scikit-learn classifier (Pipeline, cross_val_score, GridSearchCV)."""
+"""``DistilledClassifier``: distillation as a scikit-learn classifier (Pipeline, cross_val_score, GridSearchCV).
+
+It passes scikit-learn's own estimator checks (``sklearn.utils.estimator_checks``; see docs/sklearn.md). Four rules
+make that possible, and each is a rule a user with real data meets too:
+
+- **Small data** (:func:`_hold_out`): the validation rows are drawn stratified when every class has two rows and
+  both parts can hold one row per class; otherwise at random when the held-out part still has at least one row per
+  class; otherwise nothing is held out (all rows train, every epoch runs, no early stopping, ``report_`` is None).
+  Each fallback warns with :class:`SmallDataWarning`.
+- **Sparse input** (:func:`_densify`): densified when the dense array takes at most :data:`SPARSE_DENSE_LIMIT_BYTES`
+  (1 GiB), refused with scikit-learn's wording above that.
+- **Object arrays of numbers** are read as float64 (``check_array(dtype="numeric")``); a non-number in one is a
+  ``TypeError`` from numpy, as in scikit-learn.
+- **Reproducibility** (:func:`_unfitted_copy`): a fixed ``random_state`` seeds an unfitted teacher's unset
+  ``random_state`` parameters too, so the same settings give the same teacher and student.
+"""
 
 from __future__ import annotations
 
 import copy
+import math
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
+from scipy import sparse
 from sklearn.base import BaseEstimator, ClassifierMixin, clone
 from sklearn.exceptions import NotFittedError
 from sklearn.model_selection import train_test_split
 from sklearn.utils import check_random_state
-from sklearn.utils.validation import check_is_fitted
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import check_array, check_is_fitted, column_or_1d, validate_data
 from torch import nn
 
 from kdistill import defaults
@@ -21,7 +40,14 @@ from kdistill.data import as_split
 from kdistill.engine import predict_logits
 from kdistill.errors import DataError
 
-__all__ = ["DistilledClassifier"]
+__all__ = ["SPARSE_DENSE_LIMIT_BYTES", "DistilledClassifier", "SmallDataWarning"]
+
+SPARSE_DENSE_LIMIT_BYTES = 1 << 30
+"""The largest sparse input (as its dense array: rows x columns x the matrix's bytes per value) that is densified."""
+
+
+class SmallDataWarning(UserWarning):
+    """Too few rows for a stratified validation split: DistilledClassifier fell back to a stated rule instead."""
 
 
 def _is_fitted(estimator: Any) -> bool:
@@ -34,20 +60,139 @@ def _is_fitted(estimator: Any) -> bool:
     return True
 
 
+def _unfitted_copy(teacher: Any, seed: int | None) -> Any:
+    """``clone(teacher)``, with its unset ``random_state`` parameters (its own and nested ones) drawn from ``seed``.
+
+    scikit-learn's checks (and users) fix only the outer estimator's ``random_state``; seeding the teacher from it
+    makes a fixed ``random_state`` give the same teacher and so the same student. Parameters the user set are kept;
+    with ``seed`` None nothing is set.
+    """
+    copied = clone(teacher)
+    if seed is None:
+        return copied
+    rng = np.random.RandomState(seed)
+    params = copied.get_params(deep=True)
+    unset = sorted(k for k, v in params.items() if v is None and (k == "random_state" or k.endswith("__random_state")))
+    if unset:
+        copied.set_params(**{key: int(rng.randint(np.iinfo(np.int32).max)) for key in unset})
+    return copied
+
+
+def _densify(X: Any) -> Any:
+    """A scipy sparse matrix or array as a dense numpy array, if that takes at most :data:`SPARSE_DENSE_LIMIT_BYTES`.
+
+    The student is a dense network, so sparse rows are densified whole (not per batch): the check is on
+    ``rows * columns * itemsize`` before anything is allocated. Anything that is not sparse is returned as is.
+    """
+    if not sparse.issparse(X):
+        return X
+    limit = SPARSE_DENSE_LIMIT_BYTES
+    needed = math.prod(X.shape) * X.dtype.itemsize
+    if needed > limit:
+        raise DataError(
+            f"Sparse data was passed for X, but dense data is required: DistilledClassifier densifies sparse input "
+            f"of at most {limit:,} bytes, and this {' x '.join(map(str, X.shape))} {X.dtype} matrix would take "
+            f"{needed:,}",
+            hint="reduce the columns first (sklearn.decomposition.TruncatedSVD, or fewer one-hot categories), or, if "
+            "it fits in memory, use '.toarray()' to convert to a dense numpy array yourself.",
+        )
+    return X.toarray()
+
+
+def _numeric(X: Any) -> Any:
+    """Sparse input densified (:func:`_densify`); numpy arrays and lists checked by scikit-learn's ``check_array``.
+
+    ``dtype="numeric"`` turns an object array of numbers into float64 (a non-number raises numpy's ``TypeError``) and
+    refuses complex and string arrays with scikit-learn's messages. DataFrames and torch tensors are left to
+    :func:`kdistill.data.as_split`, whose messages name the non-numeric columns; so are NaN/inf (``as_split`` names
+    the first bad row) and N-D shapes (images for a CNN student). 1-D input is refused here with scikit-learn's
+    advice ("Reshape your data").
+    """
+    X = _densify(X)
+    if not (isinstance(X, torch.Tensor) or hasattr(X, "dtypes")):
+        X = check_array(X, dtype="numeric", ensure_all_finite=False, ensure_2d=False, allow_nd=True, input_name="X")
+    if X.ndim == 1:
+        raise DataError(
+            f"X is 1-D (shape {tuple(X.shape)}); expected (rows, features)",
+            hint="Reshape your data: X.reshape(-1, 1) for a single feature, X.reshape(1, -1) for a single row.",
+        )
+    return X
+
+
+def _hold_out(
+    X: Any, y: np.ndarray, fraction: float, seed: int, max_epochs: int
+) -> tuple[tuple[Any, np.ndarray], tuple[Any, np.ndarray] | None]:
+    """Split off ``fraction`` of the rows for early stopping and the report, by the small-data rule.
+
+    With ``n`` rows, ``k`` classes and ``held = ceil(fraction * n)`` (scikit-learn's own rounding):
+
+    1. stratified, when every class has at least 2 rows, ``held >= k`` and ``n - held >= k`` (what a stratified
+       ``train_test_split`` needs);
+    2. else at random (unstratified), with a :class:`SmallDataWarning`, when ``held >= k`` and ``n - held >= 1``
+       (a class with a single row, or a training part smaller than ``k``, but enough held-out rows);
+    3. else no hold-out, with a :class:`SmallDataWarning`: all rows train, all ``max_epochs`` run, no early
+       stopping, and there is no report.
+
+    Returns ``(train, val)``; ``val`` is None in case 3 and when ``fraction`` is 0 (which never warns).
+    """
+    if not fraction or fraction <= 0:
+        return (X, y), None
+    rows = len(y)
+    _, counts = np.unique(y, return_counts=True)
+    classes = len(counts)
+    held = math.ceil(fraction * rows)
+    if counts.min() >= 2 and held >= classes and rows - held >= classes:
+        stratify: np.ndarray | None = y
+    elif held >= classes and rows - held >= 1:
+        stratify = None
+        reason = (
+            f"a class has {counts.min()} row(s)"
+            if counts.min() < 2
+            else f"{rows - held} training rows are fewer than the {classes} classes"
+        )
+        warnings.warn(
+            f"DistilledClassifier: {reason}, too few for a stratified validation split; holding out {held} of "
+            f"{rows} rows at random instead (validation_fraction={fraction}). Give every class at least 2 rows, "
+            "and keep at least one row per class on each side, for a stratified split.",
+            SmallDataWarning,
+            stacklevel=3,
+        )
+    else:
+        warnings.warn(
+            f"DistilledClassifier: {rows} rows of {classes} classes are too few for validation_fraction={fraction} "
+            f"({held} held-out rows, fewer than one per class); training on all {rows} rows for max_epochs="
+            f"{max_epochs} without early stopping, and report_ is None. Pass more rows, a larger "
+            "validation_fraction, or validation_fraction=0 to train on all rows without this warning.",
+            SmallDataWarning,
+            stacklevel=3,
+        )
+        return (X, y), None
+    x_train, x_val, y_train, y_val = train_test_split(X, y, test_size=fraction, random_state=seed, stratify=stratify)
+    return (x_train, y_train), (x_val, y_val)
+
+
 class DistilledClassifier(ClassifierMixin, BaseEstimator):
     """A small PyTorch student distilled from ``teacher``, behaving as a scikit-learn classifier.
 
     ``fit(X, y)`` holds out ``validation_fraction`` of the rows (stratified) for early stopping and the report, and
-    distils the teacher into the student on the rest. Teacher handling follows scikit-learn's cloning rules: a cloned
-    DistilledClassifier holds an *unfitted* copy of its teacher, and an unfitted teacher is fitted on the rows given
-    to ``fit`` (so cross-validation never lets the teacher see the test fold). To keep a prefit teacher across clones,
-    wrap it: ``DistilledClassifier(FrozenEstimator(forest))`` (``sklearn.frozen``). A fitted teacher passed directly
-    is used as is. The training parameters are :func:`kdistill.distill`'s, with the same defaults
-    (:mod:`kdistill.defaults`).
+    distils the teacher into the student on the rest; with too few rows for that, it follows the small-data rule of
+    :func:`_hold_out` and warns (:class:`SmallDataWarning`). Teacher handling follows scikit-learn's cloning rules: a
+    cloned DistilledClassifier holds an *unfitted* copy of its teacher, and an unfitted teacher is fitted on the rows
+    given to ``fit`` (so cross-validation never lets the teacher see the test fold). To keep a prefit teacher across
+    clones, wrap it: ``DistilledClassifier(FrozenEstimator(forest))`` (``sklearn.frozen``). A fitted teacher passed
+    directly is used as is. A fixed ``random_state`` also seeds the unfitted teacher's unset ``random_state``
+    parameters, so it gives the same teacher and the same student every time. The training parameters are
+    :func:`kdistill.distill`'s, with the same defaults (:mod:`kdistill.defaults`).
+
+    ``X``: (rows, features) numpy, pandas, torch, a list, an object array of numbers, or a scipy sparse matrix up to
+    :data:`SPARSE_DENSE_LIMIT_BYTES` as a dense array (densified; the teacher sees the dense rows too); (rows,
+    *shape) arrays for a CNN student. ``y``: any labels scikit-learn accepts for a classifier (a column vector warns
+    and is flattened, as in scikit-learn).
 
     Attributes after fit: ``classes_`` (the teacher's order; any labels sklearn accepts), ``teacher_``, ``student_``
     (the trained ``nn.Module``), ``history_``, ``report_`` (teacher, student and the no-teacher baseline on the
-    held-out rows; None with ``report=False``), ``n_features_in_``.
+    held-out rows; None with ``report=False`` or when nothing was held out), ``n_features_in_`` (features per row,
+    the product of the per-row shape), ``feature_names_in_`` (fitted on a DataFrame with string column names).
     """
 
     def __init__(
@@ -89,23 +234,33 @@ class DistilledClassifier(ClassifierMixin, BaseEstimator):
         self.random_state = random_state
         self.verbose = verbose
 
+    def __sklearn_tags__(self) -> Any:
+        """scikit-learn's tags: what input the estimator takes, so its checks test the right things.
+
+        ``input_tags.sparse = True``: sparse input is densified up to :data:`SPARSE_DENSE_LIMIT_BYTES` (the checks'
+        sparse matrices are tiny). Every other tag is scikit-learn's classifier default: no NaN (refused by
+        :func:`kdistill.data.as_split`), no strings, deterministic for a fixed ``random_state``, must be fitted
+        before ``predict``. No check is expected to fail, so none is listed as such (tests/test_sklearn_checks.py).
+        """
+        tags = super().__sklearn_tags__()
+        tags.input_tags.sparse = True
+        return tags
+
     def fit(self, X: Any, y: Any) -> DistilledClassifier:
         """Fit the teacher if it is unfitted, then distil it into the student on ``X``, ``y``."""
+        X = _numeric(X)
+        validate_data(self, X, skip_check_array=True, ensure_2d=False, reset=True)  # feature_names_in_ only
         seed = int(check_random_state(self.random_state).randint(0, 2**31 - 1))
-        teacher = self.teacher if _is_fitted(self.teacher) else clone(self.teacher).fit(X, y)
         x_all = as_split(X, name="X", labeled=False)
-        y_array = np.asarray(y.to_numpy() if hasattr(y, "to_numpy") else y)
+        y_array = column_or_1d(y.to_numpy() if hasattr(y, "to_numpy") else np.asarray(y), warn=True)
         if len(y_array) != len(x_all):
             raise DataError(f"X has {len(x_all)} rows but y has {len(y_array)}", hint="pass X and y of the same rows.")
-        val = None
-        train: tuple[Any, Any] = (X, y_array)
-        if self.validation_fraction and self.validation_fraction > 0:
-            _, counts = np.unique(y_array, return_counts=True)
-            stratify = y_array if counts.min() >= 2 else None
-            x_train, x_val, y_train, y_val = train_test_split(
-                X, y_array, test_size=self.validation_fraction, random_state=seed, stratify=stratify
-            )
-            train, val = (x_train, y_train), (x_val, y_val)
+        check_classification_targets(y_array)
+        if _is_fitted(self.teacher):
+            teacher = self.teacher
+        else:
+            teacher = _unfitted_copy(self.teacher, None if self.random_state is None else seed).fit(X, y_array)
+        train, val = _hold_out(X, y_array, self.validation_fraction, seed, self.max_epochs)
         student = copy.deepcopy(self.student) if isinstance(self.student, nn.Module) else self.student
         result = distill(
             teacher,
@@ -123,7 +278,7 @@ class DistilledClassifier(ClassifierMixin, BaseEstimator):
             patience=self.patience,
             seed=seed,
             hidden=self.hidden,
-            baseline=self.report,
+            baseline=self.report and val is not None,
             report=self.report,
             profile=False,
             num_threads=self.num_threads,
@@ -139,14 +294,18 @@ class DistilledClassifier(ClassifierMixin, BaseEstimator):
         return self
 
     def _logits(self, X: Any) -> torch.Tensor:
+        """The student's logits, (rows, classes), after the same input checks as ``fit``."""
         check_is_fitted(self, "student_")
+        X = _numeric(X)
         x = as_split(X, name="X", labeled=False).x
         features = int(np.prod(x.shape[1:]))
         if features != self.n_features_in_:
             raise DataError(
-                f"X has {features} features, but this DistilledClassifier was fitted with {self.n_features_in_}",
+                f"X has {features} features, but {type(self).__name__} is expecting {self.n_features_in_} features "
+                f"as input (it was fitted with {self.n_features_in_})",
                 hint="pass rows with the same columns as in fit.",
             )
+        validate_data(self, X, skip_check_array=True, ensure_2d=False, reset=False)  # column names match fit's
         return predict_logits(self.student_, x)
 
     def predict_proba(self, X: Any) -> np.ndarray:
@@ -155,4 +314,5 @@ class DistilledClassifier(ClassifierMixin, BaseEstimator):
 
     def predict(self, X: Any) -> np.ndarray:
         """Predicted labels, drawn from ``classes_``."""
-        return self.classes_[self._logits(X).argmax(dim=1).numpy()]
+        logits = self._logits(X)
+        return self.classes_[logits.argmax(dim=1).numpy()]
