@@ -15,10 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from kdistill.cli import main
-from kdistill.config import load_config
+from kdistill.config import MethodTerm, load_config
 from kdistill.errors import ConfigError
-from kdistill.losses import get_loss
-from kdistill.config import MethodTerm
 from kdistill.pipeline import build_loss
 from kdistill.run import run, validate
 from kdistill.teachers import Outputs
