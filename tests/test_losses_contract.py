@@ -6,8 +6,8 @@ a (batch, channels, length) map (student and teacher maps differ in channels and
 are exercised), or (batch, members, classes) logits for ``"members"``. Class attributes steer the checks:
 ``at_equal`` (``"zero"``, the default: every term vanishes when the student equals the teacher; ``"none"`` opts out,
 as do methods that need no teacher) and ``batch_order_invariant`` (default True). A new method is thus held to the
-strict contract unless it says why not. A method that reads the teacher's logits in another form than (batch, classes)
-(``kd_topk``'s packed top-k) converts dense ones with ``encode_teacher_logits``.
+strict contract unless it says why not. A method that reads the teacher's top-k instead of its dense logits
+(``kd_topk``) converts them with ``encode_teacher_topk`` into ``Outputs.topk``.
 """
 
 from __future__ import annotations
@@ -45,10 +45,11 @@ def _fabricate(
         else:
             teacher_features[name] = torch.randn(BATCH, 10, 8, generator=generator)
     teacher_logits = logits.detach().clone() if equal else 2 * torch.randn(BATCH, CLASSES, generator=generator)
-    encode = getattr(loss, "encode_teacher_logits", None)  # methods that read teacher logits in another form
+    encode = getattr(loss, "encode_teacher_topk", None)  # methods that read the teacher's top-k instead
     if encode is not None:
-        teacher_logits = encode(teacher_logits)
-    teacher = Outputs(teacher_logits, teacher_features, index=torch.arange(BATCH))
+        teacher = Outputs(None, teacher_features, index=torch.arange(BATCH), topk=encode(teacher_logits))
+    else:
+        teacher = Outputs(teacher_logits, teacher_features, index=torch.arange(BATCH))
     target = torch.randint(0, CLASSES, (BATCH,), generator=generator)
     student = Outputs(logits, student_features)
     prepare = getattr(loss, "prepare", None)
@@ -58,8 +59,12 @@ def _fabricate(
 
 
 def _permute(outputs: Outputs, order: torch.Tensor) -> Outputs:  # rows of every tensor, in the same order
-    index = None if outputs.index is None else outputs.index[order]
-    return Outputs(outputs.logits[order], {k: v[order] for k, v in outputs.features.items()}, index)
+    return outputs.replace(
+        logits=outputs.logits[order] if outputs.has_logits else None,
+        features={k: v[order] for k, v in outputs.features.items()},
+        index=None if outputs.index is None else outputs.index[order],
+        topk=None if outputs.topk is None else outputs.topk.index_select(order),
+    )
 
 
 def check_finite_and_differentiable(name: str) -> None:

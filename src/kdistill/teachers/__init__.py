@@ -10,7 +10,7 @@ from typing import Any
 from torch import nn
 
 from kdistill.errors import TeacherError
-from kdistill.teachers.base import PROB_FLOOR, Outputs, Teacher, probs_to_logits, teacher_logits
+from kdistill.teachers.base import PROB_FLOOR, Outputs, Teacher, TopK, probs_to_logits, teacher_logits
 from kdistill.teachers.callable import CallableTeacher
 from kdistill.teachers.ensemble import EnsembleTeacher
 from kdistill.teachers.file import FileTeacher, save_teacher_outputs
@@ -29,6 +29,7 @@ __all__ = [
     "Outputs",
     "SklearnTeacher",
     "Teacher",
+    "TopK",
     "TorchTeacher",
     "as_teacher",
     "probs_to_logits",
