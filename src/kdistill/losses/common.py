@@ -28,10 +28,10 @@ __all__ = [
     "flatten_rows",
     "get_feature",
     "layer_pairs",
-    "masked_mean",
     "output_mask",
     "require_target",
     "require_teacher",
+    "token_count",
     "token_cross_entropy",
     "with_cross_entropy",
 ]
@@ -129,16 +129,10 @@ def counted_positions(
     return counted
 
 
-def masked_mean(
-    values: torch.Tensor, counted: torch.Tensor, normalizer: float | torch.Tensor | None = None
-) -> torch.Tensor:
-    """``Σ values[counted] / N`` with ``N = normalizer`` or, without one, the number of counted positions (at least
-    1, so an all-padding batch gives 0, not NaN). Positions that do not count are dropped with ``where`` (a NaN or
-    inf there never leaks in)."""
-    total = torch.where(counted, values, torch.zeros((), dtype=values.dtype, device=values.device)).sum()
-    if normalizer is None:
-        return total / counted.sum().clamp_min(1)
-    return total / normalizer
+def token_count(counted: torch.Tensor, normalizer: float | torch.Tensor | None = None) -> torch.Tensor | float:
+    """The divisor of a per-position mean: ``normalizer`` when given (the whole batch's count under gradient
+    accumulation), else the number of counted positions, at least 1 (an all-padding batch gives 0, not NaN)."""
+    return counted.sum().clamp_min(1) if normalizer is None else normalizer
 
 
 def token_cross_entropy(
@@ -147,11 +141,11 @@ def token_cross_entropy(
     counted: torch.Tensor,
     normalizer: float | torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Cross-entropy of ``logits`` (..., classes) against ``target`` (...) over the ``counted`` positions, reduced by
-    :func:`masked_mean`."""
-    safe_target = torch.where(counted, target, torch.zeros_like(target))
-    per_position = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), safe_target.reshape(-1), reduction="none")
-    return masked_mean(per_position.reshape(counted.shape), counted, normalizer)
+    """Cross-entropy of ``logits`` (..., classes) against ``target`` (...) summed over the ``counted`` positions and
+    divided by :func:`token_count`. Only counted positions are computed at all, so whatever a padded position holds
+    (even NaN) reaches neither the value nor the gradient."""
+    hard = F.cross_entropy(logits[counted], target[counted], reduction="sum")
+    return hard / token_count(counted, normalizer)
 
 
 def require_target(target: torch.Tensor | None, method: str) -> torch.Tensor:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from kdistill.errors import ShapeMismatchError
 from kdistill.losses.base import BaseLoss, register_loss
-from kdistill.losses.common import as_target, require_teacher
+from kdistill.losses.common import as_target, output_mask, require_teacher
 from kdistill.teachers.base import Outputs
 
 __all__ = ["CosineEmbeddingLoss", "MSEEmbeddingLoss", "check_embeddings", "cosine_loss", "mse_embedding_loss"]
@@ -35,6 +35,17 @@ def check_embeddings(student: torch.Tensor, teacher: torch.Tensor, method: str) 
             f"student embeddings {tuple(student.shape)} and teacher embeddings {tuple(teacher.shape)} differ",
             hint="the student must output the teacher's embedding size (add a linear projection as its last layer).",
         )
+
+
+def _embeddings_of(student: Outputs, teacher: Outputs | None, method: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (batch, dim) embeddings of both; a :class:`ShapeMismatchError` for sequence outputs (a mask)."""
+    teacher = require_teacher(teacher, method)
+    if output_mask(student, teacher) is not None:
+        raise ShapeMismatchError(
+            f"method {method!r} compares one embedding per example; the outputs carry a sequence mask",
+            hint="pool token embeddings to (batch, dim) under the mask first (mean over real tokens, or [CLS]).",
+        )
+    return student.logits, as_target(teacher.logits)
 
 
 def cosine_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -64,8 +75,7 @@ class CosineEmbeddingLoss(BaseLoss):
     def __call__(
         self, student: Outputs, teacher: Outputs | None, target: torch.Tensor | None
     ) -> dict[str, torch.Tensor]:
-        teacher = require_teacher(teacher, "cosine")
-        term = cosine_loss(student.logits, as_target(teacher.logits))
+        term = cosine_loss(*_embeddings_of(student, teacher, "cosine"))
         return {"loss": term, "cosine": term}
 
 
@@ -79,6 +89,5 @@ class MSEEmbeddingLoss(BaseLoss):
     def __call__(
         self, student: Outputs, teacher: Outputs | None, target: torch.Tensor | None
     ) -> dict[str, torch.Tensor]:
-        teacher = require_teacher(teacher, "mse")
-        term = mse_embedding_loss(student.logits, as_target(teacher.logits))
+        term = mse_embedding_loss(*_embeddings_of(student, teacher, "mse"))
         return {"loss": term, "mse": term}

@@ -23,9 +23,9 @@ from kdistill.losses.base import BaseLoss, register_loss
 from kdistill.losses.common import (
     check_token_shapes,
     counted_positions,
-    masked_mean,
     output_mask,
     require_teacher,
+    token_count,
     token_cross_entropy,
 )
 from kdistill.teachers.base import Outputs, probs_to_logits
@@ -81,26 +81,26 @@ def mix_soft_and_hard_per_position(
     teacher_log_probs: torch.Tensor,
     student_logits: torch.Tensor,
     target: torch.Tensor | None,
-    counted: torch.Tensor,
     *,
     temperature: float,
     soft_weight: float,
-    normalizer: float | torch.Tensor | None = None,
+    count: torch.Tensor | float,
 ) -> dict[str, torch.Tensor]:
-    r""":func:`mix_soft_and_hard` per position: the KL is summed over the last axis (classes, vocabulary or
-    kd_topk's buckets), and both terms are averaged over the ``counted`` positions (or divided by ``normalizer``):
+    r""":func:`mix_soft_and_hard` over the positions that count, already selected (N, ...): the KL is summed over
+    the last axis (classes, vocabulary or kd_topk's buckets) and over the positions, and both terms are divided by
+    ``count`` (:func:`~kdistill.losses.common.token_count`):
 
     .. math::
         \mathcal{L} = \frac{1}{N}\sum_{i \in C}\Big[(1 - w)\,\mathrm{CE}(z_{s,i}, y_i)
                       + w\,T^2\,\mathrm{KL}(p_{t,i}^T \,\|\, q_{s,i}^T)\Big],\qquad N = |C|
 
-    ``*_log_probs``: (..., buckets) at temperature T; ``student_logits``: (..., classes) for the CE; ``target``:
-    (...) or None; ``counted``: (...) bool."""
-    per_position = F.kl_div(student_log_probs, teacher_log_probs, reduction="none", log_target=True).sum(dim=-1)
-    soft = masked_mean(per_position, counted, normalizer) * temperature**2
+    ``*_log_probs``: (N, buckets) at temperature T; ``student_logits``: (N, classes) for the CE; ``target``: (N,) or
+    None."""
+    kl = F.kl_div(student_log_probs, teacher_log_probs, reduction="sum", log_target=True)
+    soft = kl / count * temperature**2
     if target is None:
         return {"loss": soft, "kd": soft}
-    hard = token_cross_entropy(student_logits, target, counted, normalizer)
+    hard = F.cross_entropy(student_logits, target, reduction="sum") / count
     return {"loss": (1.0 - soft_weight) * hard + soft_weight * soft, "ce": hard, "kd": soft}
 
 
@@ -168,15 +168,15 @@ def kd_loss(
         )
     check_token_shapes(student_logits, mask, target, method="kd")
     counted = counted_positions(student_logits.shape[:-1], mask, target, student_logits.device)
+    student_rows = student_logits[counted]  # (N, classes): only real positions are computed, padding never leaks
     return mix_soft_and_hard_per_position(
-        F.log_softmax(student_logits / temperature, dim=-1),
-        F.log_softmax(teacher_logits / temperature, dim=-1),
-        student_logits,
-        target,
-        counted,
+        F.log_softmax(student_rows / temperature, dim=-1),
+        F.log_softmax(teacher_logits[counted] / temperature, dim=-1),
+        student_rows,
+        None if target is None else target[counted],
         temperature=temperature,
         soft_weight=soft_weight,
-        normalizer=normalizer,
+        count=token_count(counted, normalizer),
     )
 
 

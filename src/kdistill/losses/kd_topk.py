@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from kdistill.errors import ShapeMismatchError
 from kdistill.losses.base import register_loss
-from kdistill.losses.common import check_token_shapes, counted_positions, output_mask, require_teacher
+from kdistill.losses.common import check_token_shapes, counted_positions, output_mask, require_teacher, token_count
 from kdistill.losses.kd import KDLoss, mix_soft_and_hard, mix_soft_and_hard_per_position
 from kdistill.teachers.base import TOPK_EMPTY_REST, Outputs, TopK
 
@@ -109,13 +109,11 @@ def kd_topk_loss(
             hint="the student's last layer must output as many classes (vocabulary entries) as the teacher, for the "
             "same rows (and sequence length).",
         )
-    student_buckets, teacher_buckets = _bucket_logits(student_logits, topk, temperature)
-    student_log_probs = F.log_softmax(student_buckets, dim=-1)
-    teacher_log_probs = F.log_softmax(teacher_buckets, dim=-1)
     if student_logits.ndim == 2 and mask is None and normalizer is None:  # per row: kdistill 0.1's exact floats
+        student_buckets, teacher_buckets = _bucket_logits(student_logits, topk, temperature)
         return mix_soft_and_hard(
-            student_log_probs,
-            teacher_log_probs,
+            F.log_softmax(student_buckets, dim=-1),
+            F.log_softmax(teacher_buckets, dim=-1),
             student_logits,
             target,
             temperature=temperature,
@@ -123,15 +121,17 @@ def kd_topk_loss(
         )
     check_token_shapes(student_logits, mask, target, method="kd_topk")
     counted = counted_positions(student_logits.shape[:-1], mask, target, student_logits.device)
+    student_rows = student_logits[counted]  # (N, classes): only real positions are computed, padding never leaks
+    rows = TopK(topk.values[counted], topk.indices[counted], topk.rest[counted])
+    student_buckets, teacher_buckets = _bucket_logits(student_rows, rows, temperature)
     return mix_soft_and_hard_per_position(
-        student_log_probs,
-        teacher_log_probs,
-        student_logits,
-        target,
-        counted,
+        F.log_softmax(student_buckets, dim=-1),
+        F.log_softmax(teacher_buckets, dim=-1),
+        student_rows,
+        None if target is None else target[counted],
         temperature=temperature,
         soft_weight=soft_weight,
-        normalizer=normalizer,
+        count=token_count(counted, normalizer),
     )
 
 
