@@ -56,7 +56,7 @@ def _fabricate(
     teacher_logits = logits.detach().clone() if equal else 2 * torch.randn(BATCH, CLASSES, generator=generator)
     encode = getattr(loss, "encode_teacher_topk", None)  # methods that read the teacher's top-k instead
     if encode is not None:
-        teacher = Outputs(None, teacher_features, index=torch.arange(BATCH), topk=encode(teacher_logits))
+        teacher = Outputs(features=teacher_features, index=torch.arange(BATCH), topk=encode(teacher_logits))
     else:
         teacher = Outputs(teacher_logits, teacher_features, index=torch.arange(BATCH))
     target = torch.randint(0, CLASSES, (BATCH,), generator=generator)
@@ -226,7 +226,7 @@ def test_token_methods_run_per_token_under_a_mask(name: str) -> None:
     mask = torch.arange(4)[None, :] < torch.randint(1, 5, (BATCH, 1))
     teacher_logits = 2 * torch.randn(BATCH, 4, CLASSES)
     encode = getattr(loss, "encode_teacher_topk", None)
-    teacher = Outputs(None, topk=encode(teacher_logits)) if encode else Outputs(teacher_logits)
+    teacher = Outputs(topk=encode(teacher_logits)) if encode else Outputs(teacher_logits)
     terms = loss(Outputs(logits, mask=mask), teacher, torch.randint(0, CLASSES, (BATCH, 4)))
     assert all(value.ndim == 0 and torch.isfinite(value) for value in terms.values())
     terms["loss"].backward()

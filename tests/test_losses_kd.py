@@ -402,7 +402,7 @@ def test_topk_field_and_packed_table_give_bit_identical_rows() -> None:
     table = topk.packed()
     assert torch.equal(table, pack_topk(*unpack_topk(table)))
     via_table = kd_topk_loss(student, table, y, temperature=4.0)
-    via_field = KDTopKLoss(4.0)(Outputs(student), Outputs(None, topk=topk), y)
+    via_field = KDTopKLoss(4.0)(Outputs(student), Outputs(topk=topk), y)
     legacy = KDTopKLoss(4.0)(Outputs(student), Outputs(table), y)  # kdistill 0.1's packed logits
     for name in via_table:
         assert torch.equal(via_field[name], via_table[name])

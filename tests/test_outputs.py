@@ -16,7 +16,8 @@ from kdistill.teachers.base import TOPK_EMPTY_REST
 
 def test_topk_only_outputs_have_no_logits_and_say_what_to_use() -> None:
     topk = TopK.from_logits(torch.randn(3, 5), 2)
-    outputs = Outputs(None, topk=topk, index=torch.arange(3))
+    outputs = Outputs(topk=topk, index=torch.arange(3))
+    assert not Outputs(None, topk=topk).has_logits  # None counts as omitted
     assert not outputs.has_logits and Outputs(torch.zeros(3, 5)).has_logits
     with pytest.raises(MethodError, match="kd_topk") as raised:
         _ = outputs.logits

@@ -63,11 +63,11 @@ def test_classification_score_orders_epochs_as_early_stopping_does() -> None:
 def test_classification_checks_and_targets() -> None:
     task = get_task("classification")
     task.check_outputs(Outputs(torch.randn(5, 3)), Outputs(torch.randn(5, 3)))
-    task.check_outputs(Outputs(torch.randn(5, 3)), Outputs(None, topk=TopK.from_logits(torch.randn(5, 3), 2)))
+    task.check_outputs(Outputs(torch.randn(5, 3)), Outputs(topk=TopK.from_logits(torch.randn(5, 3), 2)))
     with pytest.raises(ShapeMismatchError, match="the student outputs 3 classes, the teacher 4"):
         task.check_outputs(Outputs(torch.randn(5, 3)), Outputs(torch.randn(5, 4)))
     with pytest.raises(ShapeMismatchError, match="names classes id 5"):
-        task.check_outputs(Outputs(torch.randn(5, 3)), Outputs(None, topk=TopK.from_logits(torch.randn(5, 6), 6)))
+        task.check_outputs(Outputs(torch.randn(5, 3)), Outputs(topk=TopK.from_logits(torch.randn(5, 6), 6)))
     with pytest.raises(ShapeMismatchError, match="token_lm"):
         task.check_outputs(Outputs(torch.randn(5, 2, 3)), Outputs(torch.randn(5, 2, 3)))
     labels = np.array(["b", "a", "c", "a"])
@@ -174,15 +174,13 @@ def test_token_lm_checks_vocabulary_positions_and_masks() -> None:
     task = get_task("token_lm")
     mask = torch.ones(2, 4, dtype=torch.bool)
     task.check_outputs(Outputs(torch.randn(2, 4, 10), mask=mask), Outputs(torch.randn(2, 4, 10)))
-    task.check_outputs(Outputs(torch.randn(2, 4, 10)), Outputs(None, topk=TopK.from_logits(torch.randn(2, 4, 10), 3)))
+    task.check_outputs(Outputs(torch.randn(2, 4, 10)), Outputs(topk=TopK.from_logits(torch.randn(2, 4, 10), 3)))
     with pytest.raises(ShapeMismatchError, match="the student outputs 10 vocabulary entries, the teacher 12"):
         task.check_outputs(Outputs(torch.randn(2, 4, 10)), Outputs(torch.randn(2, 4, 12)))
     with pytest.raises(ShapeMismatchError, match="same"):
         task.check_outputs(Outputs(torch.randn(2, 4, 10)), Outputs(torch.randn(2, 5, 10)))
     with pytest.raises(ShapeMismatchError, match="names tokens id"):
-        task.check_outputs(
-            Outputs(torch.randn(2, 4, 10)), Outputs(None, topk=TopK.from_logits(torch.randn(2, 4, 12), 12))
-        )
+        task.check_outputs(Outputs(torch.randn(2, 4, 10)), Outputs(topk=TopK.from_logits(torch.randn(2, 4, 12), 12)))
     with pytest.raises(ShapeMismatchError, match="mask"):
         task.check_outputs(Outputs(torch.randn(2, 4, 10), mask=mask[:, :3]), Outputs(torch.randn(2, 4, 10)))
     with pytest.raises(ShapeMismatchError, match="every position"):

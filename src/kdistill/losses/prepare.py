@@ -150,7 +150,7 @@ class StaticTargets:
         """The teacher's outputs for the rows ``index`` (batch,), with ``index`` and ``precomputed`` (or ``topk``)
         set."""
         if self.topk is not None:
-            return Outputs(None, index=index, topk=self.topk.index_select(index))
+            return Outputs(index=index, topk=self.topk.index_select(index))
         assert self.table is not None
         rows = self.table.index_select(0, index)
         if not self.packed:

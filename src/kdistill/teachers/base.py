@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any, Protocol, overload, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -111,33 +111,22 @@ class TopK:
         return TopK(self.values.to(device), self.indices.to(device), self.rest.to(device))
 
 
-class _DenseLogits:
-    """The ``Outputs.logits`` field: set to a tensor or None, read as a tensor or a clear error when there is none
-    (a teacher given only as top-k). A data descriptor, so a dataclass field can accept None but never return it."""
+class _NoLogits:
+    """The class attribute behind ``Outputs.logits``. Outputs that hold logits find them in their own ``__dict__``
+    first (a non-data descriptor never shadows an instance attribute, so reading them costs nothing extra); outputs
+    without (a teacher given only as top-k) reach this and get a clear error instead of None."""
 
-    def __set_name__(self, owner: type, name: str) -> None:
-        self._slot = f"_{name}"
-
-    @overload
-    def __get__(self, instance: None, owner: type | None = None) -> None: ...
-
-    @overload
-    def __get__(self, instance: Outputs, owner: type | None = None) -> torch.Tensor: ...
-
-    def __get__(self, instance: Outputs | None, owner: type | None = None) -> torch.Tensor | None:
-        if instance is None:  # the dataclass asks for the field's default: None
+    def __get__(self, instance: object, owner: type | None = None) -> None:
+        if instance is None:  # the dataclass asks for the field's default
             return None
-        logits: torch.Tensor | None = instance.__dict__[self._slot]
-        if logits is None:
-            raise MethodError(
-                "these outputs hold only the teacher's top-k (Outputs.topk), no dense logits",
-                hint="use method 'kd_topk', which reads the top-k exactly, or cache the teacher with "
-                "storage 'fp32' or 'fp16' for methods that need every logit.",
-            )
-        return logits
+        raise MethodError(
+            "these outputs hold only the teacher's top-k (Outputs.topk), no dense logits",
+            hint="use method 'kd_topk', which reads the top-k exactly, or cache the teacher with "
+            "storage 'fp32' or 'fp16' for methods that need every logit.",
+        )
 
-    def __set__(self, instance: Outputs, value: torch.Tensor | None) -> None:
-        instance.__dict__[self._slot] = value
+
+_NO_LOGITS: Any = _NoLogits()
 
 
 @dataclass(frozen=True, repr=False)
@@ -146,8 +135,9 @@ class Outputs:
 
     ``logits``: (batch, classes) unnormalised scores (log-probabilities count: softmax gives back the probabilities),
     (batch, seq, vocab) per-token scores, or (batch, dim) embeddings. A teacher given only as top-k has no dense
-    logits: build ``Outputs(None, topk=...)``; reading ``.logits`` then raises :class:`~kdistill.errors.MethodError`
-    naming ``kd_topk`` (test with :attr:`has_logits`). Student outputs always have logits.
+    logits: build ``Outputs(topk=...)`` (``logits`` omitted); reading ``.logits`` then raises
+    :class:`~kdistill.errors.MethodError` naming ``kd_topk`` (test with :attr:`has_logits`). Student outputs always
+    have logits.
     ``features``: intermediate outputs by module path, only those a method asked for.
     ``index``: (batch,) positions of the rows in the transfer set, set by the engine on the teacher's outputs, for
     methods that keep per-row state (CRD's memory bank).
@@ -158,7 +148,7 @@ class Outputs:
     ``topk``: the teacher's top-k values, ids and tail (:class:`TopK`), typed, instead of dense logits.
     """
 
-    logits: _DenseLogits = _DenseLogits()
+    logits: torch.Tensor = _NO_LOGITS
     features: Mapping[str, torch.Tensor] = field(default_factory=dict)
     index: torch.Tensor | None = None
     precomputed: torch.Tensor | None = None
@@ -166,28 +156,30 @@ class Outputs:
     topk: TopK | None = None
 
     def __post_init__(self) -> None:
-        if self.__dict__["_logits"] is None and self.topk is None:
-            raise MethodError(
-                "Outputs needs logits or topk, got neither", hint="pass Outputs(logits) or Outputs(None, topk=...)."
-            )
+        if self.logits is None:  # omitted (or None): a top-k-only teacher
+            if self.topk is None:
+                raise MethodError(
+                    "Outputs needs logits or topk, got neither", hint="pass Outputs(logits) or Outputs(topk=...)."
+                )
+            del self.__dict__["logits"]  # reading .logits now reaches _NoLogits and its error
         if self.mask is not None and self.mask.dtype != torch.bool:
             object.__setattr__(self, "mask", self.mask != 0)
 
     @property
     def has_logits(self) -> bool:
         """Whether dense logits are present (False for a teacher given only as top-k)."""
-        return self.__dict__["_logits"] is not None
+        return "logits" in self.__dict__
 
     def replace(self, **changes: Any) -> Outputs:
         """A copy with ``changes`` (``dataclasses.replace`` would read the missing logits of a top-k-only teacher)."""
-        current = {f.name: self.__dict__[f"_{f.name}" if f.name == "logits" else f.name] for f in fields(self)}
+        current: dict[str, Any] = {f.name: self.__dict__.get(f.name) for f in fields(self)}
         return Outputs(**(current | changes))
 
     def __repr__(self) -> str:
         def shape(value: Any) -> str:
             return "None" if value is None else str(tuple(value.shape))
 
-        logits = self.__dict__["_logits"]
+        logits = self.__dict__.get("logits")
         parts = [f"logits={shape(logits)}"]
         if self.features:
             parts.append("features={" + ", ".join(f"{k!r}: {shape(v)}" for k, v in self.features.items()) + "}")
