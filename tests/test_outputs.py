@@ -73,3 +73,18 @@ def test_prepare_loss_runs_no_dry_batch_for_the_base_class_no_op() -> None:
     loss = Prepared()
     prepare_loss(loss, Counting(), x, logits, None, batch_size=4)
     assert calls == [4] and loss.seen == [10]
+
+
+def test_static_targets_serve_token_level_logits_and_topk_rows() -> None:
+    from kdistill.losses import KDTopKLoss, StaticTargets
+
+    torch.manual_seed(1)
+    logits = torch.randn(6, 4, 9)
+    index = torch.tensor([5, 0, 2])
+    dense = StaticTargets.build(KDLoss(), logits, torch.randint(0, 9, (6, 4)))
+    assert not dense.packed  # kd packs (rows, classes) targets only
+    assert torch.equal(dense.select(index).logits, logits[index])
+    topk = TopK.from_logits(logits, 3)
+    served = StaticTargets.build(KDTopKLoss(), topk, None).select(index)
+    assert served.topk is not None and served.topk.values.shape == (3, 4, 3)
+    assert torch.equal(served.topk.indices, topk.indices[index])

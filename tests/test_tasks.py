@@ -247,3 +247,34 @@ def test_batches_may_be_pairs_or_objects_with_inputs_and_target() -> None:
     assert split_batch((torch.zeros(2), torch.ones(2)))[2] is None
     with pytest.raises(DataError, match="pair"):
         split_batch(torch.zeros(3))
+
+
+def test_token_level_kd_trains_through_todays_engine_and_ignores_padding() -> None:
+    """The engine indexes rows only, so (rows, seq) targets and (rows, seq, vocab) teacher logits flow through it
+    unchanged; -100 targets keep padding out of both terms. Garbage in the teacher's padded positions changes no
+    weight."""
+    from kdistill.engine import TrainConfig, TransferSet, fit
+    from kdistill.losses import KDLoss
+
+    generator = torch.Generator().manual_seed(6)
+    ids = torch.randint(1, 13, (40, 7), generator=generator)
+    lengths = torch.randint(3, 8, (40, 1), generator=generator)
+    attention = (torch.arange(7)[None, :] < lengths).long()
+    target = get_task("token_lm").encode_targets({"input_ids": ids, "attention_mask": attention})
+    teacher = torch.randn(40, 7, 13, generator=generator) * 2
+    garbage = teacher.masked_fill((target == -100)[..., None], 1e6)
+    weights = []
+    for soft in (teacher, garbage):
+        model = nn.Sequential(nn.Embedding(13, 8), nn.Linear(8, 13))
+        torch.manual_seed(0)
+        for parameter in model.parameters():
+            nn.init.normal_(parameter, std=0.3)
+        state = fit(
+            model,
+            KDLoss(2.0, 0.5),
+            TransferSet(ids, target, soft),
+            config=TrainConfig(epochs=3, batch_size=16, verbose=False),
+        )
+        weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+        assert state.history[-1]["train_loss"] < state.history[0]["train_loss"]
+    assert torch.equal(weights[0], weights[1])
