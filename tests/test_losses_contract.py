@@ -6,8 +6,8 @@ a (batch, channels, length) map (student and teacher maps differ in channels and
 are exercised), or (batch, members, classes) logits for ``"members"``. Class attributes steer the checks:
 ``at_equal`` (``"zero"``, the default: every term vanishes when the student equals the teacher; ``"none"`` opts out,
 as do methods that need no teacher) and ``batch_order_invariant`` (default True). A new method is thus held to the
-strict contract unless it says why not. A method that reads the teacher's logits in another form than (batch, classes)
-(``kd_topk``'s packed top-k) converts dense ones with ``encode_teacher_logits``.
+strict contract unless it says why not. A method that reads the teacher's top-k instead of its dense logits
+(``kd_topk``) converts them with ``encode_teacher_topk`` into ``Outputs.topk``.
 """
 
 from __future__ import annotations
@@ -17,8 +17,17 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from kdistill.errors import KdistillError
-from kdistill.losses import LOSSES, get_loss, register_loss
+from kdistill.errors import KdistillError, MethodError, ShapeMismatchError
+from kdistill.losses import (
+    LOSSES,
+    BaseLoss,
+    StaticTargets,
+    as_loss,
+    compose_methods,
+    defines_hook,
+    get_loss,
+    register_loss,
+)
 from kdistill.teachers import Outputs
 
 BATCH, CLASSES, MEMBERS = 8, 5, 3
@@ -45,10 +54,11 @@ def _fabricate(
         else:
             teacher_features[name] = torch.randn(BATCH, 10, 8, generator=generator)
     teacher_logits = logits.detach().clone() if equal else 2 * torch.randn(BATCH, CLASSES, generator=generator)
-    encode = getattr(loss, "encode_teacher_logits", None)  # methods that read teacher logits in another form
+    encode = getattr(loss, "encode_teacher_topk", None)  # methods that read the teacher's top-k instead
     if encode is not None:
-        teacher_logits = encode(teacher_logits)
-    teacher = Outputs(teacher_logits, teacher_features, index=torch.arange(BATCH))
+        teacher = Outputs(features=teacher_features, index=torch.arange(BATCH), topk=encode(teacher_logits))
+    else:
+        teacher = Outputs(teacher_logits, teacher_features, index=torch.arange(BATCH))
     target = torch.randint(0, CLASSES, (BATCH,), generator=generator)
     student = Outputs(logits, student_features)
     prepare = getattr(loss, "prepare", None)
@@ -58,8 +68,12 @@ def _fabricate(
 
 
 def _permute(outputs: Outputs, order: torch.Tensor) -> Outputs:  # rows of every tensor, in the same order
-    index = None if outputs.index is None else outputs.index[order]
-    return Outputs(outputs.logits[order], {k: v[order] for k, v in outputs.features.items()}, index)
+    return outputs.replace(
+        logits=outputs.logits[order] if outputs.has_logits else None,
+        features={k: v[order] for k, v in outputs.features.items()},
+        index=None if outputs.index is None else outputs.index[order],
+        topk=None if outputs.topk is None else outputs.topk.index_select(order),
+    )
 
 
 def check_finite_and_differentiable(name: str) -> None:
@@ -182,3 +196,119 @@ def test_contract_checks_pick_up_new_methods_and_catch_a_buggy_one() -> None:
     check_batch_order_invariant("toy_gap")
     with pytest.raises(AssertionError):
         check_batch_order_invariant("toy_first_row")
+
+
+# ---- shapes: token-level outputs and the methods that do not support them ------------------------------------------
+
+TOKEN_METHODS = {"kd", "kd_topk", "ce"}  # reduce over the last axis under a mask
+
+
+@pytest.mark.parametrize("name", sorted(set(NAMES) - TOKEN_METHODS))
+def test_sequence_outputs_are_a_clear_error_for_row_methods(name: str) -> None:
+    """(batch, seq, vocab) logits, or a sequence mask, must never give a silently different number."""
+    loss = get_loss(name)
+    logits = torch.randn(BATCH, 4, CLASSES)
+    student = Outputs(logits, {f: torch.randn(BATCH, 4, 6) for f in loss.student_features})
+    teacher = Outputs(logits.clone(), {f: torch.randn(BATCH, 4, 6) for f in loss.teacher_features}, torch.arange(BATCH))
+    target = torch.randint(0, CLASSES, (BATCH, 4))
+    with pytest.raises(ShapeMismatchError, match=r"\(8, 4, 5\)") as raised:
+        loss(student, teacher, target)
+    assert raised.value.hint
+    masked = Outputs(torch.randn(BATCH, CLASSES), mask=torch.ones(BATCH, dtype=torch.bool))
+    with pytest.raises(ShapeMismatchError):
+        loss(masked, Outputs(torch.randn(BATCH, CLASSES), index=torch.arange(BATCH)), target[:, 0])
+
+
+@pytest.mark.parametrize("name", sorted(TOKEN_METHODS))
+def test_token_methods_run_per_token_under_a_mask(name: str) -> None:
+    loss = get_loss(name)
+    logits = torch.randn(BATCH, 4, CLASSES, requires_grad=True)
+    mask = torch.arange(4)[None, :] < torch.randint(1, 5, (BATCH, 1))
+    teacher_logits = 2 * torch.randn(BATCH, 4, CLASSES)
+    encode = getattr(loss, "encode_teacher_topk", None)
+    teacher = Outputs(topk=encode(teacher_logits)) if encode else Outputs(teacher_logits)
+    terms = loss(Outputs(logits, mask=mask), teacher, torch.randint(0, CLASSES, (BATCH, 4)))
+    assert all(value.ndim == 0 and torch.isfinite(value) for value in terms.values())
+    terms["loss"].backward()
+    assert logits.grad is not None and float(logits.grad[~mask].abs().max()) == 0.0
+
+
+# ---- the base class and its hooks ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_registered_method_has_the_base_class_hooks(name: str) -> None:
+    loss = get_loss(name)
+    assert isinstance(loss, BaseLoss)
+    for hook in ("prepare", "start_epoch", "precompute"):
+        assert callable(getattr(loss, hook))
+
+
+def test_duck_typed_losses_are_wrapped_with_every_hook() -> None:
+    calls: list[str] = []
+
+    class Duck:  # no base class, only start_epoch among the hooks
+        needs_teacher = False
+        student_features = ("a",)
+        teacher_features = ()
+        at_equal = "none"
+
+        def start_epoch(self, epoch: int, total_epochs: int) -> None:
+            calls.append(f"epoch {epoch}/{total_epochs}")
+
+        def __call__(self, student: Outputs, teacher: Outputs | None, target: torch.Tensor | None) -> dict:
+            return {"loss": student.logits.sum()}
+
+    class DuckModule(torch.nn.Module):
+        needs_teacher = True
+        student_features = ()
+        teacher_features = ()
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.ones(()))
+
+        def forward(self, student: Outputs, teacher: Outputs | None, target: torch.Tensor | None) -> dict:
+            return {"loss": self.scale * student.logits.sum()}
+
+    duck = as_loss(Duck())
+    assert isinstance(duck, BaseLoss) and as_loss(duck) is duck
+    assert (duck.needs_teacher, tuple(duck.student_features), duck.at_equal) == (False, ("a",), "none")
+    duck.start_epoch(2, 5)
+    duck.prepare(Outputs(torch.zeros(1, 1)), None, 1)  # absent: a no-op
+    assert duck.precompute(torch.zeros(3, 2), None) is None
+    assert calls == ["epoch 2/5"]
+    assert defines_hook(duck, "start_epoch") and not defines_hook(duck, "prepare")
+    assert float(duck(Outputs(torch.ones(2, 2)), None, None)["loss"]) == 4.0
+    module = as_loss(DuckModule())
+    assert isinstance(module, torch.nn.Module) and len(list(module.parameters())) == 1
+    assert float(module(Outputs(torch.ones(2, 2)), None, None)["loss"].detach()) == 4.0
+    with pytest.raises(MethodError, match="callable"):
+        as_loss(object())  # type: ignore[arg-type]
+
+
+def test_defines_hook_tells_real_hooks_from_the_defaults() -> None:
+    assert defines_hook(get_loss("kd"), "precompute")
+    assert not defines_hook(get_loss("kd"), "prepare")
+    assert defines_hook(get_loss("fitnet"), "prepare")
+    assert defines_hook(get_loss("dkd"), "start_epoch")
+    with pytest.raises(ValueError, match="unknown loss hook"):
+        defines_hook(get_loss("kd"), "warmup")
+
+
+def test_compose_forwards_precompute_and_each_component_reads_its_own_columns() -> None:
+    """kd packs its targets inside a composition too: the table is split back per component, and the composed
+    value equals the sum of the components' textbook values."""
+    torch.manual_seed(0)
+    teacher_logits, y = torch.randn(30, CLASSES) * 2, torch.randint(0, CLASSES, (30,))
+    composed = compose_methods(["kd", "dkd"])
+    static = StaticTargets.build(composed, teacher_logits, y)
+    assert static.packed
+    index = torch.tensor([4, 9, 2, 29])
+    served = static.select(index)
+    student = torch.randn(4, CLASSES)
+    got = composed(Outputs(student), served, y[index])
+    expected = get_loss("kd")(Outputs(student), Outputs(teacher_logits[index]), y[index])
+    expected_dkd = get_loss("dkd", ce_weight=0.0)(Outputs(student), Outputs(teacher_logits[index]), y[index])
+    torch.testing.assert_close(got["kd/kd"], expected["kd"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got["loss"], expected["loss"] + expected_dkd["loss"], rtol=1e-5, atol=1e-6)

@@ -3,14 +3,26 @@
 from __future__ import annotations
 
 from kdistill.losses.at import ATLoss, at_loss, attention_map
-from kdistill.losses.base import LOSSES, Loss, LossInfo, UnknownNameError, get_loss, list_losses, register_loss
+from kdistill.losses.base import (
+    LOSSES,
+    BaseLoss,
+    Loss,
+    LossInfo,
+    UnknownNameError,
+    as_loss,
+    defines_hook,
+    get_loss,
+    list_losses,
+    register_loss,
+)
 from kdistill.losses.byot import DeepSupervision
 from kdistill.losses.compose import Compose, compose_methods
 from kdistill.losses.crd import CRDLoss, contrastive_loss
 from kdistill.losses.dist import DISTLoss, dist_loss
 from kdistill.losses.dkd import DKDLoss, dkd_loss
+from kdistill.losses.embedding import CosineEmbeddingLoss, MSEEmbeddingLoss, cosine_loss, mse_embedding_loss
 from kdistill.losses.fitnet import FitNet, hint_loss
-from kdistill.losses.kd import CrossEntropy, KDLoss, kd_loss
+from kdistill.losses.kd import CrossEntropy, KDLoss, cross_entropy, kd_loss
 from kdistill.losses.kd_topk import KDTopKLoss, kd_topk_loss
 from kdistill.losses.logit_std import LogitStandardized, standardize_logits
 from kdistill.losses.multi_teacher import MultiTeacherKD, confidence_weights, multi_teacher_loss
@@ -23,8 +35,10 @@ from kdistill.losses.sp import SPLoss, sp_loss
 __all__ = [
     "LOSSES",
     "ATLoss",
+    "BaseLoss",
     "CRDLoss",
     "Compose",
+    "CosineEmbeddingLoss",
     "CrossEntropy",
     "DISTLoss",
     "DKDLoss",
@@ -35,6 +49,7 @@ __all__ = [
     "LogitStandardized",
     "Loss",
     "LossInfo",
+    "MSEEmbeddingLoss",
     "MultiTeacherKD",
     "PKTLoss",
     "Projector",
@@ -43,11 +58,15 @@ __all__ = [
     "StaticTargets",
     "TeacherBank",
     "UnknownNameError",
+    "as_loss",
     "at_loss",
     "attention_map",
     "compose_methods",
     "confidence_weights",
     "contrastive_loss",
+    "cosine_loss",
+    "cross_entropy",
+    "defines_hook",
     "dist_loss",
     "dkd_loss",
     "get_loss",
@@ -55,6 +74,7 @@ __all__ = [
     "kd_loss",
     "kd_topk_loss",
     "list_losses",
+    "mse_embedding_loss",
     "multi_teacher_loss",
     "pkt_loss",
     "prepare_loss",

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdistill.losses.base import register_loss
-from kdistill.losses.common import check_non_negative, check_positive, get_feature, require_target
+from kdistill.losses.base import BaseLoss, register_loss
+from kdistill.losses.common import check_non_negative, check_positive, check_row_outputs, get_feature, require_target
 from kdistill.losses.kd import kd_loss
 from kdistill.teachers.base import Outputs
 
@@ -39,7 +39,7 @@ class _Head(nn.Module):
 
 
 @register_loss("byot", "Zhang 2019 (Be Your Own Teacher): shallow heads learn from labels and the deepest output")
-class DeepSupervision(nn.Module):
+class DeepSupervision(nn.Module, BaseLoss):
     r"""Deep supervision with self-distillation; no teacher is needed.
 
     Each layer in ``shallow_layers`` gets a head (pool -> linear classifier :math:`q_i`, and pool -> linear
@@ -57,7 +57,6 @@ class DeepSupervision(nn.Module):
     """
 
     needs_teacher = False
-    teacher_features: Sequence[str] = ()
     at_equal = "none"
     batch_order_invariant = True
 
@@ -92,6 +91,7 @@ class DeepSupervision(nn.Module):
     def forward(
         self, student: Outputs, teacher: Outputs | None, target: torch.Tensor | None
     ) -> dict[str, torch.Tensor]:
+        check_row_outputs(student, None, "byot")
         target = require_target(target, "byot")
         if len(self.heads) != len(self.shallow_layers):
             self.prepare(student, teacher, 0)

@@ -1,4 +1,5 @@
-"""Helpers shared by the methods: checked access to outputs and features, hyper-parameter checks, the CE term.
+"""Helpers shared by the methods: checked access to outputs and features, the shape checks, hyper-parameter checks,
+the CE term, and the masked per-token reduction of the token-level losses.
 
 Not a method itself (nothing here is registered).
 """
@@ -11,21 +12,34 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from kdistill.errors import MethodError
+from kdistill.errors import MethodError, ShapeMismatchError
+from kdistill.losses.base import BaseLoss
 from kdistill.teachers.base import Outputs
 
 __all__ = [
+    "IGNORE_INDEX",
     "LayerPairLoss",
     "as_target",
     "check_non_negative",
     "check_positive",
+    "check_row_outputs",
+    "check_token_shapes",
+    "counted_positions",
     "flatten_rows",
     "get_feature",
     "layer_pairs",
+    "output_mask",
     "require_target",
     "require_teacher",
+    "token_count",
+    "token_cross_entropy",
     "with_cross_entropy",
 ]
+
+IGNORE_INDEX = -100
+"""A target that counts for no term (PyTorch's ``ignore_index`` default, and Hugging Face's label convention)."""
+
+_TOKEN_METHODS = "'kd', 'kd_topk' or 'ce' (they average over real tokens under Outputs.mask)"
 
 
 def require_teacher(teacher: Outputs | None, method: str) -> Outputs:
@@ -36,6 +50,102 @@ def require_teacher(teacher: Outputs | None, method: str) -> Outputs:
             hint="pass a teacher (distill(teacher, ...)); 'ce' and 'byot' are the methods that need none.",
         )
     return teacher
+
+
+def _shape_error(method: str, role: str, shape: torch.Size, *, masked: bool = False) -> ShapeMismatchError:
+    if masked:
+        problem = f"method {method!r} compares (batch, classes) rows; the {role} outputs carry a sequence mask"
+    else:
+        problem = f"method {method!r} supports (batch, classes) outputs; got {role} logits of shape {tuple(shape)}"
+    if masked or len(shape) == 3:
+        hint = f"for token-level (batch, seq, vocab) outputs use {_TOKEN_METHODS}."
+    else:
+        hint = "reshape or pool the outputs to (batch, classes), one row per example."
+    return ShapeMismatchError(problem, hint=hint)
+
+
+def check_row_outputs(student: Outputs, teacher: Outputs | None, method: str) -> None:
+    """Raise :class:`ShapeMismatchError` unless the outputs are one row per example: (batch, classes) logits and no
+    sequence mask. Every method that does not reduce over a sequence calls it first, so that (batch, seq, vocab)
+    logits fail with the names of the methods that support them instead of giving a silently different number.
+    A teacher given only as top-k is not inspected here (the method reading its logits raises)."""
+    if student.logits.ndim != 2:
+        raise _shape_error(method, "student", student.logits.shape)
+    if student.mask is not None:
+        raise _shape_error(method, "student", student.logits.shape, masked=True)
+    if teacher is None:
+        return
+    if teacher.has_logits and teacher.logits.ndim != 2:
+        raise _shape_error(method, "teacher", teacher.logits.shape)
+    if teacher.mask is not None:
+        raise _shape_error(method, "teacher", student.logits.shape, masked=True)
+
+
+def output_mask(student: Outputs, teacher: Outputs | None) -> torch.Tensor | None:
+    """The positions that are real tokens: the student's ``mask``, else the teacher's (the engine sets it on
+    either); a :class:`ShapeMismatchError` when both are set and differ."""
+    mask = student.mask
+    other = None if teacher is None else teacher.mask
+    if mask is None:
+        return other
+    if other is not None and other is not mask and not torch.equal(other, mask):
+        raise ShapeMismatchError(
+            f"the student's and the teacher's masks differ ({int(mask.sum())} and {int(other.sum())} real tokens)",
+            hint="set the batch's attention mask once (the engine puts it on the student's outputs).",
+        )
+    return mask
+
+
+def check_token_shapes(
+    logits: torch.Tensor, mask: torch.Tensor | None, target: torch.Tensor | None, *, method: str
+) -> None:
+    """``logits``: (batch, classes) or (batch, seq, vocab); ``mask`` and ``target``: its leading axes ((batch,) or
+    (batch, seq)); else a :class:`ShapeMismatchError` naming the shapes."""
+    if logits.ndim not in (2, 3):
+        raise ShapeMismatchError(
+            f"method {method!r} supports (batch, classes) or (batch, seq, vocab) logits; got {tuple(logits.shape)}",
+            hint="reshape the outputs: one row per example, or one row per token of each sequence.",
+        )
+    positions = tuple(logits.shape[:-1])
+    for name, value in (("mask", mask), ("target", target)):
+        if value is not None and tuple(value.shape) != positions:
+            raise ShapeMismatchError(
+                f"method {method!r}: {name} {tuple(value.shape)} does not fit logits {tuple(logits.shape)} "
+                f"(expected {positions})",
+                hint="mask and targets have one entry per row (batch,) or per token (batch, seq); for language "
+                "modelling build next-token targets with kdistill.tasks.get_task('token_lm').encode_targets.",
+            )
+
+
+def counted_positions(
+    shape: torch.Size | tuple[int, ...], mask: torch.Tensor | None, target: torch.Tensor | None, device: torch.device
+) -> torch.Tensor:
+    """The positions that count for every term, bool of ``shape`` ((batch,) or (batch, seq)): the mask's True
+    positions (all, without a mask) whose target is not :data:`IGNORE_INDEX` (a -100 target counts for no term, as
+    in TRL's GKD, where ``labels == -100`` are left out of the distillation term too)."""
+    counted = torch.ones(shape, dtype=torch.bool, device=device) if mask is None else mask.to(device)
+    if target is not None:
+        counted = counted & (target != IGNORE_INDEX)
+    return counted
+
+
+def token_count(counted: torch.Tensor, normalizer: float | torch.Tensor | None = None) -> torch.Tensor | float:
+    """The divisor of a per-position mean: ``normalizer`` when given (the whole batch's count under gradient
+    accumulation), else the number of counted positions, at least 1 (an all-padding batch gives 0, not NaN)."""
+    return counted.sum().clamp_min(1) if normalizer is None else normalizer
+
+
+def token_cross_entropy(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    counted: torch.Tensor,
+    normalizer: float | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Cross-entropy of ``logits`` (..., classes) against ``target`` (...) summed over the ``counted`` positions and
+    divided by :func:`token_count`. Only counted positions are computed at all, so whatever a padded position holds
+    (even NaN) reaches neither the value nor the gradient."""
+    hard = F.cross_entropy(logits[counted], target[counted], reduction="sum")
+    return hard / token_count(counted, normalizer)
 
 
 def require_target(target: torch.Tensor | None, method: str) -> torch.Tensor:
@@ -114,7 +224,7 @@ def with_cross_entropy(
     return {"loss": ce_weight * hard + distill_total, "ce": hard, **terms}
 
 
-class LayerPairLoss:
+class LayerPairLoss(BaseLoss):
     r"""Base of the methods that compare student and teacher features layer by layer (AT, SP):
 
     :math:`\mathcal{L} = c\,\mathrm{CE} + \mathrm{scale}\cdot w\sum_l \mathrm{pair\_loss}(F^s_l, F^t_l)`.
@@ -122,7 +232,6 @@ class LayerPairLoss:
     A subclass sets ``name``, ``pair_loss`` and ``scale``, and keeps its own ``__init__`` only to state its paper's
     default ``weight``. Returns ``{"loss", "ce", name}``, the named term being the sum over pairs before scaling."""
 
-    needs_teacher = True
     at_equal = "zero"
     batch_order_invariant = True
     name: ClassVar[str]
@@ -141,6 +250,7 @@ class LayerPairLoss:
     def __call__(
         self, student: Outputs, teacher: Outputs | None, target: torch.Tensor | None
     ) -> dict[str, torch.Tensor]:
+        check_row_outputs(student, teacher, self.name)
         teacher = require_teacher(teacher, self.name)
         term = sum(
             (

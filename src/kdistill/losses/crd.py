@@ -10,11 +10,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdistill.errors import MethodError
-from kdistill.losses.base import register_loss
+from kdistill.losses.base import BaseLoss, register_loss
 from kdistill.losses.common import (
     as_target,
     check_non_negative,
     check_positive,
+    check_row_outputs,
     flatten_rows,
     get_feature,
     require_teacher,
@@ -45,7 +46,7 @@ def contrastive_loss(
 
 
 @register_loss("crd", "Tian 2020: CE + w·contrastive loss between student/teacher embeddings, memory-bank negatives")
-class CRDLoss(nn.Module):
+class CRDLoss(nn.Module, BaseLoss):
     r"""CRD: :math:`\mathcal{L} = c\,\mathrm{CE} + w\,(\ell(v^s \to m^t) + \ell(v^t \to m^s))`.
 
     One layer of each (flattened to (batch, d); default ``"features"``) goes through a learned linear embedding to
@@ -64,7 +65,6 @@ class CRDLoss(nn.Module):
     Returns ``{"loss", "ce", "crd"}``.
     """
 
-    needs_teacher = True
     at_equal = "none"
     batch_order_invariant = False
 
@@ -114,6 +114,7 @@ class CRDLoss(nn.Module):
     def forward(
         self, student: Outputs, teacher: Outputs | None, target: torch.Tensor | None
     ) -> dict[str, torch.Tensor]:
+        check_row_outputs(student, teacher, "crd")
         teacher = require_teacher(teacher, "crd")
         if teacher.index is None:
             raise MethodError(

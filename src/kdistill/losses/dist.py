@@ -6,13 +6,18 @@ https://arxiv.org/abs/2205.10536
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 import torch.nn.functional as F
 
-from kdistill.losses.base import register_loss
-from kdistill.losses.common import as_target, check_non_negative, check_positive, require_teacher, with_cross_entropy
+from kdistill.losses.base import BaseLoss, register_loss
+from kdistill.losses.common import (
+    as_target,
+    check_non_negative,
+    check_positive,
+    check_row_outputs,
+    require_teacher,
+    with_cross_entropy,
+)
 from kdistill.losses.kd import check_logits
 from kdistill.teachers.base import Outputs
 
@@ -74,12 +79,9 @@ def dist_loss(
 
 
 @register_loss("dist", "Huang 2022: CE + β·(1 - Pearson per sample) + γ·(1 - Pearson per class)")
-class DISTLoss:
+class DISTLoss(BaseLoss):
     """Class form of :func:`dist_loss`."""
 
-    needs_teacher = True
-    student_features: Sequence[str] = ()
-    teacher_features: Sequence[str] = ()
     at_equal = "zero"
     batch_order_invariant = True
 
@@ -94,6 +96,7 @@ class DISTLoss:
     def __call__(
         self, student: Outputs, teacher: Outputs | None, target: torch.Tensor | None
     ) -> dict[str, torch.Tensor]:
+        check_row_outputs(student, teacher, "dist")
         teacher = require_teacher(teacher, "dist")
         return dist_loss(
             student.logits,

@@ -5,13 +5,18 @@ Zhao, Cui, Song, Qiu & Liang, "Decoupled Knowledge Distillation", CVPR 2022, htt
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 import torch.nn.functional as F
 
-from kdistill.losses.base import register_loss
-from kdistill.losses.common import as_target, check_non_negative, check_positive, require_teacher, with_cross_entropy
+from kdistill.losses.base import BaseLoss, register_loss
+from kdistill.losses.common import (
+    as_target,
+    check_non_negative,
+    check_positive,
+    check_row_outputs,
+    require_teacher,
+    with_cross_entropy,
+)
 from kdistill.losses.kd import check_logits
 from kdistill.teachers.base import Outputs
 
@@ -82,13 +87,10 @@ def dkd_loss(
 
 
 @register_loss("dkd", "Zhao 2022: CE + α·TCKD + β·NCKD (target / non-target KD), with a linear warm-up")
-class DKDLoss:
+class DKDLoss(BaseLoss):
     """Class form of :func:`dkd_loss`. ``warmup_epochs``: the DKD terms ramp linearly to full weight over the first
     epochs (the engine calls :meth:`start_epoch`); called outside the engine, they count in full."""
 
-    needs_teacher = True
-    student_features: Sequence[str] = ()
-    teacher_features: Sequence[str] = ()
     at_equal = "zero"
     batch_order_invariant = True
 
@@ -114,6 +116,7 @@ class DKDLoss:
     def __call__(
         self, student: Outputs, teacher: Outputs | None, target: torch.Tensor | None
     ) -> dict[str, torch.Tensor]:
+        check_row_outputs(student, teacher, "dkd")
         teacher = require_teacher(teacher, "dkd")
         return dkd_loss(
             student.logits,

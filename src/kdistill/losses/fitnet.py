@@ -12,10 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdistill.losses.base import register_loss
+from kdistill.losses.base import BaseLoss, register_loss
 from kdistill.losses.common import (
     as_target,
     check_non_negative,
+    check_row_outputs,
     get_feature,
     layer_pairs,
     require_teacher,
@@ -34,7 +35,7 @@ def hint_loss(projected_student: torch.Tensor, teacher_feature: torch.Tensor) ->
 
 
 @register_loss("fitnet", "Romero 2015: CE + w·MSE(projector(student layer), teacher layer), learned projector")
-class FitNet(nn.Module):
+class FitNet(nn.Module, BaseLoss):
     r"""FitNets in one stage: :math:`\mathcal{L} = c\,\mathrm{CE} + w \sum_l \mathrm{MSE}(r_l(F^s_l), F^t_l)`.
 
     ``student_layers`` / ``teacher_layers``: module paths, paired one to one (a string names one layer; default
@@ -43,7 +44,6 @@ class FitNet(nn.Module):
     Returns ``{"loss", "ce", "hint"}``; ``"hint"`` is the sum over pairs before the weight ``w``.
     """
 
-    needs_teacher = True
     at_equal = "zero"
     batch_order_invariant = True
 
@@ -76,6 +76,7 @@ class FitNet(nn.Module):
     def forward(
         self, student: Outputs, teacher: Outputs | None, target: torch.Tensor | None
     ) -> dict[str, torch.Tensor]:
+        check_row_outputs(student, teacher, "fitnet")
         teacher = require_teacher(teacher, "fitnet")
         if len(self.projectors) != len(self.pairs):
             self.prepare(student, teacher, 0)

@@ -6,14 +6,12 @@ https://arxiv.org/abs/2403.01427
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 import torch.nn.functional as F
 
 from kdistill.errors import MethodError
-from kdistill.losses.base import register_loss
-from kdistill.losses.common import as_target, require_teacher
+from kdistill.losses.base import BaseLoss, register_loss
+from kdistill.losses.common import as_target, check_row_outputs, require_teacher
 from kdistill.losses.dkd import DKDLoss, dkd_loss
 from kdistill.losses.kd import KDLoss, check_logits, kd_loss
 from kdistill.teachers.base import Outputs
@@ -34,7 +32,7 @@ def standardize_logits(logits: torch.Tensor) -> torch.Tensor:
     return (logits - mean) / (std + _EPS)
 
 
-class LogitStandardized:
+class LogitStandardized(BaseLoss):
     r"""Wrap :class:`~kdistill.losses.KDLoss` or :class:`~kdistill.losses.DKDLoss` so that their soft terms compare
     standardized logits (:func:`standardize_logits`) at the wrapped loss's temperature:
 
@@ -47,9 +45,6 @@ class LogitStandardized:
     paper): standardization only changes what "matching the teacher" means. Terms are those of the wrapped loss.
     """
 
-    needs_teacher = True
-    student_features: Sequence[str] = ()
-    teacher_features: Sequence[str] = ()
     at_equal = "zero"
     batch_order_invariant = True
 
@@ -70,6 +65,7 @@ class LogitStandardized:
     def __call__(
         self, student: Outputs, teacher: Outputs | None, target: torch.Tensor | None
     ) -> dict[str, torch.Tensor]:
+        check_row_outputs(student, teacher, "logit standardization")
         teacher = require_teacher(teacher, "logit standardization")
         check_logits(student.logits, teacher.logits)
         student_z = standardize_logits(student.logits)

@@ -15,11 +15,12 @@ import torch
 import torch.nn.functional as F
 
 from kdistill.errors import MethodError, ShapeMismatchError
-from kdistill.losses.base import register_loss
+from kdistill.losses.base import BaseLoss, register_loss
 from kdistill.losses.common import (
     as_target,
     check_non_negative,
     check_positive,
+    check_row_outputs,
     get_feature,
     require_teacher,
     with_cross_entropy,
@@ -101,11 +102,9 @@ def multi_teacher_loss(
     return with_cross_entropy({"kd": soft}, soft_weight * soft, student_logits, target, 1.0 - soft_weight)
 
 
-class MultiTeacherKD:
+class MultiTeacherKD(BaseLoss):
     """Class form of :func:`multi_teacher_loss`; reads ``teacher.features["members"]``."""
 
-    needs_teacher = True
-    student_features: Sequence[str] = ()
     teacher_features: Sequence[str] = (MEMBERS,)
     at_equal = "zero"
     batch_order_invariant = True
@@ -124,6 +123,7 @@ class MultiTeacherKD:
     def __call__(
         self, student: Outputs, teacher: Outputs | None, target: torch.Tensor | None
     ) -> dict[str, torch.Tensor]:
+        check_row_outputs(student, teacher, f"multi_{self.weighting}")
         teacher = require_teacher(teacher, f"multi_{self.weighting}")
         members = get_feature(teacher, MEMBERS, role="teacher", method=f"multi_{self.weighting}")
         return multi_teacher_loss(

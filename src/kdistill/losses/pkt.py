@@ -9,10 +9,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kdistill.losses.base import register_loss
+from kdistill.losses.base import BaseLoss, register_loss
 from kdistill.losses.common import (
     as_target,
     check_non_negative,
+    check_row_outputs,
     flatten_rows,
     get_feature,
     require_teacher,
@@ -43,12 +44,11 @@ def pkt_loss(student_embeddings: torch.Tensor, teacher_embeddings: torch.Tensor)
 
 
 @register_loss("pkt", "Passalis 2018: CE + w·KL between the batch's cosine-similarity distributions")
-class PKTLoss:
+class PKTLoss(BaseLoss):
     r""":math:`\mathcal{L} = c\,\mathrm{CE} + w\,\mathrm{PKT}(F_s, F_t)` on one layer's outputs flattened to
     (batch, d) (default layer ``"features"``). w = 500 matches the common CIFAR setting (30000 on a mean over the
     B² entries at B = 64). Returns ``{"loss", "ce", "pkt"}``."""
 
-    needs_teacher = True
     at_equal = "zero"
     batch_order_invariant = True
 
@@ -67,6 +67,7 @@ class PKTLoss:
     def __call__(
         self, student: Outputs, teacher: Outputs | None, target: torch.Tensor | None
     ) -> dict[str, torch.Tensor]:
+        check_row_outputs(student, teacher, "pkt")
         teacher = require_teacher(teacher, "pkt")
         s = flatten_rows(get_feature(student, self.student_features[0], role="student", method="pkt"))
         t = flatten_rows(get_feature(teacher, self.teacher_features[0], role="teacher", method="pkt"))

@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from kdistill.features import capture_features
-from kdistill.losses.base import Loss
-from kdistill.teachers.base import Outputs, Teacher
+from kdistill.losses.base import Loss, defines_hook
+from kdistill.teachers.base import Outputs, Teacher, TopK
 
 __all__ = ["StaticTargets", "TeacherBank", "prepare_loss"]
 
@@ -33,7 +33,7 @@ def prepare_loss(
     The model's train/eval mode is restored; BatchNorm statistics are not touched (eval mode, no gradients).
     """
     hook = getattr(loss_fn, "prepare", None)
-    if hook is not None:
+    if hook is not None and defines_hook(loss_fn, "prepare"):  # the base class's no-op needs no dry batch
         rows = len(x)
         index = torch.arange(min(batch_size, rows), device=x.device)
         was_training = model.training
@@ -107,29 +107,51 @@ class TeacherBank:
 
 
 class StaticTargets:
-    """Teacher logits that never change during training (cached, precomputed or out-of-fold, no augmentation), served
-    per batch.
+    """Teacher outputs that never change during training (cached, precomputed or out-of-fold, no augmentation), served
+    per batch: dense logits (rows, classes) or (rows, seq, vocab), or a :class:`~kdistill.teachers.TopK` of the whole
+    transfer set (rows, k), whose rows are gathered field by field into the teacher's ``Outputs.topk``.
 
     When the loss defines ``precompute(teacher_logits, y)`` (see :class:`~kdistill.losses.Loss`), its per-row table
-    is built once and stored beside the logits in one float32 tensor, so that a single row gather per batch serves
-    both: on a tiny student every gather from a transfer set larger than the CPU cache costs as much as several
-    small ops. Without it the logits stay as given (a memory-mapped cache entry is not copied; fp16 is upcast per
-    batch).
+    is built once from dense (rows, classes) logits and stored beside them in one float32 tensor, so that a single
+    row gather per batch serves both: on a tiny student every gather from a transfer set larger than the CPU cache
+    costs as much as several small ops. Without it the logits stay as given (a memory-mapped cache entry is not
+    copied; fp16 is upcast per batch).
+
+    kdistill 0.1's packed top-k table (rows, 2k + 1) passed as logits is read as a :class:`TopK` when the loss says it
+    reads top-k (``reads_topk``, as ``kd_topk`` does), so callers that still pass the cache's packed form keep
+    working; pass a :class:`TopK` instead.
     """
 
-    def __init__(self, logits: torch.Tensor, precomputed: torch.Tensor | None = None) -> None:
-        self.classes = logits.shape[1]
-        self.packed = precomputed is not None
-        self.table = logits if precomputed is None else torch.cat([logits.float(), precomputed.float()], dim=1)
+    def __init__(self, logits: torch.Tensor | TopK, precomputed: torch.Tensor | None = None) -> None:
+        self.topk: TopK | None = None
+        self.table: torch.Tensor | None = None
+        self.classes: int | None = None
+        self.packed = False
+        if isinstance(logits, TopK):
+            self.topk = logits
+        elif precomputed is None:
+            self.table, self.classes = logits, logits.shape[-1]
+        else:
+            self.classes, self.packed = logits.shape[1], True
+            self.table = torch.cat([logits.float(), precomputed.float()], dim=1)
 
     @classmethod
-    def build(cls, loss_fn: Loss, logits: torch.Tensor, y: torch.Tensor | None) -> StaticTargets:
-        """Ask ``loss_fn``'s optional ``precompute`` hook for its table (it may return None) and serve it too."""
+    def build(cls, loss_fn: Loss, logits: torch.Tensor | TopK, y: torch.Tensor | None) -> StaticTargets:
+        """Ask ``loss_fn``'s optional ``precompute`` hook for its table (it may return None) and serve it too. A TopK
+        (or a packed table for a loss that ``reads_topk``) is served as it is: ``precompute`` takes dense logits."""
+        if isinstance(logits, torch.Tensor) and getattr(loss_fn, "reads_topk", False):
+            logits = TopK.from_packed(logits)
+        if isinstance(logits, TopK):
+            return cls(logits)
         precompute = getattr(loss_fn, "precompute", None)
         return cls(logits, None if precompute is None else precompute(logits, y))
 
     def select(self, index: torch.Tensor) -> Outputs:
-        """The teacher's outputs for the rows ``index`` (batch,), with ``index`` and ``precomputed`` set."""
+        """The teacher's outputs for the rows ``index`` (batch,), with ``index`` and ``precomputed`` (or ``topk``)
+        set."""
+        if self.topk is not None:
+            return Outputs(index=index, topk=self.topk.index_select(index))
+        assert self.table is not None
         rows = self.table.index_select(0, index)
         if not self.packed:
             return Outputs(rows.float(), index=index)

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import torch
 
-from kdistill.losses.base import register_loss
+from kdistill.losses.base import BaseLoss, register_loss
 from kdistill.losses.common import (
     as_target,
     check_non_negative,
+    check_row_outputs,
     flatten_rows,
     get_feature,
     require_teacher,
@@ -84,12 +85,11 @@ def rkd_angle_loss(student_embeddings: torch.Tensor, teacher_embeddings: torch.T
 
 
 @register_loss("rkd", "Park 2019: CE + λ_D·distance-wise + λ_A·angle-wise relational loss on embeddings")
-class RKDLoss:
+class RKDLoss(BaseLoss):
     r""":math:`\mathcal{L} = c\,\mathrm{CE} + \lambda_D\,\mathrm{RKD_D} + \lambda_A\,\mathrm{RKD_A}` on one layer's
     outputs, flattened to (batch, d) (default layer ``"features"``; λ_D = 25, λ_A = 50 as in the paper's
     classification runs). Returns ``{"loss", "ce", "distance", "angle"}``."""
 
-    needs_teacher = True
     at_equal = "zero"
     batch_order_invariant = True
 
@@ -110,6 +110,7 @@ class RKDLoss:
     def __call__(
         self, student: Outputs, teacher: Outputs | None, target: torch.Tensor | None
     ) -> dict[str, torch.Tensor]:
+        check_row_outputs(student, teacher, "rkd")
         teacher = require_teacher(teacher, "rkd")
         s = flatten_rows(get_feature(student, self.student_features[0], role="student", method="rkd"))
         t = flatten_rows(get_feature(teacher, self.teacher_features[0], role="teacher", method="rkd"))

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from kdistill.errors import TeacherError
-from kdistill.teachers.base import PROB_FLOOR, Outputs, Teacher, TeacherBase, probs_to_logits, teacher_logits
+from kdistill.teachers.base import PROB_FLOOR, Outputs, Teacher, TeacherBase, TopK, probs_to_logits, teacher_logits
 from kdistill.teachers.callable import CallableTeacher
 from kdistill.teachers.ensemble import EnsembleTeacher
 from kdistill.teachers.file import FileTeacher, save_teacher_outputs
@@ -34,6 +34,7 @@ __all__ = [
     "SklearnTeacher",
     "Teacher",
     "TeacherBase",
+    "TopK",
     "TorchTeacher",
     "UnknownTeacherError",
     "as_teacher",

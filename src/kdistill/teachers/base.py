@@ -7,13 +7,24 @@ makes caching, ensembles and black-box teachers possible.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from dataclasses import dataclass, field, fields
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 
-__all__ = ["PROB_FLOOR", "Outputs", "Teacher", "TeacherBase", "probs_to_logits", "teacher_logits"]
+from kdistill.errors import MethodError, ShapeMismatchError
+
+__all__ = [
+    "PROB_FLOOR",
+    "TOPK_EMPTY_REST",
+    "Outputs",
+    "Teacher",
+    "TeacherBase",
+    "TopK",
+    "probs_to_logits",
+    "teacher_logits",
+]
 
 PROB_FLOOR = 1e-12
 """Probabilities are floored here before the log, so the exact zeros of a tree ensemble give finite logits.
@@ -23,22 +34,172 @@ never inf or NaN in any loss.
 """
 
 
+TOPK_EMPTY_REST = -1e30
+"""Finite stand-in for log(0): :attr:`TopK.rest` when k covers every class (exp() of it is exactly 0)."""
+
+
 @dataclass(frozen=True)
+class TopK:
+    r"""A teacher's k largest logits per row (or per token), their class ids, and the log-sum-exp of all the others.
+
+    ``values``: (..., k) float, largest first. ``indices``: (..., k) int64 class (token) ids. ``rest``: (...)
+    :math:`\log\sum_{j \notin \text{top-k}} e^{z_j}` (:data:`TOPK_EMPTY_REST` when k == classes). The leading
+    axes are (rows,) for classification and (batch, seq) for token outputs. This is exactly what the cache's
+    ``"topk:K"`` storage keeps, and what ``kd_topk`` reads (``Outputs.topk``); integer indices of another dtype (the
+    cache stores int16) are widened to int64.
+    """
+
+    values: torch.Tensor
+    indices: torch.Tensor
+    rest: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.indices.is_floating_point() or self.indices.is_complex():
+            raise ShapeMismatchError(
+                f"top-k indices must be integers, got {self.indices.dtype}",
+                hint="build a TopK from a packed (rows, 2k + 1) table with TopK.from_packed(table).",
+            )
+        if self.indices.dtype != torch.int64:
+            object.__setattr__(self, "indices", self.indices.long())
+        if (
+            self.values.ndim == 0
+            or self.values.shape != self.indices.shape
+            or self.rest.shape != self.values.shape[:-1]
+        ):
+            raise ShapeMismatchError(
+                f"top-k values {tuple(self.values.shape)}, indices {tuple(self.indices.shape)} and rest "
+                f"{tuple(self.rest.shape)} do not fit together",
+                hint="values and indices are (..., k) and rest is (...), the same leading axes.",
+            )
+
+    @property
+    def k(self) -> int:
+        """How many classes are kept per row."""
+        return int(self.values.shape[-1])
+
+    @classmethod
+    def from_logits(cls, logits: torch.Tensor, k: int) -> TopK:
+        """The top-k form of dense ``logits`` (..., classes), computed in float32."""
+        classes = logits.shape[-1]
+        if not 1 <= k <= classes:
+            raise ShapeMismatchError(f"top-k needs 1 <= k <= classes, got k={k} for {classes} classes")
+        dense = logits.float()
+        values, indices = torch.topk(dense, k, dim=-1)
+        rest = dense.scatter(-1, indices, TOPK_EMPTY_REST).logsumexp(dim=-1)
+        if k == classes:
+            rest = torch.full_like(rest, TOPK_EMPTY_REST)
+        return cls(values, indices, rest)
+
+    @classmethod
+    def from_packed(cls, table: torch.Tensor) -> TopK:
+        """Read kdistill 0.1's packed (rows, 2k + 1) float32 table ``[values | indices | rest]`` (what
+        ``CacheEntry.teacher_targets()`` returns for ``"topk:K"`` storage). ``values`` and ``rest`` are views of it."""
+        width = table.shape[-1] if table.ndim else 0
+        if table.ndim != 2 or width % 2 != 1 or width < 3:
+            raise ShapeMismatchError(
+                f"a packed top-k table has shape (rows, 2k + 1); got {tuple(table.shape)}",
+                hint="kd_topk reads the cache's 'topk:K' storage; for dense teacher logits use 'kd'.",
+            )
+        k = (width - 1) // 2
+        return cls(table[:, :k].float(), table[:, k : 2 * k].long(), table[:, 2 * k].float())
+
+    def packed(self) -> torch.Tensor:
+        """The (rows, 2k + 1) float32 table :meth:`from_packed` reads (rows only; indices exact below 2^24)."""
+        if self.values.ndim != 2:
+            raise ShapeMismatchError(f"only (rows, k) top-k packs into a table, got values {tuple(self.values.shape)}")
+        return torch.cat([self.values.float(), self.indices.float(), self.rest.float().reshape(-1, 1)], dim=1)
+
+    def index_select(self, index: torch.Tensor) -> TopK:
+        """The rows ``index`` (batch,) of every field (the per-batch gather of a static teacher)."""
+        return TopK(
+            self.values.index_select(0, index), self.indices.index_select(0, index), self.rest.index_select(0, index)
+        )
+
+    def to(self, device: torch.device | str) -> TopK:
+        """The same top-k on ``device``."""
+        return TopK(self.values.to(device), self.indices.to(device), self.rest.to(device))
+
+
+class _NoLogits:
+    """The class attribute behind ``Outputs.logits``. Outputs that hold logits find them in their own ``__dict__``
+    first (a non-data descriptor never shadows an instance attribute, so reading them costs nothing extra); outputs
+    without (a teacher given only as top-k) reach this and get a clear error instead of None."""
+
+    def __get__(self, instance: object, owner: type | None = None) -> None:
+        if instance is None:  # the dataclass asks for the field's default
+            return None
+        raise MethodError(
+            "these outputs hold only the teacher's top-k (Outputs.topk), no dense logits",
+            hint="use method 'kd_topk', which reads the top-k exactly, or cache the teacher with "
+            "storage 'fp32' or 'fp16' for methods that need every logit.",
+        )
+
+
+_NO_LOGITS: Any = _NoLogits()
+
+
+@dataclass(frozen=True, repr=False)
 class Outputs:
     """What a model produced for a batch.
 
-    ``logits``: (batch, classes) unnormalised scores (log-probabilities count: softmax gives back the probabilities).
+    ``logits``: (batch, classes) unnormalised scores (log-probabilities count: softmax gives back the probabilities),
+    (batch, seq, vocab) per-token scores, or (batch, dim) embeddings. A teacher given only as top-k has no dense
+    logits: build ``Outputs(topk=...)`` (``logits`` omitted); reading ``.logits`` then raises
+    :class:`~kdistill.errors.MethodError` naming ``kd_topk`` (test with :attr:`has_logits`). Student outputs always
+    have logits.
     ``features``: intermediate outputs by module path, only those a method asked for.
     ``index``: (batch,) positions of the rows in the transfer set, set by the engine on the teacher's outputs, for
     methods that keep per-row state (CRD's memory bank).
     ``precomputed``: the batch's rows of what the loss's optional ``precompute`` hook returned for the whole transfer
     set, when the teacher's outputs never change (see :class:`~kdistill.losses.Loss`).
+    ``mask``: (batch, seq) bool, True for real tokens, for sequence outputs (an integer attention mask is turned into
+    bool); the token losses average over the True positions. None: every position counts.
+    ``topk``: the teacher's top-k values, ids and tail (:class:`TopK`), typed, instead of dense logits.
     """
 
-    logits: torch.Tensor
+    logits: torch.Tensor = _NO_LOGITS
     features: Mapping[str, torch.Tensor] = field(default_factory=dict)
     index: torch.Tensor | None = None
     precomputed: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+    topk: TopK | None = None
+
+    def __post_init__(self) -> None:
+        if self.logits is None:  # omitted (or None): a top-k-only teacher
+            if self.topk is None:
+                raise MethodError(
+                    "Outputs needs logits or topk, got neither", hint="pass Outputs(logits) or Outputs(topk=...)."
+                )
+            del self.__dict__["logits"]  # reading .logits now reaches _NoLogits and its error
+        if self.mask is not None and self.mask.dtype != torch.bool:
+            object.__setattr__(self, "mask", self.mask != 0)
+
+    @property
+    def has_logits(self) -> bool:
+        """Whether dense logits are present (False for a teacher given only as top-k)."""
+        return "logits" in self.__dict__
+
+    def replace(self, **changes: Any) -> Outputs:
+        """A copy with ``changes`` (``dataclasses.replace`` would read the missing logits of a top-k-only teacher)."""
+        current: dict[str, Any] = {f.name: self.__dict__.get(f.name) for f in fields(self)}
+        return Outputs(**(current | changes))
+
+    def __repr__(self) -> str:
+        def shape(value: Any) -> str:
+            return "None" if value is None else str(tuple(value.shape))
+
+        logits = self.__dict__.get("logits")
+        parts = [f"logits={shape(logits)}"]
+        if self.features:
+            parts.append("features={" + ", ".join(f"{k!r}: {shape(v)}" for k, v in self.features.items()) + "}")
+        parts += [
+            f"{name}={shape(getattr(self, name))}"
+            for name in ("index", "precomputed", "mask")
+            if getattr(self, name) is not None
+        ]
+        if self.topk is not None:
+            parts.append(f"topk=(k={self.topk.k}, rows={tuple(self.topk.rest.shape)})")
+        return f"Outputs({', '.join(parts)})"
 
 
 def probs_to_logits(probs: torch.Tensor) -> torch.Tensor:
