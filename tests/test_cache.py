@@ -475,8 +475,14 @@ def test_cli_cache_ls_and_clear(tmp_path: Path) -> None:
     assert [info.status for info in cache_entries(tmp_path)] == ["chunks"]  # the chunks stay: rebuilding is free
     rebuilt = cached_teacher_outputs(teacher, x, cache_dir=tmp_path, storage="fp16")
     assert teacher.rows == 50 and rebuilt.rows == 50
+    old = tmp_path / ("0123456789abcdef" * 2)  # kdistill 0.1's flat layout: listed (to clear), never read
+    old.mkdir()
+    (old / "key.json").write_text("{}")
+    (tmp_path / "benchmark-teachers").mkdir()  # not the cache's: neither listed nor cleared
+    assert sorted(info.status for info in cache_entries(tmp_path)) == ["chunks", "complete", "old"]
     assert main(["cache", "clear", "--dir", str(tmp_path)]) == 0
     assert cache_entries(tmp_path) == []
+    assert (tmp_path / "benchmark-teachers").is_dir()
 
 
 def test_bad_arguments_are_clear_errors(tmp_path: Path) -> None:

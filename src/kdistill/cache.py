@@ -552,7 +552,9 @@ def _gather_from_chunks(index: _Index, chunk: np.ndarray, offset: np.ndarray) ->
     def write(folder: Path) -> _Written:
         targets: dict[str, np.memmap] = {}
         shape: tuple[int, ...] = ()
-        for number in np.unique(chunk):
+        by_chunk = np.argsort(chunk, kind="stable")
+        numbers, starts = np.unique(chunk[by_chunk], return_index=True)
+        for number, at in zip(numbers, np.split(by_chunk, starts[1:]), strict=True):
             path = index.chunks[int(number)]
             read = _read_chunk(path)
             if read is None:
@@ -573,7 +575,6 @@ def _gather_from_chunks(index: _Index, chunk: np.ndarray, offset: np.ndarray) ->
                     f"cache chunk {path.name} holds outputs of another shape or dtype than the set's other chunks",
                     hint=f"clear the store: `kdistill cache clear --dir {path.parents[2]} {path.parent.name}`.",
                 )
-            at = np.flatnonzero(chunk == number)
             for name, target in targets.items():
                 target[at] = arrays[name][offset[at]]
         return targets, shape
@@ -658,6 +659,8 @@ def _fill_from_chunks(
             return final
         for stale in (root / _SETS).glob(f".tmp-{key.digest()}-*"):  # a killed publish (we hold the lock)
             shutil.rmtree(stale, ignore_errors=True)
+        for stale_chunk in store.glob(".*.tmp"):  # a chunk whose write was killed before its rename
+            stale_chunk.unlink(missing_ok=True)
         for attempt in range(_ATTEMPTS):
             index = _scan(store)
             chunk, _ = index.lookup(rows)
@@ -824,7 +827,7 @@ def _get(
             folder = _fill_from_chunks(
                 root, key, teacher, inputs, rows, chunk_rows=chunk_rows, batch_size=batch_size, meta=dict(meta or {})
             )
-        entry = _open_or_none(root, key, verify=True)
+        entry = _open_or_none(root, key, verify=False)  # its checksums were just computed from these files
         if entry is not None:
             return entry
     raise CacheError(f"cache entry {folder} keeps failing its checksums", hint="check the disk; clear the entry.")
@@ -942,10 +945,16 @@ def cache_entries(root: str | os.PathLike[str] | None = None) -> list[EntryInfo]
         return []
     infos = [_set_info(p) for p in _subfolders(folder / _SETS)]
     infos += [_store_info(p) for p in _subfolders(folder / _CHUNKS)]
-    for old in _subfolders(folder):
-        if old.name not in (_SETS, _CHUNKS):
+    for old in _subfolders(folder):  # kdistill 0.1's flat layout: <root>/<32 hex>/ with key.json or manifest.json
+        if _is_old_entry(old):
             infos.append(EntryInfo(old.name, False, None, None, None, None, None, _folder_bytes(old), None, "old"))
     return sorted(infos, key=lambda info: info.created or 0.0)
+
+
+def _is_old_entry(folder: Path) -> bool:
+    name = folder.name
+    hex_name = len(name) == 32 and all(c in "0123456789abcdef" for c in name)
+    return hex_name and ((folder / _MANIFEST).exists() or (folder / "key.json").exists())
 
 
 def _subfolders(folder: Path) -> list[Path]:
