@@ -131,7 +131,7 @@ def test_shuffled_superset_and_duplicates_reuse_the_rest(tmp_path: Path) -> None
     assert view.shape == (610, 10)
     assert np.allclose(view.numpy(), _true_logits(teacher, shuffled), atol=1e-6)  # aligned row for row
     subset = shuffled[50:150]  # every row seen before: the teacher does not run at all
-    again = cached_teacher_outputs(teacher, subset, cache_dir=tmp_path, chunk_rows=64)
+    again = cached_teacher_outputs(teacher, subset.numpy(), cache_dir=tmp_path, chunk_rows=64)  # numpy: the same rows
     assert teacher.rows == 600
     assert np.array_equal(np.asarray(again.arrays["logits"]), view.numpy()[50:150])
 
@@ -248,6 +248,22 @@ def test_whole_set_compute_is_keyed_by_set_labels_and_kind(tmp_path: Path) -> No
         cached_teacher_outputs(teacher, x[:5], cache_dir=tmp_path, kind="oof", compute=lambda inputs: torch.zeros(3, 2))
     with pytest.raises(CacheError, match="labels key a whole-set compute only"):
         cached_teacher_outputs(teacher, x, cache_dir=tmp_path, labels=y)
+
+
+def test_reuse_false_runs_the_teacher_again_and_rebuilds_the_entry(tmp_path: Path) -> None:
+    teacher, x = _teacher(), _data(100)
+    first = cached_teacher_outputs(teacher, x, cache_dir=tmp_path, chunk_rows=32)
+    with torch.no_grad():  # the same fingerprint, other outputs: what reuse=False is for
+        teacher.module[2].bias += 1.0
+    teacher.fingerprint = lambda: first.key.teacher  # type: ignore[method-assign]
+    assert cached_teacher_outputs(teacher, x, cache_dir=tmp_path, chunk_rows=32).folder == first.folder
+    assert teacher.rows == 100  # reused, stale by construction
+    fresh = cached_teacher_outputs(teacher, x, cache_dir=tmp_path, chunk_rows=32, reuse=False)
+    assert teacher.rows == 200
+    assert np.allclose(np.asarray(fresh.arrays["logits"]), _true_logits(teacher, x), atol=1e-6)
+    again = cached_teacher_outputs(teacher, x[:50], cache_dir=tmp_path, chunk_rows=32)  # from the rewritten chunks
+    assert teacher.rows == 200
+    assert np.allclose(np.asarray(again.arrays["logits"]), _true_logits(teacher, x[:50]), atol=1e-6)
 
 
 def test_changed_teacher_or_data_gets_a_new_entry(tmp_path: Path) -> None:

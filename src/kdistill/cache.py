@@ -204,6 +204,13 @@ def _as_void(rows: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(rows).view("V16").reshape(-1)
 
 
+def _as_tensors(inputs: Inputs | np.ndarray) -> Inputs:
+    """numpy arrays (or a mapping of them) as tensors sharing their memory; tensors as they are."""
+    if isinstance(inputs, Mapping):
+        return {name: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for name, v in inputs.items()}
+    return torch.from_numpy(inputs) if isinstance(inputs, np.ndarray) else inputs
+
+
 def _take_rows(inputs: Inputs, positions: np.ndarray) -> Inputs:
     index = torch.as_tensor(positions, dtype=torch.long)
     if isinstance(inputs, Mapping):
@@ -445,13 +452,14 @@ def _chunk_rows_of(path: Path) -> np.ndarray | None:
         return None
 
 
-def _scan(store: Path) -> _Index:
-    """The store's index, from each chunk's ``rows`` array (16 bytes per row); unreadable chunks are deleted."""
+def _scan(store: Path, only: list[Path] | None = None) -> _Index:
+    """The store's index (of the chunks ``only``, when given), from each chunk's ``rows`` array (16 bytes per row);
+    unreadable chunks are deleted."""
     chunks: list[Path] = []
     keys: list[np.ndarray] = []
     chunk_of: list[np.ndarray] = []
     offset_of: list[np.ndarray] = []
-    for path in sorted(store.glob("*.safetensors")):
+    for path in sorted(store.glob("*.safetensors") if only is None else only):
         rows = _chunk_rows_of(path)
         if rows is None or rows.ndim != 2 or rows.shape[1] != 16:
             path.unlink(missing_ok=True)
@@ -517,10 +525,11 @@ def _compute_missing(
     storage: str,
     chunk_rows: int,
     batch_size: int,
-) -> tuple[int, ...]:
+) -> tuple[tuple[int, ...], list[Path]]:
     """Run ``teacher`` on ``positions`` of ``inputs`` (distinct rows, in order) and write them as chunks of
-    ``chunk_rows`` rows, each batched by ``batch_size``; returns the outputs' shape per row."""
+    ``chunk_rows`` rows, each batched by ``batch_size``; returns the outputs' shape per row and the chunks."""
     shape: tuple[int, ...] = ()
+    written: list[Path] = []
     for start in range(0, len(positions), chunk_rows):
         chunk = positions[start : start + chunk_rows]
         parts = [
@@ -534,8 +543,8 @@ def _compute_missing(
                 hint="return one row of outputs per input row.",
             )
         shape = tuple(outputs.shape[1:])
-        _write_chunk(store, rows[chunk], _encode(outputs, storage), shape)
-    return shape
+        written.append(_write_chunk(store, rows[chunk], _encode(outputs, storage), shape))
+    return shape, written
 
 
 class _ChunkFailed(Exception):
@@ -640,22 +649,32 @@ def _publish(
     return final
 
 
-def _fill_from_chunks(
-    root: Path,
-    key: CacheKey,
-    teacher: Teacher,
-    inputs: Inputs,
-    rows: np.ndarray,
-    *,
-    chunk_rows: int,
-    batch_size: int,
-    meta: Mapping[str, Any],
-) -> Path:
-    """Under the store's lock: compute the rows no chunk holds, then gather and publish the set's view."""
+@dataclass(frozen=True)
+class _Request:
+    """The settings of one :func:`cached_teacher_outputs` call (see there)."""
+
+    root: Path
+    storage: str
+    kind: str
+    compute: Callable[[Inputs], torch.Tensor] | None
+    labels: torch.Tensor | np.ndarray | None
+    meta: Mapping[str, Any]
+    chunk_rows: int
+    batch_size: int
+    verify: bool
+    reuse: bool
+
+
+def _fill_from_chunks(request: _Request, key: CacheKey, teacher: Teacher, inputs: Inputs, rows: np.ndarray) -> Path:
+    """Under the store's lock: compute the rows no chunk holds (every row when not ``reuse``), then gather and
+    publish the set's entry."""
+    root = request.root
     store = root / _CHUNKS / key.store()
     final = root / _SETS / key.digest()
     with _locked(store / _LOCK):
-        if (final / _MANIFEST).exists():  # another process filled it while we waited
+        if not request.reuse:
+            shutil.rmtree(final, ignore_errors=True)
+        elif (final / _MANIFEST).exists():  # another process filled it while we waited
             return final
         for stale in (root / _SETS).glob(f".tmp-{key.digest()}-*"):  # a killed publish (we hold the lock)
             shutil.rmtree(stale, ignore_errors=True)
@@ -664,52 +683,51 @@ def _fill_from_chunks(
         for attempt in range(_ATTEMPTS):
             index = _scan(store)
             chunk, _ = index.lookup(rows)
-            missing = np.flatnonzero(chunk < 0)
+            missing = np.flatnonzero(chunk < 0) if request.reuse else np.arange(len(rows))
             if len(missing):
                 _, first = np.unique(_as_void(rows[missing]), return_index=True)
                 distinct = missing[np.sort(first)]
                 _log.info(
-                    "cache store %s: %d of %d rows found, computing %d distinct new rows",
+                    "cache store %s: %d of %d rows found, computing %d distinct rows",
                     store.name,
                     len(rows) - len(missing),
                     len(rows),
                     len(distinct),
                 )
-                shape = _compute_missing(store, teacher, inputs, rows, distinct, key.storage, chunk_rows, batch_size)
+                shape, written = _compute_missing(
+                    store, teacher, inputs, rows, distinct, key.storage, request.chunk_rows, request.batch_size
+                )
                 described = {"teacher": key.teacher, "kind": key.kind, "storage": key.storage, "shape": list(shape)}
                 atomic_write_json(store / _STORE_FILE, described)
-                index = _scan(store)
+                index = _scan(store, None if request.reuse else written)
             chunk, offset = index.lookup(rows)
             if not bool((chunk >= 0).all()):
                 raise CacheError(f"cache store {store} lost rows while filling", hint="is another program deleting it?")
             try:
-                return _publish(root, key, len(rows), _gather_from_chunks(index, chunk, offset), meta, "chunks")
+                return _publish(root, key, len(rows), _gather_from_chunks(index, chunk, offset), request.meta, "chunks")
             except _ChunkFailed:
                 _log.warning("cache store %s: a chunk failed its checksum (attempt %d); refilling", store.name, attempt)
     raise CacheError(f"cache store {store} keeps failing its checksums", hint="check the disk, then clear the store.")
 
 
-def _fill_whole_set(
-    root: Path,
-    key: CacheKey,
-    inputs: Inputs,
-    compute: Callable[[Inputs], torch.Tensor],
-    rows: int,
-    meta: Mapping[str, Any],
-) -> Path:
-    """Under the store's lock: ``compute`` the whole set's outputs once and publish them as the entry."""
-    final = root / _SETS / key.digest()
-    with _locked(root / _SETS / f".{key.digest()}.lock"):
-        if (final / _MANIFEST).exists():
+def _fill_whole_set(request: _Request, key: CacheKey, inputs: Inputs, rows: int) -> Path:
+    """Under the entry's lock: ``compute`` the whole set's outputs once and publish them as the entry."""
+    assert request.compute is not None
+    final = request.root / _SETS / key.digest()
+    with _locked(request.root / _SETS / f".{key.digest()}.lock"):
+        if not request.reuse:
+            shutil.rmtree(final, ignore_errors=True)
+        elif (final / _MANIFEST).exists():
             return final
-        outputs = compute(inputs)
+        outputs = request.compute(inputs)
         if not isinstance(outputs, torch.Tensor) or outputs.ndim < 2 or len(outputs) != rows:
             raise CacheError(
                 f"compute returned {type(outputs).__name__} {tuple(getattr(outputs, 'shape', ()))} for {rows} rows",
                 hint="return a tensor with one row of outputs per input row: (rows, classes) or (rows, seq, vocab).",
             )
         arrays = _encode(outputs, key.storage)
-        return _publish(root, key, rows, _write_arrays(arrays, tuple(outputs.shape[1:])), meta, "whole set")
+        shape = tuple(outputs.shape[1:])
+        return _publish(request.root, key, rows, _write_arrays(arrays, shape), request.meta, "whole set")
 
 
 def _rank_and_world(collective: bool | None) -> tuple[int, int]:
@@ -731,7 +749,7 @@ def _open_or_none(root: Path, key: CacheKey, verify: bool) -> CacheEntry | None:
 
 def cached_teacher_outputs(
     teacher: Teacher | None,
-    inputs: Inputs,
+    inputs: Inputs | np.ndarray,
     *,
     cache_dir: str | os.PathLike[str] | None = None,
     storage: str = "fp32",
@@ -742,6 +760,7 @@ def cached_teacher_outputs(
     chunk_rows: int = 4096,
     batch_size: int = 1024,
     verify: bool = True,
+    reuse: bool = True,
     collective: bool | None = None,
 ) -> CacheEntry:
     """The cache entry of ``teacher``'s outputs on ``inputs``: opened when it exists and verifies, else filled.
@@ -765,6 +784,8 @@ def cached_teacher_outputs(
         chunk_rows, batch_size: rows per stored chunk (one chunk is held in memory while computed), and per teacher
             call.
         verify: check every file's checksum on open (reads each byte once).
+        reuse: False runs the teacher (or ``compute``) on every row of this set again, even when an entry or chunks
+            hold them, and rebuilds the entry from those fresh outputs.
         collective: under ``torch.distributed`` (``torchrun``), every rank must call this together (default when a
             process group is initialised): rank 0 fills the entry and the others open the one it wrote. ``False``:
             this process alone.
@@ -782,71 +803,45 @@ def cached_teacher_outputs(
         raise CacheError(
             f"chunk_rows and batch_size must be >= 1, got {chunk_rows} and {batch_size}", hint="use e.g. 4096, 1024."
         )
-    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    rank, world = _rank_and_world(collective)
-    if world > 1:
-        return _collective(
-            rank, teacher, inputs, root, storage, kind, compute, labels, meta, chunk_rows, batch_size, verify
-        )
-    if teacher is None:
-        raise CacheError("cached_teacher_outputs needs a teacher", hint="pass the Teacher whose outputs to cache.")
-    return _get(teacher, inputs, root, storage, kind, compute, labels, meta, chunk_rows, batch_size, verify)
-
-
-def _get(
-    teacher: Teacher,
-    inputs: Inputs,
-    root: Path,
-    storage: str,
-    kind: str,
-    compute: Callable[[Inputs], torch.Tensor] | None,
-    labels: torch.Tensor | np.ndarray | None,
-    meta: Mapping[str, Any] | None,
-    chunk_rows: int,
-    batch_size: int,
-    verify: bool,
-) -> CacheEntry:
-    rows = row_fingerprints(inputs)
-    if not len(rows):
-        raise CacheError("cache inputs have no rows", hint="pass at least one row.")
     if labels is not None and compute is None:
         raise CacheError(
             "labels key a whole-set compute only; a teacher's own outputs do not depend on them",
             hint="drop labels=, or pass compute=.",
         )
-    data = set_fingerprint(rows, labels=labels, whole_set=compute is not None)
-    key = CacheKey(teacher=teacher.fingerprint(), data=data, kind=kind, storage=storage)
-    entry = _open_or_none(root, key, verify)
-    if entry is not None:
-        _log.info("teacher outputs from the cache: %s (%d rows, %s)", entry.folder, entry.rows, storage)
-        return entry
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    request = _Request(root, storage, kind, compute, labels, dict(meta or {}), chunk_rows, batch_size, verify, reuse)
+    inputs = _as_tensors(inputs)
+    rank, world = _rank_and_world(collective)
+    if world > 1:
+        return _collective(rank, teacher, inputs, request)
+    if teacher is None:
+        raise CacheError("cached_teacher_outputs needs a teacher", hint="pass the Teacher whose outputs to cache.")
+    return _get(teacher, inputs, request)
+
+
+def _get(teacher: Teacher, inputs: Inputs, request: _Request) -> CacheEntry:
+    rows = row_fingerprints(inputs)
+    if not len(rows):
+        raise CacheError("cache inputs have no rows", hint="pass at least one row.")
+    data = set_fingerprint(rows, labels=request.labels, whole_set=request.compute is not None)
+    key = CacheKey(teacher=teacher.fingerprint(), data=data, kind=request.kind, storage=request.storage)
+    if request.reuse:
+        entry = _open_or_none(request.root, key, request.verify)
+        if entry is not None:
+            _log.info("teacher outputs from the cache: %s (%d rows, %s)", entry.folder, entry.rows, key.storage)
+            return entry
     for _ in range(_ATTEMPTS):
-        if compute is not None:
-            folder = _fill_whole_set(root, key, inputs, compute, len(rows), dict(meta or {}))
+        if request.compute is not None:
+            folder = _fill_whole_set(request, key, inputs, len(rows))
         else:
-            folder = _fill_from_chunks(
-                root, key, teacher, inputs, rows, chunk_rows=chunk_rows, batch_size=batch_size, meta=dict(meta or {})
-            )
-        entry = _open_or_none(root, key, verify=False)  # its checksums were just computed from these files
+            folder = _fill_from_chunks(request, key, teacher, inputs, rows)
+        entry = _open_or_none(request.root, key, verify=False)  # its checksums were just computed from these files
         if entry is not None:
             return entry
     raise CacheError(f"cache entry {folder} keeps failing its checksums", hint="check the disk; clear the entry.")
 
 
-def _collective(
-    rank: int,
-    teacher: Teacher | None,
-    inputs: Inputs,
-    root: Path,
-    storage: str,
-    kind: str,
-    compute: Callable[[Inputs], torch.Tensor] | None,
-    labels: torch.Tensor | np.ndarray | None,
-    meta: Mapping[str, Any] | None,
-    chunk_rows: int,
-    batch_size: int,
-    verify: bool,
-) -> CacheEntry:
+def _collective(rank: int, teacher: Teacher | None, inputs: Inputs, request: _Request) -> CacheEntry:
     """Rank 0 fills; every rank then opens the folder rank 0 sends (or raises the error rank 0 met)."""
     import torch.distributed as dist
 
@@ -855,7 +850,7 @@ def _collective(
         try:
             if teacher is None:
                 raise CacheError("rank 0 needs the teacher to fill the cache", hint="pass the teacher on rank 0.")
-            entry = _get(teacher, inputs, root, storage, kind, compute, labels, meta, chunk_rows, batch_size, verify)
+            entry = _get(teacher, inputs, request)
             box = [str(entry.folder), None]
         except Exception as exc:
             box = [None, f"{type(exc).__name__}: {exc}"]
@@ -866,7 +861,7 @@ def _collective(
         return entry
     if box[0] is None:
         raise CacheError(f"rank 0 could not fill the cache ({box[1]})", hint="see rank 0's error.")
-    return read_entry(box[0], verify=verify)
+    return read_entry(box[0], verify=request.verify)
 
 
 # ------------------------------------------------------------------------------------------------------- ls / clear
