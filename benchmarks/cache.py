@@ -250,7 +250,7 @@ def growth(teacher_module: nn.Module, x: torch.Tensor, cache_dir: Path) -> dict[
 
 
 def bytes_per_row(teacher: TorchTeacher, x: torch.Tensor, cache_dir: Path) -> dict[str, dict[str, float]]:
-    """Stored array bytes per row, and whole-folder bytes per row (headers and manifest included)."""
+    """Stored array bytes per row, whole-entry bytes per row (headers and manifest included), and the chunk store's."""
 
     def measure(t: TorchTeacher, rows: torch.Tensor, storages: tuple[str, ...]) -> dict[str, float]:
         sizes = {}
@@ -259,6 +259,8 @@ def bytes_per_row(teacher: TorchTeacher, x: torch.Tensor, cache_dir: Path) -> di
             folder_bytes = sum(f.stat().st_size for f in entry.folder.iterdir())
             sizes[storage] = round(entry.nbytes() / entry.rows, 2)
             sizes[f"{storage}_on_disk"] = round(folder_bytes / entry.rows, 2)
+            store = cache_dir / "chunks" / entry.key.store()  # the chunks later sets reuse: a second copy on disk
+            sizes[f"{storage}_chunks_on_disk"] = round(sum(f.stat().st_size for f in store.iterdir()) / entry.rows, 2)
         return sizes
 
     torch.manual_seed(0)
