@@ -23,6 +23,7 @@ import kdistill
 from kdistill.cache import (
     CacheKey,
     cache_entries,
+    cache_key,
     cached_teacher_outputs,
     open_entry,
     read_entry,
@@ -430,7 +431,7 @@ _TORCHRUN = textwrap.dedent(
     import numpy as np, torch, torch.distributed as dist
     sys.path.insert(0, {src!r})
     from torch import nn
-    from kdistill.cache import cached_teacher_outputs
+    from kdistill.cache import cached_teacher_outputs, open_entry
     from kdistill.teachers import TorchTeacher
 
     dist.init_process_group("gloo")
@@ -446,9 +447,15 @@ _TORCHRUN = textwrap.dedent(
             return super().__call__(batch, features=features)
 
     teacher = Counting(module) if rank == 0 else None  # the other ranks never build the teacher
-    entry = cached_teacher_outputs(teacher, x, cache_dir=sys.argv[1], meta={{"classes": list(range(10))}})
+    meta = {{"classes": list(range(10))}}
+    entry = cached_teacher_outputs(teacher, x, cache_dir=sys.argv[1], meta=meta, collective=True)
     with torch.no_grad():
         exact = bool(np.allclose(np.asarray(entry.arrays["logits"]), module(x).numpy(), atol=1e-6))
+    # the other way: rank 0 alone fills (collective=False, the default) and sends the key; the others open it
+    box = [cached_teacher_outputs(teacher, x[:50], cache_dir=sys.argv[1]).key if rank == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    alone = open_entry(sys.argv[1], box[0])
+    exact = exact and bool(np.array_equal(np.asarray(alone.arrays["logits"]), np.asarray(entry.arrays["logits"])[:50]))
     result = {{"rank": rank, "rows": Counting.rows, "exact": exact, "folder": str(entry.folder), "meta": entry.meta}}
     with open(os.path.join(sys.argv[2], f"rank{{rank}}.json"), "w") as handle:
         json.dump(result, handle)
@@ -469,6 +476,7 @@ def test_torchrun_rank_zero_fills_and_the_other_rank_reads(tmp_path: Path) -> No
     assert [r["rows"] for r in ranks] == [200, 0]
     assert ranks[0]["folder"] == ranks[1]["folder"] and all(r["exact"] for r in ranks)
     assert ranks[1]["meta"] == {"classes": list(range(10))}
+    assert len(list((tmp_path / "cache" / "chunks").iterdir())) == 1  # both sets' rows: one store, filled by rank 0
 
 
 def test_cli_cache_ls_and_clear(tmp_path: Path) -> None:
@@ -499,6 +507,14 @@ def test_cli_cache_ls_and_clear(tmp_path: Path) -> None:
     assert main(["cache", "clear", "--dir", str(tmp_path)]) == 0
     assert cache_entries(tmp_path) == []
     assert (tmp_path / "benchmark-teachers").is_dir()
+
+
+def test_cache_key_finds_an_entry_without_filling(tmp_path: Path) -> None:
+    teacher, x = _teacher(), _data(40)
+    assert open_entry(tmp_path, cache_key(teacher, x, storage="fp16")) is None
+    entry = cached_teacher_outputs(teacher, x, cache_dir=tmp_path, storage="fp16")
+    found = open_entry(tmp_path, cache_key(teacher, x, storage="fp16"))
+    assert found is not None and found.folder == entry.folder and teacher.rows == 40
 
 
 def test_bad_arguments_are_clear_errors(tmp_path: Path) -> None:

@@ -26,7 +26,8 @@ entry or none. Opening one verifies its checksums; a mismatch is a :class:`~kdis
 file, and :func:`cached_teacher_outputs` then deletes the view and rebuilds it (from the chunks, which are checked
 when read: a bad chunk is deleted and its rows recomputed). Two processes filling the same store take turns on its
 lock file; where ``flock`` does not exist, the writes are still atomic and idempotent. Under ``torchrun`` rank 0 fills
-and the other ranks open the entry it wrote.
+and the other ranks open the entry it wrote (``collective=True``; or rank 0 alone fills and sends ``entry.key``, and
+the others call :func:`open_entry`).
 
 Storage options: ``"fp32"`` (exact), ``"fp16"`` (half the bytes; ~3 significant digits) and ``"topk:K"`` (the K
 largest logits per row, or per token for (rows, seq, vocab) outputs, their indices, and the log-sum-exp of the rest;
@@ -67,6 +68,7 @@ __all__ = [
     "EntryInfo",
     "Inputs",
     "cache_entries",
+    "cache_key",
     "cached_teacher_outputs",
     "clear_cache",
     "default_cache_dir",
@@ -200,6 +202,21 @@ def set_fingerprint(
     return digest.hexdigest()
 
 
+def cache_key(
+    teacher: Teacher,
+    inputs: Inputs | np.ndarray,
+    *,
+    kind: str = "logits",
+    storage: str = "fp32",
+    labels: torch.Tensor | np.ndarray | None = None,
+    whole_set: bool = False,
+) -> CacheKey:
+    """The key :func:`cached_teacher_outputs` files ``teacher``'s outputs on ``inputs`` under (``whole_set``: for a
+    ``compute=`` entry), e.g. to :func:`open_entry` one without filling it."""
+    data = set_fingerprint(row_fingerprints(inputs), labels=labels, whole_set=whole_set)
+    return CacheKey(teacher=teacher.fingerprint(), data=data, kind=kind, storage=storage)
+
+
 def _as_void(rows: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(rows).view("V16").reshape(-1)
 
@@ -286,7 +303,8 @@ def _encode(outputs: torch.Tensor, storage: str) -> dict[str, np.ndarray]:
 # ------------------------------------------------------------------------------------------------------------ entry
 @dataclass
 class CacheEntry:
-    """A complete, verified entry. ``arrays``: name -> memory-mapped array aligned row for row with the data set.
+    """A complete entry (verified on open unless ``verify=False``). ``arrays``: name -> memory-mapped array aligned
+    row for row with the data set.
 
     ``shape``: the outputs' shape per row ((classes,), (seq, vocab) or (dim,)); ``classes`` is its last number.
     ``meta``: what the filling call passed as ``meta`` (JSON), e.g. the teacher's class labels.
@@ -730,10 +748,10 @@ def _fill_whole_set(request: _Request, key: CacheKey, inputs: Inputs, rows: int)
         return _publish(request.root, key, rows, _write_arrays(arrays, shape), request.meta, "whole set")
 
 
-def _rank_and_world(collective: bool | None) -> tuple[int, int]:
+def _rank_and_world(collective: bool) -> tuple[int, int]:
     import torch.distributed as dist
 
-    if collective is False or not (dist.is_available() and dist.is_initialized()):
+    if not collective or not (dist.is_available() and dist.is_initialized()):
         return 0, 1
     return dist.get_rank(), dist.get_world_size()
 
@@ -761,7 +779,7 @@ def cached_teacher_outputs(
     batch_size: int = 1024,
     verify: bool = True,
     reuse: bool = True,
-    collective: bool | None = None,
+    collective: bool = False,
 ) -> CacheEntry:
     """The cache entry of ``teacher``'s outputs on ``inputs``: opened when it exists and verifies, else filled.
 
@@ -786,9 +804,10 @@ def cached_teacher_outputs(
         verify: check every file's checksum on open (reads each byte once).
         reuse: False runs the teacher (or ``compute``) on every row of this set again, even when an entry or chunks
             hold them, and rebuilds the entry from those fresh outputs.
-        collective: under ``torch.distributed`` (``torchrun``), every rank must call this together (default when a
-            process group is initialised): rank 0 fills the entry and the others open the one it wrote. ``False``:
-            this process alone.
+        collective: True under ``torch.distributed`` (``torchrun``): every rank calls this together, rank 0 fills
+            the entry and the others open the one it wrote (ignored without an initialised process group). False
+            (the default): this process alone; a caller that runs it on rank 0 only sends ``entry.key`` to the
+            other ranks, which call :func:`open_entry`.
 
     Keyed by (``teacher.fingerprint()``, :func:`set_fingerprint` of the inputs, ``kind``, ``storage``): a changed
     teacher or changed data gets a new entry, never stale targets. The teacher runs only on rows that no chunk of the
@@ -861,7 +880,14 @@ def _collective(rank: int, teacher: Teacher | None, inputs: Inputs, request: _Re
         return entry
     if box[0] is None:
         raise CacheError(f"rank 0 could not fill the cache ({box[1]})", hint="see rank 0's error.")
-    return read_entry(box[0], verify=request.verify)
+    entry = read_entry(box[0], verify=request.verify)
+    rows = len(next(iter(inputs.values()))) if isinstance(inputs, Mapping) else len(inputs)
+    if entry.rows != rows:
+        raise CacheError(
+            f"rank {rank} has {rows} rows but rank 0 cached {entry.rows}",
+            hint="give every rank the same transfer set (the engine splits batches across ranks, not the data).",
+        )
+    return entry
 
 
 # ------------------------------------------------------------------------------------------------------- ls / clear
