@@ -13,11 +13,15 @@ memory-mapped), as the engine does it (``StaticTargets``): the ``kd`` loss packs
 logits (``KDLoss.precompute``) and each batch gathers its rows of that table once; and (c, textbook) the same from
 the cache with the textbook loss (each batch's cached logits given to ``kd_loss``), to show what packing saves.
 
+Then what content-keyed chunks buy when rows are added: the teacher fills a set of 33,000 distinct rows (the 39,600
+made distinct by a 1e-3 jitter, 5/6 of them), then the whole 39,600 (20% more, shuffled in), against a fresh fill of
+the 39,600: seconds and rows the teacher ran on; and what keying by content costs: the row fingerprints of 39,600 rows.
+
 Then the accuracy effect of each storage (fp32, fp16, top-k): ``kdistill.distill`` on the original 3,600 rows with
 each ``cache_storage``, ``--seeds`` seeds, mean and sd of the test accuracy; and bytes per row of each storage, for
 these 10 classes and for a synthetic 1,000-class teacher.
 
-Run: ``python benchmarks/cache.py`` (about 10 minutes on the shared 2-core CPU box). Prints one summary line, then
+Run: ``python benchmarks/cache.py`` (about 11 minutes on the shared 2-core CPU box). Prints one summary line, then
 one JSON object as the last line.
 """
 
@@ -39,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import kdistill
-from kdistill.cache import cached_teacher_outputs
+from kdistill.cache import cached_teacher_outputs, row_fingerprints
 from kdistill.datasets import load_mnist1d
 from kdistill.engine import TrainConfig, TransferSet, fit
 from kdistill.losses import KDLoss, StaticTargets, get_loss, kd_loss
@@ -214,8 +218,39 @@ def storage_effect(
     }
 
 
+class CountingTeacher(TorchTeacher):
+    """The same teacher (same fingerprint), counting the rows it runs on."""
+
+    rows = 0
+
+    def __call__(self, x: torch.Tensor, *, features: tuple[str, ...] | list[str] = ()) -> Outputs:
+        self.rows += len(x)
+        return super().__call__(x, features=features)
+
+
+def growth(teacher_module: nn.Module, x: torch.Tensor, cache_dir: Path) -> dict[str, float]:
+    """Fill 5/6 of a set of distinct rows, then the whole set shuffled (20% more rows), against a fresh fill."""
+    generator = torch.Generator().manual_seed(0)
+    distinct = x + 1e-3 * torch.randn(x.shape, generator=generator)
+    base = distinct[: len(distinct) * 5 // 6]
+    superset = distinct[torch.randperm(len(distinct), generator=generator)]
+    result: dict[str, float] = {"base_rows": len(base), "superset_rows": len(superset)}
+    for name, rows, folder in (("base", base, "grow"), ("superset", superset, "grow"), ("fresh", superset, "fresh")):
+        teacher = CountingTeacher(teacher_module)
+        started = time.perf_counter()
+        cached_teacher_outputs(teacher, rows, cache_dir=cache_dir / folder)
+        result[f"{name}_fill_s"] = round(time.perf_counter() - started, 3)
+        result[f"{name}_teacher_rows"] = teacher.rows
+        log(f"growth: {name} fill {result[f'{name}_fill_s']:.1f}s, teacher on {teacher.rows} rows")
+    started = time.perf_counter()
+    row_fingerprints(superset)
+    result["row_fingerprints_s"] = round(time.perf_counter() - started, 3)
+    result["superset_over_fresh"] = round(result["superset_fill_s"] / result["fresh_fill_s"], 3)
+    return result
+
+
 def bytes_per_row(teacher: TorchTeacher, x: torch.Tensor, cache_dir: Path) -> dict[str, dict[str, float]]:
-    """Stored array bytes per row, and whole-folder bytes per row (headers and manifest included)."""
+    """Stored array bytes per row, whole-entry bytes per row (headers and manifest included), and the chunk store's."""
 
     def measure(t: TorchTeacher, rows: torch.Tensor, storages: tuple[str, ...]) -> dict[str, float]:
         sizes = {}
@@ -224,6 +259,8 @@ def bytes_per_row(teacher: TorchTeacher, x: torch.Tensor, cache_dir: Path) -> di
             folder_bytes = sum(f.stat().st_size for f in entry.folder.iterdir())
             sizes[storage] = round(entry.nbytes() / entry.rows, 2)
             sizes[f"{storage}_on_disk"] = round(folder_bytes / entry.rows, 2)
+            store = cache_dir / "chunks" / entry.key.store()  # the chunks later sets reuse: a second copy on disk
+            sizes[f"{storage}_chunks_on_disk"] = round(sum(f.stat().st_size for f in store.iterdir()) / entry.rows, 2)
         return sizes
 
     torch.manual_seed(0)
@@ -261,7 +298,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         cache_dir = Path(tmp)
         fill_started = time.perf_counter()
-        entry = cached_teacher_outputs(teacher, x, cache_dir=cache_dir, storage="fp32")
+        filling = CountingTeacher(teacher_module)  # the 11 copies are the same rows: each is computed once
+        entry = cached_teacher_outputs(filling, x, cache_dir=cache_dir, storage="fp32")
         fill_s = time.perf_counter() - fill_started
         reopen_started = time.perf_counter()
         entry = cached_teacher_outputs(teacher, x, cache_dir=cache_dir, storage="fp32")
@@ -269,6 +307,7 @@ def main() -> None:
         cached = entry.teacher_targets()
         log(f"cache filled in {fill_s:.1f}s, reopened and verified in {reopen_s:.2f}s")
         timing = epoch_times(x, y, teacher_module, cached, args.repeats, args.live_repeats)
+        grown = growth(teacher_module, x, cache_dir)
         storage = storage_effect(teacher, data, cache_dir, args.student_epochs, args.seeds)
         sizes = bytes_per_row(teacher, torch.as_tensor(data.train[0]), cache_dir)
     result = {
@@ -284,8 +323,10 @@ def main() -> None:
             "mlp_512": round(macs["teacher"] / macs["mlp_512"], 1),
         },
         "cache_fill_s": round(fill_s, 3),
+        "cache_fill_teacher_rows": filling.rows,
         "cache_reopen_verified_s": round(reopen_s, 3),
         "epoch_times": timing,
+        "growth": grown,
         "storage_accuracy": storage,
         "bytes_per_row": sizes,
         "wall_s": round(time.perf_counter() - started, 1),
@@ -296,7 +337,8 @@ def main() -> None:
         f"(textbook loss {tiny['c_textbook_over_a']}, {large['c_textbook_over_a']}); (b)/(a) = {tiny['b_over_a']}, "
         f"{large['b_over_a']}; (b)/(c) = {tiny['b_over_c']}, {large['b_over_c']}; bytes/row fp32/fp16/topk:3 = "
         f"{sizes['mnist1d_10_classes']['fp32']}/{sizes['mnist1d_10_classes']['fp16']}/"
-        f"{sizes['mnist1d_10_classes']['topk:3']}"
+        f"{sizes['mnist1d_10_classes']['topk:3']}; 20% more rows: teacher on {grown['superset_teacher_rows']} rows, "
+        f"{grown['superset_over_fresh']}x a fresh fill's time"
     )
     print(json.dumps(result))
 

@@ -1,37 +1,57 @@
-"""The teacher-output cache: a teacher's outputs on a data set, computed once and reused across epochs and runs.
+"""The teacher-output cache: a teacher's outputs on a data set, computed once and reused across epochs, runs and
+larger data sets.
 
-Layout: ``<root>/<key>/``, one folder per (teacher fingerprint, data fingerprint, output kind, storage):
+Layout under ``<root>`` (``$KDISTILL_CACHE_DIR`` or ``./.kdistill-cache``)::
 
-- while filling: ``key.json`` (what the entry is for) and ``part-<start>-<stop>.safetensors`` chunks, each written
-  atomically with a BLAKE2b checksum of its arrays in its metadata. A fill that is killed leaves whole chunks only;
-  the next fill verifies them and computes only the missing ones.
-- when complete: one ``.npy`` file per array (``logits`` for fp32/fp16; ``values``, ``indices``, ``rest`` for
-  top-k), read memory-mapped so a set larger than RAM works, and ``manifest.json`` (written last, atomically) with
-  each file's shape, dtype and BLAKE2b checksum. Opening an entry verifies the checksums; a mismatch is a
-  :class:`~kdistill.errors.CacheError` that says which file, and :func:`cached_teacher_outputs` then recomputes
-  the entry instead of using it.
+    chunks/<store>/               one store per (teacher fingerprint, output kind, storage)
+        <chunk>.safetensors       the outputs of up to ``chunk_rows`` rows, their row fingerprints (``rows``,
+                                  (n, 16) uint8) and a BLAKE2b checksum of its arrays; named by the BLAKE2b of its
+                                  rows' fingerprints, written atomically, never changed
+        .lock                     held (``flock``) by the one process filling the store
+    sets/<entry>/                 one entry per (teacher, data set, kind, storage): the view handed to training
+        logits.npy                dense outputs aligned row for row with the data set (fp32 / fp16), or
+        values.npy indices.npy rest.npy   (``topk:K``), each memory-mapped on open
+        manifest.json             shapes, dtypes and BLAKE2b checksums of those files
 
-Storage options: ``"fp32"`` (exact), ``"fp16"`` (half the bytes; logits rounded to ~3 significant digits) and
-``"topk:K"`` (K largest logits + their indices + the log-sum-exp of the rest; for many classes, read with the
-``kd_topk`` loss, which uses that form exactly).
+**Keyed by content, in chunks.** Every input row has a fingerprint, the BLAKE2b of its bytes (all fields of a mapping
+input, integer dtypes as they are, keyed by their names, dtypes and per-row shapes). A fill looks every row of the set
+up in the store, runs the teacher only on rows found nowhere (each distinct row once) and writes them as new chunks,
+then gathers the set's view from the chunks. A set that adds rows to one seen before (appended, or a shuffled
+superset) computes only the new rows. A killed fill leaves whole chunks only (each is renamed into place), so the next
+fill computes only what is missing. A whole-set output (``compute=``, e.g. out-of-fold targets) cannot be split by
+row: its entry is keyed by the whole set's fingerprint and ``kind`` and written as a view directly, without chunks.
+
+**Integrity.** A view is built in a temporary folder and published by renaming the folder, so a reader sees a whole
+entry or none. Opening one verifies its checksums; a mismatch is a :class:`~kdistill.errors.CacheError` naming the
+file, and :func:`cached_teacher_outputs` then deletes the view and rebuilds it (from the chunks, which are checked
+when read: a bad chunk is deleted and its rows recomputed). Two processes filling the same store take turns on its
+lock file; where ``flock`` does not exist, the writes are still atomic and idempotent. Under ``torchrun`` rank 0 fills
+and the other ranks open the entry it wrote (``collective=True``; or rank 0 alone fills and sends ``entry.key``, and
+the others call :func:`open_entry`).
+
+Storage options: ``"fp32"`` (exact), ``"fp16"`` (half the bytes; ~3 significant digits) and ``"topk:K"`` (the K
+largest logits per row, or per token for (rows, seq, vocab) outputs, their indices, and the log-sum-exp of the rest;
+read with the ``kd_topk`` loss, which uses that form exactly).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import shutil
+import tempfile
 import time
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file as load_numpy_file
 from safetensors.numpy import save as save_numpy
 
@@ -45,22 +65,35 @@ __all__ = [
     "DEFAULT_CACHE_DIR",
     "CacheEntry",
     "CacheKey",
+    "EntryInfo",
+    "Inputs",
     "cache_entries",
+    "cache_key",
     "cached_teacher_outputs",
     "clear_cache",
     "default_cache_dir",
-    "fill_cache",
     "open_entry",
     "parse_storage",
+    "read_entry",
+    "row_fingerprints",
+    "set_fingerprint",
 ]
 
 _log = logging.getLogger(__name__)
 
+Inputs = torch.Tensor | Mapping[str, torch.Tensor]
+"""A transfer set's inputs: one tensor (rows, ...), or named tensors with the same number of rows
+(``{"input_ids": int64 (rows, seq), "attention_mask": int64 (rows, seq)}``)."""
+
 DEFAULT_CACHE_DIR = ".kdistill-cache"
 _MANIFEST = "manifest.json"
-_KEY_FILE = "key.json"
-_FORMAT_VERSION = 1
+_STORE_FILE = "store.json"
+_LOCK = ".lock"
+_SETS, _CHUNKS = "sets", "chunks"
+_FORMAT_VERSION = 2
 _BLOCK = 1 << 20
+_HASH_ROWS = 1 << 16
+_ATTEMPTS = 3
 
 
 def default_cache_dir() -> Path:
@@ -84,10 +117,15 @@ def parse_storage(storage: str) -> tuple[str, int | None]:
     )
 
 
+def _digest(*parts: object) -> str:
+    return hashlib.blake2b(json.dumps([_FORMAT_VERSION, *parts]).encode(), digest_size=16).hexdigest()
+
+
 @dataclass(frozen=True)
 class CacheKey:
-    """What an entry holds: ``teacher`` = ``Teacher.fingerprint()``, ``data`` = fingerprint of the inputs, ``kind`` of
-    output (``"logits"``), ``storage`` (``"fp32"``, ``"fp16"``, ``"topk:K"``)."""
+    """What an entry holds: ``teacher`` = ``Teacher.fingerprint()``, ``data`` = :func:`set_fingerprint` of the inputs,
+    ``kind`` of output (``"logits"``, ``"embeddings"``, ``"oof:folds=5:seed=0"``), ``storage`` (``"fp32"``,
+    ``"fp16"``, ``"topk:K"``)."""
 
     teacher: str
     data: str
@@ -96,11 +134,109 @@ class CacheKey:
 
     def digest(self) -> str:
         """The entry's folder name: 32 hex characters of BLAKE2b over the four fields."""
-        text = json.dumps([_FORMAT_VERSION, self.teacher, self.data, self.kind, self.storage])
-        return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+        return _digest(self.teacher, self.data, self.kind, self.storage)
+
+    def store(self) -> str:
+        """The chunk store's folder name: BLAKE2b over (teacher, kind, storage), shared by every data set."""
+        return _digest("store", self.teacher, self.kind, self.storage)
 
 
-def _checksum_arrays(arrays: dict[str, np.ndarray]) -> str:
+# ------------------------------------------------------------------------------------------------ row fingerprints
+def _as_fields(inputs: Inputs | np.ndarray) -> dict[str, np.ndarray]:
+    """``inputs`` as named numpy arrays (rows, ...) with the same number of rows; a tensor is the field ``""``."""
+    items = inputs.items() if isinstance(inputs, Mapping) else [("", inputs)]
+    fields: dict[str, np.ndarray] = {}
+    for name, value in sorted(items):
+        if isinstance(value, torch.Tensor):
+            value = value.detach().cpu()
+            array = value.view(torch.int16).numpy() if value.dtype == torch.bfloat16 else value.numpy()
+        elif isinstance(value, np.ndarray):
+            array = value
+        else:
+            raise CacheError(
+                f"cache inputs {name or 'x'!r} is a {type(value).__name__}, not a tensor",
+                hint="pass a tensor (rows, ...) or a mapping of tensors with the same number of rows.",
+            )
+        if array.ndim == 0:
+            raise CacheError(f"cache inputs {name or 'x'!r} is a scalar", hint="pass one row per example.")
+        fields[name] = array
+    sizes = {name: len(array) for name, array in fields.items()}
+    if not fields or len(set(sizes.values())) != 1:
+        raise CacheError(
+            f"cache inputs must have the same number of rows in every field, got {sizes}",
+            hint="give every tensor of the mapping one row per example.",
+        )
+    return fields
+
+
+def _schema_key(fields: Mapping[str, np.ndarray]) -> bytes:
+    schema = [[name, str(array.dtype), list(array.shape[1:])] for name, array in fields.items()]
+    return hashlib.blake2b(json.dumps(schema).encode(), digest_size=32).digest()
+
+
+def row_fingerprints(inputs: Inputs | np.ndarray) -> np.ndarray:
+    """One content fingerprint per row: (rows, 16) uint8, the BLAKE2b of the row's bytes in every field, keyed by the
+    fields' names, dtypes and per-row shapes (the same numbers as int32 and int64 are different rows)."""
+    fields = _as_fields(inputs)
+    key = _schema_key(fields)
+    rows = len(next(iter(fields.values())))
+    out = bytearray()
+    for start in range(0, rows, _HASH_ROWS):
+        parts = [np.ascontiguousarray(a[start : start + _HASH_ROWS]) for a in fields.values()]
+        block = np.concatenate([p.reshape(len(p), -1).view(np.uint8) for p in parts], axis=1)
+        for row in block:
+            out += hashlib.blake2b(row.data, key=key, digest_size=16).digest()
+    return np.frombuffer(bytes(out), dtype=np.uint8).reshape(rows, 16)
+
+
+def set_fingerprint(
+    rows: np.ndarray, *, labels: torch.Tensor | np.ndarray | None = None, whole_set: bool = False
+) -> str:
+    """The data set's fingerprint from its :func:`row_fingerprints` (rows, 16), in order; ``labels`` and
+    ``whole_set`` (an output computed from the whole set) are part of it when given."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(b"whole-set" if whole_set else b"rows")
+    digest.update(np.ascontiguousarray(rows).tobytes())
+    if labels is not None:
+        digest.update(fingerprint_arrays(labels).encode())
+    return digest.hexdigest()
+
+
+def cache_key(
+    teacher: Teacher,
+    inputs: Inputs | np.ndarray,
+    *,
+    kind: str = "logits",
+    storage: str = "fp32",
+    labels: torch.Tensor | np.ndarray | None = None,
+    whole_set: bool = False,
+) -> CacheKey:
+    """The key :func:`cached_teacher_outputs` files ``teacher``'s outputs on ``inputs`` under (``whole_set``: for a
+    ``compute=`` entry), e.g. to :func:`open_entry` one without filling it."""
+    data = set_fingerprint(row_fingerprints(inputs), labels=labels, whole_set=whole_set)
+    return CacheKey(teacher=teacher.fingerprint(), data=data, kind=kind, storage=storage)
+
+
+def _as_void(rows: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(rows).view("V16").reshape(-1)
+
+
+def _as_tensors(inputs: Inputs | np.ndarray) -> Inputs:
+    """numpy arrays (or a mapping of them) as tensors sharing their memory; tensors as they are."""
+    if isinstance(inputs, Mapping):
+        return {name: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for name, v in inputs.items()}
+    return torch.from_numpy(inputs) if isinstance(inputs, np.ndarray) else inputs
+
+
+def _take_rows(inputs: Inputs, positions: np.ndarray) -> Inputs:
+    index = torch.as_tensor(positions, dtype=torch.long)
+    if isinstance(inputs, Mapping):
+        return {name: value[index] for name, value in inputs.items()}
+    return inputs[index]
+
+
+# --------------------------------------------------------------------------------------------------------- encoding
+def _checksum_arrays(arrays: Mapping[str, np.ndarray]) -> str:
     digest = hashlib.blake2b(digest_size=16)
     for name in sorted(arrays):
         digest.update(name.encode())
@@ -116,28 +252,63 @@ def _checksum_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _encode(logits: torch.Tensor, storage: str) -> dict[str, np.ndarray]:
-    """The arrays stored for ``logits`` (rows, classes) float32 in ``storage``."""
+def _check_storage(storage: str, kind: str) -> None:
+    mode, _ = parse_storage(storage)
+    if mode == "topk" and kind.startswith("embedding"):
+        raise CacheError(
+            f"cache storage {storage!r} keeps the largest logits, which means nothing for {kind!r}",
+            hint="store embeddings as 'fp32' or 'fp16'.",
+        )
+
+
+def _encode(outputs: torch.Tensor, storage: str) -> dict[str, np.ndarray]:
+    """The arrays stored for ``outputs`` (rows, classes), (rows, seq, vocab) or (rows, dim) in ``storage``.
+
+    topk:K, along the last axis: ``values`` (rows, [seq,] K) float32, ``indices`` (rows, [seq,] K) int16 (int32 above
+    32,767 classes), ``rest`` (rows, [seq]) float32 = log Σ exp(z_j) over the other classes."""
     mode, k = parse_storage(storage)
+    outputs = outputs.detach().float().cpu()
     if mode == "fp32":
-        return {"logits": logits.float().numpy()}
+        return {"logits": outputs.numpy()}
     if mode == "fp16":
-        largest = float(logits.abs().max()) if logits.numel() else 0.0
+        largest = float(outputs.abs().max()) if outputs.numel() else 0.0
         if largest > float(np.finfo(np.float16).max):
             raise CacheError(
-                f"teacher logits reach {largest:.3g}, beyond float16's range (65504)",
+                f"teacher outputs reach {largest:.3g}, beyond float16's range (65504)",
                 hint="use cache storage 'fp32' (or 'topk:K') for this teacher.",
             )
-        return {"logits": logits.float().numpy().astype(np.float16)}
+        return {"logits": outputs.numpy().astype(np.float16)}
     assert k is not None
-    values, indices, rest = encode_topk(logits.float(), k)
-    index_dtype = np.int16 if logits.shape[1] <= np.iinfo(np.int16).max else np.int32
-    return {"values": values.numpy(), "indices": indices.numpy().astype(index_dtype), "rest": rest.numpy()}
+    if outputs.ndim not in (2, 3):
+        raise CacheError(
+            f"cache storage {storage!r} needs (rows, classes) or (rows, seq, vocab) outputs, "
+            f"got {tuple(outputs.shape)}",
+            hint="use 'fp32' or 'fp16' for outputs of other shapes.",
+        )
+    classes = outputs.shape[-1]
+    if k > classes:
+        raise CacheError(
+            f"cache storage {storage!r} keeps {k} of {classes} classes", hint=f"use 'topk:K' with K <= {classes}."
+        )
+    values, indices, rest = encode_topk(outputs.reshape(-1, classes), k)
+    lead = tuple(outputs.shape[:-1])
+    index_dtype = np.int16 if classes <= np.iinfo(np.int16).max else np.int32
+    return {
+        "values": values.reshape(*lead, k).numpy(),
+        "indices": indices.reshape(*lead, k).numpy().astype(index_dtype),
+        "rest": rest.reshape(lead).numpy(),
+    }
 
 
+# ------------------------------------------------------------------------------------------------------------ entry
 @dataclass
 class CacheEntry:
-    """A complete, verified entry. ``arrays``: name -> read-only memory-mapped array, rows first."""
+    """A complete entry (verified on open unless ``verify=False``). ``arrays``: name -> memory-mapped array aligned
+    row for row with the data set.
+
+    ``shape``: the outputs' shape per row ((classes,), (seq, vocab) or (dim,)); ``classes`` is its last number.
+    ``meta``: what the filling call passed as ``meta`` (JSON), e.g. the teacher's class labels.
+    """
 
     folder: Path
     key: CacheKey
@@ -145,6 +316,8 @@ class CacheEntry:
     classes: int
     arrays: dict[str, np.ndarray]
     created: float
+    shape: tuple[int, ...] = ()
+    meta: dict[str, Any] = field(default_factory=dict)
 
     @property
     def storage(self) -> str:
@@ -155,60 +328,46 @@ class CacheEntry:
         return int(sum(array.nbytes for array in self.arrays.values()))
 
     def teacher_targets(self) -> torch.Tensor:
-        """What the engine indexes by row. fp32/fp16: the logits (rows, classes), memory-mapped (no copy; fp16 stays
-        fp16 and is upcast per batch by the loss). topk: the packed (rows, 2k + 1) form for ``kd_topk``, in memory."""
+        """What the engine indexes by row. fp32/fp16: the outputs (rows, *shape), memory-mapped (no copy; fp16 stays
+        fp16 and is upcast per batch by the loss). topk: the packed (rows, 2k + 1) form for ``kd_topk``
+        (``[values | indices | rest]``, :func:`~kdistill.losses.kd_topk.pack_topk`; (rows, seq, 2k + 1) for token
+        outputs), in memory."""
         if "logits" in self.arrays:
             return torch.from_numpy(self.arrays["logits"])
-        values, indices, rest = (torch.from_numpy(np.asarray(self.arrays[n])) for n in ("values", "indices", "rest"))
-        return pack_topk(values, indices.long(), rest)
+        values, indices, rest = self.topk()
+        if values.ndim == 2:
+            return pack_topk(values, indices.long(), rest)
+        return torch.cat([values.float(), indices.float(), rest.float().unsqueeze(-1)], dim=-1)
+
+    def topk(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A ``topk:K`` entry's three tensors, memory-mapped, aligned row for row with the data set: ``values``
+        (rows, [seq,] K) float32, largest first; ``indices`` (rows, [seq,] K) int16 (int32 above 32,767 classes; cast
+        a batch with ``.long()`` to gather); ``rest`` (rows, [seq]) float32, the log-sum-exp of the other classes."""
+        if "values" not in self.arrays:
+            raise CacheError(
+                f"cache entry {self.folder.name} stores {self.storage!r}, not top-k",
+                hint="read it with teacher_targets(), or fill an entry with storage='topk:K'.",
+            )
+        values, indices, rest = (torch.from_numpy(self.arrays[name]) for name in ("values", "indices", "rest"))
+        return values, indices, rest
 
 
-def _entry_folder(root: Path, key: CacheKey) -> Path:
-    return root / key.digest()
+def read_entry(folder: str | os.PathLike[str], *, verify: bool = True) -> CacheEntry:
+    """The entry in ``folder`` (a ``sets/<entry>`` folder), memory-mapped.
 
-
-def _parts(folder: Path) -> Iterator[tuple[int, int, Path]]:
-    for path in sorted(folder.glob("part-*.safetensors")):
-        _, start, stop = path.stem.split("-")
-        yield int(start), int(stop), path
-
-
-def _read_part(path: Path, rows: int) -> dict[str, np.ndarray] | None:
-    """A chunk's arrays, or None (with a warning) when it is unreadable or fails its checksum."""
-    try:
-        arrays = load_numpy_file(str(path))
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="numpy") as handle:
-            expected = (handle.metadata() or {}).get("checksum")
-    except (SafetensorError, OSError, ValueError) as exc:
-        _log.warning("cache chunk %s is unreadable (%s); recomputing it", path.name, exc)
-        return None
-    if expected != _checksum_arrays(arrays) or any(len(a) != rows for a in arrays.values()):
-        _log.warning("cache chunk %s fails its checksum; recomputing it", path.name)
-        return None
-    return arrays
-
-
-def open_entry(root: str | os.PathLike[str], key: CacheKey, *, verify: bool = True) -> CacheEntry | None:
-    """The complete entry for ``key`` under ``root``, memory-mapped; None when there is none (or it is still filling).
-
-    Raises :class:`CacheError` when the entry exists but a file is missing, truncated or fails its checksum
-    (``verify=True`` reads every byte once to check).
+    Raises :class:`CacheError` when a file is missing, truncated or fails its checksum (``verify=True`` reads every
+    byte once to check).
     """
-    folder = _entry_folder(Path(root), key)
+    folder = Path(folder)
     manifest_path = folder / _MANIFEST
-    if not manifest_path.exists():
-        return None
-    hint = f"delete it with `kdistill cache clear --dir {root} {folder.name}`; kdistill.distill recomputes it."
+    root = folder.parent.parent
+    hint = f"delete it with `kdistill cache clear --dir {root} {folder.name}`; kdistill recomputes it."
     try:
         manifest = json.loads(manifest_path.read_text())
-        stored_key = CacheKey(**manifest["key"])
+        key = CacheKey(**manifest["key"])
         files = manifest["arrays"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise CacheError(f"cache manifest {manifest_path} is unreadable ({exc})", hint=hint) from exc
-    if stored_key != key:
-        raise CacheError(f"cache entry {folder.name} holds {stored_key}, not {key}", hint=hint)
+        raise CacheError(f"cache manifest {manifest_path} is missing or unreadable ({exc})", hint=hint) from exc
     arrays: dict[str, np.ndarray] = {}
     for name, info in files.items():
         path = folder / info["file"]
@@ -230,139 +389,512 @@ def open_entry(root: str | os.PathLike[str], key: CacheKey, *, verify: bool = Tr
                 hint=hint,
             )
         arrays[name] = array
-    return CacheEntry(folder, key, int(manifest["rows"]), int(manifest["classes"]), arrays, float(manifest["created"]))
+    shape = tuple(int(n) for n in manifest["shape"])
+    return CacheEntry(
+        folder,
+        key,
+        int(manifest["rows"]),
+        shape[-1] if shape else 1,
+        arrays,
+        float(manifest["created"]),
+        shape,
+        dict(manifest.get("meta") or {}),
+    )
 
 
-def _finalize(folder: Path, key: CacheKey, rows: int, chunks: list[tuple[int, int, Path]]) -> None:
-    """Stream the chunks into one memory-mapped .npy per array, checksum them, then write the manifest."""
-    from safetensors import safe_open
+def open_entry(root: str | os.PathLike[str], key: CacheKey, *, verify: bool = True) -> CacheEntry | None:
+    """The complete entry for ``key`` under ``root``, memory-mapped; None when there is none.
 
-    first = load_numpy_file(str(chunks[0][2]))
-    with safe_open(str(chunks[0][2]), framework="numpy") as handle:
-        classes = int((handle.metadata() or {})["classes"])
-    layout = {name: (array.dtype, array.shape[1:]) for name, array in first.items()}
-    targets: dict[str, np.memmap] = {}
-    for name, (dtype, tail) in layout.items():
-        tmp = folder / f".{name}.npy.tmp"
-        targets[name] = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(rows, *tail))
-    for start, stop, path in chunks:
-        arrays = load_numpy_file(str(path))
-        for name, target in targets.items():
-            target[start:stop] = arrays[name]
-    files: dict[str, Any] = {}
-    for name, target in targets.items():
-        target.flush()
-        tmp = Path(target.filename)  # type: ignore[arg-type]
-        del target
-        with tmp.open("rb+") as handle:
-            os.fsync(handle.fileno())
-        final = folder / f"{name}.npy"
-        os.replace(tmp, final)
-        dtype, tail = layout[name]
-        files[name] = {
-            "file": final.name,
-            "dtype": str(dtype),
-            "shape": [rows, *tail],
-            "blake2b": _checksum_file(final),
-        }
-    manifest = {
-        "key": asdict(key),
-        "rows": rows,
-        "classes": classes,
-        "arrays": files,
-        "created": time.time(),
-        "format": _FORMAT_VERSION,
-    }
-    atomic_write_json(folder / _MANIFEST, manifest)
-    for _, _, path in chunks:
-        path.unlink(missing_ok=True)
-
-
-def fill_cache(
-    root: str | os.PathLike[str],
-    key: CacheKey,
-    teacher: Teacher,
-    x: torch.Tensor,
-    *,
-    chunk_rows: int = 4096,
-    batch_size: int = 1024,
-) -> CacheEntry:
-    """Compute ``teacher``'s logits on ``x`` (rows, *features) into the entry for ``key``, resuming a killed fill.
-
-    Chunks of ``chunk_rows`` rows are written atomically as they are computed; chunks already on disk (and passing
-    their checksum) are not recomputed. When every chunk is there, they are assembled into the memory-mapped files.
+    Raises :class:`CacheError` when the entry exists but is damaged (see :func:`read_entry`).
     """
-    folder = _entry_folder(Path(root), key)
-    folder.mkdir(parents=True, exist_ok=True)
-    rows = len(x)
-    key_file = folder / _KEY_FILE
-    described = {"key": asdict(key), "rows": rows, "chunk_rows": chunk_rows}
-    if key_file.exists():
-        try:
-            previous = json.loads(key_file.read_text())
-        except (OSError, ValueError):
-            previous = None
-        if previous != described:  # another layout (chunk size) or a damaged file: start the fill over
-            _log.warning("cache entry %s was being filled differently; starting over", folder.name)
-            for _, _, path in _parts(folder):
-                path.unlink()
-    atomic_write_json(key_file, described)
-    done = {(start, stop) for start, stop, path in _parts(folder) if _read_part(path, stop - start) is not None}
-    if done:
-        _log.info(
-            "cache entry %s: resuming, %d of %d chunks already there", folder.name, len(done), -(-rows // chunk_rows)
+    folder = Path(root) / _SETS / key.digest()
+    if not folder.is_dir():
+        return None
+    entry = read_entry(folder, verify=verify)
+    if entry.key != key:
+        raise CacheError(
+            f"cache entry {folder.name} holds {entry.key}, not {key}",
+            hint=f"delete it with `kdistill cache clear --dir {root} {folder.name}`.",
         )
-    from kdistill.teachers.base import teacher_logits
-
-    for start in range(0, rows, chunk_rows):
-        stop = min(rows, start + chunk_rows)
-        if (start, stop) in done:
-            continue
-        logits = teacher_logits(teacher, x[start:stop], batch_size=batch_size)
-        arrays = _encode(logits, key.storage)
-        metadata = {"checksum": _checksum_arrays(arrays), "classes": str(logits.shape[1])}
-        path = folder / f"part-{start:012d}-{stop:012d}.safetensors"
-        atomic_write_bytes(path, save_numpy(arrays, metadata=metadata))
-    chunks = [(start, stop, path) for start, stop, path in _parts(folder) if stop <= rows]
-    _finalize(folder, key, rows, chunks)
-    entry = open_entry(root, key, verify=False)
-    assert entry is not None
     return entry
 
 
-def cached_teacher_outputs(
-    teacher: Teacher,
-    x: torch.Tensor,
-    *,
-    cache_dir: str | os.PathLike[str] | None = None,
-    storage: str = "fp32",
-    chunk_rows: int = 4096,
-    batch_size: int = 1024,
-) -> CacheEntry:
-    """The cache entry of ``teacher``'s logits on ``x``: opened when it exists and verifies, else (re)computed.
-
-    Keyed by (``teacher.fingerprint()``, :func:`~kdistill.data.fingerprint_arrays` of ``x``, ``"logits"``,
-    ``storage``): a changed teacher or changed data gets a new entry, never stale targets. A corrupt entry is
-    reported (a warning with the :class:`CacheError`'s message), deleted and recomputed, never used.
-    """
-    parse_storage(storage)
-    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    key = CacheKey(teacher=teacher.fingerprint(), data=fingerprint_arrays(x), kind="logits", storage=storage)
+# ------------------------------------------------------------------------------------------------------ chunk store
+@contextlib.contextmanager
+def _locked(lock: Path) -> Iterator[None]:
+    """Hold the lock file ``lock`` (``flock``: released by the kernel if the process dies). Without ``fcntl``
+    (Windows) nothing is locked; every write is still atomic and idempotent."""
+    lock.parent.mkdir(parents=True, exist_ok=True)
     try:
-        entry = open_entry(root, key)
-    except CacheError as exc:
-        _log.warning("%s; recomputing the entry", exc.message)
-        shutil.rmtree(_entry_folder(root, key))
-        entry = None
-    if entry is not None:
-        _log.info("teacher outputs from the cache: %s (%d rows, %s)", entry.folder, entry.rows, storage)
-        return entry
-    return fill_cache(root, key, teacher, x, chunk_rows=chunk_rows, batch_size=batch_size)
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    with lock.open("a+b") as handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            _log.info("%s is held by another process filling the cache; waiting for it", lock)
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+@dataclass
+class _Index:
+    """Every row in a store: sorted fingerprints (as 16-byte voids), and the chunk and offset of each."""
+
+    chunks: list[Path]
+    keys: np.ndarray
+    chunk_of: np.ndarray
+    offset_of: np.ndarray
+
+    def lookup(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Chunk number (-1 where absent) and offset of each of ``rows`` (n, 16)."""
+        wanted = _as_void(rows)
+        if not len(self.keys):
+            return np.full(len(wanted), -1), np.zeros(len(wanted), dtype=np.int64)
+        at = np.minimum(np.searchsorted(self.keys, wanted), len(self.keys) - 1)
+        found = self.keys[at] == wanted
+        return np.where(found, self.chunk_of[at], -1), np.where(found, self.offset_of[at], 0)
+
+
+def _chunk_rows_of(path: Path) -> np.ndarray | None:
+    try:
+        with safe_open(str(path), framework="numpy") as handle:
+            return np.asarray(handle.get_tensor("rows"))
+    except (SafetensorError, OSError, ValueError) as exc:
+        _log.warning("cache chunk %s is unreadable (%s); recomputing its rows", path.name, exc)
+        return None
+
+
+def _scan(store: Path, only: list[Path] | None = None) -> _Index:
+    """The store's index (of the chunks ``only``, when given), from each chunk's ``rows`` array (16 bytes per row);
+    unreadable chunks are deleted."""
+    chunks: list[Path] = []
+    keys: list[np.ndarray] = []
+    chunk_of: list[np.ndarray] = []
+    offset_of: list[np.ndarray] = []
+    for path in sorted(store.glob("*.safetensors") if only is None else only):
+        rows = _chunk_rows_of(path)
+        if rows is None or rows.ndim != 2 or rows.shape[1] != 16:
+            path.unlink(missing_ok=True)
+            continue
+        keys.append(_as_void(rows))
+        chunk_of.append(np.full(len(rows), len(chunks)))
+        offset_of.append(np.arange(len(rows)))
+        chunks.append(path)
+    if not chunks:
+        empty = np.empty(0, dtype="V16")
+        return _Index([], empty, np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64))
+    all_keys = np.concatenate(keys)
+    order = np.argsort(all_keys, kind="stable")
+    return _Index(chunks, all_keys[order], np.concatenate(chunk_of)[order], np.concatenate(offset_of)[order])
+
+
+def _read_chunk(path: Path) -> tuple[dict[str, np.ndarray], tuple[int, ...]] | None:
+    """A chunk's arrays (``rows`` included) and the outputs' shape per row, or None (with a warning) when it is
+    unreadable or fails its checksum."""
+    try:
+        arrays = load_numpy_file(str(path))
+        with safe_open(str(path), framework="numpy") as handle:
+            metadata = handle.metadata() or {}
+        shape = tuple(int(n) for n in json.loads(metadata["shape"]))
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError) as exc:
+        _log.warning("cache chunk %s is unreadable (%s); recomputing its rows", path.name, exc)
+        return None
+    if metadata.get("checksum") != _checksum_arrays(arrays) or len({len(a) for a in arrays.values()}) != 1:
+        _log.warning("cache chunk %s fails its checksum; recomputing its rows", path.name)
+        return None
+    return arrays, shape
+
+
+def _write_chunk(store: Path, rows: np.ndarray, arrays: dict[str, np.ndarray], shape: tuple[int, ...]) -> Path:
+    """Write one chunk atomically, named by its rows' fingerprints (the same rows always get the same name)."""
+    contents = {"rows": np.ascontiguousarray(rows), **{name: np.ascontiguousarray(a) for name, a in arrays.items()}}
+    name = hashlib.blake2b(contents["rows"].tobytes(), digest_size=16).hexdigest()
+    metadata = {
+        "checksum": _checksum_arrays(contents),
+        "shape": json.dumps(list(shape)),
+        "format": str(_FORMAT_VERSION),
+    }
+    return atomic_write_bytes(store / f"{name}.safetensors", save_numpy(contents, metadata=metadata))
+
+
+def _outputs_of(teacher: Teacher, batch: Inputs) -> torch.Tensor:
+    outputs = teacher(cast(torch.Tensor, batch)).logits
+    if not isinstance(outputs, torch.Tensor) or outputs.ndim < 2:
+        raise CacheError(
+            f"the teacher returned {type(outputs).__name__} {tuple(getattr(outputs, 'shape', ()))}; the cache stores "
+            "(rows, classes), (rows, seq, vocab) or (rows, dim) outputs",
+            hint="return one row of outputs per input row.",
+        )
+    return outputs
+
+
+def _compute_missing(
+    store: Path,
+    teacher: Teacher,
+    inputs: Inputs,
+    rows: np.ndarray,
+    positions: np.ndarray,
+    storage: str,
+    chunk_rows: int,
+    batch_size: int,
+) -> tuple[tuple[int, ...], list[Path]]:
+    """Run ``teacher`` on ``positions`` of ``inputs`` (distinct rows, in order) and write them as chunks of
+    ``chunk_rows`` rows, each batched by ``batch_size``; returns the outputs' shape per row and the chunks."""
+    shape: tuple[int, ...] = ()
+    written: list[Path] = []
+    for start in range(0, len(positions), chunk_rows):
+        chunk = positions[start : start + chunk_rows]
+        parts = [
+            _outputs_of(teacher, _take_rows(inputs, chunk[at : at + batch_size])).float()
+            for at in range(0, len(chunk), batch_size)
+        ]
+        outputs = torch.cat(parts)
+        if len(outputs) != len(chunk):
+            raise CacheError(
+                f"the teacher returned {len(outputs)} rows of outputs for {len(chunk)} input rows",
+                hint="return one row of outputs per input row.",
+            )
+        shape = tuple(outputs.shape[1:])
+        written.append(_write_chunk(store, rows[chunk], _encode(outputs, storage), shape))
+    return shape, written
+
+
+class _ChunkFailed(Exception):
+    """A chunk failed its checksum while a view was being gathered (it has been deleted): fill again."""
+
+
+_Written = tuple[dict[str, np.memmap], tuple[int, ...]]
+"""What a view writer made: the arrays (memory-mapped files in the view's folder) and the outputs' shape per row."""
+
+
+def _gather_from_chunks(index: _Index, chunk: np.ndarray, offset: np.ndarray) -> Callable[[Path], _Written]:
+    """A writer that gathers each row of the view from its chunk (one chunk in memory at a time)."""
+
+    def write(folder: Path) -> _Written:
+        targets: dict[str, np.memmap] = {}
+        shape: tuple[int, ...] = ()
+        by_chunk = np.argsort(chunk, kind="stable")
+        numbers, starts = np.unique(chunk[by_chunk], return_index=True)
+        for number, at in zip(numbers, np.split(by_chunk, starts[1:]), strict=True):
+            path = index.chunks[int(number)]
+            read = _read_chunk(path)
+            if read is None:
+                path.unlink(missing_ok=True)
+                raise _ChunkFailed
+            arrays, shape = read
+            arrays.pop("rows")
+            if not targets:
+                targets = {
+                    name: np.lib.format.open_memmap(
+                        folder / f"{name}.npy", mode="w+", dtype=a.dtype, shape=(len(chunk), *a.shape[1:])
+                    )
+                    for name, a in arrays.items()
+                }
+            layout = {n: (a.dtype, a.shape[1:]) for n, a in arrays.items()}
+            if layout != {n: (t.dtype, t.shape[1:]) for n, t in targets.items()}:
+                raise CacheError(
+                    f"cache chunk {path.name} holds outputs of another shape or dtype than the set's other chunks",
+                    hint=f"clear the store: `kdistill cache clear --dir {path.parents[2]} {path.parent.name}`.",
+                )
+            for name, target in targets.items():
+                target[at] = arrays[name][offset[at]]
+        return targets, shape
+
+    return write
+
+
+def _write_arrays(arrays: Mapping[str, np.ndarray], shape: tuple[int, ...]) -> Callable[[Path], _Written]:
+    def write(folder: Path) -> _Written:
+        targets = {}
+        for name, array in arrays.items():
+            target = np.lib.format.open_memmap(folder / f"{name}.npy", mode="w+", dtype=array.dtype, shape=array.shape)
+            target[:] = array
+            targets[name] = target
+        return targets, shape
+
+    return write
+
+
+def _publish(
+    root: Path, key: CacheKey, rows: int, write: Callable[[Path], _Written], meta: Mapping[str, Any], source: str
+) -> Path:
+    """Build the view in a temporary folder (arrays, fsync, checksums, manifest), then rename the folder into place.
+
+    If another process published the same entry first, its folder is kept and ours discarded."""
+    sets = root / _SETS
+    sets.mkdir(parents=True, exist_ok=True)
+    final = sets / key.digest()
+    tmp = Path(tempfile.mkdtemp(dir=sets, prefix=f".tmp-{key.digest()}-"))
+    try:
+        targets, shape = write(tmp)
+        files: dict[str, Any] = {}
+        for name in list(targets):
+            target = targets.pop(name)
+            target.flush()
+            path = Path(cast(str, target.filename))
+            dtype, array_shape = str(target.dtype), [int(n) for n in target.shape]
+            del target
+            with path.open("rb+") as handle:
+                os.fsync(handle.fileno())
+            files[name] = {"file": path.name, "dtype": dtype, "shape": array_shape, "blake2b": _checksum_file(path)}
+        manifest = {
+            "key": asdict(key),
+            "rows": rows,
+            "shape": list(shape),
+            "arrays": files,
+            "source": source,
+            "meta": dict(meta),
+            "created": time.time(),
+            "format": _FORMAT_VERSION,
+        }
+        atomic_write_json(tmp / _MANIFEST, manifest)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not (final / _MANIFEST).exists():
+                raise
+            _log.info("cache entry %s was published by another process; using it", final.name)
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
 
 
 @dataclass(frozen=True)
+class _Request:
+    """The settings of one :func:`cached_teacher_outputs` call (see there)."""
+
+    root: Path
+    storage: str
+    kind: str
+    compute: Callable[[Inputs], torch.Tensor] | None
+    labels: torch.Tensor | np.ndarray | None
+    meta: Mapping[str, Any]
+    chunk_rows: int
+    batch_size: int
+    verify: bool
+    reuse: bool
+
+
+def _fill_from_chunks(request: _Request, key: CacheKey, teacher: Teacher, inputs: Inputs, rows: np.ndarray) -> Path:
+    """Under the store's lock: compute the rows no chunk holds (every row when not ``reuse``), then gather and
+    publish the set's entry."""
+    root = request.root
+    store = root / _CHUNKS / key.store()
+    final = root / _SETS / key.digest()
+    with _locked(store / _LOCK):
+        if not request.reuse:
+            shutil.rmtree(final, ignore_errors=True)
+        elif (final / _MANIFEST).exists():  # another process filled it while we waited
+            return final
+        for stale in (root / _SETS).glob(f".tmp-{key.digest()}-*"):  # a killed publish (we hold the lock)
+            shutil.rmtree(stale, ignore_errors=True)
+        for stale_chunk in store.glob(".*.tmp"):  # a chunk whose write was killed before its rename
+            stale_chunk.unlink(missing_ok=True)
+        for attempt in range(_ATTEMPTS):
+            index = _scan(store)
+            chunk, _ = index.lookup(rows)
+            missing = np.flatnonzero(chunk < 0) if request.reuse else np.arange(len(rows))
+            if len(missing):
+                _, first = np.unique(_as_void(rows[missing]), return_index=True)
+                distinct = missing[np.sort(first)]
+                _log.info(
+                    "cache store %s: %d of %d rows found, computing %d distinct rows",
+                    store.name,
+                    len(rows) - len(missing),
+                    len(rows),
+                    len(distinct),
+                )
+                shape, written = _compute_missing(
+                    store, teacher, inputs, rows, distinct, key.storage, request.chunk_rows, request.batch_size
+                )
+                described = {"teacher": key.teacher, "kind": key.kind, "storage": key.storage, "shape": list(shape)}
+                atomic_write_json(store / _STORE_FILE, described)
+                index = _scan(store, None if request.reuse else written)
+            chunk, offset = index.lookup(rows)
+            if not bool((chunk >= 0).all()):
+                raise CacheError(f"cache store {store} lost rows while filling", hint="is another program deleting it?")
+            try:
+                return _publish(root, key, len(rows), _gather_from_chunks(index, chunk, offset), request.meta, "chunks")
+            except _ChunkFailed:
+                _log.warning("cache store %s: a chunk failed its checksum (attempt %d); refilling", store.name, attempt)
+    raise CacheError(f"cache store {store} keeps failing its checksums", hint="check the disk, then clear the store.")
+
+
+def _fill_whole_set(request: _Request, key: CacheKey, inputs: Inputs, rows: int) -> Path:
+    """Under the entry's lock: ``compute`` the whole set's outputs once and publish them as the entry."""
+    assert request.compute is not None
+    final = request.root / _SETS / key.digest()
+    with _locked(request.root / _SETS / f".{key.digest()}.lock"):
+        if not request.reuse:
+            shutil.rmtree(final, ignore_errors=True)
+        elif (final / _MANIFEST).exists():
+            return final
+        outputs = request.compute(inputs)
+        if not isinstance(outputs, torch.Tensor) or outputs.ndim < 2 or len(outputs) != rows:
+            raise CacheError(
+                f"compute returned {type(outputs).__name__} {tuple(getattr(outputs, 'shape', ()))} for {rows} rows",
+                hint="return a tensor with one row of outputs per input row: (rows, classes) or (rows, seq, vocab).",
+            )
+        arrays = _encode(outputs, key.storage)
+        shape = tuple(outputs.shape[1:])
+        return _publish(request.root, key, rows, _write_arrays(arrays, shape), request.meta, "whole set")
+
+
+def _rank_and_world(collective: bool) -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if not collective or not (dist.is_available() and dist.is_initialized()):
+        return 0, 1
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _open_or_none(root: Path, key: CacheKey, verify: bool) -> CacheEntry | None:
+    try:
+        return open_entry(root, key, verify=verify)
+    except CacheError as exc:
+        _log.warning("%s; rebuilding the entry", exc.message)
+        shutil.rmtree(root / _SETS / key.digest(), ignore_errors=True)
+        return None
+
+
+def cached_teacher_outputs(
+    teacher: Teacher | None,
+    inputs: Inputs | np.ndarray,
+    *,
+    cache_dir: str | os.PathLike[str] | None = None,
+    storage: str = "fp32",
+    kind: str = "logits",
+    compute: Callable[[Inputs], torch.Tensor] | None = None,
+    labels: torch.Tensor | np.ndarray | None = None,
+    meta: Mapping[str, Any] | None = None,
+    chunk_rows: int = 4096,
+    batch_size: int = 1024,
+    verify: bool = True,
+    reuse: bool = True,
+    collective: bool = False,
+) -> CacheEntry:
+    """The cache entry of ``teacher``'s outputs on ``inputs``: opened when it exists and verifies, else filled.
+
+    Args:
+        teacher: any :class:`~kdistill.Teacher`; its ``fingerprint()`` keys the entry (None only on ranks other
+            than 0 of a collective call, which never run it).
+        inputs: a tensor (rows, ...) or a mapping of tensors with the same number of rows (integer dtypes are kept
+            and hashed as they are).
+        storage: ``"fp32"``, ``"fp16"`` or ``"topk:K"`` (top-k along the last axis: per row of (rows, classes), per
+            token of (rows, seq, vocab); refused for ``kind="embeddings"``).
+        kind: names the output; part of the key. Without ``compute`` the teacher's ``Outputs.logits`` are stored:
+            (rows, classes) logits, (rows, seq, vocab) token logits or (rows, dim) embeddings.
+        compute: a whole-set function ``compute(inputs) -> (rows, ...)`` for outputs that cannot be computed row by
+            row (out-of-fold targets refit clones of the teacher on folds). Its entry is keyed by the whole set's
+            fingerprint (plus ``labels``) and ``kind``, which must name its settings (``"oof:folds=5:seed=0"``);
+            nothing is reused when rows are added.
+        labels: (rows,) targets that ``compute`` reads; part of the whole-set key.
+        meta: JSON-serialisable facts stored with a new entry and returned as ``entry.meta`` (e.g. the teacher's
+            class labels, for ranks that never build the teacher).
+        chunk_rows, batch_size: rows per stored chunk (one chunk is held in memory while computed), and per teacher
+            call.
+        verify: check every file's checksum on open (reads each byte once).
+        reuse: False runs the teacher (or ``compute``) on every row of this set again, even when an entry or chunks
+            hold them, and rebuilds the entry from those fresh outputs.
+        collective: True under ``torch.distributed`` (``torchrun``): every rank calls this together, rank 0 fills
+            the entry and the others open the one it wrote (ignored without an initialised process group). False
+            (the default): this process alone; a caller that runs it on rank 0 only sends ``entry.key`` to the
+            other ranks, which call :func:`open_entry`.
+
+    Keyed by (``teacher.fingerprint()``, :func:`set_fingerprint` of the inputs, ``kind``, ``storage``): a changed
+    teacher or changed data gets a new entry, never stale targets. The teacher runs only on rows that no chunk of the
+    (teacher, kind, storage) store holds. A damaged entry is reported (a warning with the :class:`CacheError`'s
+    message), deleted and rebuilt, never used.
+
+    Returns:
+        The :class:`CacheEntry`, memory-mapped, aligned row for row with ``inputs``.
+    """
+    _check_storage(storage, kind)
+    if chunk_rows < 1 or batch_size < 1:
+        raise CacheError(
+            f"chunk_rows and batch_size must be >= 1, got {chunk_rows} and {batch_size}", hint="use e.g. 4096, 1024."
+        )
+    if labels is not None and compute is None:
+        raise CacheError(
+            "labels key a whole-set compute only; a teacher's own outputs do not depend on them",
+            hint="drop labels=, or pass compute=.",
+        )
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    request = _Request(root, storage, kind, compute, labels, dict(meta or {}), chunk_rows, batch_size, verify, reuse)
+    inputs = _as_tensors(inputs)
+    rank, world = _rank_and_world(collective)
+    if world > 1:
+        return _collective(rank, teacher, inputs, request)
+    if teacher is None:
+        raise CacheError("cached_teacher_outputs needs a teacher", hint="pass the Teacher whose outputs to cache.")
+    return _get(teacher, inputs, request)
+
+
+def _get(teacher: Teacher, inputs: Inputs, request: _Request) -> CacheEntry:
+    rows = row_fingerprints(inputs)
+    if not len(rows):
+        raise CacheError("cache inputs have no rows", hint="pass at least one row.")
+    data = set_fingerprint(rows, labels=request.labels, whole_set=request.compute is not None)
+    key = CacheKey(teacher=teacher.fingerprint(), data=data, kind=request.kind, storage=request.storage)
+    if request.reuse:
+        entry = _open_or_none(request.root, key, request.verify)
+        if entry is not None:
+            _log.info("teacher outputs from the cache: %s (%d rows, %s)", entry.folder, entry.rows, key.storage)
+            return entry
+    for _ in range(_ATTEMPTS):
+        if request.compute is not None:
+            folder = _fill_whole_set(request, key, inputs, len(rows))
+        else:
+            folder = _fill_from_chunks(request, key, teacher, inputs, rows)
+        entry = _open_or_none(request.root, key, verify=False)  # its checksums were just computed from these files
+        if entry is not None:
+            return entry
+    raise CacheError(f"cache entry {folder} keeps failing its checksums", hint="check the disk; clear the entry.")
+
+
+def _collective(rank: int, teacher: Teacher | None, inputs: Inputs, request: _Request) -> CacheEntry:
+    """Rank 0 fills; every rank then opens the folder rank 0 sends (or raises the error rank 0 met)."""
+    import torch.distributed as dist
+
+    box: list[Any] = [None, None]
+    if rank == 0:
+        try:
+            if teacher is None:
+                raise CacheError("rank 0 needs the teacher to fill the cache", hint="pass the teacher on rank 0.")
+            entry = _get(teacher, inputs, request)
+            box = [str(entry.folder), None]
+        except Exception as exc:
+            box = [None, f"{type(exc).__name__}: {exc}"]
+            dist.broadcast_object_list(box, src=0)
+            raise
+    dist.broadcast_object_list(box, src=0)
+    if rank == 0:
+        return entry
+    if box[0] is None:
+        raise CacheError(f"rank 0 could not fill the cache ({box[1]})", hint="see rank 0's error.")
+    entry = read_entry(box[0], verify=request.verify)
+    rows = len(next(iter(inputs.values()))) if isinstance(inputs, Mapping) else len(inputs)
+    if entry.rows != rows:
+        raise CacheError(
+            f"rank {rank} has {rows} rows but rank 0 cached {entry.rows}",
+            hint="give every rank the same transfer set (the engine splits batches across ranks, not the data).",
+        )
+    return entry
+
+
+# ------------------------------------------------------------------------------------------------------- ls / clear
+@dataclass(frozen=True)
 class EntryInfo:
-    """One line of ``kdistill cache ls``."""
+    """One line of ``kdistill cache ls``: a data set's entry (``status`` ``"complete"``), a chunk store
+    (``"chunks"``: the rows it holds, reused by every set) or a folder of kdistill 0.1's layout (``"old"``)."""
 
     name: str
     complete: bool
@@ -373,55 +905,110 @@ class EntryInfo:
     data: str | None
     size_bytes: int
     created: float | None
+    status: str = "complete"
+    kind: str | None = None
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
+
+
+def _set_info(folder: Path) -> EntryInfo:
+    try:
+        manifest = json.loads((folder / _MANIFEST).read_text())
+    except (OSError, ValueError):
+        manifest = {}
+    key, shape = manifest.get("key", {}), manifest.get("shape") or [None]
+    return EntryInfo(
+        folder.name,
+        bool(manifest),
+        manifest.get("rows"),
+        shape[-1],
+        key.get("storage"),
+        key.get("teacher"),
+        key.get("data"),
+        _folder_bytes(folder),
+        manifest.get("created", folder.stat().st_mtime),
+        "complete" if manifest else "damaged",
+        key.get("kind"),
+    )
+
+
+def _store_info(folder: Path) -> EntryInfo:
+    try:
+        described = json.loads((folder / _STORE_FILE).read_text())
+    except (OSError, ValueError):
+        described = {}
+    chunks = list(folder.glob("*.safetensors"))
+    rows = 0
+    for path in chunks:
+        found = _chunk_rows_of(path)
+        rows += 0 if found is None else len(found)
+    return EntryInfo(
+        folder.name,
+        False,
+        rows,
+        (described.get("shape") or [None])[-1],
+        described.get("storage"),
+        described.get("teacher"),
+        None,
+        _folder_bytes(folder),
+        min((p.stat().st_mtime for p in chunks), default=folder.stat().st_mtime),
+        "chunks",
+        described.get("kind"),
+    )
 
 
 def cache_entries(root: str | os.PathLike[str] | None = None) -> list[EntryInfo]:
-    """Every entry under ``root`` (complete or partially filled), oldest first; nothing is verified or loaded."""
+    """Every entry and chunk store under ``root``, oldest first; nothing is verified or loaded."""
     folder = Path(root) if root is not None else default_cache_dir()
     if not folder.is_dir():
         return []
-    infos = []
-    for entry in sorted(p for p in folder.iterdir() if p.is_dir()):
-        size = sum(f.stat().st_size for f in entry.iterdir() if f.is_file())
-        described: dict[str, Any] = {}
-        for name in (_MANIFEST, _KEY_FILE):
-            try:
-                described = json.loads((entry / name).read_text())
-                break
-            except (OSError, ValueError):
-                continue
-        key = described.get("key", {})
-        infos.append(
-            EntryInfo(
-                name=entry.name,
-                complete=(entry / _MANIFEST).exists(),
-                rows=described.get("rows"),
-                classes=described.get("classes"),
-                storage=key.get("storage"),
-                teacher=key.get("teacher"),
-                data=key.get("data"),
-                size_bytes=size,
-                created=described.get("created", entry.stat().st_mtime),
-            )
-        )
+    infos = [_set_info(p) for p in _subfolders(folder / _SETS)]
+    infos += [_store_info(p) for p in _subfolders(folder / _CHUNKS)]
+    for old in _subfolders(folder):  # kdistill 0.1's flat layout: <root>/<32 hex>/ with key.json or manifest.json
+        if _is_old_entry(old):
+            infos.append(EntryInfo(old.name, False, None, None, None, None, None, _folder_bytes(old), None, "old"))
     return sorted(infos, key=lambda info: info.created or 0.0)
 
 
+def _is_old_entry(folder: Path) -> bool:
+    name = folder.name
+    hex_name = len(name) == 32 and all(c in "0123456789abcdef" for c in name)
+    return hex_name and ((folder / _MANIFEST).exists() or (folder / "key.json").exists())
+
+
+def _subfolders(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _folder_of(root: Path, info: EntryInfo) -> Path:
+    parent = {"complete": _SETS, "damaged": _SETS, "chunks": _CHUNKS}.get(info.status)
+    return root / parent / info.name if parent else root / info.name
+
+
 def clear_cache(root: str | os.PathLike[str] | None = None, names: list[str] | None = None) -> list[str]:
-    """Delete the entries ``names`` (folder names, or unique prefixes of them), or every entry; returns those deleted.
+    """Delete the entries or chunk stores ``names`` (folder names, or unique prefixes of them), or everything;
+    returns those deleted. Deleting an entry keeps the chunks it was gathered from (rebuilding it runs no teacher);
+    deleting a store keeps the entries gathered from it.
 
     Raises :class:`CacheError` for a name that matches no entry (or several)."""
     folder = Path(root) if root is not None else default_cache_dir()
-    existing = [info.name for info in cache_entries(folder)]
+    existing = cache_entries(folder)
     chosen = existing if not names else []
     for name in names or []:
-        matches = [entry for entry in existing if entry.startswith(name)]
+        matches = [info for info in existing if info.name.startswith(name)]
         if len(matches) != 1:
             raise CacheError(
                 f"{name!r} matches {len(matches)} cache entries in {folder}",
                 hint="pass a name (or unique prefix) from `kdistill cache ls`.",
             )
         chosen.append(matches[0])
-    for name in chosen:
-        shutil.rmtree(folder / name)
-    return chosen
+    for info in chosen:
+        shutil.rmtree(_folder_of(folder, info))
+    if not names:
+        for parent in (folder / _SETS, folder / _CHUNKS):
+            shutil.rmtree(parent, ignore_errors=True)
+    return [info.name for info in chosen]

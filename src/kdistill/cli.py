@@ -192,13 +192,14 @@ def _cmd_cache(args: argparse.Namespace) -> int:
         _console.print(f"no cache entries in {root}")
         return 0
     _console.print(
-        f"[bold]{'entry':<32}  {'status':<8} {'rows':>9} {'classes':>7} {'storage':<8} {'MB':>9}  teacher   data"
+        f"[bold]{'entry':<32}  {'status':<8} {'rows':>9} {'classes':>7} {'storage':<8} {'MB':>9}  teacher   data      "
+        "kind"
     )
     for info in entries:
-        status = "complete" if info.complete else "partial"
         _console.print(
-            f"{info.name:<32}  {status:<8} {info.rows or 0:>9} {info.classes or 0:>7} {info.storage or '?':<8} "
-            f"{info.size_bytes / 1e6:>9.3f}  {(info.teacher or '?')[:8]}  {(info.data or '?')[:8]}",
+            f"{info.name:<32}  {info.status:<8} {info.rows or 0:>9} {info.classes or 0:>7} {info.storage or '?':<8} "
+            f"{info.size_bytes / 1e6:>9.3f}  {(info.teacher or '?')[:8]:<8}  {(info.data or '-')[:8]:<8}  "
+            f"{info.kind or '?'}",
             highlight=False,
         )
     return 0
@@ -272,9 +273,13 @@ def build_parser() -> argparse.ArgumentParser:
     cache = commands.add_parser("cache", help="list or clear the teacher-output cache")
     cache_actions = cache.add_subparsers(dest="action", required=True)
     cache_dir_help = "cache folder (default: $KDISTILL_CACHE_DIR or ./.kdistill-cache)"
-    cache_ls = cache_actions.add_parser("ls", help="list the entries: status, rows, storage, size, fingerprints")
+    cache_ls = cache_actions.add_parser(
+        "ls", help="list the entries and chunk stores: status, rows, storage, size, fingerprints, kind"
+    )
     cache_ls.add_argument("--dir", default=None, help=cache_dir_help)
-    cache_clear = cache_actions.add_parser("clear", help="delete entries (every entry when no name is given)")
+    cache_clear = cache_actions.add_parser(
+        "clear", help="delete entries or chunk stores (everything when no name is given)"
+    )
     cache_clear.add_argument("names", nargs="*", help="entry names (or unique prefixes) from `kdistill cache ls`")
     cache_clear.add_argument("--dir", default=None, help=cache_dir_help)
     cache.set_defaults(handler=_cmd_cache)
