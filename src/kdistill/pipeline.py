@@ -317,42 +317,39 @@ def _cache_root(spec: RunSpec) -> Path | None:
     return None if spec.out is None else spec.out / "cache"
 
 
-def _cached_targets(spec: RunSpec, teacher: Teacher | None, train: Split, root: Path) -> torch.Tensor:
-    """The teacher's logits on the training rows through :mod:`kdistill.cache`: rank 0 fills the entry, the other
-    ranks open the one it names (they need no teacher for it)."""
-    from kdistill.cache import cached_teacher_outputs, clear_cache, open_entry
-
-    storage = spec.settings.cache.storage
-    entry = None
-    if _rank() == 0:
+def _teacher_targets(spec: RunSpec, teacher: Teacher | None, train: Split) -> torch.Tensor | None:
+    """Soft targets for the training rows (None when the teacher runs live on augmented batches): the teacher's
+    outputs, or out-of-fold ones, through :mod:`kdistill.cache` when there is a cache folder. Under torchrun every
+    rank calls the cache together: rank 0 fills the entry, the others (which may have no teacher) open it."""
+    if spec.augment is not None:
+        return None
+    root = _cache_root(spec)
+    seed, folds = spec.settings.seed, spec.oof_folds
+    if root is None:
         assert teacher is not None
-        if not spec.settings.cache.reuse:
-            from kdistill.cache import CacheKey
+        if spec.soft_targets == "oof":
+            return _oof_logits(teacher, train, folds, seed)
+        return teacher_logits(teacher, train.x)
+    from kdistill.cache import cached_teacher_outputs
 
-            key = CacheKey(teacher.fingerprint(), fingerprint_arrays(train.x), "logits", storage)
-            if (root / key.digest()).exists():
-                clear_cache(root, [key.digest()])
-        entry = cached_teacher_outputs(teacher, train.x, cache_dir=root, storage=storage)
-    key = _broadcast(None if entry is None else entry.key)
-    if entry is None:
-        entry = open_entry(root, key)
-        if entry is None:
-            raise CheckpointError(f"rank {_rank()} found no teacher outputs in {root}", hint="start the run again.")
+    common: dict[str, Any] = {"cache_dir": root, "reuse": spec.settings.cache.reuse, "collective": True}
+    if spec.soft_targets == "oof":
+        entry = cached_teacher_outputs(
+            teacher,
+            train.x,
+            kind=f"oof:folds={folds}:seed={seed}",
+            compute=lambda _: _oof_logits(_required(teacher), train, folds, seed),
+            labels=train.y,
+            **common,
+        )
+    else:
+        entry = cached_teacher_outputs(teacher, train.x, storage=spec.settings.cache.storage, **common)
     return entry.teacher_targets()
 
 
-def _teacher_targets(spec: RunSpec, teacher: Teacher | None, train: Split) -> torch.Tensor | None:
-    """Soft targets for the training rows, or None when the teacher runs live on augmented batches."""
-    if spec.augment is not None:
-        return None
-    if spec.soft_targets == "oof":
-        assert teacher is not None
-        return _oof_logits(teacher, train, spec.oof_folds, spec.settings.seed)
-    root = _cache_root(spec)
-    if root is not None:
-        return _cached_targets(spec, teacher, train, root)
-    assert teacher is not None
-    return teacher_logits(teacher, train.x)
+def _required(teacher: Teacher | None) -> Teacher:
+    assert teacher is not None, "only rank 0 computes out-of-fold targets, and it has the teacher"
+    return teacher
 
 
 def prepare(spec: RunSpec) -> Prepared:
@@ -367,7 +364,8 @@ def prepare(spec: RunSpec) -> Prepared:
         splits = _splits(spec, None)
         train = splits["train"]
         assert train is not None and spec.teacher_factory is not None
-        needs_live = bool(tuple(loss.teacher_features)) or spec.augment is not None or spec.soft_targets == "oof"
+        needs_live = bool(tuple(loss.teacher_features)) or spec.augment is not None
+        needs_live = needs_live or (spec.soft_targets == "oof" and _cache_root(spec) is None)
         if rank == 0 or needs_live:
             teacher = spec.teacher_factory(train)
     train = splits["train"]
@@ -401,10 +399,10 @@ def _width(spec: RunSpec, teacher: Teacher, train: Split) -> int:
     its outputs on a few rows."""
     root = _cache_root(spec)
     if root is not None and spec.settings.cache.reuse and spec.augment is None and spec.soft_targets == "predict":
-        from kdistill.cache import CacheKey, open_entry
+        from kdistill.cache import cache_key, open_entry
         from kdistill.errors import CacheError
 
-        key = CacheKey(teacher.fingerprint(), fingerprint_arrays(train.x), "logits", spec.settings.cache.storage)
+        key = cache_key(teacher, train.x, storage=spec.settings.cache.storage)
         try:
             entry = open_entry(root, key, verify=False)
         except CacheError:  # filling it recomputes the entry, and says so
