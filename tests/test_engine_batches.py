@@ -177,3 +177,14 @@ def test_as_inputs_keeps_integer_dtypes_of_a_mapping_and_floats_plain_arrays() -
         as_inputs({"input_ids": ids, "scale": np.array([0.0, 1.0, np.nan, 2.0])})
     with pytest.raises(DataError, match="mapping of arrays"):
         as_split(({"input_ids": ids}, np.zeros(4, dtype=np.int64)))
+
+
+def test_a_used_up_generator_is_a_clear_error_in_the_next_epoch() -> None:
+    from torch import nn
+
+    from kdistill.engine import TrainConfig, fit
+    from kdistill.losses import get_loss
+
+    rows = ((torch.zeros(3), 0) for _ in range(8))  # a generator: one pass only
+    with pytest.raises(DataError, match="yielded no batch in epoch 1"):
+        fit(nn.Linear(3, 2), get_loss("ce"), StreamingSource(rows, rows=8), config=TrainConfig(epochs=2, verbose=False))

@@ -36,7 +36,7 @@ from kdistill.engine.batches import Batch, DataSource, InMemorySource, Inputs, m
 from kdistill.engine.callbacks import Callback
 from kdistill.engine.live import Augment
 from kdistill.engine.sources import Step, TeacherSource, choose_teacher_source
-from kdistill.errors import ConfigError, KdistillError, NonFiniteLossError
+from kdistill.errors import ConfigError, DataError, KdistillError, NonFiniteLossError
 from kdistill.features import capture_features
 from kdistill.losses.base import Loss
 from kdistill.losses.prepare import prepare_loss
@@ -356,11 +356,11 @@ def _optimizer(model: nn.Module, loss_fn: Loss, config: TrainConfig) -> torch.op
     raise ConfigError(f"unknown optimizer {config.optimizer!r}", hint="use 'adamw' or 'sgd'.")
 
 
-def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
+def _autocast(device: str, precision: str) -> contextlib.AbstractContextManager[Any]:
     if precision == "fp32":
         return contextlib.nullcontext()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
 
 
 def _world() -> tuple[int, int]:
@@ -412,6 +412,7 @@ def _fit(
         from torch.nn.parallel import DistributedDataParallel
 
         forward = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    features = tuple(loss_fn.student_features)
     step_hooks = [callback for callback in callbacks if type(callback).on_batch_end is not Callback.on_batch_end]
     for callback in callbacks:
         callback.on_train_begin(state)
@@ -439,7 +440,7 @@ def _fit(
         )
         first_step = 0
         for step in teacher_source.stream(_steps(batches, config.grad_accumulation), epoch):
-            terms = _train_step(step, model, forward, loss_fn, optimizer, state.scaler, config)
+            terms = _train_step(step, model, forward, loss_fn, features, optimizer, state.scaler, config)
             scheduler.step()
             state.global_step += 1
             state.step_in_epoch += 1
@@ -450,6 +451,12 @@ def _fit(
                 break
 
         step_terms = state.epoch_terms
+        if not step_terms:
+            raise DataError(
+                f"the data source ({type(data).__name__}) yielded no batch in epoch {epoch}",
+                hint="a streaming iterable must start again on each iter(): pass an IterableDataset or a list, not "
+                "a generator (which is used up after one epoch).",
+            )
         means = {name: torch.stack([terms[name] for terms in step_terms]).float().mean() for name in step_terms[0]}
         if world_size > 1:  # every rank sees the same epoch metrics, and the same NaN
             for mean in means.values():
@@ -484,21 +491,21 @@ def _train_step(
     model: nn.Module,
     forward: nn.Module,
     loss_fn: Loss,
+    features: tuple[str, ...],
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler | None,
     config: TrainConfig,
 ) -> dict[str, torch.Tensor]:
     """One optimizer step over its micro-batches; returns the step's terms (detached, summed over the weighted
-    micro-batches: the step's mean on one process, this rank's weighted share under DDP)."""
-    device = torch.device(config.device)
-    student_features = tuple(loss_fn.student_features)
+    micro-batches: the step's mean on one process, this rank's weighted share under DDP). ``features``: the student
+    features the loss reads."""
     optimizer.zero_grad(set_to_none=True)
     total: dict[str, torch.Tensor] = {}
     last = len(step) - 1
     for number, (batch, teacher_out) in enumerate(step):
         with _no_sync(forward) if number < last else contextlib.nullcontext():
-            with _autocast(device, config.precision):
-                terms = loss_fn(_student(forward, model, batch.inputs, student_features), teacher_out, batch.target)
+            with _autocast(config.device, config.precision):
+                terms = loss_fn(_student(forward, model, batch.inputs, features), teacher_out, batch.target)
             if batch.weight != 1.0:  # a rank's or micro-batch's share of the step's mean
                 terms = {name: value * batch.weight for name, value in terms.items()}
             if scaler is None:
