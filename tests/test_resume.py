@@ -284,4 +284,8 @@ def test_a_nan_before_a_mid_epoch_checkpoint_stops_and_keeps_the_previous_one(tm
     assert f"{path} (epoch 0, step 3)" in str(caught.value)
     checkpoint = load_checkpoint(path)
     assert (checkpoint.epoch, checkpoint.step_in_epoch) == (-1, 3)
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:  # a kdistill that resumes only at epoch ends refuses it
+        assert json.loads((handle.metadata() or {})["kdistill_checkpoint"])["format"] == 2
     assert all(bool(torch.isfinite(t).all()) for t in checkpoint.model.values())

@@ -32,9 +32,21 @@ from kdistill.io import atomic_write_bytes
 if TYPE_CHECKING:
     from kdistill.engine.loop import TrainState
 
-__all__ = ["FORMAT_VERSION", "Checkpoint", "Checkpointer", "load_checkpoint", "restore_state", "save_checkpoint"]
+__all__ = [
+    "FORMAT_VERSION",
+    "MID_EPOCH_FORMAT_VERSION",
+    "Checkpoint",
+    "Checkpointer",
+    "load_checkpoint",
+    "restore_state",
+    "save_checkpoint",
+]
 
 FORMAT_VERSION = 1
+MID_EPOCH_FORMAT_VERSION = 2
+"""Mid-epoch checkpoints carry a format of their own, so that a kdistill that cannot resume inside an epoch refuses
+them instead of silently replaying the cut epoch with another order. Epoch-end checkpoints keep format 1."""
+_READABLE = (FORMAT_VERSION, MID_EPOCH_FORMAT_VERSION)
 _META_KEY = "kdistill_checkpoint"
 
 
@@ -177,7 +189,7 @@ def save_checkpoint(
         trainer["epoch_generator"] = state.epoch_generator
         trainer["rank_local"] = rank_local or [_rank_local(state)]
     skeleton = {
-        "format": FORMAT_VERSION,
+        "format": MID_EPOCH_FORMAT_VERSION if mid_epoch else FORMAT_VERSION,
         "epoch": state.epoch - 1 if mid_epoch else state.epoch,
         "step_in_epoch": state.step_in_epoch if mid_epoch else 0,
         "completed": completed,
@@ -205,9 +217,9 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
             f"{source} is not a readable kdistill checkpoint ({type(exc).__name__}: {exc})",
             hint="the file is corrupt, truncated or not a checkpoint; delete the run folder and start again.",
         ) from exc
-    if skeleton.get("format") != FORMAT_VERSION:
+    if skeleton.get("format") not in _READABLE:
         raise CheckpointError(
-            f"{source} has checkpoint format {skeleton.get('format')!r}; this kdistill reads {FORMAT_VERSION}",
+            f"{source} has checkpoint format {skeleton.get('format')!r}; this kdistill reads {list(_READABLE)}",
             hint="resume with the kdistill version that wrote it, or start the run again.",
         )
     return Checkpoint(
