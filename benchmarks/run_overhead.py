@@ -1,7 +1,8 @@
 """What checkpoints and the NaN check cost next to one epoch of training: a digits MLP (the digits example's student)
 is trained for a few epochs (median epoch time), then its full checkpoint (weights, AdamW state, RNGs, history) is
-saved and loaded repeatedly (median times, file size); and the per-epoch non-finite check is timed against a
-per-step one.
+saved and loaded repeatedly (median times, file size), and a mid-epoch one (``Checkpointer(every_steps=N)``: also the
+epoch's step losses and the generator's state at the epoch's start); and the per-epoch non-finite check is timed
+against a per-step one.
 
     python benchmarks/run_overhead.py            # ~30 s on a 2-core CPU box
 
@@ -67,10 +68,13 @@ def main() -> None:
 
     epochs = [_train(args.epochs)[0] for _ in range(args.repeats)]
     _, state = _train(args.epochs)
-    saves, loads = [], []
+    saves, loads, mid_saves = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "checkpoint.safetensors"
         for _ in range(args.repeats * 4):
+            started = time.perf_counter()
+            save_checkpoint(path, state, mid_epoch=True)
+            mid_saves.append(time.perf_counter() - started)
             started = time.perf_counter()
             save_checkpoint(path, state)
             saves.append(time.perf_counter() - started)
@@ -88,6 +92,7 @@ def main() -> None:
         "checkpoint_save_s": round(save_s, 4),
         "checkpoint_load_s": round(load_s, 4),
         "checkpoint_save_over_epoch": round(save_s / epoch_s, 3),
+        "mid_epoch_checkpoint_save_s": round(statistics.median(mid_saves), 4),
         "checkpoint_bytes": size,
         "finite_check_per_epoch_s": round(sum_check, 7),
         "finite_check_per_step_s": round(step_checks, 7),
@@ -97,7 +102,8 @@ def main() -> None:
     }
     print(
         f"epoch {epoch_s * 1e3:.1f} ms; checkpoint save {save_s * 1e3:.1f} ms "
-        f"({result['checkpoint_save_over_epoch']:.1%} of an epoch, fsync included), load {load_s * 1e3:.1f} ms, "
+        f"({result['checkpoint_save_over_epoch']:.1%} of an epoch, fsync included; mid-epoch "
+        f"{result['mid_epoch_checkpoint_save_s'] * 1e3:.1f} ms), load {load_s * 1e3:.1f} ms, "
         f"{size / 1024:.0f} KiB; NaN check {sum_check * 1e6:.0f} us/epoch (a bool() per step: "
         f"{step_checks * 1e6:.0f} us/epoch)"
     )

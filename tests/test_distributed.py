@@ -97,3 +97,112 @@ def test_torchrun_killed_and_resumed_matches_an_uninterrupted_torchrun_bit_for_b
     expected = load_file(str(tmp_path / "reference" / "student.safetensors"))
     got = load_file(str(tmp_path / "killed" / "student.safetensors"))
     assert all(torch.equal(expected[name], got[name]) for name in expected)
+
+
+# fit() under torchrun with gradient accumulation and a checkpoint every 4 steps (mid-epoch saves gather every rank's
+# state); `script.py FOLDER ACCUMULATION [resume]`. KILL_AFTER_STEPS kills rank 0 after that optimizer step.
+FIT_SCRIPT = """
+import os, signal, sys
+import torch
+import torch.distributed as dist
+from safetensors.torch import save_file
+from sklearn.datasets import load_digits
+from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+from kdistill.engine import Checkpointer, TrainConfig, TransferSet, fit, load_checkpoint
+from kdistill.losses import get_loss
+
+
+def train(folder, accumulation, dropout=0.0, resume=False):
+    x, y = load_digits(return_X_y=True)
+    x, y = torch.tensor(x[:600] / 16, dtype=torch.float32), torch.tensor(y[:600])
+    torch.manual_seed(0)
+    logits = nn.Linear(64, 10)(x).detach() * 3
+    student = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Dropout(dropout), nn.Linear(32, 10))
+    path = os.path.join(folder, "checkpoint.safetensors")
+    config = TrainConfig(epochs=3, batch_size=61, grad_accumulation=accumulation, clip_grad_norm=1.0, verbose=False)
+    state = fit(
+        student,
+        get_loss("kd", temperature=2.0),
+        TransferSet(x, y, logits),
+        config=config,
+        callbacks=[Checkpointer(path, every_steps=4)],
+        resume=load_checkpoint(path) if resume else None,
+    )
+    if state.rank == 0:
+        save_file(dict(student.state_dict()), os.path.join(folder, "student.safetensors"))
+    return state
+
+
+if __name__ == "__main__":
+    steps = 0
+    def kill_after(optimizer, args, kwargs):
+        global steps
+        steps += 1
+        if steps == int(os.environ.get("KILL_AFTER_STEPS", "0")) and os.environ["RANK"] == "0":
+            os.kill(os.getpid(), signal.SIGKILL)
+    register_optimizer_step_post_hook(kill_after)
+    dist.init_process_group("gloo")
+    train(sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), resume=len(sys.argv) > 4)
+    dist.destroy_process_group()
+"""
+
+
+def _fit_script(tmp_path: Path) -> Path:
+    script = tmp_path / "fit_ddp.py"
+    script.write_text(FIT_SCRIPT)
+    return script
+
+
+def _torchrun(script: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
+    return subprocess.run([*command, *args], capture_output=True, text=True, timeout=300, env=env)
+
+
+def test_torchrun_with_gradient_accumulation_matches_one_process_without(tmp_path: Path) -> None:
+    """2 ranks x 2 micro-batches (slices of 31/30 rows, micro-batches of 16/15/15/15) against one process taking
+    each batch of 61 rows at once: the weighting makes the step's gradient the batch's mean; no_sync defers the
+    all-reduce to the last micro-batch."""
+    import importlib.util
+
+    script = _fit_script(tmp_path)
+    (tmp_path / "two").mkdir()
+    done = _torchrun(script, str(tmp_path / "two"), "2", "0.0")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    spec = importlib.util.spec_from_file_location("fit_ddp", script)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    (tmp_path / "one").mkdir()
+    module.train(str(tmp_path / "one"), 1)
+    single = load_file(str(tmp_path / "one" / "student.safetensors"))
+    parallel = load_file(str(tmp_path / "two" / "student.safetensors"))
+    for name in single:
+        torch.testing.assert_close(parallel[name], single[name], rtol=1e-4, atol=1e-5, msg=name)
+    from kdistill.engine import load_checkpoint
+
+    checkpoint = load_checkpoint(tmp_path / "two" / "checkpoint.safetensors")
+    assert checkpoint.completed
+
+
+@pytest.mark.skipif(not os.environ.get("KDISTILL_SLOW"), reason="3 torchrun launches (~1 min): KDISTILL_SLOW=1")
+def test_torchrun_killed_mid_epoch_resumes_from_the_step_checkpoint_bit_for_bit(tmp_path: Path) -> None:
+    """Rank 0 killed after step 15 (epoch 1, step 5); both ranks resume from the checkpoint of step 12, each with its
+    own dropout state and step terms."""
+    script = _fit_script(tmp_path)
+    for folder in ("reference", "killed"):
+        (tmp_path / folder).mkdir()
+    assert _torchrun(script, str(tmp_path / "reference"), "2", "0.2").returncode == 0
+    killed = _torchrun(script, str(tmp_path / "killed"), "2", "0.2", env={**os.environ, "KILL_AFTER_STEPS": "15"})
+    assert killed.returncode != 0
+    from kdistill.engine import load_checkpoint
+
+    checkpoint = load_checkpoint(tmp_path / "killed" / "checkpoint.safetensors")
+    assert (checkpoint.epoch, checkpoint.step_in_epoch) == (0, 2)
+    assert len(checkpoint.trainer["rank_local"]) == 2
+    done = _torchrun(script, str(tmp_path / "killed"), "2", "0.2", "resume")
+    assert done.returncode == 0, done.stderr[-3000:]
+    expected = load_file(str(tmp_path / "reference" / "student.safetensors"))
+    got = load_file(str(tmp_path / "killed" / "student.safetensors"))
+    assert all(torch.equal(expected[name], got[name]) for name in expected)

@@ -1,8 +1,10 @@
-"""Checkpoints and resume: a run killed with SIGKILL in the middle of an epoch, resumed, ends bit for bit where an
+"""Checkpoints and resume: a run killed with SIGKILL in the middle of an epoch, resumed (from its last epoch, or from a
+mid-epoch checkpoint at the next step), ends bit for bit where an
 uninterrupted run ends; a resumed config must match; a NaN loss stops the run and never replaces a good checkpoint."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -158,3 +160,132 @@ def test_nan_loss_names_the_step_and_keeps_the_last_good_checkpoint(tmp_path: Pa
     assert checkpoint.epoch == 0
     assert all(bool(torch.isfinite(t).all()) for t in checkpoint.model.values() if t.is_floating_point())
     assert not (folder / "student.safetensors").exists()
+
+
+# A run through fit() with a checkpoint every 5 optimizer steps; `python script.py FOLDER CASE` trains and saves the
+# student, and dies by SIGKILL right after optimizer step KILL_AFTER_STEPS when that is set.
+MID_EPOCH_RUN = textwrap.dedent(
+    """
+    import os, signal, sys
+    import torch
+    from sklearn.datasets import load_digits
+    from safetensors.torch import save_file
+    from torch import nn
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    from kdistill.engine import Checkpointer, EarlyStopping, TrainConfig, TransferSet, fit, load_checkpoint
+    from kdistill.losses import get_loss
+    from kdistill.teachers import TorchTeacher
+
+    def jitter(x, generator):
+        return x + 0.5 * torch.randn(x.shape, generator=generator)
+
+    def train(folder, case, resume=False):
+        x, y = load_digits(return_X_y=True)
+        x, y = torch.tensor(x[:600] / 16, dtype=torch.float32), torch.tensor(y[:600])
+        torch.manual_seed(0)
+        teacher = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+        logits = teacher(x).detach()
+        student = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Dropout(0.3), nn.Linear(32, 10))
+        path = os.path.join(folder, "checkpoint.safetensors")
+        callbacks = [EarlyStopping(patience=None), Checkpointer(path, every_steps=5)]
+        extra = {}
+        settings = {"epochs": 4, "batch_size": 64, "seed": 1, "verbose": False}  # 10 steps per epoch
+        if case == "augmented":
+            extra = {"teacher": TorchTeacher(teacher), "augment": jitter, "prefetch_teacher": True}
+        else:
+            settings |= {"grad_accumulation": 3, "clip_grad_norm": 0.5}
+        state = fit(
+            student,
+            get_loss("kd", temperature=2.0),
+            TransferSet(x, y, None if case == "augmented" else logits),
+            val=(x[:100], y[:100]),
+            config=TrainConfig(**settings),
+            callbacks=callbacks,
+            resume=load_checkpoint(path) if resume else None,
+            **extra,
+        )
+        save_file(dict(student.state_dict()), os.path.join(folder, "student.safetensors"))
+        return state
+
+    if __name__ == "__main__":
+        steps = 0
+        def kill_after(optimizer, args, kwargs):
+            global steps
+            steps += 1
+            if steps == int(os.environ["KILL_AFTER_STEPS"]):
+                os.kill(os.getpid(), signal.SIGKILL)
+        register_optimizer_step_post_hook(kill_after)
+        train(sys.argv[1], sys.argv[2])
+    """
+)
+
+
+@pytest.mark.parametrize("case", ["accumulated", "augmented"])
+def test_sigkill_mid_epoch_resumes_at_the_next_step_bit_for_bit(tmp_path: Path, case: str) -> None:
+    """Killed after step 27 (epoch 2, step 7), resumed from the checkpoint of step 25: dropout, shuffling, Adam,
+    early stopping, gradient accumulation and clipping (or the augmentation generator with prefetch) continue."""
+    script = tmp_path / "mid_epoch_run.py"
+    script.write_text(MID_EPOCH_RUN)
+    spec = importlib.util.spec_from_file_location("mid_epoch_run", script)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    (tmp_path / "whole").mkdir()
+    whole = module.train(str(tmp_path / "whole"), case)
+
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    done = subprocess.run(
+        [sys.executable, str(script), str(killed), case],
+        env={**os.environ, "KILL_AFTER_STEPS": "27"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    checkpoint = load_checkpoint(killed / "checkpoint.safetensors")
+    assert (checkpoint.epoch, checkpoint.step_in_epoch, checkpoint.completed) == (1, 5, False)
+    resumed = module.train(str(killed), case, resume=True)
+    expected, got = _weights(tmp_path / "whole"), _weights(killed)
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), name
+    strip = [{k: v for k, v in epoch.items() if k != "time_s"} for epoch in whole.history]
+    assert [{k: v for k, v in epoch.items() if k != "time_s"} for epoch in resumed.history] == strip
+    assert resumed.global_step == whole.global_step == 40
+
+
+def test_a_nan_before_a_mid_epoch_checkpoint_stops_and_keeps_the_previous_one(tmp_path: Path) -> None:
+    from torch import nn
+
+    from kdistill.engine import Checkpointer, TrainConfig, TransferSet, fit
+    from kdistill.losses import get_loss
+
+    class NanFromCall(nn.Module):
+        def __init__(self, call: int) -> None:
+            super().__init__()
+            self.layer, self.call, self.calls = nn.Linear(4, 3), call, 0
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.calls += 1
+            return self.layer(x) * (float("nan") if self.calls > self.call else 1.0)
+
+    x, y = torch.randn(40, 4), torch.randint(0, 3, (40,))
+    path = tmp_path / "checkpoint.safetensors"
+    with pytest.raises(NonFiniteLossError) as caught:  # steps 1-4 fine, step 5 NaN; saves at 3 and would at 6
+        fit(
+            NanFromCall(4),
+            get_loss("ce"),
+            TransferSet(x, y, None),
+            config=TrainConfig(epochs=1, batch_size=4, verbose=False),
+            callbacks=[Checkpointer(path, every_steps=3)],
+        )
+    assert "at step 4 (epoch 0, batch 4)" in str(caught.value)
+    assert f"{path} (epoch 0, step 3)" in str(caught.value)
+    checkpoint = load_checkpoint(path)
+    assert (checkpoint.epoch, checkpoint.step_in_epoch) == (-1, 3)
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:  # a kdistill that resumes only at epoch ends refuses it
+        assert json.loads((handle.metadata() or {})["kdistill_checkpoint"])["format"] == 2
+    assert all(bool(torch.isfinite(t).all()) for t in checkpoint.model.values())

@@ -1,13 +1,19 @@
 """Turning what users pass (numpy, pandas, torch tensors, torch Datasets) into checked tensors.
 
-Everything the engine touches goes through :func:`as_split`, so every entry point rejects bad data the same way and
-with the same messages: empty data, NaN or inf, non-numeric columns, and X and y of different lengths.
+Everything the engine touches goes through :func:`as_split` (or :func:`as_inputs` for the inputs alone), so every
+entry point rejects bad data the same way and with the same messages: empty data, NaN or inf, non-numeric columns, and
+X and y of different lengths.
+
+The dtype rule: a plain numeric feature array (numpy, pandas or torch, any numeric dtype) becomes float32, as the MLP
+and CNN students expect (kdistill 0.1's rule, which the pinned runs depend on). A mapping of arrays (``{"input_ids":
+..., "attention_mask": ...}``) keeps every integer and bool dtype as given (``input_ids`` stay int64, for embeddings);
+only its floating-point arrays become float32.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from kdistill.errors import DataError, LabelError
 
-__all__ = ["Split", "as_split", "encode_labels", "fingerprint_arrays"]
+__all__ = ["Split", "as_inputs", "as_split", "encode_labels", "fingerprint_arrays"]
 
 
 @dataclass(frozen=True)
@@ -80,6 +86,45 @@ def _check_x(x: Any, name: str) -> torch.Tensor:
         raise DataError(
             f"{name} has NaN or inf in {len(bad_rows)} row(s), first at row {int(bad_rows[0])}",
             hint="impute or drop those rows (e.g. sklearn.impute.SimpleImputer) before distilling.",
+        )
+    return tensor
+
+
+def as_inputs(x: Any, *, name: str = "X") -> torch.Tensor | dict[str, torch.Tensor]:
+    """Check inputs and return them as a tensor or a mapping of tensors, by the module's dtype rule.
+
+    ``x``: (rows, *features) numeric (float32 out, NaN/inf refused), or a mapping of name -> (rows, ...) arrays or
+    tensors with the same number of rows (integer and bool dtypes kept; floating ones float32, NaN/inf refused).
+    """
+    if not isinstance(x, Mapping):
+        return _check_x(x, name)
+    if not x:
+        raise DataError(f"{name} is an empty mapping", hint="pass at least one array, e.g. {'input_ids': ids}.")
+    tensors = {str(key): _check_named(value, f"{name}[{key!r}]") for key, value in x.items()}
+    rows = {key: int(value.shape[0]) for key, value in tensors.items()}
+    if len(set(rows.values())) > 1:
+        raise DataError(
+            f"{name} has arrays with different numbers of rows: {rows}",
+            hint="every array of the mapping describes the same rows (pad sequences to one length per row).",
+        )
+    return tensors
+
+
+def _check_named(value: Any, name: str) -> torch.Tensor:
+    """One array of an input mapping: integers and bools keep their dtype, floats become float32 (finite)."""
+    tensor = value.detach().cpu() if isinstance(value, torch.Tensor) else torch.as_tensor(_to_numpy_x(value, name))
+    if tensor.ndim == 0 or tensor.shape[0] == 0:
+        raise DataError(f"{name} is empty (shape {tuple(tensor.shape)})", hint="pass at least one row.")
+    if tensor.is_complex():
+        raise DataError(f"{name} is complex ({tensor.dtype})", hint="pass real numbers.")
+    if not tensor.is_floating_point():
+        return tensor
+    tensor = tensor.float()
+    if not bool(torch.isfinite(tensor).all()):
+        bad = (~torch.isfinite(tensor)).reshape(len(tensor), -1).any(dim=1).nonzero().flatten()
+        raise DataError(
+            f"{name} has NaN or inf in {len(bad)} row(s), first at row {int(bad[0])}",
+            hint="impute or drop those rows before distilling.",
         )
     return tensor
 
@@ -172,6 +217,12 @@ def as_split(data: Any, *, name: str = "train", classes: np.ndarray | None = Non
         raise DataError(
             f"{name} must be an (X, y) pair or a torch Dataset, got {type(data).__name__}",
             hint=f"pass {name}=(X, y).",
+        )
+    if isinstance(x_raw, Mapping):
+        raise DataError(
+            f"{name} X is a mapping of arrays ({list(x_raw)[:5]}); this entry point takes one feature array",
+            hint="train on a mapping of inputs with kdistill.engine.fit(model, loss, TransferSet(as_inputs(X), y, "
+            "teacher_logits)) or an InMemorySource.",
         )
     x = _check_x(x_raw, f"{name} X")
     if y_raw is None:

@@ -1,9 +1,11 @@
 """Callbacks: what happens around the loop (early stopping, progress), kept out of the loop itself.
 
-Hooks, called in this order: ``on_train_begin(state)``, then per epoch ``on_epoch_end(state)`` after validation,
-and ``on_train_end(state)``. A callback stops training by setting ``state.stop = True``. A callback with state that a
-resumed run needs (early stopping's best score and weights) returns it from ``state_dict()`` (tensors, numbers,
-strings, lists, dicts) and takes it back in ``load_state_dict()``; checkpoints store it.
+Hooks, called in this order: ``on_train_begin(state)``; then after every optimizer step ``on_batch_end(state, terms)``
+(the step's loss terms, detached tensors; only callbacks that override it are called, so it costs nothing when unused),
+and per epoch ``on_epoch_end(state)`` after validation; and ``on_train_end(state)``. A callback stops training by
+setting ``state.stop = True``. A callback with state that a resumed run needs (early stopping's best score and weights)
+returns it from ``state_dict()`` (tensors, numbers, strings, lists, dicts) and takes it back in ``load_state_dict()``;
+checkpoints store it.
 """
 
 from __future__ import annotations
@@ -12,7 +14,11 @@ import copy
 import math
 from typing import TYPE_CHECKING, Any
 
+from kdistill.errors import ConfigError
+
 if TYPE_CHECKING:
+    import torch
+
     from kdistill.engine.loop import TrainState
 
 __all__ = ["Callback", "EarlyStopping", "ProgressBar"]
@@ -23,6 +29,11 @@ class Callback:
 
     def on_train_begin(self, state: TrainState) -> None:
         """Before the first epoch."""
+
+    def on_batch_end(self, state: TrainState, terms: dict[str, torch.Tensor]) -> None:
+        """After each optimizer step (``state.global_step`` counts them, ``state.step_in_epoch`` within the epoch);
+        ``terms``: the step's loss terms (``"loss"`` and the method's parts), detached. Reading a value with
+        ``float()`` synchronises a GPU: do it every N steps, not every step."""
 
     def on_epoch_end(self, state: TrainState) -> None:
         """After each epoch's validation; ``state.history[-1]`` holds its metrics."""
@@ -41,27 +52,41 @@ class Callback:
 class EarlyStopping(Callback):
     """Stops when ``monitor`` has not improved for ``patience`` epochs, and restores the best weights at the end.
 
-    ``monitor`` is a key of the epoch's metrics: ``"val_accuracy"`` (higher is better; ties go to the lower
-    ``val_nll``) or a loss such as ``"val_nll"`` (lower is better). ``patience=None`` never stops early but still
-    restores the best weights.
+    ``monitor`` is a key of the epoch's metrics (what the validation returned: ``"val_accuracy"``, ``"val_nll"``, or
+    a task's own such as ``"val_perplexity"``). ``mode``: ``"max"`` (higher is better) or ``"min"``; None infers it
+    from the name as kdistill 0.1 did: ``"max"`` for a name containing ``"accuracy"``, else ``"min"``. With
+    ``"max"`` on an accuracy, ties go to the lower ``val_nll``. ``patience=None`` never stops early but still
+    restores the best weights. An epoch without validation metrics (no ``val_`` key) is skipped; one whose
+    validation lacks ``monitor`` is an error naming the keys it has.
     """
 
-    def __init__(self, monitor: str = "val_accuracy", patience: int | None = 10) -> None:
+    def __init__(self, monitor: str = "val_accuracy", patience: int | None = 10, mode: str | None = None) -> None:
+        if mode is None:
+            mode = "max" if "accuracy" in monitor else "min"
+        if mode not in ("max", "min"):
+            raise ConfigError(f"EarlyStopping mode must be 'max' or 'min', got {mode!r}", hint="higher or lower?")
         self.monitor = monitor
         self.patience = patience
+        self.mode = mode
         self.best_epoch = -1
         self._best: tuple[float, float] = (-math.inf, -math.inf)
         self._best_state: dict[str, Any] | None = None
 
     def _score(self, metrics: dict[str, float]) -> tuple[float, float]:
         value = metrics[self.monitor]
-        if "accuracy" in self.monitor:
-            return (value, -metrics.get("val_nll", 0.0))
-        return (-value, 0.0)
+        if self.mode == "min":
+            return (-value, 0.0)
+        return (value, -metrics.get("val_nll", 0.0) if "accuracy" in self.monitor else 0.0)
 
     def on_epoch_end(self, state: TrainState) -> None:
         metrics = state.history[-1]
         if self.monitor not in metrics:
+            validated = sorted(key for key in metrics if key.startswith("val_"))
+            if validated:
+                raise ConfigError(
+                    f"early stopping monitors {self.monitor!r}, which the validation did not return",
+                    hint=f"monitor one of {validated}.",
+                )
             return
         score = self._score(metrics)
         if score > self._best:

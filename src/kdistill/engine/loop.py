@@ -1,6 +1,19 @@
-"""The training loop: mini-batches drawn by indexing in-memory tensors, AdamW (or SGD) with warm-up and cosine decay,
-validation every epoch, callbacks around it. Everything optional lives in callbacks (checkpoints included); the loop
-itself knows how to resume from a checkpoint, stop on a NaN/inf loss, autocast, and run under torchrun (DDP)."""
+"""The training loop, short enough to read in one sitting.
+
+*What* is trained is given to :func:`fit`: the student, the loss, a data source (:mod:`kdistill.engine.batches`),
+a teacher-output source chosen once before the loop (:mod:`kdistill.engine.sources`), a validation callable, and
+callbacks for everything optional (early stopping, checkpoints, logs). *How* is :class:`TrainConfig`: optimizer,
+schedule, precision, gradient accumulation and clipping. The loop itself knows how to resume (at an epoch's start or
+in the middle of one), stop on a NaN/inf loss, autocast, and run under torchrun (DDP).
+
+One optimizer step, as :func:`_train_step` does it::
+
+    zero the gradients
+    for each micro-batch (its teacher outputs beside it):        # grad_accumulation of them, else one
+        terms = loss(student(inputs), teacher_outputs, target)   # a dict: "loss" and the method's parts
+        backward(terms["loss"] * batch.weight)                   # under DDP, gradients sync on the last one only
+    clip the gradient norm (after unscaling fp16), step the optimizer
+"""
 
 from __future__ import annotations
 
@@ -8,10 +21,10 @@ import contextlib
 import math
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, overload
 
 import torch
 import torch.distributed as dist
@@ -19,18 +32,34 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdistill import defaults
+from kdistill.engine.batches import Batch, DataSource, InMemorySource, Inputs, micro_batches, rows_of
 from kdistill.engine.callbacks import Callback
-from kdistill.engine.live import Augment, live_batches
-from kdistill.errors import ConfigError, KdistillError, NonFiniteLossError
+from kdistill.engine.live import Augment
+from kdistill.engine.sources import Step, TeacherSource, choose_teacher_source
+from kdistill.errors import ConfigError, DataError, KdistillError, NonFiniteLossError
 from kdistill.features import capture_features
 from kdistill.losses.base import Loss
-from kdistill.losses.prepare import StaticTargets, TeacherBank, prepare_loss
+from kdistill.losses.prepare import prepare_loss
 from kdistill.teachers.base import Outputs, Teacher
 
 if TYPE_CHECKING:
     from kdistill.engine.checkpoint import Checkpoint
 
-__all__ = ["TrainConfig", "TrainState", "TransferSet", "auto_threads", "fit", "num_threads", "predict_logits"]
+__all__ = [
+    "TrainConfig",
+    "TrainState",
+    "TransferSet",
+    "Validate",
+    "auto_threads",
+    "fit",
+    "num_threads",
+    "predict_logits",
+    "validate_classification",
+]
+
+Validate = Callable[[nn.Module, Any], Mapping[str, float]]
+"""``validate(model, val) -> {"val_...": value}``: the epoch's validation metrics (model in eval mode is the
+callable's business; :func:`validate_classification` is the default)."""
 
 
 @dataclass(frozen=True)
@@ -41,8 +70,13 @@ class TrainConfig:
     ``optimizer``: ``"adamw"`` or ``"sgd"`` (with ``momentum``). ``schedule``: ``"warmup_cosine"`` (linear warm-up over
     ``warmup_fraction`` of the steps, then cosine decay to 0) or ``"constant"``. ``precision``: ``"fp32"``, or
     ``"bf16"``/``"fp16"`` autocast for the forward pass and the loss (fp16 on CUDA uses a gradient scaler).
-    ``batch_size`` is the global batch: under torchrun each of the N ranks takes 1/N of every batch. The optimizer
-    defaults are :mod:`kdistill.defaults` (a strongly regularised AdamW, measured there)."""
+    ``batch_size`` is the global batch of one optimizer step: under torchrun each of the N ranks takes 1/N of every
+    batch. ``grad_accumulation``: each rank's share of a batch is cut into that many micro-batches, back-propagated
+    one after the other (each loss weighted by its share of the rows) before one optimizer step, so the step's
+    gradient is the whole batch's mean gradient with a fraction of the activations' memory; the schedule counts
+    optimizer steps, as without it. ``clip_grad_norm``: the largest total gradient norm (over the student and the
+    loss's learned parts, after unscaling fp16) before each step, None for no clipping. The optimizer defaults are
+    :mod:`kdistill.defaults` (a strongly regularised AdamW, measured there)."""
 
     epochs: int = defaults.EPOCHS
     batch_size: int = defaults.BATCH_SIZE
@@ -58,29 +92,50 @@ class TrainConfig:
     momentum: float = 0.9
     schedule: str = "warmup_cosine"
     precision: str = "fp32"
+    grad_accumulation: int = 1
+    clip_grad_norm: float | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.grad_accumulation, bool) or not isinstance(self.grad_accumulation, int):
+            raise ConfigError(
+                f"grad_accumulation must be a whole number, got {self.grad_accumulation!r}", hint="use 1 for none."
+            )
+        if self.grad_accumulation < 1:
+            raise ConfigError(f"grad_accumulation must be >= 1, got {self.grad_accumulation}", hint="use 1 for none.")
+        if self.clip_grad_norm is not None and not (self.clip_grad_norm > 0 and math.isfinite(self.clip_grad_norm)):
+            raise ConfigError(
+                f"clip_grad_norm must be a positive number or None, got {self.clip_grad_norm!r}",
+                hint="1.0 is a common choice; None turns clipping off.",
+            )
 
 
 @dataclass(frozen=True)
 class TransferSet:
-    """The rows the student learns from. ``teacher_logits``: (rows, classes), aligned with ``x`` row for row,
-    computed once before training. ``y`` is None for unlabeled rows."""
+    """The rows the student learns from, in memory. ``x``: (rows, *features) or a mapping of (rows, ...) tensors;
+    ``teacher_logits``: (rows, classes), aligned with ``x`` row for row, computed once before training. ``y`` is None
+    for unlabeled rows; ``label_mask`` (rows,) bool marks the labelled ones of a partly labelled set."""
 
-    x: torch.Tensor
+    x: Inputs
     y: torch.Tensor | None
     teacher_logits: torch.Tensor | None
+    label_mask: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
-        for name in ("y", "teacher_logits"):
+        rows = rows_of(self.x)
+        for name in ("y", "teacher_logits", "label_mask"):
             value = getattr(self, name)
-            if value is not None and len(value) != len(self.x):
-                raise KdistillError(f"transfer set {name} has {len(value)} rows, x has {len(self.x)}")
+            if value is not None and len(value) != rows:
+                raise KdistillError(f"transfer set {name} has {len(value)} rows, x has {rows}")
 
 
 @dataclass
 class TrainState:
     """What callbacks see: the model, the epoch (0-based), every epoch's metrics so far, and a stop flag; and what a
-    checkpoint saves (optimizer, scheduler, shuffling generator, gradient scaler, loss, callbacks). ``model`` is the
-    plain module, never the DistributedDataParallel wrapper. ``last_checkpoint`` is set by the checkpoint callback."""
+    checkpoint saves (optimizer, scheduler, shuffling generator, gradient scaler, loss, callbacks, teacher-output
+    source). ``model`` is the plain module, never the DistributedDataParallel wrapper. ``last_checkpoint`` is set by
+    the checkpoint callback. ``global_step`` counts optimizer steps over the run, ``step_in_epoch`` within the epoch
+    (of ``steps_per_epoch``); ``epoch_terms`` holds the epoch's step terms so far (detached), ``epoch_generator`` the
+    shuffling generator's state at the epoch's start (what a mid-epoch checkpoint resumes from)."""
 
     model: nn.Module
     optimizer: torch.optim.Optimizer
@@ -98,6 +153,21 @@ class TrainState:
     rank: int = 0
     world_size: int = 1
     last_checkpoint: str | None = None
+    steps_per_epoch: int = 0
+    step_in_epoch: int = 0
+    epoch_terms: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    epoch_generator: torch.Tensor | None = None
+    teacher_source: TeacherSource | None = None
+
+    def raise_if_diverged(self) -> None:
+        """Raise :class:`~kdistill.errors.NonFiniteLossError` when a loss of this epoch so far is NaN or inf (one
+        check on their sum; a collective under DDP). Checkpointers call it before saving mid-epoch."""
+        if not self.epoch_terms:
+            return
+        total = torch.stack([terms["loss"] for terms in self.epoch_terms]).float().sum()
+        if self.world_size > 1:
+            dist.all_reduce(total)
+        _check_finite(total, [terms["loss"] for terms in self.epoch_terms], self, self.epoch, self.steps_per_epoch)
 
 
 def auto_threads(model: nn.Module, batch_size: int) -> int:
@@ -143,10 +213,11 @@ def predict_logits(model: nn.Module, x: torch.Tensor, *, batch_size: int = 1024)
     return torch.cat(parts)
 
 
+@overload
 def fit(
     model: nn.Module,
     loss_fn: Loss,
-    train: TransferSet,
+    train: TransferSet | DataSource,
     *,
     val: tuple[torch.Tensor, torch.Tensor] | None = None,
     config: TrainConfig = TrainConfig(),
@@ -155,17 +226,61 @@ def fit(
     resume: Checkpoint | None = None,
     augment: Augment | None = None,
     prefetch_teacher: bool = False,
+    teacher_source: TeacherSource | None = None,
+    validate: None = None,
+) -> TrainState: ...
+
+
+@overload
+def fit(
+    model: nn.Module,
+    loss_fn: Loss,
+    train: TransferSet | DataSource,
+    *,
+    val: Any,
+    config: TrainConfig = TrainConfig(),
+    callbacks: Sequence[Callback] = (),
+    teacher: Teacher | None = None,
+    resume: Checkpoint | None = None,
+    augment: Augment | None = None,
+    prefetch_teacher: bool = False,
+    teacher_source: TeacherSource | None = None,
+    validate: Validate,
+) -> TrainState: ...
+
+
+def fit(
+    model: nn.Module,
+    loss_fn: Loss,
+    train: TransferSet | DataSource,
+    *,
+    val: Any = None,
+    config: TrainConfig = TrainConfig(),
+    callbacks: Sequence[Callback] = (),
+    teacher: Teacher | None = None,
+    resume: Checkpoint | None = None,
+    augment: Augment | None = None,
+    prefetch_teacher: bool = False,
+    teacher_source: TeacherSource | None = None,
+    validate: Validate | None = None,
 ) -> TrainState:
     """Train ``model`` in place on ``train`` with ``loss_fn`` and return the final state (its history included).
 
-    Each step draws a shuffled batch of row indices and indexes ``x``, ``y`` and the precomputed teacher logits with
-    the same indices, so targets can never drift from the rows they supervise. The live ``teacher`` is only called
-    when the loss asks for teacher features. Seeded: the same seed gives bit-identical weights on the CPU.
+    ``train``: a :class:`TransferSet` (in memory, with precomputed ``teacher_logits`` or not) or any data source
+    (:class:`~kdistill.engine.batches.InMemorySource`, :class:`~kdistill.engine.batches.StreamingSource`). Each step
+    takes a shuffled batch of rows and the teacher's outputs for exactly those rows (``Batch.index``), so targets can
+    never drift from the rows they supervise. The teacher-output source is ``teacher_source`` when given, else
+    chosen from ``teacher``, the transfer set's logits and ``augment`` by
+    :func:`~kdistill.engine.sources.choose_teacher_source`. Seeded: the same seed gives bit-identical weights on the
+    CPU.
 
-    ``resume``: a checkpoint of this same run (see :mod:`kdistill.engine.checkpoint`); training continues after its
-    epoch and ends with the same weights as a run that was never interrupted. A NaN or inf loss raises
-    :class:`~kdistill.errors.NonFiniteLossError` naming the step, before any callback (so no checkpoint) sees it.
-    Under an initialised ``torch.distributed`` process group, the model is wrapped in DistributedDataParallel and
+    ``val`` is handed to ``validate(model, val)`` after each epoch (default :func:`validate_classification`, which
+    takes ``(x, y)`` and returns ``val_accuracy`` and ``val_nll``; with another ``validate``, ``val`` is whatever it
+    reads). ``resume``: a checkpoint of this same run (see
+    :mod:`kdistill.engine.checkpoint`); training continues after its epoch, or at the step after a mid-epoch one, and
+    ends with the same weights as a run that was never interrupted. A NaN or inf loss raises
+    :class:`~kdistill.errors.NonFiniteLossError` naming the step, before any epoch callback (so no checkpoint) sees
+    it. Under an initialised ``torch.distributed`` process group, the model is wrapped in DistributedDataParallel and
     each rank trains on its share of every batch.
 
     With ``augment(x, generator)``, each batch is augmented (drawing from a generator seeded from ``seed`` and the
@@ -175,10 +290,58 @@ def fit(
     """
     device = torch.device(config.device)
     threads = auto_threads(model, config.batch_size) if config.num_threads == "auto" else int(config.num_threads)
+    data, logits = _as_source(train, device)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), num_threads(threads):
         torch.manual_seed(config.seed)
+        model.to(device)
+        if isinstance(loss_fn, nn.Module):
+            loss_fn.to(device)
+        # losses with lazily built parts (projectors, embeddings) build them on a dry batch, before the optimizer
+        _prepare_loss(loss_fn, model, data, logits, teacher, config.batch_size)
+        if teacher_source is None:
+            teacher_source = choose_teacher_source(
+                loss_fn,
+                data,
+                teacher=teacher,
+                logits=logits,
+                augment=augment,
+                seed=config.seed,
+                prefetch=prefetch_teacher,
+            )
         return _fit(
-            model.to(device), loss_fn, train, val, config, callbacks, teacher, device, resume, augment, prefetch_teacher
+            model, loss_fn, data, teacher_source, val, validate or validate_classification, config, callbacks, resume
+        )
+
+
+def _as_source(train: TransferSet | DataSource, device: torch.device) -> tuple[DataSource, torch.Tensor | None]:
+    """The data source on ``device``, and the transfer set's precomputed teacher logits (None for other sources)."""
+    if isinstance(train, TransferSet):
+        logits = None if train.teacher_logits is None else train.teacher_logits.to(device)
+        return InMemorySource(train.x, train.y, label_mask=train.label_mask).to(device), logits
+    if isinstance(train, DataSource):
+        return train.to(device), None
+    raise ConfigError(
+        f"fit() trains on a TransferSet or a data source, got {type(train).__name__}",
+        hint="wrap tensors as TransferSet(x, y, teacher_logits), or a Dataset as StreamingSource(dataset).",
+    )
+
+
+def _prepare_loss(
+    loss_fn: Loss,
+    model: nn.Module,
+    data: DataSource,
+    logits: torch.Tensor | None,
+    teacher: Teacher | None,
+    batch_size: int,
+) -> None:
+    if isinstance(data, InMemorySource) and isinstance(data.inputs, torch.Tensor):
+        prepare_loss(loss_fn, model, data.inputs, logits, teacher, batch_size=batch_size)
+    elif getattr(loss_fn, "prepare", None) is not None:
+        raise ConfigError(
+            f"the loss {type(loss_fn).__name__} builds its parts from a dry batch of the whole transfer set, which "
+            f"needs the rows in memory as one tensor; got a {type(data).__name__}",
+            hint="train it on a TransferSet or InMemorySource with tensor inputs, or use a method without learned "
+            "parts (kd, dkd, ...).",
         )
 
 
@@ -193,11 +356,11 @@ def _optimizer(model: nn.Module, loss_fn: Loss, config: TrainConfig) -> torch.op
     raise ConfigError(f"unknown optimizer {config.optimizer!r}", hint="use 'adamw' or 'sgd'.")
 
 
-def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
+def _autocast(device: str, precision: str) -> contextlib.AbstractContextManager[Any]:
     if precision == "fp32":
         return contextlib.nullcontext()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
 
 
 def _world() -> tuple[int, int]:
@@ -207,37 +370,19 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
-def _step_indices(order: torch.Tensor, batch_size: int, rank: int, world_size: int) -> list[torch.Tensor]:
-    """The row positions each step of this rank trains on, as the loop in :func:`_fit` draws them."""
-    indices = []
-    for start in range(0, len(order), batch_size):
-        batch_index = order[start : start + batch_size]
-        index = batch_index.tensor_split(world_size)[rank]
-        indices.append(index if len(index) else batch_index[:1])
-    return indices
-
-
 def _fit(
     model: nn.Module,
     loss_fn: Loss,
-    train: TransferSet,
-    val: tuple[torch.Tensor, torch.Tensor] | None,
+    data: DataSource,
+    teacher_source: TeacherSource,
+    val: Any,
+    validate: Validate,
     config: TrainConfig,
     callbacks: Sequence[Callback],
-    teacher: Teacher | None,
-    device: torch.device,
     resume: Checkpoint | None,
-    augment: Augment | None = None,
-    prefetch_teacher: bool = False,
 ) -> TrainState:
-    x, y, targets = (t.to(device) if t is not None else None for t in (train.x, train.y, train.teacher_logits))
-    assert x is not None
-    rows = len(x)
-    steps_per_epoch = math.ceil(rows / config.batch_size)
-    if isinstance(loss_fn, nn.Module):
-        loss_fn.to(device)
-    # losses with lazily built parts (projectors, embeddings) build them on a dry batch, before the optimizer
-    prepare_loss(loss_fn, model, x, targets, teacher, batch_size=config.batch_size)
+    device = torch.device(config.device)
+    steps_per_epoch = math.ceil(len(data) / config.batch_size)
     optimizer = _optimizer(model, loss_fn, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _lr_lambda(steps_per_epoch * config.epochs, config.warmup_fraction, config.schedule)
@@ -254,29 +399,21 @@ def _fit(
         callbacks=callbacks,
         rank=rank,
         world_size=world_size,
+        steps_per_epoch=steps_per_epoch,
+        teacher_source=teacher_source,
     )
-    first_epoch = 0
+    first_epoch, first_step = 0, 0
     if resume is not None:
         from kdistill.engine.checkpoint import restore_state
 
-        first_epoch = restore_state(resume, state)
+        first_epoch, first_step = restore_state(resume, state)
     forward: nn.Module = model
     if world_size > 1:  # the same global batch as one process: rank r takes the r-th slice of every batch
         from torch.nn.parallel import DistributedDataParallel
 
         forward = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    student_features = tuple(loss_fn.student_features)
-    teacher_features = tuple(loss_fn.teacher_features)
-    live_teacher = teacher if loss_fn.needs_teacher else None
-    if augment is not None and live_teacher is None and loss_fn.needs_teacher:
-        raise KdistillError("augmentation needs the live teacher", hint="pass teacher= to fit().")
-    # teacher features computed once when they fit (not with augmentation: the rows change every batch)
-    bank = None if augment is not None else TeacherBank.build(teacher, x, teacher_features, logits=targets)
-    # teacher logits that never change, with the loss's per-row work done once beside them (kd packs its targets);
-    # methods that read teacher features get theirs from the bank or the live teacher instead
-    static = None
-    if targets is not None and augment is None and not teacher_features:
-        static = StaticTargets.build(loss_fn, targets, y)
+    features = tuple(loss_fn.student_features)
+    step_hooks = [callback for callback in callbacks if type(callback).on_batch_end is not Callback.on_batch_end]
     for callback in callbacks:
         callback.on_train_begin(state)
 
@@ -289,48 +426,37 @@ def _fit(
             start_epoch(epoch, config.epochs)
         started = time.perf_counter()
         model.train()
-        step_terms: list[dict[str, torch.Tensor]] = []
-        order = torch.randperm(rows, generator=state.generator).to(device)
-        augmented = None
-        if augment is not None:
-            augmented = live_batches(
-                x,
-                _step_indices(order, config.batch_size, rank, world_size),
-                augment,
-                torch.Generator().manual_seed(config.seed * 1_000_003 + epoch + 1),
-                live_teacher,
-                teacher_features,
-                prefetch=prefetch_teacher,
-            )
-        for start in range(0, rows, config.batch_size):
-            batch_index = order[start : start + config.batch_size]
-            index = batch_index.tensor_split(world_size)[rank]
-            # each rank's loss is a mean over its slice; scaled so that DDP's average of gradients is the
-            # gradient of the mean over the whole batch, even when the slices differ in size by one row
-            share = len(index) * world_size / len(batch_index)
-            if len(index) == 0:  # a last batch smaller than the number of ranks: take part with zero weight
-                index = batch_index[:1]
-            xb = x.index_select(0, index)
-            yb = None if y is None else y.index_select(0, index)
-            if augmented is not None:
-                xb, teacher_out, live_index = next(augmented)  # augmented rows, and the teacher's outputs on them
-                assert torch.equal(live_index, index), "the live-teacher batches drifted from the loop's"
-            else:
-                teacher_out = _teacher_outputs(index, xb, bank, teacher, teacher_features, static)
-            with _autocast(device, config.precision):
-                if student_features:
-                    with capture_features(model, student_features) as captured:
-                        student_out = Outputs(forward(xb), captured)
-                else:
-                    student_out = Outputs(forward(xb))
-                terms = loss_fn(student_out, teacher_out, yb)
-            if world_size > 1:  # weighted by share, so that the ranks' average is the whole batch's mean
-                terms = {name: value * share for name, value in terms.items()}
-            _step(terms["loss"], optimizer, state.scaler)
+        if first_step == 0:  # else resumed mid-epoch: the checkpoint brought the epoch's steps so far back
+            state.step_in_epoch, state.epoch_terms = 0, []
+        assert state.generator is not None
+        state.epoch_generator = state.generator.get_state()
+        batches = data.batches(
+            epoch,
+            batch_size=config.batch_size,
+            rank=rank,
+            world_size=world_size,
+            generator=state.generator,
+            start=first_step,
+        )
+        first_step = 0
+        for step in teacher_source.stream(_steps(batches, config.grad_accumulation), epoch):
+            terms = _train_step(step, model, forward, loss_fn, features, optimizer, state.scaler, config)
             scheduler.step()
             state.global_step += 1
-            step_terms.append({name: value.detach() for name, value in terms.items()})
+            state.step_in_epoch += 1
+            state.epoch_terms.append(terms)
+            for callback in step_hooks:
+                callback.on_batch_end(state, terms)
+            if state.stop:
+                break
 
+        step_terms = state.epoch_terms
+        if not step_terms:
+            raise DataError(
+                f"the data source ({type(data).__name__}) yielded no batch in epoch {epoch}",
+                hint="a streaming iterable must start again on each iter(): pass an IterableDataset or a list, not "
+                "a generator (which is used up after one epoch).",
+            )
         means = {name: torch.stack([terms[name] for terms in step_terms]).float().mean() for name in step_terms[0]}
         if world_size > 1:  # every rank sees the same epoch metrics, and the same NaN
             for mean in means.values():
@@ -340,7 +466,7 @@ def _fit(
         metrics: dict[str, float] = {"epoch": float(epoch), "lr": optimizer.param_groups[0]["lr"]}
         metrics |= {f"train_{name}": float(mean) for name, mean in means.items()}
         if val is not None:
-            metrics |= _validate(model, *val)
+            metrics |= {name: float(value) for name, value in validate(model, val).items()}
         metrics["time_s"] = time.perf_counter() - started
         state.history.append(metrics)
         for callback in callbacks:
@@ -354,35 +480,71 @@ def _fit(
     return state
 
 
-def _teacher_outputs(
-    index: torch.Tensor,
-    xb: torch.Tensor,
-    bank: TeacherBank | None,
-    teacher: Teacher | None,
-    teacher_features: tuple[str, ...],
-    static: StaticTargets | None,
-) -> Outputs | None:
-    """The teacher's outputs for the batch's rows ``index``: from the bank of precomputed features, from the live
-    teacher when a method needs features that are not banked, else the precomputed logits (None without a teacher)."""
-    if bank is not None:
-        return bank.select(index)
-    if teacher_features:
-        assert teacher is not None, "this method needs the live teacher for its features"
-        live = teacher(xb, features=teacher_features)
-        return Outputs(live.logits, live.features, index)
-    return None if static is None else static.select(index)
+def _steps(batches: Iterator[Batch], parts: int) -> Iterator[Step]:
+    """Each batch as the micro-batches of one optimizer step."""
+    for batch in batches:
+        yield micro_batches(batch, parts)
 
 
-def _step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None) -> None:
-    """Back-propagate ``loss`` and step the optimizer, through the fp16 gradient scaler when there is one."""
+def _train_step(
+    step: Sequence[tuple[Batch, Outputs | None]],
+    model: nn.Module,
+    forward: nn.Module,
+    loss_fn: Loss,
+    features: tuple[str, ...],
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler | None,
+    config: TrainConfig,
+) -> dict[str, torch.Tensor]:
+    """One optimizer step over its micro-batches; returns the step's terms (detached, summed over the weighted
+    micro-batches: the step's mean on one process, this rank's weighted share under DDP). ``features``: the student
+    features the loss reads."""
     optimizer.zero_grad(set_to_none=True)
+    total: dict[str, torch.Tensor] = {}
+    last = len(step) - 1
+    for number, (batch, teacher_out) in enumerate(step):
+        with _no_sync(forward) if number < last else contextlib.nullcontext():
+            with _autocast(config.device, config.precision):
+                terms = loss_fn(_student(forward, model, batch.inputs, features), teacher_out, batch.target)
+            if batch.weight != 1.0:  # a rank's or micro-batch's share of the step's mean
+                terms = {name: value * batch.weight for name, value in terms.items()}
+            if scaler is None:
+                terms["loss"].backward()
+            else:
+                scaler.scale(terms["loss"]).backward()
+        detached = {name: value.detach() for name, value in terms.items()}
+        total = {name: total[name] + value for name, value in detached.items()} if total else detached
+    if config.clip_grad_norm is not None:
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        parameters = [p for group in optimizer.param_groups for p in group["params"]]
+        torch.nn.utils.clip_grad_norm_(parameters, config.clip_grad_norm)
     if scaler is None:
-        loss.backward()
         optimizer.step()
-        return
-    scaler.scale(loss).backward()
-    scaler.step(optimizer)
-    scaler.update()
+    else:
+        scaler.step(optimizer)
+        scaler.update()
+    return total
+
+
+def _student(forward: nn.Module, model: nn.Module, inputs: Inputs, features: tuple[str, ...]) -> Outputs:
+    """The student's outputs: ``forward(inputs)``, or ``forward(**inputs)`` for a mapping; an output object with
+    ``.logits`` (transformers) gives its logits. ``features`` are captured on the plain ``model``."""
+    if not features:
+        return Outputs(_logits(forward(**inputs) if isinstance(inputs, Mapping) else forward(inputs)))
+    with capture_features(model, features) as captured:
+        return Outputs(_logits(forward(**inputs) if isinstance(inputs, Mapping) else forward(inputs)), captured)
+
+
+def _logits(output: Any) -> torch.Tensor:
+    return output if isinstance(output, torch.Tensor) else output.logits
+
+
+def _no_sync(forward: nn.Module) -> contextlib.AbstractContextManager[Any]:
+    """DDP's ``no_sync`` for a micro-batch that does not step: its gradients accumulate locally, and the last
+    micro-batch's backward all-reduces the sum."""
+    no_sync = getattr(forward, "no_sync", None)
+    return no_sync() if no_sync is not None else contextlib.nullcontext()
 
 
 def _check_finite(
@@ -408,7 +570,9 @@ def _check_finite(
     )
 
 
-def _validate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
+def validate_classification(model: nn.Module, val: tuple[torch.Tensor, torch.Tensor]) -> dict[str, float]:
+    """The default validation: ``val = (x, y)``; ``val_accuracy`` (argmax) and ``val_nll`` (mean cross-entropy)."""
+    x, y = val
     logits = predict_logits(model, x)
     return {
         "val_accuracy": float((logits.argmax(1) == y).float().mean()),
