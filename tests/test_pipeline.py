@@ -249,3 +249,95 @@ def test_augmentation_from_yaml_matches_the_api(project: Path) -> None:
     assert yaml_result is not None
     for name, value in yaml_result.student.state_dict().items():
         assert torch.equal(value, api_result.student.state_dict()[name]), name
+
+
+class _Embedder(nn.Module):
+    """A fixed teacher: digits rows -> 16-dimensional embeddings."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.layers = nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x / 16.0)
+
+
+def test_an_embedding_task_runs_end_to_end(digits) -> None:
+    x_train, x_val, x_test = digits["train"][0], digits["val"][0], digits["test"][0]
+    common = {"task": "embedding", "epochs": 40, "verbose": False, "profile": False, "hidden": (64,)}
+    with pytest.raises(ConfigError, match="task 'embedding' learns the teacher's embeddings"):
+        kdistill.distill(_Embedder(), "mlp", x_train, **common)  # kd's softmax over dimensions means nothing
+    result = kdistill.distill(_Embedder(), "mlp", x_train, val=x_val, test=x_test, method="cosine", **common)
+    assert result.baseline is None  # no labels: nothing to learn without the teacher
+    assert "val_cosine" in result.history[-1] and "val_accuracy" not in result.history[-1]
+    report = result.report
+    assert report is not None and report.settings["task"] == "embedding"
+    student, teacher = report.models["student"], report.models["teacher"]
+    # the report's cosine is the mean cosine similarity to the teacher's embeddings on the test rows
+    with torch.no_grad():
+        ours = result.student(torch.tensor(x_test, dtype=torch.float32))
+        theirs = _Embedder()(torch.tensor(x_test, dtype=torch.float32))
+    expected = float(torch.nn.functional.cosine_similarity(ours, theirs, dim=1).mean())
+    assert student["cosine"] == pytest.approx(expected, abs=1e-5)
+    assert teacher["cosine"] == pytest.approx(1.0) and student["retention"] == pytest.approx(student["cosine"])
+    assert student["cosine"] > 0.9
+
+
+class _Bigram(nn.Module):
+    """A causal LM whose next-token logits depend on the current token only: (batch, seq) ids -> (batch, seq, vocab)."""
+
+    def __init__(self, vocab: int = 12, seed: int = 0, scale: float = 3.0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.table = nn.Embedding(vocab, vocab)
+        nn.init.normal_(self.table.weight, std=scale)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.table(ids)
+
+
+def test_a_token_lm_task_runs_end_to_end(tmp_path: Path) -> None:
+    teacher, student = _Bigram(seed=0), _Bigram(seed=1, scale=0.1)
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.empty(400, 10, dtype=torch.long)  # text the teacher would write: each next token drawn from it
+    ids[:, 0] = torch.randint(0, 12, (400,), generator=generator)
+    with torch.no_grad():
+        for position in range(1, 10):
+            probs = teacher.table.weight[ids[:, position - 1]].softmax(-1)
+            ids[:, position] = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    with pytest.raises(kdistill.StudentError, match="task 'token_lm' needs your own student module"):
+        kdistill.distill(teacher, "mlp", ids, task="token_lm", verbose=False)
+    result = kdistill.distill(
+        teacher,
+        student,
+        ids[:300],
+        val=ids[300:350],
+        test=ids[350:],
+        task="token_lm",
+        temperature=1.0,
+        soft_weight=1.0,
+        epochs=30,
+        lr=0.1,
+        weight_decay=0.0,
+        verbose=False,
+        profile=False,
+        baseline=False,
+        cache_dir=tmp_path / "cache",
+    )
+    history = result.history
+    assert {"val_loss", "val_perplexity", "val_token_accuracy"} <= set(history[-1])
+    report = result.report
+    assert report is not None
+    metrics = report.models["student"]
+    # per-token agreement with the teacher's argmax, computed by hand over every position but the last
+    with torch.no_grad():
+        agree = (result.student(ids[350:]).argmax(-1) == teacher(ids[350:]).argmax(-1))[:, :-1].float().mean()
+    assert metrics["agreement"] == pytest.approx(float(agree), abs=1e-6)
+    assert metrics["agreement"] > 0.9
+    assert metrics["perplexity"] == pytest.approx(report.models["teacher"]["perplexity"], rel=0.05)
+    # the teacher's token logits went through the cache, (rows, seq, vocab) per row
+    from kdistill.cache import cache_entries
+
+    complete = [entry for entry in cache_entries(tmp_path / "cache") if entry.status == "complete"]
+    assert len(complete) == 1

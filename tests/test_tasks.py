@@ -12,7 +12,7 @@ from torch import nn
 
 from kdistill.data import encode_labels
 from kdistill.engine.callbacks import EarlyStopping
-from kdistill.engine.loop import _validate
+from kdistill.engine.loop import validate_classification
 from kdistill.errors import DataError, LabelError, ShapeMismatchError
 from kdistill.losses import UnknownNameError, kd_loss
 from kdistill.tasks import TASKS, Task, get_task, list_tasks, split_batch
@@ -43,7 +43,7 @@ def test_classification_validate_is_the_engines_validation_bit_for_bit() -> None
     model = _classifier().train()
     batches = [(x[i : i + 1024], y[i : i + 1024]) for i in range(0, len(x), 1024)]  # predict_logits' chunks
     got = get_task("classification").validate(model, batches)
-    assert got == _validate(model, x, y)
+    assert got == validate_classification(model, (x, y))
     assert model.training  # the mode is restored
 
 

@@ -34,6 +34,7 @@ _ARGUMENT_PATHS: dict[str, tuple[str, ...]] = {
     "weight_decay": ("train", "optimizer", "weight_decay"),
     "patience": ("train", "patience"),
     "seed": ("seed",),
+    "task": ("task",),
     "num_threads": ("device", "num_threads"),
     "device": ("device", "type"),
     "cache_dir": ("cache", "dir"),
@@ -158,6 +159,7 @@ def distill(
     val: Any = None,
     test: Any = None,
     method: str | list[str] | tuple[str, ...] | dict[str, float] | Loss = "kd",
+    task: str = "classification",
     temperature: float = 4.0,
     soft_weight: float = 0.5,
     method_params: dict[str, Any] | None = None,
@@ -194,6 +196,11 @@ def distill(
         train, val, test: ``(X, y)`` pairs (numpy, pandas or torch) or torch Datasets. Labels are the teacher's own
             (any type) for scikit-learn teachers, else class indices. ``val`` drives early stopping and restores the
             best epoch's weights (without it, all ``epochs`` run). The report is measured on ``test``, else ``val``.
+        task: what the outputs are (:mod:`kdistill.tasks`): ``"classification"`` ((batch, classes) logits and
+            labels), ``"embedding"`` ((batch, dim) embeddings, no labels: methods ``"cosine"``/``"mse"``; validation
+            and the report measure the cosine similarity to the teacher's), or ``"token_lm"`` (``train`` holds
+            (rows, seq) token ids; next-token targets are derived from them; (batch, seq, vocab) logits; per-token
+            ``"kd"``; validation by perplexity).
         method: a registered method name (``kdistill list methods``) or a Loss object. ``temperature`` and
             ``soft_weight`` configure ``"kd"``; other methods take ``method_params``. Several methods at once: a list
             ``["kd", "fitnet"]`` or weights ``{"kd": 1.0, "fitnet": 0.5}``, with ``method_params`` keyed by method
@@ -238,6 +245,7 @@ def distill(
             "weight_decay": weight_decay,
             "patience": patience,
             "seed": seed,
+            "task": task,
             "num_threads": num_threads,
             "device": device,
             "cache_dir": None if cache_dir is None else os.fspath(cache_dir),

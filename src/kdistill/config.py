@@ -280,12 +280,19 @@ class ScheduleConfig(_Section):
 
 
 class TrainSection(_Section):
-    """``batch_size`` is the global batch (split across ranks under torchrun). ``patience``: epochs without a better
-    validation accuracy before stopping (null: never stop early, still keep the best epoch's weights)."""
+    """``batch_size`` is the global batch of one optimizer step (split across ranks under torchrun, and into
+    ``grad_accumulation`` micro-batches, whose accumulated gradient is the whole batch's mean). ``patience``: epochs
+    without a better validation score (the task's monitor: accuracy, or loss for ``token_lm``) before stopping (null:
+    never stop early, still keep the best epoch's weights). ``clip_grad_norm``: clip the total gradient norm before
+    each step (null: off). ``checkpoint_every_steps``: also checkpoint inside epochs, every N steps (a run folder's
+    checkpoints are written every epoch anyway); a run killed mid-epoch then resumes at the next step."""
 
     epochs: Annotated[int, Field(gt=0)] = defaults.EPOCHS
     batch_size: Annotated[int, Field(gt=0)] = defaults.BATCH_SIZE
     patience: Annotated[int, Field(gt=0)] | None = defaults.PATIENCE
+    grad_accumulation: Annotated[int, Field(ge=1)] = 1
+    clip_grad_norm: Annotated[float, Field(gt=0)] | None = None
+    checkpoint_every_steps: Annotated[int, Field(gt=0)] | None = None
     optimizer: OptimizerConfig = OptimizerConfig()
     schedule: ScheduleConfig = ScheduleConfig()
 
@@ -379,11 +386,13 @@ class LoggingConfig(_Section):
 
 class Settings(_Section):
     """How a run trains, caches, reports and logs: every section of a config except what it distils (data, teacher,
-    student). The Python API validates its arguments through this same model, so a bad value gets the same error
-    from ``kdistill.distill`` as from YAML. ``method``: a name, a mapping ``{name, params}``, or a list of weighted
-    terms (each name once)."""
+    student). ``task``: ``classification`` (the default), ``token_lm`` or ``embedding`` (:mod:`kdistill.tasks`). The
+    Python API validates its arguments through this same model, so a bad value gets the same error from
+    ``kdistill.distill`` as from YAML. ``method``: a name, a mapping ``{name, params}``, or a list of weighted terms
+    (each name once)."""
 
     seed: int = 0
+    task: str = "classification"
     method: list[MethodTerm] = Field(default_factory=lambda: [MethodTerm(name="kd")], min_length=1)
     train: TrainSection = TrainSection()
     cache: CacheConfig = CacheConfig()
@@ -400,6 +409,15 @@ class Settings(_Section):
             return [{"name": value}]
         if isinstance(value, dict):
             return [value]
+        return value
+
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, value: str) -> str:
+        from kdistill.tasks import TASKS
+
+        if value not in TASKS:
+            raise _unknown("task", value, list(TASKS))
         return value
 
     @field_validator("method")

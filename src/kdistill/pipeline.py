@@ -49,13 +49,13 @@ from kdistill.errors import (
     StudentError,
     TeacherError,
 )
-from kdistill.evaluate import classification_metrics
 from kdistill.io import atomic_write_json
 from kdistill.losses import Loss, compose_methods, get_loss
 from kdistill.profile import count_parameters, model_size_bytes, time_inference
 from kdistill.report import Report
 from kdistill.result import DistillResult, _jsonable
 from kdistill.students import build_student
+from kdistill.tasks import Task, get_task
 from kdistill.teachers import SklearnTeacher, Teacher, probs_to_logits, teacher_logits
 
 __all__ = [
@@ -136,6 +136,7 @@ class Prepared:
     student_spec: dict[str, Any] | None
     baseline: nn.Module | None
     data_fingerprint: str
+    task: Task = field(default_factory=lambda: get_task("classification"))
 
 
 # ---------------------------------------------------------------------------------------------------- distributed
@@ -201,16 +202,11 @@ def build_loss(terms: list[MethodTerm], *, storage: str = "fp32") -> Loss:
     return compose_methods({term.name: term.weight for term in terms}, {term.name: dict(term.params) for term in terms})
 
 
-def _splits(spec: RunSpec, classes: np.ndarray | None) -> dict[str, Split | None]:
+def _splits(spec: RunSpec, classes: np.ndarray | None, task: Task) -> dict[str, Split | None]:
+    """The run's data as checked splits, as its task reads them: labelled rows for classification, rows of features
+    (labels unused) for embeddings, rows of token ids (next-token targets derived from them) for ``token_lm``."""
     raw = {"train": spec.train, "val": spec.val, "test": spec.test}
-    splits = {
-        name: None
-        if value is None
-        else value
-        if isinstance(value, Split)
-        else as_split(value, name=name, classes=classes)
-        for name, value in raw.items()
-    }
+    splits = {name: None if value is None else _split(value, name, classes, task) for name, value in raw.items()}
     train = splits["train"]
     assert train is not None
     for name in ("val", "test"):
@@ -221,6 +217,24 @@ def _splits(spec: RunSpec, classes: np.ndarray | None) -> dict[str, Split | None
                 hint=f"{name} must have the same features, in the same order, as the training rows.",
             )
     return splits
+
+
+def _split(value: Any, name: str, classes: np.ndarray | None, task: Task) -> Split:
+    if isinstance(value, Split):
+        return value
+    if task.name == "classification":
+        return as_split(value, name=name, classes=classes)
+    if task.name == "embedding":
+        return as_split(value, name=name, labeled=False)
+    ids_raw = value[0] if isinstance(value, (tuple, list)) else value
+    ids = torch.as_tensor(np.asarray(ids_raw.detach().cpu() if isinstance(ids_raw, torch.Tensor) else ids_raw))
+    if ids.ndim != 2 or ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.numel() == 0:
+        raise DataError(
+            f"{name}: task 'token_lm' reads (rows, seq) integer token ids, got {tuple(ids.shape)} {ids.dtype}",
+            hint="pass the tokenised rows as one int64 array of ids (pad them to one length).",
+        )
+    ids = ids.long()
+    return Split(x=ids, y=task.encode_targets(ids), raw_x=ids_raw)
 
 
 def _relabel(split: Split | None, classes: list[Any] | None) -> Split | None:
@@ -263,7 +277,8 @@ def _check_classes(declared: int | None, width: int, splits: Mapping[str, Split 
     return width
 
 
-def _check_student(student: nn.Module, x: torch.Tensor, classes: int) -> None:
+def _check_student(student: nn.Module, x: torch.Tensor, row_shape: tuple[int, ...], task: Task) -> None:
+    """The student runs on two rows and gives outputs of the teacher's shape per row."""
     was_training = student.training
     student.eval()
     try:
@@ -276,15 +291,25 @@ def _check_student(student: nn.Module, x: torch.Tensor, classes: int) -> None:
         ) from exc
     finally:
         student.train(was_training)
-    if not isinstance(out, torch.Tensor) or out.shape != (len(x[:2]), classes):
+    expected = (len(x[:2]), *row_shape)
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != expected:
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        if task.name == "classification":
+            classes = row_shape[-1]
+            raise ShapeMismatchError(
+                f"the student outputs {shape} for 2 rows, but the teacher has {classes} classes: expected {expected}",
+                hint=f"make the student's last layer output {classes} logits.",
+            )
         raise ShapeMismatchError(
-            f"the student outputs {shape} for 2 rows, but the teacher has {classes} classes: expected (2, {classes})",
-            hint=f"make the student's last layer output {classes} logits.",
+            f"the student outputs {shape} for 2 rows, but the teacher outputs {expected} (task {task.name!r})",
+            hint="make the student's outputs the teacher's shape per row.",
         )
 
 
-def _build_student(spec: RunSpec, train: Split, classes: int) -> tuple[nn.Module, dict[str, Any] | None]:
+def _build_student(
+    spec: RunSpec, train: Split, row_shape: tuple[int, ...], task: Task
+) -> tuple[nn.Module, dict[str, Any] | None]:
+    classes = row_shape[-1]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.settings.seed)
         if isinstance(spec.student, nn.Module):
@@ -297,6 +322,11 @@ def _build_student(spec: RunSpec, train: Split, classes: int) -> tuple[nn.Module
                     hint="return an nn.Module mapping a batch to (batch, classes) logits.",
                 )
         else:
+            if task.name == "token_lm":
+                raise StudentError(
+                    f"task 'token_lm' needs your own student module (a causal language model), got {spec.student!r}",
+                    hint="pass an nn.Module mapping (batch, seq) token ids to (batch, seq, vocab) logits.",
+                )
             try:
                 student, student_spec = build_student(spec.student, train.x, classes, **spec.student_params)
             except KdistillError:
@@ -306,7 +336,7 @@ def _build_student(spec: RunSpec, train: Split, classes: int) -> tuple[nn.Module
                     f"student {spec.student!r} with params {spec.student_params} cannot be built: {exc}",
                     hint="check the student's params: hidden and channels are lists of positive widths.",
                 ) from exc
-    _check_student(student, train.x, classes)
+    _check_student(student, train.x, row_shape, task)
     return student, student_spec
 
 
@@ -356,47 +386,71 @@ def prepare(spec: RunSpec) -> Prepared:
     """Build everything a run trains, checking it all before anything is written (the teacher's outputs go to the
     cache last) or trained."""
     rank = _rank()
+    task = get_task(spec.settings.task)
     loss = spec.loss if spec.loss is not None else build_loss(spec.settings.method, storage=_storage(spec))
+    _check_method(spec, task)
     teacher = spec.teacher
     if teacher is not None:
-        splits = _splits(spec, teacher.classes)
+        splits = _splits(spec, teacher.classes, task)
     else:  # the run builds the teacher from the training rows: labels are mapped to its classes after
-        splits = _splits(spec, None)
+        splits = _splits(spec, None, task)
         train = splits["train"]
         assert train is not None and spec.teacher_factory is not None
-        needs_live = bool(tuple(loss.teacher_features)) or spec.augment is not None
+        needs_live = bool(tuple(loss.teacher_features)) or spec.augment is not None or task.name == "embedding"
         needs_live = needs_live or (spec.soft_targets == "oof" and _cache_root(spec) is None)
         if rank == 0 or needs_live:
             teacher = spec.teacher_factory(train)
     train = splits["train"]
     assert train is not None
-    # the teacher's classes and output width, from a few rows (rank 0's, on ranks that have no teacher)
-    probe = None if teacher is None else (_jsonable(teacher.classes), teacher.num_classes, _width(spec, teacher, train))
-    classes, declared, width = _broadcast(probe)
+    # the teacher's classes and outputs' shape per row, from a few rows (rank 0's, on ranks that have no teacher)
+    probe = (
+        None if teacher is None else (_jsonable(teacher.classes), teacher.num_classes, _row_shape(spec, teacher, train))
+    )
+    classes, declared, row_shape = _broadcast(probe)
     if spec.teacher is None:
         splits = {name: _relabel(split, classes) for name, split in splits.items()}
         train = splits["train"]
         assert train is not None
-    num_classes = _check_classes(declared, width, splits)
-    student, student_spec = _build_student(spec, train, num_classes)
-    baseline = copy.deepcopy(student) if spec.settings.report.baseline else None
+    if task.name == "classification":
+        _check_classes(declared, row_shape[-1], splits)
+    student, student_spec = _build_student(spec, train, tuple(row_shape), task)
+    baseline = None
+    if spec.settings.report.baseline and task.name != "embedding":  # embeddings have no labels to learn alone
+        baseline = copy.deepcopy(student)
     return Prepared(
         splits=splits,
         teacher=teacher,
         targets=_teacher_targets(spec, teacher, train),
         classes=classes,
-        num_classes=num_classes,
+        num_classes=int(row_shape[-1]),
         loss=loss,
         student=student,
         student_spec=student_spec,
         baseline=baseline,
         data_fingerprint=fingerprint_arrays(train.x, train.y),
+        task=task,
     )
 
 
-def _width(spec: RunSpec, teacher: Teacher, train: Split) -> int:
-    """The teacher's output width: from its cache entry when one is complete (the teacher need not run), else from
-    its outputs on a few rows."""
+_EMBEDDING_METHODS = ("cosine", "mse")
+
+
+def _check_method(spec: RunSpec, task: Task) -> None:
+    """Methods that would give a number without meaning for the task are refused before anything runs: ``kd``'s
+    softmax over an embedding's dimensions is one (row methods on token logits refuse by themselves)."""
+    if task.name != "embedding" or spec.loss is not None:
+        return
+    wrong = [term.name for term in spec.settings.method if term.name not in _EMBEDDING_METHODS]
+    if wrong:
+        raise ConfigError(
+            f"method {wrong[0]!r} compares class distributions, but task 'embedding' learns the teacher's embeddings",
+            hint="use method 'cosine' or 'mse' (or both, weighted).",
+        )
+
+
+def _row_shape(spec: RunSpec, teacher: Teacher, train: Split) -> tuple[int, ...]:
+    """The teacher's outputs' shape per row ((classes,), (seq, vocab), (dim,)): from its cache entry when one is
+    complete (the teacher need not run), else from its outputs on a few rows."""
     root = _cache_root(spec)
     if root is not None and spec.settings.cache.reuse and spec.augment is None and spec.soft_targets == "predict":
         from kdistill.cache import cache_key, open_entry
@@ -408,8 +462,8 @@ def _width(spec: RunSpec, teacher: Teacher, train: Split) -> int:
         except CacheError:  # filling it recomputes the entry, and says so
             entry = None
         if entry is not None:
-            return entry.classes
-    return int(teacher_logits(teacher, train.x[:8]).shape[1])
+            return tuple(entry.shape)
+    return tuple(teacher_logits(teacher, train.x[:8]).shape[1:])
 
 
 def _storage(spec: RunSpec) -> str:
@@ -438,16 +492,19 @@ def train_config(settings: Settings, verbose: bool) -> TrainConfig:
         momentum=settings.train.optimizer.momentum,
         schedule=settings.train.schedule.name,
         precision=settings.device.precision,
+        grad_accumulation=settings.train.grad_accumulation,
+        clip_grad_norm=settings.train.clip_grad_norm,
     )
 
 
 def _callbacks(
-    spec: RunSpec, phase: str, has_val: bool, checkpoint: Path | None, run_info: dict[str, Any]
+    spec: RunSpec, task: Task, phase: str, has_val: bool, checkpoint: Path | None, run_info: dict[str, Any]
 ) -> list[Callback]:
     logging = spec.settings.logging
     callbacks: list[Callback] = []
-    if has_val:
-        callbacks.append(EarlyStopping(patience=spec.settings.train.patience))
+    if has_val:  # the task's monitor: val_accuracy (ties: lower val_nll), val_loss for token_lm, val_cosine
+        mode = "max" if task.higher_is_better else "min"
+        callbacks.append(EarlyStopping(monitor=task.monitor, patience=spec.settings.train.patience, mode=mode))
     if spec.verbose and logging.progress:
         callbacks.append(ProgressBar(phase))
     if spec.verbose and logging.console:
@@ -456,8 +513,8 @@ def _callbacks(
         callbacks.append(JsonlLogger(spec.out / "metrics.jsonl", phase=phase))
     if spec.out is not None and logging.tensorboard:
         callbacks.append(TensorBoardLogger(spec.out / "tensorboard", phase=phase))
-    if checkpoint is not None:
-        callbacks.append(Checkpointer(checkpoint, run=run_info))  # last: it saves the others' state
+    if checkpoint is not None:  # last: it saves the others' state
+        callbacks.append(Checkpointer(checkpoint, run=run_info, every_steps=spec.settings.train.checkpoint_every_steps))
     return callbacks
 
 
@@ -476,22 +533,37 @@ def _phase(
     if checkpoint is not None and checkpoint.completed:
         module.load_state_dict(checkpoint.model)
         return checkpoint.history
-    val = prepared.splits["val"]
-    val_tensors = None if val is None or val.y is None else (val.x, val.y)
+    val = _val_batches(prepared)
     label = {"student": "distilling", "baseline": "baseline (no teacher)"}[phase] if spec.out is None else phase
     state = fit(
         module,
         loss,
         transfer,
-        val=val_tensors,
+        val=val,
+        validate=prepared.task.validate,
         config=train_config(spec.settings, spec.verbose),
-        callbacks=_callbacks(spec, label, val_tensors is not None, checkpoint_path, run_info),
+        callbacks=_callbacks(spec, prepared.task, label, val is not None, checkpoint_path, run_info),
         teacher=prepared.teacher,
         resume=checkpoint,
         augment=spec.augment,
         prefetch_teacher=spec.prefetch_teacher,
     )
     return state.history
+
+
+def _val_batches(prepared: Prepared, rows: int = 1024) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """The validation rows as the task validates them, in batches of ``rows``: ``(x, labels)`` for classification,
+    ``(ids, next-token targets)`` for token_lm, ``(x, the teacher's embeddings)`` for embeddings."""
+    val = prepared.splits["val"]
+    if val is None:
+        return None
+    target = val.y
+    if prepared.task.name == "embedding":
+        assert prepared.teacher is not None
+        target = teacher_logits(prepared.teacher, val.x)
+    if target is None:
+        return None
+    return [(val.x[start : start + rows], target[start : start + rows]) for start in range(0, len(val), rows)]
 
 
 def train(spec: RunSpec, prepared: Prepared, run_info: dict[str, Any] | None = None) -> tuple[list, list | None]:
@@ -545,15 +617,18 @@ def measure_models(
     batch_size: int = 256,
     latency_budget_s: float | None = None,
     memory: bool = False,
+    task: Task | None = None,
 ) -> tuple[dict[str, dict[str, float]], dict[str, torch.Tensor]]:
     """The report's numbers for each entry on ``split``: accuracy, NLL, ECE, agreement with ``reference`` (the
     teacher's logits; the entry named ``teacher`` agrees with itself), parameters and size, retention (accuracy over
     the teacher's), ``accuracy_delta`` of an ``X_int8`` entry against ``X_onnx``, and with ``profile`` latency and
     throughput (:func:`~kdistill.profile.time_inference`). Returns
-    the metrics and each entry's logits. Every report, ``distill``'s and ``compress``'s, is measured here."""
+    the metrics and each entry's logits. Every report, ``distill``'s and ``compress``'s, is measured here. ``task``
+    (default: classification) chooses the metrics and the retention: ``token_lm`` reports perplexity and token
+    accuracy, ``embedding`` the cosine similarity and MSE to the teacher's embeddings."""
     from kdistill.teachers import Outputs
 
-    assert split.y is not None
+    task = task if task is not None else get_task("classification")
     models: dict[str, dict[str, float]] = {}
     all_logits: dict[str, torch.Tensor] = {}
     for name, entry in entries.items():
@@ -561,8 +636,9 @@ def measure_models(
             parts = [entry.predict(split.x[i : i + 1024]) for i in range(0, len(split.x), 1024)]
         logits = torch.cat([part.logits if isinstance(part, Outputs) else part for part in parts]).float().cpu()
         all_logits[name] = logits
-        metrics = classification_metrics(logits, split.y, None if name == "teacher" else reference)
-        if name == "teacher":
+        own_reference = name != "teacher" or task.name == "embedding"  # an embedding is scored against the teacher's
+        metrics = task.metrics(logits, split.y, reference if own_reference else None)
+        if name == "teacher" and task.name != "embedding":
             metrics["agreement"] = 1.0
         if entry.parameters is not None:
             metrics["parameters"] = float(entry.parameters)
@@ -580,7 +656,7 @@ def measure_models(
         models[name] = metrics
     for name, metrics in models.items():
         if "teacher" in models:
-            metrics["retention"] = metrics["accuracy"] / models["teacher"]["accuracy"]
+            metrics["retention"] = task.retention(metrics, models["teacher"])
         source = name.removesuffix("_int8") + "_onnx"  # what INT8 cost against its fp32 ONNX source
         if name.endswith("_int8") and source in models:
             metrics["accuracy_delta"] = metrics["accuracy"] - models[source]["accuracy"]
@@ -606,6 +682,7 @@ def build_report(
     split_name: str,
     settings: dict[str, Any],
     profile: bool,
+    task: Task | None = None,
 ) -> Report:
     """Teacher vs student vs baseline on ``split``: accuracy, retention, agreement, calibration, size (and with
     ``profile`` latency and throughput), through :func:`measure_models`."""
@@ -613,7 +690,7 @@ def build_report(
     if baseline is not None:
         entries["baseline"] = model_entry(baseline)
     reference = teacher_logits(teacher, split.x)
-    models, _ = measure_models(entries, split, reference, profile=profile)
+    models, _ = measure_models(entries, split, reference, profile=profile, task=task)
     return Report(split=split_name, rows=len(split), models=models, settings=settings)
 
 
@@ -668,8 +745,9 @@ def report(
         prepared.baseline,
         eval_split,
         eval_name,
-        described | spec.report_settings,
+        described | spec.report_settings | {"task": prepared.task.name},
         settings.report.profile,
+        prepared.task,
     )
 
 

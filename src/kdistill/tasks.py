@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from typing import Any, ClassVar, Protocol, TypeVar, runtime_checkable
+from typing import Any, ClassVar, Protocol, TypeVar, cast, runtime_checkable
 
 import numpy as np
 import torch
@@ -487,11 +487,11 @@ for _task in (Classification, TokenLM, Embedding):
     register_task(_task)
 
 
-def get_task(name: str) -> TaskBase:
+def get_task(name: str) -> Task:
     """The registered task ``name`` (``"classification"``, ``"token_lm"``, ``"embedding"``)."""
     if name not in TASKS:
         raise unknown_name("task", name, list(TASKS))
-    return TASKS[name]()
+    return cast(Task, TASKS[name]())
 
 
 def list_tasks() -> list[tuple[str, str]]:

@@ -38,7 +38,7 @@ from kdistill.engine.live import Augment
 from kdistill.engine.sources import Step, TeacherSource, choose_teacher_source
 from kdistill.errors import ConfigError, DataError, KdistillError, NonFiniteLossError
 from kdistill.features import capture_features
-from kdistill.losses.base import Loss
+from kdistill.losses.base import Loss, defines_hook
 from kdistill.losses.prepare import prepare_loss
 from kdistill.teachers.base import Outputs, Teacher
 
@@ -336,7 +336,7 @@ def _prepare_loss(
 ) -> None:
     if isinstance(data, InMemorySource) and isinstance(data.inputs, torch.Tensor):
         prepare_loss(loss_fn, model, data.inputs, logits, teacher, batch_size=batch_size)
-    elif getattr(loss_fn, "prepare", None) is not None:
+    elif defines_hook(loss_fn, "prepare"):
         raise ConfigError(
             f"the loss {type(loss_fn).__name__} builds its parts from a dry batch of the whole transfer set, which "
             f"needs the rows in memory as one tensor; got a {type(data).__name__}",
