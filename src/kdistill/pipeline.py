@@ -33,7 +33,7 @@ import torch.distributed as dist
 from torch import nn
 
 from kdistill.config import MethodTerm, Settings
-from kdistill.data import Split, as_split, encode_labels, fingerprint_arrays
+from kdistill.data import Split, encode_labels, fingerprint_arrays
 from kdistill.engine import EarlyStopping, ProgressBar, TrainConfig, TransferSet, fit
 from kdistill.engine.callbacks import Callback
 from kdistill.engine.checkpoint import Checkpointer, load_checkpoint
@@ -220,21 +220,7 @@ def _splits(spec: RunSpec, classes: np.ndarray | None, task: Task) -> dict[str, 
 
 
 def _split(value: Any, name: str, classes: np.ndarray | None, task: Task) -> Split:
-    if isinstance(value, Split):
-        return value
-    if task.name == "classification":
-        return as_split(value, name=name, classes=classes)
-    if task.name == "embedding":
-        return as_split(value, name=name, labeled=False)
-    ids_raw = value[0] if isinstance(value, (tuple, list)) else value
-    ids = torch.as_tensor(np.asarray(ids_raw.detach().cpu() if isinstance(ids_raw, torch.Tensor) else ids_raw))
-    if ids.ndim != 2 or ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.numel() == 0:
-        raise DataError(
-            f"{name}: task 'token_lm' reads (rows, seq) integer token ids, got {tuple(ids.shape)} {ids.dtype}",
-            hint="pass the tokenised rows as one int64 array of ids (pad them to one length).",
-        )
-    ids = ids.long()
-    return Split(x=ids, y=task.encode_targets(ids), raw_x=ids_raw)
+    return value if isinstance(value, Split) else task.read_split(value, name, classes)
 
 
 def _relabel(split: Split | None, classes: list[Any] | None) -> Split | None:
@@ -322,10 +308,12 @@ def _build_student(
                     hint="return an nn.Module mapping a batch to (batch, classes) logits.",
                 )
         else:
-            if task.name == "token_lm":
+            if not task.builtin_students:
                 raise StudentError(
-                    f"task 'token_lm' needs your own student module (a causal language model), got {spec.student!r}",
-                    hint="pass an nn.Module mapping (batch, seq) token ids to (batch, seq, vocab) logits.",
+                    f"task {task.name!r} needs your own student module, got {spec.student!r}: the registered students "
+                    "map rows of features to one output row",
+                    hint="pass an nn.Module whose outputs have the teacher's shape (token_lm: (batch, seq) ids to "
+                    "(batch, seq, vocab) logits).",
                 )
             try:
                 student, student_spec = build_student(spec.student, train.x, classes, **spec.student_params)
@@ -396,7 +384,7 @@ def prepare(spec: RunSpec) -> Prepared:
         splits = _splits(spec, None, task)
         train = splits["train"]
         assert train is not None and spec.teacher_factory is not None
-        needs_live = bool(tuple(loss.teacher_features)) or spec.augment is not None or task.name == "embedding"
+        needs_live = bool(tuple(loss.teacher_features)) or spec.augment is not None or task.scored_against_teacher
         needs_live = needs_live or (spec.soft_targets == "oof" and _cache_root(spec) is None)
         if rank == 0 or needs_live:
             teacher = spec.teacher_factory(train)
@@ -415,7 +403,7 @@ def prepare(spec: RunSpec) -> Prepared:
         _check_classes(declared, row_shape[-1], splits)
     student, student_spec = _build_student(spec, train, tuple(row_shape), task)
     baseline = None
-    if spec.settings.report.baseline and task.name != "embedding":  # embeddings have no labels to learn alone
+    if spec.settings.report.baseline and task.trains_baseline:  # embeddings have no labels to learn alone
         baseline = copy.deepcopy(student)
     return Prepared(
         splits=splits,
@@ -432,19 +420,16 @@ def prepare(spec: RunSpec) -> Prepared:
     )
 
 
-_EMBEDDING_METHODS = ("cosine", "mse")
-
-
 def _check_method(spec: RunSpec, task: Task) -> None:
-    """Methods that would give a number without meaning for the task are refused before anything runs: ``kd``'s
-    softmax over an embedding's dimensions is one (row methods on token logits refuse by themselves)."""
-    if task.name != "embedding" or spec.loss is not None:
+    """Methods whose numbers mean nothing for the task are refused before anything runs (``kd``'s softmax over an
+    embedding's dimensions would train without an error)."""
+    if task.methods is None or spec.loss is not None:
         return
-    wrong = [term.name for term in spec.settings.method if term.name not in _EMBEDDING_METHODS]
+    wrong = [term.name for term in spec.settings.method if term.name not in task.methods]
     if wrong:
         raise ConfigError(
-            f"method {wrong[0]!r} compares class distributions, but task 'embedding' learns the teacher's embeddings",
-            hint="use method 'cosine' or 'mse' (or both, weighted).",
+            f"method {wrong[0]!r} does not fit task {task.name!r} ({task.description})",
+            hint=f"use {' or '.join(repr(name) for name in task.methods)} (several at once: a weighted list).",
         )
 
 
@@ -557,10 +542,8 @@ def _val_batches(prepared: Prepared, rows: int = 1024) -> list[tuple[torch.Tenso
     val = prepared.splits["val"]
     if val is None:
         return None
-    target = val.y
-    if prepared.task.name == "embedding":
-        assert prepared.teacher is not None
-        target = teacher_logits(prepared.teacher, val.x)
+    teacher = prepared.teacher
+    target = prepared.task.validation_target(val, lambda: teacher_logits(_required(teacher), val.x))
     if target is None:
         return None
     return [(val.x[start : start + rows], target[start : start + rows]) for start in range(0, len(val), rows)]
@@ -636,9 +619,9 @@ def measure_models(
             parts = [entry.predict(split.x[i : i + 1024]) for i in range(0, len(split.x), 1024)]
         logits = torch.cat([part.logits if isinstance(part, Outputs) else part for part in parts]).float().cpu()
         all_logits[name] = logits
-        own_reference = name != "teacher" or task.name == "embedding"  # an embedding is scored against the teacher's
-        metrics = task.metrics(logits, split.y, reference if own_reference else None)
-        if name == "teacher" and task.name != "embedding":
+        against_teacher = name != "teacher" or task.scored_against_teacher
+        metrics = task.metrics(logits, split.y, reference if against_teacher else None)
+        if name == "teacher" and not task.scored_against_teacher:
             metrics["agreement"] = 1.0
         if entry.parameters is not None:
             metrics["parameters"] = float(entry.parameters)

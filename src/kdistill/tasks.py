@@ -20,7 +20,7 @@ is.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, ClassVar, Protocol, TypeVar, cast, runtime_checkable
 
 import numpy as np
@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdistill import evaluate
-from kdistill.data import encode_labels
+from kdistill.data import Split, as_split, encode_labels
 from kdistill.errors import DataError, LabelError, ShapeMismatchError
 from kdistill.registry import unknown_name
 from kdistill.teachers.base import Outputs
@@ -56,9 +56,18 @@ class Task(Protocol):
     """What the pipeline asks of a task (see the module docstring for ``batches``)."""
 
     name: str
+    description: str
     monitor: str
     higher_is_better: bool
     report_columns: tuple[str, ...]
+    methods: tuple[str, ...] | None
+    trains_baseline: bool
+    builtin_students: bool
+    scored_against_teacher: bool
+
+    def read_split(self, data: Any, name: str, classes: Any = None) -> Split: ...
+
+    def validation_target(self, split: Split, teacher_outputs: Callable[[], torch.Tensor]) -> torch.Tensor | None: ...
 
     def check_outputs(self, student: Outputs, teacher: Outputs) -> None: ...
 
@@ -152,6 +161,25 @@ class TaskBase:
     tie_breaker: ClassVar[str | None] = None
     """A lower-is-better metric that breaks ties on ``monitor`` (classification: ``val_nll``), or None."""
     report_columns: ClassVar[tuple[str, ...]]
+    methods: ClassVar[tuple[str, ...] | None] = None
+    """The methods whose numbers mean something for this task (None: any); the pipeline refuses the others before
+    anything runs."""
+    trains_baseline: ClassVar[bool] = True
+    """Whether the same student can learn the task without a teacher (from labels), for the report's baseline."""
+    builtin_students: ClassVar[bool] = True
+    """Whether kdistill's registered students (built from rows of features) fit this task's outputs."""
+    scored_against_teacher: ClassVar[bool] = False
+    """Whether the report scores every model, the teacher too, against the teacher's outputs (embeddings)."""
+
+    def read_split(self, data: Any, name: str, classes: Any = None) -> Split:
+        """The user's data for split ``name`` as a checked :class:`~kdistill.data.Split` (default: labelled rows of
+        features, labels mapped to the teacher's ``classes``)."""
+        return as_split(data, name=name, classes=None if classes is None else np.asarray(classes))
+
+    def validation_target(self, split: Split, teacher_outputs: Callable[[], torch.Tensor]) -> torch.Tensor | None:
+        """What the validation batches carry as targets (default: the split's labels; ``teacher_outputs()`` gives
+        the teacher's outputs on the split's rows, for tasks scored against them)."""
+        return split.y
 
     def score(self, metrics: Mapping[str, float]) -> tuple[float, float]:
         """A key where larger is better: ``(±monitor, -tie_breaker)``; an epoch improves on the best when its score is
@@ -282,6 +310,22 @@ class TokenLM(TaskBase):
     monitor = "val_loss"
     higher_is_better = False
     report_columns = ("perplexity", "retention", "token_accuracy", "agreement", "nll")
+    methods = ("kd", "kd_topk", "ce")
+    builtin_students = False
+
+    def read_split(self, data: Any, name: str, classes: Any = None) -> Split:
+        """(rows, seq) integer token ids (an array, a tensor, or the first item of a pair), kept int64, with the
+        next-token targets of :meth:`encode_targets`."""
+        ids_raw = data[0] if isinstance(data, (tuple, list)) else data
+        array = ids_raw.detach().cpu() if isinstance(ids_raw, torch.Tensor) else np.asarray(ids_raw)
+        ids = torch.as_tensor(array)
+        if ids.ndim != 2 or ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.numel() == 0:
+            raise DataError(
+                f"{name}: task 'token_lm' reads (rows, seq) integer token ids, got {tuple(ids.shape)} {ids.dtype}",
+                hint="pass the tokenised rows as one int64 array of ids (pad them to one length).",
+            )
+        ids = ids.long()
+        return Split(x=ids, y=self.encode_targets(ids), raw_x=ids_raw)
 
     def check_outputs(self, student: Outputs, teacher: Outputs) -> None:
         """Both (batch, seq, vocab) over one vocabulary (a top-k teacher: (batch, seq) positions, ids below the
@@ -411,6 +455,9 @@ class Embedding(TaskBase):
     higher_is_better = True
     tie_breaker = "val_mse"
     report_columns = ("cosine", "retention", "mse")
+    methods = ("cosine", "mse")
+    trains_baseline = False
+    scored_against_teacher = True
 
     def check_outputs(self, student: Outputs, teacher: Outputs) -> None:
         """Both (batch, dim) with the same dim."""
@@ -431,6 +478,14 @@ class Embedding(TaskBase):
     def encode_targets(self, y: Any, classes: Any = None) -> None:
         """None: embedding distillation has no labels (the teacher's embeddings are the targets)."""
         return None
+
+    def read_split(self, data: Any, name: str, classes: Any = None) -> Split:
+        """Rows of features; labels, when given, are not used."""
+        return as_split(data, name=name, labeled=False)
+
+    def validation_target(self, split: Split, teacher_outputs: Callable[[], torch.Tensor]) -> torch.Tensor | None:
+        """The teacher's embeddings of the validation rows."""
+        return teacher_outputs()
 
     def _validate(self, model: nn.Module, batches: Iterable[Any]) -> dict[str, float]:
         totals = {"cosine_sum": 0.0, "squared_error": 0.0, "rows": 0.0, "numbers": 0.0}
