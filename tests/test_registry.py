@@ -465,3 +465,13 @@ def test_errors_are_kdistill_errors() -> None:
     assert isinstance(STUDENTS.unknown("x"), StudentError)
     assert isinstance(TEACHER_RECIPES.unknown("x"), ConfigError)
     assert isinstance(ADAPTERS.unknown("x"), TeacherError)
+
+
+def test_docs_adding_a_task_as_written(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from kdistill.tasks import TASKS
+
+    namespace = _run_walk_through("Adding a task", monkeypatch, tmp_path)
+    assert "teacher_regression" not in TASKS  # the page cleans up after itself
+    result = namespace["result"]
+    assert result.baseline is None and result.report.settings["task"] == "teacher_regression"
+    assert "val_rmse" in result.history[0]

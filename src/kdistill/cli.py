@@ -123,7 +123,12 @@ def _listing() -> dict[str, Callable[[], list[tuple[str, list[_Row]]]]]:
             ("adapters (what kdistill.as_teacher wraps in Python; params: the adapter's keywords)", adapters),
         ]
 
-    return {"methods": methods, "students": students, "datasets": datasets, "teachers": teachers}
+    def tasks() -> list[tuple[str, list[_Row]]]:
+        from kdistill.tasks import list_tasks
+
+        return [("", [(name, description, False) for name, description in list_tasks()])]
+
+    return {"methods": methods, "students": students, "datasets": datasets, "teachers": teachers, "tasks": tasks}
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -266,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field")
     check.set_defaults(handler=_cmd_validate)
 
-    listing = commands.add_parser("list", help="list what exists: methods, students, datasets, teachers")
+    listing = commands.add_parser("list", help="list what exists: methods, students, datasets, teachers, tasks")
     listing.add_argument("what", choices=sorted(_listing()))
     listing.set_defaults(handler=_cmd_list)
 
