@@ -603,17 +603,113 @@ def build_report(
     split_name: str,
     settings: dict[str, Any],
     profile: bool,
+    *,
+    train_split: Split | None = None,
+    facts: dict[str, Any] | None = None,
+    privacy: bool = True,
+    sample_rows: int = 1000,
+    seed: int = 0,
 ) -> Report:
     """Teacher vs student vs baseline on ``split``: accuracy, retention, agreement, calibration, size (and with
-    ``profile`` latency and throughput), through :func:`measure_models`."""
+    ``profile`` latency and throughput), through :func:`measure_models`; then the verdict (student vs baseline,
+    McNemar's exact test on the same rows, :mod:`kdistill.verdict`), and, given ``train_split``, the teacher's and
+    the student's behaviour on up to ``sample_rows`` training rows (confidence, agreement; with ``privacy`` the
+    membership-inference AUCs of :mod:`kdistill.privacy`) and the fired :mod:`kdistill.diagnose` rules.
+    ``facts``: what the run knows that the models do not (temperature, soft_weight, lr, soft_targets, soft_terms,
+    student_hidden; see :class:`~kdistill.diagnose.RunFacts`)."""
     wrapped: Any = teacher.estimator if isinstance(teacher, SklearnTeacher) else getattr(teacher, "module", teacher)
     teacher_entry = model_entry(teacher if hasattr(teacher, "size_bytes") else wrapped, teacher)
     entries = {"teacher": teacher_entry, "student": model_entry(student, _eval_predict(student))}
     if baseline is not None:
         entries["baseline"] = model_entry(baseline, _eval_predict(baseline))
     reference = teacher_logits(teacher, split.x)
-    models, _ = measure_models(entries, split, reference, profile=profile)
-    return Report(split=split_name, rows=len(split), models=models, settings=settings)
+    models, logits = measure_models(entries, split, reference, profile=profile)
+    built = Report(split=split_name, rows=len(split), models=models, settings=settings)
+    _judge(built, entries, logits, split, train_split, teacher, facts or {}, privacy, sample_rows, seed)
+    return built
+
+
+def _judge(
+    built: Report,
+    entries: Mapping[str, ModelEntry],
+    logits: Mapping[str, torch.Tensor],
+    split: Split,
+    train_split: Split | None,
+    teacher: Teacher,
+    facts: dict[str, Any],
+    privacy: bool,
+    sample_rows: int,
+    seed: int,
+) -> None:
+    """Fill ``built``'s verdict, measured facts, privacy and advice (see :func:`build_report`)."""
+    from kdistill.diagnose import RunFacts, diagnose
+    from kdistill.privacy import membership_inference
+    from kdistill.verdict import classification_verdict
+
+    assert split.y is not None
+    models = built.models
+    if "baseline" in logits:
+        built.verdict = classification_verdict(logits["student"], logits["baseline"], split.y, split=built.split)
+    reference = logits["teacher"]
+    measured: dict[str, Any] = {
+        "teacher_outputs_probs": bool(torch.logsumexp(reference, dim=1).abs().max() < 1e-3),
+        "teacher_is_sklearn": isinstance(teacher, SklearnTeacher),
+        "teacher_heldout_confidence": float(torch.softmax(reference, dim=1).max(dim=1).values.mean()),
+        "student_heldout_agreement": models["student"].get("agreement"),
+        "teacher_accuracy": models["teacher"]["accuracy"],
+        "student_accuracy": models["student"]["accuracy"],
+        "teacher_parameters": models["teacher"].get("parameters"),
+        "student_parameters": models["student"].get("parameters"),
+        "student_ece": models["student"]["ece"],
+    }
+    if "baseline" in models:
+        measured |= {"baseline_accuracy": models["baseline"]["accuracy"], "baseline_ece": models["baseline"]["ece"]}
+    if train_split is not None and train_split.y is not None:
+        generator = torch.Generator().manual_seed(seed)
+        rows = torch.randperm(len(train_split.x), generator=generator)[:sample_rows]
+        sample_x, sample_y = train_split.x[rows], train_split.y[rows]
+        with torch.inference_mode():
+            on_train = {name: _logits_of(entry.predict(sample_x)).float().cpu() for name, entry in entries.items()}
+        teacher_train = on_train["teacher"]
+        measured |= {
+            "teacher_train_confidence": float(torch.softmax(teacher_train, dim=1).max(dim=1).values.mean()),
+            "student_train_agreement": float((on_train["student"].argmax(1) == teacher_train.argmax(1)).float().mean()),
+            "train_rows_sampled": len(rows),
+        }
+        if privacy:
+            built.privacy = {
+                name: membership_inference(on_train[name], sample_y, logits[name], split.y) for name in on_train
+            }
+    known = {name for name in RunFacts.__dataclass_fields__}
+    run_facts = RunFacts(**{key: value for key, value in (measured | facts).items() if key in known})
+    built.measured = {key: value for key, value in measured.items() if value is not None}
+    built.advice = [found.to_dict() for found in diagnose(run_facts)]
+
+
+def _logits_of(output: Any) -> torch.Tensor:
+    from kdistill.teachers import Outputs
+
+    return output.logits if isinstance(output, Outputs) else output
+
+
+def _run_facts(spec: RunSpec, prepared: Prepared, history: list[dict[str, float]]) -> dict[str, Any]:
+    """What the diagnoses need from the spec and the history: kd's temperature and soft weight, lr, soft targets,
+    the built-in student's widths and the per-epoch values of every soft (teacher) term."""
+    facts: dict[str, Any] = {"soft_targets": spec.soft_targets, "lr": spec.settings.train.optimizer.lr}
+    kd_terms = [term for term in spec.settings.method if term.name in ("kd", "kd_topk")]
+    if spec.loss is None and kd_terms:
+        facts["temperature"] = float(kd_terms[0].params.get("temperature", 4.0))
+        facts["soft_weight"] = float(kd_terms[0].params.get("soft_weight", 0.5))
+    if prepared.student_spec and "hidden" in prepared.student_spec:
+        facts["student_hidden"] = [int(width) for width in prepared.student_spec["hidden"]]
+    hard = {"train_loss", "train_ce"}
+    keys = [
+        key
+        for key in (history[0] if history else {})
+        if key.startswith("train_") and key not in hard and not key.endswith("/ce")
+    ]
+    facts["soft_terms"] = {key: [float(epoch[key]) for epoch in history if key in epoch] for key in keys}
+    return facts
 
 
 def _method_label(spec: RunSpec) -> Any:
@@ -669,6 +765,10 @@ def report(
         eval_name,
         described | spec.report_settings,
         settings.report.profile,
+        train_split=train_split,
+        facts=_run_facts(spec, prepared, history),
+        privacy=getattr(settings.report, "privacy", True),
+        seed=settings.seed,
     )
 
 
