@@ -83,6 +83,15 @@ def test_a_soft_term_that_does_not_decrease():
     assert found is not None and found.setting == "lr=0.03" and "kd fell only 5%" in found.finding
     assert soft_term_flat(RunFacts(soft_terms={"train_kd": [1.0, 0.7, 0.5]}, lr=0.3)) is None
     assert soft_term_flat(RunFacts(soft_terms={"train_kd": [1.0, 1.0]})) is None  # too few epochs to tell
+    # kd fell by a third but stayed where a uniform prediction scores: the student learned nothing from the teacher
+    stuck = RunFacts(soft_terms={"train_kd": [3.4, 3.7, 2.33, 2.34]}, soft_term_uniform=2.2, lr=3.0)
+    found = soft_term_flat(stuck)
+    assert found is not None and found.setting == "lr=0.3" and "uniform" in found.finding
+    stuck.soft_term_uniform = 2.8
+    assert soft_term_flat(stuck) is None
+    stuck.soft_terms = {"train_fitnet/fitnet": [3.4, 3.7, 2.33, 2.34]}  # the uniform level is kd's alone
+    stuck.soft_term_uniform = 2.2
+    assert soft_term_flat(stuck) is None
 
 
 def test_calibration_much_worse_than_the_baseline():
@@ -122,6 +131,11 @@ def test_a_forest_distilled_at_t4_is_told_to_use_t1():
     # what the rules read was measured on the run's own rows: the forest is surer on its training rows
     assert report.measured["teacher_train_confidence"] > report.measured["teacher_heldout_confidence"]
     assert report.measured["train_rows_sampled"] == len(y_train)
+    # kd's uniform-prediction level, transcribed: T² · mean KL(q || uniform), q = p^(1/T) renormalised, p floored
+    probs = np.clip(forest.predict_proba(x_train), 1e-12, None)
+    sharpened = probs**0.25 / (probs**0.25).sum(axis=1, keepdims=True)
+    uniform = 16 * np.mean(np.sum(sharpened * np.log(sharpened * probs.shape[1]), axis=1))
+    assert report.measured["soft_term_uniform"] == pytest.approx(uniform, rel=1e-4)
     quiet = distill(
         forest, "mlp", (x_train, y_train), test=(x_test, y_test), epochs=4, temperature=1.0, profile=False,
         verbose=False,

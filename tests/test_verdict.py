@@ -171,3 +171,27 @@ def test_no_baseline_means_no_verdict():
     assert result.report is not None
     assert result.report.verdict is None
     assert not any(line.startswith("verdict") for line in result.report.lines())
+
+
+def test_the_report_page_examples_run_and_print_what_they_say():
+    import contextlib
+    import io
+    import re
+    from pathlib import Path
+
+    doc = Path(__file__).resolve().parents[1] / "docs" / "report.md"
+    blocks = re.findall(r"```python\n(.*?)```", doc.read_text(), flags=re.DOTALL)
+    assert len(blocks) == 3
+    namespace: dict[str, object] = {}
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        for block in blocks:
+            exec(compile(block, str(doc), "exec"), namespace)
+    lines = printed.getvalue().splitlines()
+    assert lines[0].startswith("verdict: ")
+    assert any(line.startswith("advice: the teacher outputs probabilities") for line in lines)
+    assert any(line.startswith("privacy: membership-inference AUC") for line in lines)
+    settings_line = next(line for line in lines if line.startswith("['"))
+    assert settings_line.startswith("['temperature=1")
+    assert re.fullmatch(r"0\.\d+ \[0\.\d+, 0\.\d+\] significant=True", lines[-2])
+    assert re.search(r"; across 3 seeds [+-]\d+\.\d\d ± \d+\.\d\d points", lines[-1])

@@ -49,6 +49,9 @@ class RunFacts:
     teacher on (a sample of) its training rows / the evaluated rows. ``student_train_agreement``/
     ``student_heldout_agreement``: how often the student predicts the teacher's class there. ``soft_terms``: the
     per-epoch training values of each soft (teacher) term, by history key (``train_kd``, ``train_kd/kd``, ...).
+    ``soft_term_uniform``: what kd's soft term would be for a student that predicts uniform probabilities,
+    ``T² · mean_rows KL(softmax(z_t / T) || uniform) = T² · mean_rows (log C - H(softmax(z_t / T)))``, on the training
+    rows sampled.
     ``student_hidden``: the student's hidden widths when it is a built-in MLP/CNN (for the advice's numbers).
     """
 
@@ -68,6 +71,7 @@ class RunFacts:
     student_ece: float | None = None
     baseline_ece: float | None = None
     soft_terms: dict[str, list[float]] = field(default_factory=dict)
+    soft_term_uniform: float | None = None
     lr: float | None = None
     soft_weight: float | None = None
     student_hidden: list[int] | None = None
@@ -185,22 +189,33 @@ def _soft_decrease(values: Sequence[float]) -> float:
     return (first - min(values)) / abs(first) if first else 0.0
 
 
+def _is_kd(key: str) -> bool:
+    return key.split("/")[-1] in ("train_kd", "kd", "train_kd_topk", "kd_topk")
+
+
 def soft_term_flat(facts: RunFacts) -> Diagnosis | None:
-    """A soft (teacher) term that does not decrease over training: the student is not learning the teacher's
-    outputs, most often because the step size is too large for the loss."""
-    flat = {key: values for key, values in facts.soft_terms.items() if len(values) >= 3}
-    flat = {key: values for key, values in flat.items() if _soft_decrease(values) < FLAT_DECREASE}
-    if not flat:
-        return None
-    key, values = next(iter(flat.items()))
+    """A soft (teacher) term that does not decrease over training (it fell by less than 10% from the first epoch
+    to its lowest), or, for kd, never got below what a uniform prediction scores: the student is not learning the
+    teacher's outputs, most often because the step size is too large for the loss."""
     lower = f"lr={facts.lr / 10:g}" if facts.lr else "a 10x lower lr="
-    return Diagnosis(
-        "soft_term_flat",
-        f"the soft term {key.removeprefix('train_')} fell only {_soft_decrease(values):.0%} over {len(values)} "
-        f"epochs ({values[0]:.3g} -> {min(values):.3g})",
-        "lower the learning rate tenfold",
-        lower,
-    )
+    for key, values in facts.soft_terms.items():
+        if len(values) < 3 or any(value != value for value in values):  # NaN: the engine's own error says why
+            continue
+        name = key.removeprefix("train_")
+        if _soft_decrease(values) < FLAT_DECREASE:
+            finding = (
+                f"the soft term {name} fell only {_soft_decrease(values):.0%} over {len(values)} epochs "
+                f"({values[0]:.3g} -> {min(values):.3g})"
+            )
+        elif _is_kd(key) and facts.soft_term_uniform and min(values) > (1 - FLAT_DECREASE) * facts.soft_term_uniform:
+            finding = (
+                f"the soft term {name} never got below {min(values):.3g}, where a student predicting uniform "
+                f"probabilities scores {facts.soft_term_uniform:.3g}"
+            )
+        else:
+            continue
+        return Diagnosis("soft_term_flat", finding, "lower the learning rate tenfold", lower)
+    return None
 
 
 def calibration_worse(facts: RunFacts) -> Diagnosis | None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -676,6 +677,12 @@ def _judge(
             "student_train_agreement": float((on_train["student"].argmax(1) == teacher_train.argmax(1)).float().mean()),
             "train_rows_sampled": len(rows),
         }
+        temperature = facts.get("temperature")
+        if temperature:  # kd's soft term for a uniform prediction: T² · mean KL(p_t^T || uniform)
+            log_probs = torch.log_softmax(teacher_train / temperature, dim=1)
+            entropy = -(log_probs.exp() * log_probs).sum(dim=1)
+            uniform = temperature**2 * float((math.log(teacher_train.shape[1]) - entropy).mean())
+            measured["soft_term_uniform"] = uniform
         if privacy:
             built.privacy = {
                 name: membership_inference(on_train[name], sample_y, logits[name], split.y) for name in on_train
