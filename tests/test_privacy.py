@@ -98,3 +98,12 @@ def test_the_privacy_estimate_can_be_turned_off():
     assert set(on.privacy) == {"teacher", "student"}
     assert off.privacy == {}
     assert on.measured["teacher_train_confidence"] == pytest.approx(off.measured["teacher_train_confidence"])
+    # the run's own soft targets stand in for the teacher's outputs on the training rows: the same numbers
+    from kdistill.teachers import teacher_logits
+
+    known = teacher_logits(teacher, train.x)
+    reused = build_report(
+        teacher, student, None, test, "test", {}, False, train_split=train, train_teacher_logits=known
+    )
+    assert reused.measured == pytest.approx(on.measured)
+    assert reused.privacy["teacher"] == pytest.approx(on.privacy["teacher"])

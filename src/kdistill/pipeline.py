@@ -610,6 +610,7 @@ def build_report(
     privacy: bool = True,
     sample_rows: int = 1000,
     seed: int = 0,
+    train_teacher_logits: torch.Tensor | None = None,
 ) -> Report:
     """Teacher vs student vs baseline on ``split``: accuracy, retention, agreement, calibration, size (and with
     ``profile`` latency and throughput), through :func:`measure_models`; then the verdict (student vs baseline,
@@ -617,7 +618,8 @@ def build_report(
     the student's behaviour on up to ``sample_rows`` training rows (confidence, agreement; with ``privacy`` the
     membership-inference AUCs of :mod:`kdistill.privacy`) and the fired :mod:`kdistill.diagnose` rules.
     ``facts``: what the run knows that the models do not (temperature, soft_weight, lr, soft_targets, soft_terms,
-    student_hidden; see :class:`~kdistill.diagnose.RunFacts`)."""
+    student_hidden; see :class:`~kdistill.diagnose.RunFacts`). ``train_teacher_logits``: (train rows, classes), the
+    teacher's outputs on every training row when the run already has them (then the teacher does not run again)."""
     wrapped: Any = teacher.estimator if isinstance(teacher, SklearnTeacher) else getattr(teacher, "module", teacher)
     teacher_entry = model_entry(teacher if hasattr(teacher, "size_bytes") else wrapped, teacher)
     entries = {"teacher": teacher_entry, "student": model_entry(student, _eval_predict(student))}
@@ -626,7 +628,8 @@ def build_report(
     reference = teacher_logits(teacher, split.x)
     models, logits = measure_models(entries, split, reference, profile=profile)
     built = Report(split=split_name, rows=len(split), models=models, settings=settings)
-    _judge(built, entries, logits, split, train_split, teacher, facts or {}, privacy, sample_rows, seed)
+    sampled = (train_split, train_teacher_logits, sample_rows, seed)
+    _judge(built, entries, logits, split, sampled, teacher, facts or {}, privacy)
     return built
 
 
@@ -635,14 +638,14 @@ def _judge(
     entries: Mapping[str, ModelEntry],
     logits: Mapping[str, torch.Tensor],
     split: Split,
-    train_split: Split | None,
+    sampled: tuple[Split | None, torch.Tensor | None, int, int],
     teacher: Teacher,
     facts: dict[str, Any],
     privacy: bool,
-    sample_rows: int,
-    seed: int,
 ) -> None:
-    """Fill ``built``'s verdict, measured facts, privacy and advice (see :func:`build_report`)."""
+    """Fill ``built``'s verdict, measured facts, privacy and advice (see :func:`build_report`). ``sampled``: the
+    training rows, the teacher's logits on them (or None), how many rows to sample and the sampling seed."""
+    train_split, known_train_logits, sample_rows, seed = sampled
     from kdistill.diagnose import RunFacts, diagnose
     from kdistill.privacy import membership_inference
     from kdistill.verdict import classification_verdict
@@ -669,8 +672,13 @@ def _judge(
         generator = torch.Generator().manual_seed(seed)
         rows = torch.randperm(len(train_split.x), generator=generator)[:sample_rows]
         sample_x, sample_y = train_split.x[rows], train_split.y[rows]
+        on_train: dict[str, torch.Tensor] = {}
+        if known_train_logits is not None:
+            on_train["teacher"] = known_train_logits[rows].float().cpu()
         with torch.inference_mode():
-            on_train = {name: _logits_of(entry.predict(sample_x)).float().cpu() for name, entry in entries.items()}
+            for name, entry in entries.items():
+                if name not in on_train:
+                    on_train[name] = _logits_of(entry.predict(sample_x)).float().cpu()
         teacher_train = on_train["teacher"]
         measured |= {
             "teacher_train_confidence": float(torch.softmax(teacher_train, dim=1).max(dim=1).values.mean()),
@@ -776,7 +784,19 @@ def report(
         facts=_run_facts(spec, prepared, history),
         privacy=getattr(settings.report, "privacy", True),
         seed=settings.seed,
+        train_teacher_logits=_train_teacher_logits(spec, prepared),
     )
+
+
+def _train_teacher_logits(spec: RunSpec, prepared: Prepared) -> torch.Tensor | None:
+    """The teacher's logits on every training row when the soft targets are exactly those (not out-of-fold, not
+    augmented, not a top-k cache form): the report then reads them instead of running the teacher again."""
+    train_split, targets = prepared.splits["train"], prepared.targets
+    if spec.soft_targets != "predict" or targets is None or train_split is None:
+        return None
+    if _storage(spec).startswith("topk") or tuple(targets.shape) != (len(train_split), prepared.num_classes):
+        return None
+    return targets
 
 
 # ---------------------------------------------------------------------------------------------------- run folder
