@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -58,6 +57,7 @@ from kdistill.report import Report
 from kdistill.result import DistillResult, _jsonable
 from kdistill.students import build_student
 from kdistill.teachers import SklearnTeacher, Teacher, probs_to_logits, teacher_logits
+from kdistill.verdict import judge
 
 __all__ = [
     "CONFIG_FILE",
@@ -628,83 +628,19 @@ def build_report(
     reference = teacher_logits(teacher, split.x)
     models, logits = measure_models(entries, split, reference, profile=profile)
     built = Report(split=split_name, rows=len(split), models=models, settings=settings)
+    predictors = {name: entry.predict for name, entry in entries.items()}
+    is_sklearn = isinstance(teacher, SklearnTeacher)
     sampled = (train_split, train_teacher_logits, sample_rows, seed)
-    _judge(built, entries, logits, split, sampled, teacher, facts or {}, privacy)
+    judge(
+        built,
+        predictors,
+        logits,
+        split,
+        sampled,
+        facts=(facts or {}) | {"teacher_is_sklearn": is_sklearn},
+        privacy=privacy,
+    )
     return built
-
-
-def _judge(
-    built: Report,
-    entries: Mapping[str, ModelEntry],
-    logits: Mapping[str, torch.Tensor],
-    split: Split,
-    sampled: tuple[Split | None, torch.Tensor | None, int, int],
-    teacher: Teacher,
-    facts: dict[str, Any],
-    privacy: bool,
-) -> None:
-    """Fill ``built``'s verdict, measured facts, privacy and advice (see :func:`build_report`). ``sampled``: the
-    training rows, the teacher's logits on them (or None), how many rows to sample and the sampling seed."""
-    train_split, known_train_logits, sample_rows, seed = sampled
-    from kdistill.diagnose import RunFacts, diagnose
-    from kdistill.privacy import membership_inference
-    from kdistill.verdict import classification_verdict
-
-    assert split.y is not None
-    models = built.models
-    if "baseline" in logits:
-        built.verdict = classification_verdict(logits["student"], logits["baseline"], split.y, split=built.split)
-    reference = logits["teacher"]
-    measured: dict[str, Any] = {
-        "teacher_outputs_probs": bool(torch.logsumexp(reference, dim=1).abs().max() < 1e-3),
-        "teacher_is_sklearn": isinstance(teacher, SklearnTeacher),
-        "teacher_heldout_confidence": float(torch.softmax(reference, dim=1).max(dim=1).values.mean()),
-        "student_heldout_agreement": models["student"].get("agreement"),
-        "teacher_accuracy": models["teacher"]["accuracy"],
-        "student_accuracy": models["student"]["accuracy"],
-        "teacher_parameters": models["teacher"].get("parameters"),
-        "student_parameters": models["student"].get("parameters"),
-        "student_ece": models["student"]["ece"],
-    }
-    if "baseline" in models:
-        measured |= {"baseline_accuracy": models["baseline"]["accuracy"], "baseline_ece": models["baseline"]["ece"]}
-    if train_split is not None and train_split.y is not None:
-        generator = torch.Generator().manual_seed(seed)
-        rows = torch.randperm(len(train_split.x), generator=generator)[:sample_rows]
-        sample_x, sample_y = train_split.x[rows], train_split.y[rows]
-        on_train: dict[str, torch.Tensor] = {}
-        if known_train_logits is not None:
-            on_train["teacher"] = known_train_logits[rows].float().cpu()
-        with torch.inference_mode():
-            for name, entry in entries.items():
-                if name not in on_train:
-                    on_train[name] = _logits_of(entry.predict(sample_x)).float().cpu()
-        teacher_train = on_train["teacher"]
-        measured |= {
-            "teacher_train_confidence": float(torch.softmax(teacher_train, dim=1).max(dim=1).values.mean()),
-            "student_train_agreement": float((on_train["student"].argmax(1) == teacher_train.argmax(1)).float().mean()),
-            "train_rows_sampled": len(rows),
-        }
-        temperature = facts.get("temperature")
-        if temperature:  # kd's soft term for a uniform prediction: T² · mean KL(p_t^T || uniform)
-            log_probs = torch.log_softmax(teacher_train / temperature, dim=1)
-            entropy = -(log_probs.exp() * log_probs).sum(dim=1)
-            uniform = temperature**2 * float((math.log(teacher_train.shape[1]) - entropy).mean())
-            measured["soft_term_uniform"] = uniform
-        if privacy:
-            built.privacy = {
-                name: membership_inference(on_train[name], sample_y, logits[name], split.y) for name in on_train
-            }
-    known = {name for name in RunFacts.__dataclass_fields__}
-    run_facts = RunFacts(**{key: value for key, value in (measured | facts).items() if key in known})
-    built.measured = {key: value for key, value in measured.items() if value is not None}
-    built.advice = [found.to_dict() for found in diagnose(run_facts)]
-
-
-def _logits_of(output: Any) -> torch.Tensor:
-    from kdistill.teachers import Outputs
-
-    return output.logits if isinstance(output, Outputs) else output
 
 
 def _run_facts(spec: RunSpec, prepared: Prepared, history: list[dict[str, float]]) -> dict[str, Any]:

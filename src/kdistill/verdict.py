@@ -15,20 +15,26 @@ Two paired tests, both on the rows both models were evaluated on:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from kdistill.errors import ShapeMismatchError
 
+if TYPE_CHECKING:
+    from kdistill.data import Split
+    from kdistill.report import Report
+
 __all__ = [
     "BootstrapInterval",
     "McNemar",
     "Verdict",
     "classification_verdict",
+    "judge",
     "mcnemar_exact",
     "paired_bootstrap",
     "seed_spread",
@@ -282,3 +288,74 @@ def verdict_across_seeds(verdicts: Sequence[Verdict]) -> Verdict:
     differences = [verdict.difference for verdict in verdicts]
     first = verdicts[0]
     return Verdict(**{**first.__dict__, "seeds": seed_spread(differences), "per_seed": differences})
+
+
+def judge(
+    built: Report,
+    predictors: Mapping[str, Callable[[torch.Tensor], Any]],
+    logits: Mapping[str, torch.Tensor],
+    split: Split,
+    sampled: tuple[Split | None, torch.Tensor | None, int, int],
+    *,
+    facts: dict[str, Any],
+    privacy: bool = True,
+) -> None:
+    """Fill ``built``'s verdict, ``measured``, ``privacy`` and ``advice`` (as :func:`kdistill.pipeline.build_report`
+    does). ``predictors``: each model's ``predict(x) -> logits or Outputs`` (``"teacher"``, ``"student"``, optional
+    ``"baseline"``); ``logits``: their (rows, classes) logits on ``split``, the evaluated rows. ``sampled``: the
+    training rows, the teacher's logits on all of them (or None: the teacher runs on the sample), how many rows to
+    sample and the sampling seed. ``facts``: what the run knows besides the models (:class:`RunFacts` fields)."""
+    from kdistill.diagnose import RunFacts, diagnose
+    from kdistill.privacy import membership_inference
+    from kdistill.teachers import Outputs
+
+    train_split, known_train_logits, sample_rows, seed = sampled
+    assert split.y is not None
+    models = built.models
+    if "baseline" in logits:
+        built.verdict = classification_verdict(logits["student"], logits["baseline"], split.y, split=built.split)
+    reference = logits["teacher"]
+    measured: dict[str, Any] = {
+        "teacher_outputs_probs": bool(torch.logsumexp(reference, dim=1).abs().max() < 1e-3),
+        "teacher_heldout_confidence": float(torch.softmax(reference, dim=1).max(dim=1).values.mean()),
+        "student_heldout_agreement": models["student"].get("agreement"),
+        "teacher_accuracy": models["teacher"]["accuracy"],
+        "student_accuracy": models["student"]["accuracy"],
+        "teacher_parameters": models["teacher"].get("parameters"),
+        "student_parameters": models["student"].get("parameters"),
+        "student_ece": models["student"]["ece"],
+    }
+    if "baseline" in models:
+        measured |= {"baseline_accuracy": models["baseline"]["accuracy"], "baseline_ece": models["baseline"]["ece"]}
+    if train_split is not None and train_split.y is not None:
+        generator = torch.Generator().manual_seed(seed)
+        rows = torch.randperm(len(train_split.x), generator=generator)[:sample_rows]
+        sample_x, sample_y = train_split.x[rows], train_split.y[rows]
+        on_train: dict[str, torch.Tensor] = {}
+        if known_train_logits is not None:
+            on_train["teacher"] = known_train_logits[rows].float().cpu()
+        with torch.inference_mode():
+            for name, predict in predictors.items():
+                if name not in on_train:
+                    output = predict(sample_x)
+                    on_train[name] = (output.logits if isinstance(output, Outputs) else output).float().cpu()
+        teacher_train = on_train["teacher"]
+        measured |= {
+            "teacher_train_confidence": float(torch.softmax(teacher_train, dim=1).max(dim=1).values.mean()),
+            "student_train_agreement": float((on_train["student"].argmax(1) == teacher_train.argmax(1)).float().mean()),
+            "train_rows_sampled": len(rows),
+        }
+        temperature = facts.get("temperature")
+        if temperature:  # kd's soft term for a uniform prediction: T² · mean KL(p_t^T || uniform)
+            log_probs = torch.log_softmax(teacher_train / temperature, dim=1)
+            entropy = -(log_probs.exp() * log_probs).sum(dim=1)
+            uniform = temperature**2 * float((math.log(teacher_train.shape[1]) - entropy).mean())
+            measured["soft_term_uniform"] = uniform
+        if privacy:
+            built.privacy = {
+                name: membership_inference(on_train[name], sample_y, logits[name], split.y) for name in on_train
+            }
+    known = {name for name in RunFacts.__dataclass_fields__}
+    run_facts = RunFacts(**{key: value for key, value in (measured | facts).items() if key in known})
+    built.measured = {key: value for key, value in measured.items() if value is not None}
+    built.advice = [found.to_dict() for found in diagnose(run_facts)]
