@@ -195,3 +195,32 @@ def test_the_report_page_examples_run_and_print_what_they_say():
     assert settings_line.startswith("['temperature=1")
     assert re.fullmatch(r"0\.\d+ \[0\.\d+, 0\.\d+\] significant=True", lines[-2])
     assert re.search(r"; across 3 seeds [+-]\d+\.\d\d ± \d+\.\d\d points", lines[-1])
+
+
+def test_kdistill_profile_prints_and_saves_the_same_lines_as_the_run_that_made_the_student(tmp_path):
+    """As a user runs it: a saved run folder, then `kdistill profile` on it in a subprocess."""
+    import json
+    import subprocess
+    import sys
+
+    from sklearn.ensemble import RandomForestClassifier
+
+    from kdistill.datasets import load_digits
+
+    data = load_digits(0)
+    forest = RandomForestClassifier(30, random_state=0).fit(*data.train)
+    result = distill(forest, "mlp", data.train, test=data.test, epochs=3, profile=False, verbose=False)
+    assert result.report is not None
+    result.save(tmp_path)
+    done = subprocess.run(
+        [sys.executable, "-m", "kdistill.cli", "profile", str(tmp_path), "--dataset", "digits"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    printed = " ".join(done.stdout.split())  # the console wraps long lines
+    for line in result.report.lines():
+        assert " ".join(line.split()) in printed
+    profiled = json.loads((tmp_path / "profile.json").read_text())
+    assert profiled["lines"] == result.report.lines()
