@@ -224,3 +224,19 @@ def test_kdistill_profile_prints_and_saves_the_same_lines_as_the_run_that_made_t
         assert " ".join(line.split()) in printed
     profiled = json.loads((tmp_path / "profile.json").read_text())
     assert profiled["lines"] == result.report.lines()
+
+
+def test_kdistill_export_prints_and_saves_the_distillation_verdict(tmp_path, capsys):
+    import json
+
+    from kdistill.cli import main
+
+    out = tmp_path / "pipe"
+    args = ["export", "--dataset", "digits", "--out", str(out), "--epochs", "3", "--finetune-epochs", "1"]
+    assert main([*args, "--no-html", "--quiet", "--quantize", "none"]) == 0
+    printed = " ".join(capsys.readouterr().out.split())
+    report = json.loads((out / "report.json").read_text())
+    assert report["verdict"]["test"] == "mcnemar_exact"
+    assert report["lines"][0] == report["verdict"]["line"]
+    for line in report["lines"]:
+        assert " ".join(line.split()) in printed
