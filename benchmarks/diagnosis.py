@@ -100,7 +100,7 @@ def _matches(seed: int) -> tuple[Any, Any]:
     data = _split("wine", x, y, seed)
     teacher = LogisticRegression(max_iter=2000).fit(*data.train)
     before = _distill(teacher, data, seed, temperature=1.0)
-    smaller = [max(1, width // 4) for width in before.spec["hidden"]]
+    smaller = [max(1, width // 2) for width in before.spec["hidden"]]
     return before, _distill(teacher, data, seed, temperature=1.0, hidden=smaller, baseline=False)
 
 
@@ -130,7 +130,7 @@ CASES = {
              "accuracy", _agreement),
         Case("capacity_gap", "digits, RandomForest(500) -> MLP hidden=[4], T=2", "assistant MLP hidden=[32]",
              "accuracy", _capacity),
-        Case("student_matches_teacher", "wine, LogisticRegression -> default MLP", "hidden=[w // 4]",
+        Case("student_matches_teacher", "wine, LogisticRegression -> default MLP", "hidden=[w // 2]",
              "parameters", _matches),
         Case("soft_term_flat", "digits, LogisticRegression -> MLP at lr=3", "lr=0.3", "accuracy", _flat),
         Case("calibration_worse", "digits, RandomForest(100, max_depth=4) (under-confident) -> MLP",

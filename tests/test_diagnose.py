@@ -54,23 +54,23 @@ def test_agreement_gap():
     assert agreement_gap(RunFacts(student_train_agreement=1.0, student_heldout_agreement=0.91)) is None
 
 
-def test_capacity_gap_names_an_assistant_four_times_the_student():
+def test_capacity_gap_names_an_assistant_eight_times_the_student():
     facts = RunFacts(
         teacher_parameters=100_000, student_parameters=1_000, teacher_accuracy=0.95, student_accuracy=0.90,
         student_hidden=[8],
     )  # fmt: skip
     found = capacity_gap(facts)
-    assert found is not None and "hidden=[32]" in found.setting and "100x" in found.finding
+    assert found is not None and "hidden=[64]" in found.setting and "100x" in found.finding
     facts.student_accuracy = 0.94  # within 2 points: no gap worth bridging
     assert capacity_gap(facts) is None
     facts.student_accuracy, facts.teacher_parameters = 0.90, 20_000  # only 20x
     assert capacity_gap(facts) is None
 
 
-def test_student_matching_the_teacher_suggests_a_quarter_of_the_width():
+def test_student_matching_the_teacher_suggests_half_the_width():
     facts = RunFacts(student_heldout_agreement=0.99, teacher_accuracy=0.95, student_accuracy=0.948, student_hidden=[64])
     found = student_matches_teacher(facts)
-    assert found is not None and found.setting == "hidden=[16]"
+    assert found is not None and found.setting == "hidden=[32]"
     facts.student_accuracy = 0.94
     assert student_matches_teacher(facts) is None
     facts.student_accuracy, facts.student_heldout_agreement = 0.95, 0.97

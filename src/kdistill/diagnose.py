@@ -154,7 +154,7 @@ def capacity_gap(facts: RunFacts) -> Diagnosis | None:
     shortfall = facts.teacher_accuracy - facts.student_accuracy
     if ratio < CAPACITY_RATIO or shortfall < CAPACITY_SHORTFALL:
         return None
-    assistant = [4 * width for width in facts.student_hidden] if facts.student_hidden else "[4x the student's]"
+    assistant = [8 * width for width in facts.student_hidden] if facts.student_hidden else "[8x the student's]"
     return Diagnosis(
         "capacity_gap",
         f"the teacher has {ratio:.0f}x the student's parameters and the student is {100 * shortfall:.1f} points "
@@ -172,13 +172,13 @@ def student_matches_teacher(facts: RunFacts) -> Diagnosis | None:
         return None
     if facts.student_accuracy < facts.teacher_accuracy - MATCH_SHORTFALL:
         return None
-    smaller = [max(1, width // 4) for width in facts.student_hidden] if facts.student_hidden else None
+    smaller = [max(1, width // 2) for width in facts.student_hidden] if facts.student_hidden else None
     setting = f"hidden={smaller}" if smaller else "a smaller student= module"
     return Diagnosis(
         "student_matches_teacher",
         f"the student agrees with the teacher on {facts.student_heldout_agreement:.1%} of held-out rows and is "
         f"within {100 * MATCH_SHORTFALL:.1f} points of its accuracy",
-        "try a smaller student (a quarter of the width)",
+        "try a smaller student (half the width)",
         setting,
     )
 
