@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import html
 import re
 import shutil
 import subprocess
@@ -14,6 +15,7 @@ import torch
 from kdistill.compress.pipeline import model_diagnostics
 from kdistill.report import Report
 from kdistill.report_html import render_html, write_html_report, write_html_report_from_folder
+from kdistill.verdict import classification_verdict
 
 pytest.importorskip("matplotlib")
 
@@ -57,7 +59,29 @@ def _run() -> tuple[Report, dict, dict, torch.Tensor]:
     }
     diagnostics = model_diagnostics(logits, target, ["a", "b", "c", "d"])
     report = Report(split="test", rows=200, models=models, settings={"profile_threads": 1}, diagnostics=diagnostics)
+    report.verdict = classification_verdict(logits["student"], logits["baseline"], target)
+    report.advice = [
+        {
+            "rule": "probability_teacher_hot",
+            "finding": "the teacher outputs probabilities and was distilled at temperature 4",
+            "advice": "probabilities are already soft: distil at temperature 1",
+            "setting": "temperature=1",
+            "line": "the teacher outputs probabilities ... (temperature=1)",
+        }
+    ]
+    report.privacy = {name: {"loss_auc": 0.5 + 0.1 * i, "confidence_auc": 0.5} for i, name in enumerate(models)}
     return report, history, logits, target
+
+
+def test_the_page_opens_with_the_verdict_then_the_advice_before_any_table_or_plot():
+    report, history = _report_and_history()
+    page = render_html(report, history)
+    assert report.verdict is not None
+    verdict = page.index(html.escape(report.verdict.line()))
+    advice = page.index("<code>temperature=1</code>")
+    privacy = page.index("membership-inference AUC")
+    assert page.index("<h1>") < verdict < advice < privacy < page.index("<table") < page.index("<img")
+    assert f"p = {report.verdict.p_value:.3g}" in page
 
 
 def test_html_is_self_contained_with_five_embedded_plots():
@@ -129,3 +153,11 @@ def test_a_headless_browser_renders_a_non_blank_page(tmp_path):
     colours = len(np.unique((pixels * 255).astype(np.uint8).reshape(-1, 3), axis=0))
     assert nonwhite > 0.05  # text, table and plots cover a real part of the page
     assert colours > 100  # plots in several colours, not a blank or single-colour page
+    # the verdict box (its coloured left border) is drawn at the top of the page, above the table and the plots
+    assert report.verdict is not None
+    border = {"helped": (37, 99, 235), "hurt": (220, 38, 38), "no significant difference": (156, 163, 175)}
+    rgb = (pixels * 255).round().astype(int)
+    box = np.all(np.abs(rgb - np.array(border[report.verdict.outcome])) <= 3, axis=2)
+    rows_with_border = np.nonzero(box[:, :60].any(axis=1))[0]
+    assert rows_with_border.size > 10
+    assert rows_with_border.min() < 150

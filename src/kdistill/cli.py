@@ -5,14 +5,41 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 
 from kdistill.errors import KdistillError
 
+if TYPE_CHECKING:
+    from kdistill.report import Report
+
 __all__ = ["main"]
 
 _console = Console(width=None if sys.stdout.isatty() else 140)
+
+
+def _with_judgement(report: Report, source: Report | Path | None) -> Report:
+    """``report`` with the verdict, advice and privacy of ``source`` (a report, or a folder holding report.json from
+    the distillation that made the artefacts) when it has none of its own, so every command prints the same lines."""
+    from kdistill.report import Report
+
+    if report.verdict is not None or report.advice or source is None:
+        return report
+    if isinstance(source, Path):
+        saved = source / "report.json"
+        if not saved.is_file():
+            return report
+        source = Report.load(saved)
+    report.verdict, report.advice, report.privacy = source.verdict, source.advice, source.privacy
+    report.measured = report.measured or source.measured
+    return report
+
+
+def _print_lines(report: Report) -> None:
+    for line in report.lines():
+        _console.print(line, highlight=False, soft_wrap=True)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -38,6 +65,12 @@ def _cmd_export(args: argparse.Namespace) -> int:
         summary = export_saved_student(
             args.source, args.dataset, args.out, quantize=args.quantize, tolerance=args.tolerance, seed=args.seed
         )
+        source = Path(args.source)
+        saved = Path(args.source) if source.is_dir() else source.parent
+        if (saved / "report.json").is_file():  # the judgement of the run that made this student
+            from kdistill.report import Report
+
+            _print_lines(Report.load(saved / "report.json"))
         accuracy = ", ".join(f"{name} {value:.4f}" for name, value in summary["accuracy"].items())
         _console.print(
             f"exported {summary['export']['path']} (max |ONNX - PyTorch| = {summary['export']['max_abs_diff']:.2e}); "
@@ -75,6 +108,7 @@ def _cmd_profile(args: argparse.Namespace) -> int:
         with_teacher=args.teacher,
         seed=args.seed,
     )
+    report = _with_judgement(report, Path(args.folder))
     _console.print(report.table())
     target = args.json or f"{args.folder}/profile.json"
     atomic_write_json(target, report.to_dict())

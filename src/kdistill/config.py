@@ -345,11 +345,13 @@ class AugmentConfig(_Section):
 
 class ReportConfig(_Section):
     """``baseline``: also train the student on hard labels only, for the report. ``profile``: time latency and
-    throughput (the slowest part of the report)."""
+    throughput (the slowest part of the report). ``privacy``: estimate membership inference (the AUC of loss- and
+    confidence-threshold attacks separating training rows from held-out rows) for teacher and student."""
 
     enabled: bool = True
     baseline: bool = True
     profile: bool = False
+    privacy: bool = True
 
 
 class DeviceConfig(_Section):

@@ -57,6 +57,7 @@ from kdistill.result import DistillResult, _jsonable
 from kdistill.students import build_student
 from kdistill.tasks import Task, get_task
 from kdistill.teachers import SklearnTeacher, Teacher, probs_to_logits, teacher_logits
+from kdistill.verdict import judge
 
 __all__ = [
     "CONFIG_FILE",
@@ -666,15 +667,64 @@ def build_report(
     settings: dict[str, Any],
     profile: bool,
     task: Task | None = None,
+    *,
+    train_split: Split | None = None,
+    facts: dict[str, Any] | None = None,
+    privacy: bool = True,
+    sample_rows: int = 1000,
+    seed: int = 0,
+    train_teacher_logits: torch.Tensor | None = None,
 ) -> Report:
     """Teacher vs student vs baseline on ``split``: accuracy, retention, agreement, calibration, size (and with
-    ``profile`` latency and throughput), through :func:`measure_models`."""
+    ``profile`` latency and throughput), through :func:`measure_models`; then the verdict (student vs baseline,
+    McNemar's exact test on the same rows, :mod:`kdistill.verdict`), and, given ``train_split``, the teacher's and
+    the student's behaviour on up to ``sample_rows`` training rows (confidence, agreement; with ``privacy`` the
+    membership-inference AUCs of :mod:`kdistill.privacy`) and the fired :mod:`kdistill.diagnose` rules.
+    ``facts``: what the run knows that the models do not (temperature, soft_weight, lr, soft_targets, soft_terms,
+    student_hidden; see :class:`~kdistill.diagnose.RunFacts`). ``train_teacher_logits``: (train rows, classes), the
+    teacher's outputs on every training row when the run already has them (then the teacher does not run again).
+    ``task`` (default classification) picks the metrics; the verdict and the diagnoses are classification's."""
     entries = {"teacher": teacher_entry(teacher), "student": model_entry(student)}
     if baseline is not None:
         entries["baseline"] = model_entry(baseline)
     reference = teacher_logits(teacher, split.x)
-    models, _ = measure_models(entries, split, reference, profile=profile, task=task)
-    return Report(split=split_name, rows=len(split), models=models, settings=settings)
+    models, logits = measure_models(entries, split, reference, profile=profile, task=task)
+    built = Report(split=split_name, rows=len(split), models=models, settings=settings)
+    if task is not None and task.name != "classification":
+        return built
+    predictors = {name: entry.predict for name, entry in entries.items()}
+    is_sklearn = isinstance(teacher, SklearnTeacher)
+    sampled = (train_split, train_teacher_logits, sample_rows, seed)
+    judge(
+        built,
+        predictors,
+        logits,
+        split,
+        sampled,
+        facts=(facts or {}) | {"teacher_is_sklearn": is_sklearn},
+        privacy=privacy,
+    )
+    return built
+
+
+def _run_facts(spec: RunSpec, prepared: Prepared, history: list[dict[str, float]]) -> dict[str, Any]:
+    """What the diagnoses need from the spec and the history: kd's temperature and soft weight, lr, soft targets,
+    the built-in student's widths and the per-epoch values of every soft (teacher) term."""
+    facts: dict[str, Any] = {"soft_targets": spec.soft_targets, "lr": spec.settings.train.optimizer.lr}
+    kd_terms = [term for term in spec.settings.method if term.name in ("kd", "kd_topk")]
+    if spec.loss is None and kd_terms:
+        facts["temperature"] = float(kd_terms[0].params.get("temperature", 4.0))
+        facts["soft_weight"] = float(kd_terms[0].params.get("soft_weight", 0.5))
+    if prepared.student_spec and "hidden" in prepared.student_spec:
+        facts["student_hidden"] = [int(width) for width in prepared.student_spec["hidden"]]
+    hard = {"train_loss", "train_ce"}
+    keys = [
+        key
+        for key in (history[0] if history else {})
+        if key.startswith("train_") and key not in hard and not key.endswith("/ce")
+    ]
+    facts["soft_terms"] = {key: [float(epoch[key]) for epoch in history if key in epoch] for key in keys}
+    return facts
 
 
 def _method_label(spec: RunSpec) -> Any:
@@ -731,7 +781,23 @@ def report(
         described | spec.report_settings | {"task": prepared.task.name},
         settings.report.profile,
         prepared.task,
+        train_split=train_split,
+        facts=_run_facts(spec, prepared, history),
+        privacy=settings.report.privacy,
+        seed=settings.seed,
+        train_teacher_logits=_train_teacher_logits(spec, prepared),
     )
+
+
+def _train_teacher_logits(spec: RunSpec, prepared: Prepared) -> torch.Tensor | None:
+    """The teacher's logits on every training row when the soft targets are exactly those (not out-of-fold, not
+    augmented, not a top-k cache form): the report then reads them instead of running the teacher again."""
+    train_split, targets = prepared.splits["train"], prepared.targets
+    if spec.soft_targets != "predict" or targets is None or train_split is None:
+        return None
+    if _storage(spec).startswith("topk") or tuple(targets.shape) != (len(train_split), prepared.num_classes):
+        return None
+    return targets
 
 
 # ---------------------------------------------------------------------------------------------------- run folder

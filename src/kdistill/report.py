@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from kdistill.io import atomic_write_json
+from kdistill.verdict import Verdict
 
 __all__ = ["Report"]
 
@@ -46,6 +47,11 @@ class Report:
     parameters, size_bytes, latency_ms (p50, batch 1), throughput_rows_s and the thread count used.
     ``diagnostics`` (optional, written by :func:`kdistill.compress.compress`) holds per-model reliability bins and
     per-class accuracy for the HTML report.
+
+    The judgement, read first (:meth:`lines`): ``verdict`` (:class:`~kdistill.verdict.Verdict`: student vs baseline,
+    McNemar's exact test on the same rows), ``advice`` (the fired :mod:`kdistill.diagnose` rules, each with its
+    finding, advice and the setting to change), ``privacy`` (per model, the membership-inference AUCs of
+    :mod:`kdistill.privacy`: training rows vs the evaluated rows) and ``measured`` (what the rules read).
     """
 
     split: str
@@ -53,14 +59,43 @@ class Report:
     models: dict[str, dict[str, float]]
     settings: dict[str, Any] = field(default_factory=dict)
     diagnostics: dict[str, Any] = field(default_factory=dict)
+    verdict: Verdict | None = None
+    advice: list[dict[str, str]] = field(default_factory=list)
+    privacy: dict[str, dict[str, float]] = field(default_factory=dict)
+    measured: dict[str, Any] = field(default_factory=dict)
 
     @property
     def retention(self) -> float:
         """The distilled student's accuracy over the teacher's."""
         return self.models["student"]["retention"]
 
+    def lines(self) -> list[str]:
+        """What the report opens with: the verdict line, one line per piece of advice, and the privacy reading."""
+        from kdistill.privacy import privacy_reading
+
+        found = [self.verdict.line()] if self.verdict is not None else []
+        found += [f"advice: {item['line']}" for item in self.advice]
+        if not self.advice and self.verdict is not None:
+            found.append("advice: none (no diagnosis fired)")
+        if self.privacy:
+            worst = {name: max(attack["loss_auc"], attack["confidence_auc"]) for name, attack in self.privacy.items()}
+            aucs = ", ".join(
+                f"{name} {attack['loss_auc']:.2f}/{attack['confidence_auc']:.2f}"
+                for name, attack in self.privacy.items()
+            )
+            top = max(worst, key=lambda name: worst[name])
+            found.append(
+                f"privacy: membership-inference AUC (loss/confidence attack; 0.5 = no signal) {aucs}; "
+                f"{top}: {privacy_reading(worst[top])}"
+            )
+        return found
+
     def to_dict(self) -> dict[str, Any]:
-        data = {
+        data: dict[str, Any] = {
+            "lines": self.lines(),
+            "verdict": None if self.verdict is None else self.verdict.to_dict(),
+            "advice": self.advice,
+            "privacy": self.privacy,
             "split": self.split,
             "rows": self.rows,
             "models": self.models,
@@ -72,6 +107,8 @@ class Report:
                 "torch": torch.__version__,
             },
         }
+        if self.measured:
+            data["measured"] = self.measured
         if self.diagnostics:
             data["diagnostics"] = self.diagnostics
         return data
@@ -89,13 +126,17 @@ class Report:
             models=data["models"],
             settings=data.get("settings", {}),
             diagnostics=data.get("diagnostics", {}),
+            verdict=Verdict.from_dict(data["verdict"]) if data.get("verdict") else None,
+            advice=list(data.get("advice", [])),
+            privacy=dict(data.get("privacy", {})),
+            measured=dict(data.get("measured", {})),
         )
 
     def table(self) -> Any:
         """A rich Table, one row per model."""
         from rich.table import Table
 
-        title = f"kdistill report — {self.split} split, {self.rows} rows"
+        title = "\n".join([f"kdistill report — {self.split} split, {self.rows} rows", *self.lines()])
         table = Table(title=title, title_justify="left")
         table.add_column("model")
         for _, header, _ in _COLUMNS:

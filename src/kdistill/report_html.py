@@ -1,6 +1,8 @@
 """A self-contained HTML report: one file, plots embedded as base64 PNG, no scripts, no network.
 
-It shows the metrics table of every model, then five plots: training curves (validation accuracy and training loss
+It opens with the judgement (:meth:`kdistill.report.Report.lines`): the verdict (did the teacher help, by how much,
+McNemar's p-value), each piece of advice with the setting to change, and the membership-inference reading. Then it
+shows the metrics table of every model, then five plots: training curves (validation accuracy and training loss
 per epoch) of the distilled student, the baseline and the pruned student's fine-tuning; accuracy vs size on disk and
 accuracy vs batch-1 latency for every model (teacher, baseline, student, pruned, INT8; log-scale x); a reliability
 diagram (accuracy against mean confidence per confidence bin; the diagonal is perfect calibration); and per-class
@@ -157,8 +159,33 @@ th, td { border: 1px solid #d1d5db; padding: 4px 8px; text-align: right; }
 tr > th:first-child, td.rt { text-align: left; } tr:nth-child(even) { background: #f3f4f6; }
 img { max-width: 100%; } .plots { display: flex; flex-wrap: wrap; gap: 12px; }
 .note { color: #4b5563; font-size: 13px; }
+.verdict { border-left: 6px solid #2563eb; background: #eff6ff; padding: 8px 14px; font-size: 15px; }
+.verdict.hurt { border-color: #dc2626; background: #fef2f2; }
+.verdict.none { border-color: #9ca3af; background: #f9fafb; }
+.advice li { margin: 4px 0; } code { background: #f3f4f6; padding: 0 3px; }
 pre { background: #f3f4f6; padding: 8px; font-size: 12px; overflow-x: auto; }
 """
+
+
+def _judgement(report: Report) -> str:
+    """The verdict, the advice and the privacy line, as the page's first section."""
+    parts = []
+    if report.verdict is not None:
+        kind = {"helped": "", "hurt": " hurt", "no significant difference": " none"}[report.verdict.outcome]
+        parts.append(f"<p class='verdict{kind}' id='verdict'><strong>{html.escape(report.verdict.line())}</strong></p>")
+    if report.advice:
+        items = "".join(
+            f"<li>{html.escape(item['finding'])}: {html.escape(item['advice'])}: "
+            f"<code>{html.escape(item['setting'])}</code></li>"
+            for item in report.advice
+        )
+        parts.append(f"<h2>Advice</h2><ul class='advice' id='advice'>{items}</ul>")
+    elif report.verdict is not None:
+        parts.append("<p class='note' id='advice'>advice: none (no diagnosis fired)</p>")
+    privacy = [line for line in report.lines() if line.startswith("privacy:")]
+    if privacy:
+        parts.append(f"<p class='note' id='privacy'>{html.escape(privacy[0])}</p>")
+    return "".join(parts)
 
 
 def render_html(report: Report, history: dict[str, Any] | None = None) -> str:
@@ -194,7 +221,7 @@ def render_html(report: Report, history: dict[str, Any] | None = None) -> str:
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>kdistill report</title>"
         f"<style>{_STYLE}</style></head><body>"
         f"<h1>kdistill report — {html.escape(report.split)} split, {report.rows} rows</h1>"
-        f"{_table(report)}<p class='note'>{html.escape(timing)}</p>"
+        f"{_judgement(report)}<h2>Models</h2>{_table(report)}<p class='note'>{html.escape(timing)}</p>"
         f"<h2>Plots</h2><div class='plots'>{figures}</div>{note}"
         f"<h2>Settings</h2><pre>{html.escape(json.dumps(settings, indent=1, default=str))}</pre>"
         f"<p class='note'>machine: {html.escape(machine)}</p></body></html>"

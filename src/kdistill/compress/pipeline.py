@@ -254,6 +254,14 @@ def compress(
         settings=settings,
         diagnostics=model_diagnostics(logits, eval_split.y, distilled.classes),
     )
+    if distilled.report is not None:  # the distillation's judgement: the same verdict, advice and privacy lines
+        source = distilled.report
+        report.verdict, report.advice, report.privacy, report.measured = (
+            source.verdict,
+            source.advice,
+            source.privacy,
+            source.measured,
+        )
     report.save(folder / "report.json")
     history = {
         "student": distilled.history,
