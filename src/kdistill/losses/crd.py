@@ -59,8 +59,16 @@ class CRDLoss(nn.Module):
     After the step, :math:`m_i \leftarrow \mathrm{normalise}(\mu\,m_i + (1-\mu)\,v_i)`.
 
     Needs the teacher's ``Outputs.index`` (the engine sets it). The banks and embeddings are built on the engine's dry
-    batch (``prepare``); the bank has as many rows as the transfer set. Defaults as in the paper: embed_dim 128,
-    τ = 0.07, µ = 0.5, w = 0.8; K = 4096 in the paper, 256 here for small data sets.
+    batch (``prepare``); the bank has as many rows as the transfer set. Defaults as in the authors' code
+    (github.com/HobbitLong/RepDistiller, ``train_student.py`` and ``crd/``): embed_dim 128 (``--feat_dim``),
+    τ = 0.07 (``--nce_t``), µ = 0.5 (``--nce_m``), w = 0.8 (``-b 0.8``). The authors draw K = 16384 negatives
+    (``--nce_k``) from CIFAR's 50,000 rows; here K = 256, since K must stay well below the transfer set's row count
+    (a few thousand rows in kdistill's typical use): pass ``negatives=16384`` on a set that large.
+
+    Departure, stated: the authors' objective is NCE (``ContrastLoss``: each of the K + 1 scores
+    :math:`e^{v\cdot m/\tau}/Z` judged against the noise level K/rows, with Z estimated once from the first batch);
+    kdistill uses the softmax (InfoNCE) form above, which needs no Z and is the bound the paper derives its loss
+    from; the two are not numerically comparable (different scales), so ``weight`` is the authors' value by analogy.
     Returns ``{"loss", "ce", "crd"}``.
     """
 
