@@ -451,3 +451,55 @@ def test_multi_teacher_average_equals_kd_toward_the_mean_distribution() -> None:
     _assert_same_value_and_gradient(
         lambda x: multi_teacher_loss(x[0], members, TARGET, temperature=temperature)["loss"], reference, [STUDENT]
     )
+
+
+def _authors_contrast(
+    memory: torch.Tensor, anchor: torch.Tensor, idx: torch.Tensor, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RepDistiller's ContrastMemory for one direction: exp(<memory[idx], v>/T) / Z, Z from this (first) batch."""
+    batch, dim = anchor.shape
+    weight = torch.index_select(memory, 0, idx.view(-1)).detach().view(batch, -1, dim)
+    out = torch.exp(torch.div(torch.bmm(weight, anchor.view(batch, dim, 1)), temperature))
+    normaliser = (out.mean() * memory.size(0)).detach()
+    return torch.div(out, normaliser), normaliser
+
+
+def _authors_contrast_loss(x: torch.Tensor, n_data: int, eps: float = 1e-7) -> torch.Tensor:
+    """RepDistiller's ContrastLoss (NCE against uniform noise)."""
+    bsz, m = x.shape[0], x.size(1) - 1
+    pn = 1 / float(n_data)
+    p_pos = x.select(1, 0)
+    log_d1 = torch.div(p_pos, p_pos.add(m * pn + eps)).log_()
+    p_neg = x.narrow(1, 1, m)
+    log_d0 = torch.div(p_neg.clone().fill_(m * pn), p_neg.add(m * pn + eps)).log_()
+    return -(log_d1.sum(0) + log_d0.view(-1, 1).sum(0)) / bsz
+
+
+def test_crd_nce_objective_equals_the_authors_contrast_memory_and_loss() -> None:
+    rows, dim, negatives, temperature = 30, 6, 5, 0.07
+    loss = CRDLoss(student_layer="s", teacher_layer="t", embed_dim=dim, negatives=negatives, objective="nce")
+    index = torch.tensor([3, 7, 11, 0, 19, 4, 8, 2, 13])
+    student, teacher = _features(EMB_S, EMB_T)
+    teacher = Outputs(teacher.logits, teacher.features, index=index)
+    loss.prepare(student, teacher, rows)
+    loss.double()
+    student_memory, teacher_memory = loss.student_memory.clone(), loss.teacher_memory.clone()
+    torch.manual_seed(5)
+    drawn = torch.randint(0, rows, (negatives,))
+    idx = torch.cat([index[:, None], drawn[None, :].expand(len(index), -1)], dim=1)  # positive first, as the authors
+
+    def ours(x: Sequence[torch.Tensor]) -> torch.Tensor:
+        torch.manual_seed(5)
+        loss.student_memory.copy_(student_memory)
+        loss.teacher_memory.copy_(teacher_memory)
+        loss.normalisers = None
+        return loss(Outputs(STUDENT, {"s": x[0]}), Outputs(TEACHER, {"t": EMB_T}, index=index), None)["loss"]
+
+    def reference(x: Sequence[torch.Tensor]) -> torch.Tensor:
+        v1 = F.normalize(loss.student_embed(x[0]), dim=1)  # the same embedding layers, applied by hand
+        v2 = F.normalize(loss.teacher_embed(EMB_T), dim=1)
+        out_v1, _ = _authors_contrast(teacher_memory, v1, idx, temperature)  # student anchor, teacher memory
+        out_v2, _ = _authors_contrast(student_memory, v2, idx, temperature)
+        return 0.8 * (_authors_contrast_loss(out_v1, rows) + _authors_contrast_loss(out_v2, rows))[0]
+
+    _assert_same_value_and_gradient(ours, reference, [EMB_S])

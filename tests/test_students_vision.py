@@ -178,3 +178,19 @@ def test_real_timm_narrow_resnet_for_small_students() -> None:
     model = build_vision_model("timm:resnet18", 10, (1, 32, 32), channels=(8, 16, 32, 64))
     assert sum(p.numel() for p in model.parameters()) < 200_000
     assert model(torch.randn(2, 1024)).shape == (2, 10)
+
+
+def test_the_methods_page_vision_example_runs_as_written() -> None:
+    import contextlib
+    import io
+    import re
+    from pathlib import Path
+
+    _real("timm")
+    _real("torchvision")
+    page = (Path(__file__).resolve().parents[1] / "docs" / "methods.md").read_text()
+    (block,) = re.findall(r"```py\n(.*?)```", page, flags=re.DOTALL)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(compile(block, "docs/methods.md", "exec"), {})
+    assert printed.getvalue().strip() == "torch.Size([2, 10])"
