@@ -4,10 +4,12 @@ several seeds; mean ± std of test accuracy against the CE-only baseline and the
     python benchmarks/methods.py                      # the published table (see docs/results.md for the run time)
     python benchmarks/methods.py --seeds 1 --mlp-epochs 1 --cnn-epochs 1 --out /tmp/smoke.md   # a smoke run
     python benchmarks/methods.py --study fidelity     # DKD, DIST and logit standardisation: papers' vs other settings
+    python benchmarks/methods.py --study reference    # PKT, RKD, AT, BYOT in their reference-code forms
 
-``--study fidelity`` runs only the MLP rows of ``FIDELITY_ROWS`` (the three methods at their papers' / the reference
-code's defaults, at kdistill 0.1's settings, and with the one setting that explains the gap) and replaces only its own
-section of ``--out`` (between the ``fidelity`` markers), leaving the main tables as they are.
+``--study NAME`` runs only the MLP rows of ``STUDIES[NAME]`` (``fidelity``: the three logit methods at their papers' /
+the reference code's defaults, at kdistill 0.1's settings, and with the setting that explains the gap; ``reference``:
+the methods whose default form changed to the reference code's, which the main tables measured in 0.1's form) and
+replaces only its own section of ``--out`` (between its markers), leaving the main tables as they are.
 
 Data: MNIST-1D generated offline (``kdistill.datasets.load_mnist1d(num_samples=5600)``): 4,032 train, 448 val (best
 epoch), 1,120 test rows. One teacher (seed 0) serves every run; the multi-teacher rows use it plus two more CNN
@@ -43,8 +45,7 @@ OLD_DEFAULTS_LABEL = "kd, 0.1's defaults (lr 3e-3, wd 1e-2, patience 15)"
 MLP_HIDDEN = (100, 100)
 CNN_CHANNELS = (16, 16, 16)
 TEACHER_SEEDS = (0, 1, 2)
-FIDELITY_BEGIN, FIDELITY_END = "<!-- fidelity study: begin -->", "<!-- fidelity study: end -->"
-# (label, method, method_params): what the study compares on the MLP student, all at the tuned optimizer settings
+# (label, method, method_params): what a study compares on the MLP student, all at the tuned optimizer settings
 FIDELITY_ROWS: list[tuple[str, str, dict[str, Any]]] = [
     ("ce (no teacher)", "ce", {}),
     ("kd (T 4, soft weight 0.5)", "kd", {}),
@@ -117,9 +118,34 @@ def plan(students: Sequence[str], seeds: Sequence[int]) -> list[Job]:
     return jobs
 
 
-def plan_fidelity(seeds: Sequence[int]) -> list[Job]:
-    """The study's jobs: MLP student, FIDELITY_ROWS, at the tuned settings of the main table."""
-    return [Job("mlp", label, seed, method, params) for seed in seeds for label, method, params in FIDELITY_ROWS]
+_MLP_LAYER = "layers.3"
+REFERENCE_ROWS: list[tuple[str, str, dict[str, Any]]] = [
+    ("ce (no teacher)", "ce", {}),
+    ("pkt, reference form (mean over B², weight 30000)", "pkt", {"student_layer": _MLP_LAYER}),
+    ("rkd, reference form (all B² / B³ entries)", "rkd", {"student_layer": _MLP_LAYER}),
+    ("at, reference form (pool the larger raw map)", "at", {"student_layers": _MLP_LAYER}),
+    (
+        "byot, paper's form (deepest CE weight 1 − α)",
+        "byot",
+        {"shallow_layers": ("layers.1",), "deep_layer": _MLP_LAYER},
+    ),
+]
+STUDIES: dict[str, tuple[str, list[tuple[str, str, dict[str, Any]]]]] = {
+    "fidelity": ("Why DKD, DIST and logit standardisation lose at their papers' defaults (MLP student)", FIDELITY_ROWS),
+    "reference": (
+        "PKT, RKD, AT and BYOT in their reference-code forms (MLP student; the tables above measured 0.1's forms)",
+        REFERENCE_ROWS,
+    ),
+}
+
+
+def markers(study: str) -> tuple[str, str]:
+    return f"<!-- {study} study: begin -->", f"<!-- {study} study: end -->"
+
+
+def plan_study(study: str, seeds: Sequence[int]) -> list[Job]:
+    """A study's jobs: MLP student, its rows, at the tuned settings of the main table."""
+    return [Job("mlp", label, seed, method, params) for seed in seeds for label, method, params in STUDIES[study][1]]
 
 
 class _Ensemble:
@@ -353,17 +379,18 @@ def _targets(results: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def render_fidelity(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
-    """The study's section: one table, MLP student, Δ against CE and against KD."""
+def render_study(study: str, results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    """A study's section: one table, MLP student, Δ against CE (and against KD when KD is a row)."""
     means = {
         label: _mean_std([r["accuracy"] * 100 for r in results if r["label"] == label])
         for label in dict.fromkeys(r["label"] for r in results)
     }
     ce = means.get("ce (no teacher)", (float("nan"), 0.0))[0]
     kd = means.get("kd (T 4, soft weight 0.5)", (float("nan"), 0.0))[0]
+    begin, end = markers(study)
     lines = [
-        FIDELITY_BEGIN,
-        "## Why DKD, DIST and logit standardisation lose at their papers' defaults (MLP student)",
+        begin,
+        f"## {STUDIES[study][0]}",
         "",
         f"Written by `{meta['command']}` ({meta['wall_s'] / 60:.1f} min, {meta['seeds']} seeds, "
         f"{meta['workers']} workers; 1-minute load average {meta['load_average']:.1f} at the end: measured under "
@@ -378,15 +405,16 @@ def render_fidelity(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         versus_ce = "" if label.startswith("ce") else f"{mean - ce:+.1f}"
         versus_kd = "" if label.startswith(("ce", "kd (")) else f"{mean - kd:+.1f}"
         lines.append(f"| {label} | {mean:.1f} ± {std:.1f} | {versus_ce} | {versus_kd} | {seconds:.0f} |")
-    lines += ["", FIDELITY_END]
+    lines += ["", end]
     return "\n".join(lines)
 
 
-def replace_section(document: str, section: str) -> str:
-    """``document`` with the text between the fidelity markers replaced by ``section`` (appended when absent)."""
-    if FIDELITY_BEGIN in document and FIDELITY_END in document:
-        head, rest = document.split(FIDELITY_BEGIN, 1)
-        tail = rest.split(FIDELITY_END, 1)[1]
+def replace_section(document: str, section: str, study: str) -> str:
+    """``document`` with the text between the study's markers replaced by ``section`` (appended when absent)."""
+    begin, end = markers(study)
+    if begin in document and end in document:
+        head, rest = document.split(begin, 1)
+        tail = rest.split(end, 1)[1]
         return head + section + tail
     return document.rstrip("\n") + "\n\n" + section + "\n"
 
@@ -400,7 +428,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--students", nargs="+", default=["mlp", "cnn"], choices=["mlp", "cnn"])
     parser.add_argument("--out", default="docs/results.md")
     parser.add_argument("--teacher-dir", default=".kdistill-cache/benchmark-teachers")
-    parser.add_argument("--study", choices=["fidelity"], default=None, help="run one study instead of the tables")
+    parser.add_argument("--study", choices=sorted(STUDIES), default=None, help="run one study instead of the tables")
     args = parser.parse_args(argv)
     started = time.perf_counter()
     Path(args.teacher_dir).mkdir(parents=True, exist_ok=True)
@@ -408,7 +436,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     context = multiprocessing.get_context("spawn")
     with context.Pool(args.workers, initializer=_init_data_only) as pool:
         teachers = pool.starmap(_train_teacher, [(seed, args.teacher_dir) for seed in TEACHER_SEEDS])
-    jobs = plan_fidelity(range(args.seeds)) if args.study else plan(args.students, range(args.seeds))
+    jobs = plan_study(args.study, range(args.seeds)) if args.study else plan(args.students, range(args.seeds))
     results: list[dict[str, Any]] = []
     with context.Pool(
         args.workers,
@@ -438,7 +466,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from kdistill.io import atomic_write_bytes
 
     if args.study:
-        return _finish_study(results, meta, args.out)
+        return _finish_study(args.study, results, meta, args.out)
     order = {job.label: i for i, job in enumerate(plan(["mlp"], [0]))}
     results.sort(key=lambda r: (r["student"], order[r["label"]], r["seed"]))
 
@@ -457,17 +485,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _finish_study(results: list[dict[str, Any]], meta: dict[str, Any], out: str) -> int:
+def _finish_study(study: str, results: list[dict[str, Any]], meta: dict[str, Any], out: str) -> int:
     from kdistill.io import atomic_write_bytes
 
-    order = {label: i for i, (label, _, _) in enumerate(FIDELITY_ROWS)}
+    order = {label: i for i, (label, _, _) in enumerate(STUDIES[study][1])}
     results.sort(key=lambda r: (order[r["label"]], r["seed"]))
     existing = Path(out).read_text() if Path(out).exists() else ""
-    atomic_write_bytes(out, replace_section(existing, render_fidelity(results, meta)).encode())
-    summary: dict[str, Any] = {"study": "fidelity", **meta}
+    atomic_write_bytes(out, replace_section(existing, render_study(study, results, meta), study).encode())
+    summary: dict[str, Any] = {"study": study, **meta}
     for label in dict.fromkeys(r["label"] for r in results):
         summary[label] = _mean_std([r["accuracy"] for r in results if r["label"] == label])
-    print(f"methods --study fidelity: {len(results)} runs in {meta['wall_s'] / 60:.1f} min; wrote {out}")
+    print(f"methods --study {study}: {len(results)} runs in {meta['wall_s'] / 60:.1f} min; wrote {out}")
     print(json.dumps(summary))
     return 0
 
