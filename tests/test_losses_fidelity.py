@@ -405,7 +405,7 @@ def test_crd_memory_update_equals_the_authors_momentum_update() -> None:
     torch.testing.assert_close(loss.teacher_memory, authors_update(before_teacher, v_t), **TOL)
 
 
-# --- BYOT: the paper's loss (Zhang et al. 2019, eq. 4), transcribed --------------------------------------------------
+# --- BYOT: the paper's loss (Zhang et al. 2019), transcribed --------------------------------------------------
 
 
 def test_byot_equals_the_papers_loss_with_the_deepest_ce_weighted_one_minus_alpha() -> None:
