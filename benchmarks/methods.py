@@ -474,7 +474,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     order = {job.label: i for i, job in enumerate(plan(["mlp"], [0]))}
     results.sort(key=lambda r: (r["student"], order[r["label"]], r["seed"]))
 
-    atomic_write_bytes(args.out, (render(results, teachers, meta) + "\n").encode())
+    document = render(results, teachers, meta) + "\n"
+    existing = Path(args.out).read_text() if Path(args.out).exists() else ""
+    for study in STUDIES:  # the studies' sections survive a re-run of the main tables
+        begin, end = markers(study)
+        if begin in existing and end in existing:
+            section = begin + existing.split(begin, 1)[1].split(end, 1)[0] + end
+            document = replace_section(document, section, study)
+    atomic_write_bytes(args.out, document.encode())
     summary: dict[str, Any] = {"teacher_accuracy": teachers, **meta}
     for student in args.students:
         by_label: dict[str, list[float]] = {}
