@@ -158,10 +158,12 @@ def _rkd_numpy(s: np.ndarray, t: np.ndarray) -> tuple[float, float]:
     return float(distance), float(angle)
 
 
-def test_rkd_matches_numpy() -> None:
+def test_rkd_distinct_matches_numpy() -> None:
+    """``reduction="distinct"``: means over distinct pairs and valid triplets (the reference form is checked in
+    tests/test_losses_fidelity.py)."""
     s, t = FEAT_S.reshape(B, -1), FEAT_T.reshape(B, -1)
     distance, angle = _rkd_numpy(s, t)
-    loss = RKDLoss(student_layer="s", teacher_layer="t", distance_weight=2.0, angle_weight=3.0)
+    loss = RKDLoss(student_layer="s", teacher_layer="t", distance_weight=2.0, angle_weight=3.0, reduction="distinct")
     terms = loss(Outputs(_t(STUDENT), {"s": _t(FEAT_S)}), Outputs(_t(TEACHER), {"t": _t(FEAT_T)}), None)
     assert terms["distance"].item() == pytest.approx(distance, rel=1e-9)
     assert terms["angle"].item() == pytest.approx(angle, rel=1e-9)
@@ -182,16 +184,18 @@ def test_rkd_is_zero_for_a_scaled_and_rotated_copy() -> None:
     assert terms["loss"].item() == pytest.approx(0.0, abs=1e-9)
 
 
-def test_pkt_matches_numpy() -> None:
+def test_pkt_batchmean_matches_numpy() -> None:
+    """``reduction="batchmean"``: the per-row KL summed over j, averaged over rows."""
+
     def cond(e: np.ndarray) -> np.ndarray:
-        u = e / np.linalg.norm(e, axis=1, keepdims=True)
+        u = e / (np.linalg.norm(e, axis=1, keepdims=True) + 1e-7)
         k = (u @ u.T + 1) / 2
         return k / k.sum(axis=1, keepdims=True)
 
     ps, pt = cond(FEAT_S.reshape(B, -1)), cond(FEAT_T.reshape(B, -1))
     eps = 1e-7
     expected = float((pt * np.log((pt + eps) / (ps + eps))).sum(axis=1).mean())
-    loss = PKTLoss(student_layer="s", teacher_layer="t", weight=10.0)
+    loss = PKTLoss(student_layer="s", teacher_layer="t", weight=10.0, reduction="batchmean")
     terms = loss(Outputs(_t(STUDENT), {"s": _t(FEAT_S)}), Outputs(_t(TEACHER), {"t": _t(FEAT_T)}), torch.tensor(TARGET))
     assert terms["pkt"].item() == pytest.approx(expected, rel=1e-9)
     assert terms["loss"].item() == pytest.approx(_ce(STUDENT, TARGET) + 10 * expected, rel=1e-9)
@@ -222,19 +226,21 @@ def test_at_matches_numpy_with_different_channels() -> None:
     assert terms["loss"].item() == pytest.approx(500 * expected, rel=1e-9)
 
 
-def test_at_resizes_a_longer_student_map_by_average_pooling() -> None:
+def test_at_resize_energy_pools_a_longer_students_energy_map() -> None:
+    """``size_mismatch="resize_energy"`` (kdistill 0.1): the student's squared map is pooled to the teacher's length."""
     student_map = RNG.normal(size=(B, 3, 10))
     energy = (student_map**2).mean(axis=1)
     pooled = energy.reshape(B, 5, 2).mean(axis=2)  # length 10 -> 5: each output averages 2 inputs
     a_s = pooled / np.linalg.norm(pooled, axis=1, keepdims=True)
     energy_t = (FEAT_T**2).mean(axis=1)
     a_t = energy_t / np.linalg.norm(energy_t, axis=1, keepdims=True)
-    loss = ATLoss(student_layers="s", teacher_layers="t")
+    loss = ATLoss(student_layers="s", teacher_layers="t", size_mismatch="resize_energy")
     terms = loss(Outputs(_t(STUDENT), {"s": _t(student_map)}), Outputs(_t(TEACHER), {"t": _t(FEAT_T)}), None)
     assert terms["at"].item() == pytest.approx(float(((a_s - a_t) ** 2).mean()), rel=1e-9)
 
 
 def test_logit_standardization_matches_numpy_and_ignores_logit_scale() -> None:
+    """With ``std="population"`` and 0.1's ``soft_weight`` mix (the authors' form: tests/test_losses_fidelity.py)."""
     T, w = 2.0, 0.9
 
     def z(x: np.ndarray) -> np.ndarray:
@@ -242,13 +248,15 @@ def test_logit_standardization_matches_numpy_and_ignores_logit_scale() -> None:
 
     soft = T**2 * _kl_rows(_softmax(z(TEACHER) / T), _softmax(z(STUDENT) / T)).mean()
     expected = (1 - w) * _ce(STUDENT, TARGET) + w * soft
-    loss = get_loss("kd_ls", temperature=T, soft_weight=w)
+    loss = get_loss("kd_ls", temperature=T, soft_weight=w, std="population")
     terms = loss(*_logit_outputs(), torch.tensor(TARGET))
     assert terms["kd"].item() == pytest.approx(soft, rel=1e-6)
     assert terms["loss"].item() == pytest.approx(expected, rel=1e-6)
     rescaled = loss(*_logit_outputs(STUDENT, 10 * TEACHER + 3), torch.tensor(TARGET))
     assert rescaled["kd"].item() == pytest.approx(soft, rel=1e-5)
-    assert standardize_logits(_t(TEACHER)).std(dim=1, unbiased=False).numpy() == pytest.approx(np.ones(B))
+    assert standardize_logits(_t(TEACHER)).std(dim=1).numpy() == pytest.approx(np.ones(B))
+    population = standardize_logits(_t(TEACHER), std="population")
+    assert population.std(dim=1, unbiased=False).numpy() == pytest.approx(np.ones(B))
 
 
 def test_multi_teacher_average_and_confidence_match_numpy() -> None:

@@ -47,13 +47,16 @@ class DeepSupervision(nn.Module, BaseLoss):
     student itself is unchanged). With the student's own logits :math:`z` as the deepest classifier:
 
     .. math::
-        \mathcal{L} = \mathrm{CE}(z, y) + \sum_i \Big[(1-\alpha)\,\mathrm{CE}(q_i, y)
+        \mathcal{L} = c_{deep}\,\mathrm{CE}(z, y) + \sum_i \Big[(1-\alpha)\,\mathrm{CE}(q_i, y)
             + \alpha\,T^2\,\mathrm{KL}\big(\mathrm{softmax}(\bar z/T)\,\|\,\mathrm{softmax}(q_i/T)\big)
             + \lambda\,\mathrm{MSE}(h_i, \bar f)\Big]
 
     where the bar marks a detached (teacher-side) value and :math:`f` the pooled deepest feature. Defaults from the
-    paper: T = 3, α = 0.3, λ = 0.03. For kdistill's CNN, the blocks' outputs are ``features.2``, ``features.5``,
-    ``features.8`` (= ``features``). Returns ``{"loss", "ce", "heads_ce", "heads_kd", "heads_hint"}``.
+    paper: T = 3, α = 0.3, λ = 0.03, and :math:`c_{deep} = 1 - \alpha` (``deep_ce_weight=None``): the paper's loss
+    sums :math:`(1-\alpha)\,\mathrm{CE} + \alpha\,\mathrm{KL} + \lambda\,\|F_i - F_C\|^2` over every
+    classifier, the deepest included, whose KL and hint terms are 0 (the authors released no code). kdistill 0.1 used
+    ``deep_ce_weight=1``. For kdistill's CNN, the blocks' outputs are ``features.2``, ``features.5``, ``features.8``
+    (= ``features``). Returns ``{"loss", "ce", "heads_ce", "heads_kd", "heads_hint"}``.
     """
 
     needs_teacher = False
@@ -67,6 +70,7 @@ class DeepSupervision(nn.Module, BaseLoss):
         temperature: float = 3.0,
         soft_weight: float = 0.3,
         hint_weight: float = 0.03,
+        deep_ce_weight: float | None = None,
     ) -> None:
         super().__init__()
         self.shallow_layers = (shallow_layers,) if isinstance(shallow_layers, str) else tuple(shallow_layers)
@@ -75,6 +79,8 @@ class DeepSupervision(nn.Module, BaseLoss):
         self.temperature = check_positive("temperature", temperature)
         self.soft_weight = check_non_negative("soft_weight", soft_weight)
         self.hint_weight = check_non_negative("hint_weight", hint_weight)
+        deep = 1.0 - self.soft_weight if deep_ce_weight is None else deep_ce_weight
+        self.deep_ce_weight = check_non_negative("deep_ce_weight", deep)
         self.heads = nn.ModuleList()
 
     def prepare(self, student: Outputs, teacher: Outputs | None, rows: int) -> None:
@@ -106,5 +112,6 @@ class DeepSupervision(nn.Module, BaseLoss):
             heads_kd = heads_kd + terms["kd"]
             heads_hint = heads_hint + F.mse_loss(projected, deep_feature)
         hard = F.cross_entropy(student.logits, target)
-        total = hard + (1 - self.soft_weight) * heads_ce + self.soft_weight * heads_kd + self.hint_weight * heads_hint
+        heads = (1 - self.soft_weight) * heads_ce + self.soft_weight * heads_kd + self.hint_weight * heads_hint
+        total = self.deep_ce_weight * hard + heads
         return {"loss": total, "ce": hard, "heads_ce": heads_ce, "heads_kd": heads_kd, "heads_hint": heads_hint}

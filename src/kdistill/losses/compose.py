@@ -110,8 +110,9 @@ def compose_methods(
     0.5}``, with each method's hyper-parameters in ``method_params[name]``.
 
     Every method after the first that takes a ``ce_weight`` gets ``ce_weight=0`` unless ``method_params`` sets it, so
-    the hard-label term is counted once (KD's, in ``["kd", "fitnet"]``). ``kd``, ``kd_ls`` and the multi-teacher
-    methods mix their hard term through ``soft_weight`` and have no ``ce_weight``: name them first.
+    the hard-label term is counted once (KD's, in ``["kd", "fitnet"]``; ``kd_ls`` placed later also drops its own).
+    ``kd`` and the multi-teacher methods mix their hard term through ``soft_weight`` and have no ``ce_weight``: name
+    them first.
     """
     weights = dict(methods) if isinstance(methods, Mapping) else dict.fromkeys(methods, 1.0)
     params = {name: dict(values) for name, values in (method_params or {}).items()}

@@ -5,6 +5,8 @@ Tian, Krishnan & Isola, "Contrastive Representation Distillation", ICLR 2020, ht
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -23,7 +25,19 @@ from kdistill.losses.common import (
 )
 from kdistill.teachers.base import Outputs
 
-__all__ = ["CRDLoss", "contrastive_loss"]
+__all__ = ["CRDLoss", "contrastive_loss", "nce_loss"]
+
+_NCE_EPS = 1e-7
+Objective = Literal["infonce", "nce"]
+_OBJECTIVES = ("infonce", "nce")
+
+
+def _scores(anchors: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
+    """(batch, 1 + K) dot products: the positive first, then the K negatives (shared (K, d) or per anchor)."""
+    positive = (anchors * positives).sum(dim=1, keepdim=True)
+    shared = negatives.ndim == 2
+    negative = anchors @ negatives.T if shared else torch.einsum("bd,bkd->bk", anchors, negatives)
+    return torch.cat([positive, negative], dim=1)
 
 
 def contrastive_loss(
@@ -38,11 +52,36 @@ def contrastive_loss(
     matrix product instead of a batched one: several times faster on the CPU). Minimising it is maximising a lower
     bound on the mutual information between the two embeddings (the CRD paper's objective, in its softmax form).
     """
-    positive = (anchors * positives).sum(dim=1, keepdim=True)
-    shared = negatives.ndim == 2
-    negative = anchors @ negatives.T if shared else torch.einsum("bd,bkd->bk", anchors, negatives)
-    logits = torch.cat([positive, negative], dim=1) / temperature
+    logits = _scores(anchors, positives, negatives) / temperature
     return F.cross_entropy(logits, torch.zeros(len(anchors), dtype=torch.long, device=anchors.device))
+
+
+def nce_loss(
+    anchors: torch.Tensor,
+    positives: torch.Tensor,
+    negatives: torch.Tensor,
+    temperature: float,
+    rows: int,
+    normaliser: float,
+) -> torch.Tensor:
+    r"""The CRD authors' NCE objective (RepDistiller's ``ContrastMemory`` + ``ContrastLoss``): with
+    :math:`P_{ij} = e^{a_i\cdot m_{ij}/\tau} / Z` for the positive (j = 0) and the K negatives, and the noise
+    probability :math:`P_n = 1/\text{rows}`,
+
+    .. math::
+        -\frac{1}{B}\sum_i \Big[\log\frac{P_{i0}}{P_{i0} + K P_n + \epsilon}
+            + \sum_{k=1}^{K} \log\frac{K P_n}{P_{ik} + K P_n + \epsilon}\Big], \qquad \epsilon = 10^{-7}.
+
+    ``normaliser``: Z, which the authors estimate once, from the first batch, as the mean of
+    :math:`e^{a\cdot m/\tau}` over its (B, K + 1) scores times ``rows`` (:class:`CRDLoss` does the same).
+    Shapes as :func:`contrastive_loss`; returns a scalar.
+    """
+    probabilities = (_scores(anchors, positives, negatives) / temperature).exp() / normaliser
+    noise = probabilities.shape[1] - 1
+    noise_mass = noise / float(rows)
+    log_positive = torch.log(probabilities[:, 0] / (probabilities[:, 0] + noise_mass + _NCE_EPS))
+    log_negative = torch.log(noise_mass / (probabilities[:, 1:] + noise_mass + _NCE_EPS))
+    return -(log_positive.sum() + log_negative.sum()) / len(anchors)
 
 
 @register_loss("crd", "Tian 2020: CE + w·contrastive loss between student/teacher embeddings, memory-bank negatives")
@@ -60,8 +99,18 @@ class CRDLoss(nn.Module, BaseLoss):
     After the step, :math:`m_i \leftarrow \mathrm{normalise}(\mu\,m_i + (1-\mu)\,v_i)`.
 
     Needs the teacher's ``Outputs.index`` (the engine sets it). The banks and embeddings are built on the engine's dry
-    batch (``prepare``); the bank has as many rows as the transfer set. Defaults as in the paper: embed_dim 128,
-    τ = 0.07, µ = 0.5, w = 0.8; K = 4096 in the paper, 256 here for small data sets.
+    batch (``prepare``); the bank has as many rows as the transfer set. Defaults as in the authors' code
+    (github.com/HobbitLong/RepDistiller, ``train_student.py`` and ``crd/``): embed_dim 128 (``--feat_dim``),
+    τ = 0.07 (``--nce_t``), µ = 0.5 (``--nce_m``), w = 0.8 (``-b 0.8``). The authors draw K = 16384 negatives
+    (``--nce_k``) from CIFAR's 50,000 rows; here K = 256, since K must stay well below the transfer set's row count
+    (a few thousand rows in kdistill's typical use): pass ``negatives=16384`` on a set that large.
+
+    ``objective``: ``"infonce"`` (default, a stated departure) uses the softmax form above; ``"nce"`` is the authors'
+    objective (:func:`nce_loss`: each of the K + 1 scores :math:`e^{v\cdot m/\tau}/Z` judged against the noise level
+    K/rows, Z estimated once from the first batch). InfoNCE is kept as the default because it needs no Z (the NCE
+    form's first-batch estimate is noisy on small transfer sets, and its noise level K/rows assumes K << rows) and it
+    is the bound the paper derives its loss from; the two are not numerically comparable (different scales), and
+    ``weight`` = 0.8 is the authors' value for their NCE form.
     Returns ``{"loss", "ce", "crd"}``.
     """
 
@@ -78,8 +127,15 @@ class CRDLoss(nn.Module, BaseLoss):
         momentum: float = 0.5,
         weight: float = 0.8,
         ce_weight: float = 1.0,
+        objective: Objective = "infonce",
     ) -> None:
         super().__init__()
+        if objective not in _OBJECTIVES:
+            raise MethodError(
+                f"objective must be one of {_OBJECTIVES}, got {objective!r}",
+                hint="'nce' is the authors' form, 'infonce' (the default) its softmax bound.",
+            )
+        self.objective: Objective = objective
         self.student_features = (student_layer,)
         self.teacher_features = (teacher_layer,)
         self.embed_dim = int(check_positive("embed_dim", embed_dim))
@@ -96,6 +152,7 @@ class CRDLoss(nn.Module, BaseLoss):
         self.teacher_memory: torch.Tensor
         self.register_buffer("student_memory", torch.empty(0, self.embed_dim))
         self.register_buffer("teacher_memory", torch.empty(0, self.embed_dim))
+        self.normalisers: list[float] | None = None  # the NCE form's Z per direction, set by the first batch
 
     def _features(self, student: Outputs, teacher: Outputs) -> tuple[torch.Tensor, torch.Tensor]:
         s = flatten_rows(get_feature(student, self.student_features[0], role="student", method="crd"))
@@ -136,12 +193,22 @@ class CRDLoss(nn.Module, BaseLoss):
         student_vectors = F.normalize(self.student_embed(s), dim=1)
         teacher_vectors = F.normalize(self.teacher_embed(t), dim=1)
         drawn = torch.randint(0, rows, (self.negatives,), device=index.device)
-        student_to_teacher = contrastive_loss(
-            student_vectors, self.teacher_memory[index], self.teacher_memory[drawn], self.nce_temperature
+        pairs = (
+            (student_vectors, self.teacher_memory[index], self.teacher_memory[drawn]),
+            (teacher_vectors, self.student_memory[index], self.student_memory[drawn]),
         )
-        teacher_to_student = contrastive_loss(
-            teacher_vectors, self.student_memory[index], self.student_memory[drawn], self.nce_temperature
-        )
+        if self.objective == "infonce":
+            student_to_teacher, teacher_to_student = (contrastive_loss(*pair, self.nce_temperature) for pair in pairs)
+        else:
+            if self.normalisers is None:
+                with torch.no_grad():
+                    self.normalisers = [
+                        float((_scores(*pair) / self.nce_temperature).exp().mean()) * rows for pair in pairs
+                    ]
+            student_to_teacher, teacher_to_student = (
+                nce_loss(*pair, self.nce_temperature, rows, normaliser)
+                for pair, normaliser in zip(pairs, self.normalisers, strict=True)
+            )
         with torch.no_grad():
             mu = self.momentum
             self.student_memory[index] = F.normalize(

@@ -1,6 +1,8 @@
 """Similarity-preserving distillation: inputs that look alike to the teacher should look alike to the student.
 
-Tung & Mori, "Similarity-Preserving Knowledge Distillation", ICCV 2019, https://arxiv.org/abs/1907.09682
+Tung & Mori, "Similarity-Preserving Knowledge Distillation", ICCV 2019, https://arxiv.org/abs/1907.09682; reference
+code: RepDistiller's ``Similarity`` and mdistiller's ``SP`` (the same row-normalised Gram matrices, sum of squares over
+B², γ = 3000).
 """
 
 from __future__ import annotations

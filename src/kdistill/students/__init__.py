@@ -23,6 +23,7 @@ from kdistill.students.base import (
 from kdistill.students.cnn import CNN
 from kdistill.students.layers import Standardize
 from kdistill.students.mlp import MLP, default_hidden
+from kdistill.students.vision import build_vision_model  # registers the timm: and torchvision: families
 
 __all__ = [
     "CNN",
@@ -31,6 +32,7 @@ __all__ = [
     "StudentEntry",
     "UnknownStudentError",
     "build_student",
+    "build_vision_model",
     "default_hidden",
     "register_student",
     "register_student_family",
