@@ -341,3 +341,32 @@ def test_a_token_lm_task_runs_end_to_end(tmp_path: Path) -> None:
 
     complete = [entry for entry in cache_entries(tmp_path / "cache") if entry.status == "complete"]
     assert len(complete) == 1
+
+
+def test_a_token_lm_report_opens_with_a_paired_bootstrap_verdict() -> None:
+    teacher = _Bigram(seed=0)
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 12, (160, 8), generator=generator)
+    result = kdistill.distill(
+        teacher,
+        _Bigram(seed=1, scale=0.1),
+        ids[:100],
+        val=ids[100:130],
+        test=ids[130:],
+        task="token_lm",
+        temperature=1.0,
+        epochs=3,
+        verbose=False,
+        profile=False,
+    )
+    assert result.report is not None and result.baseline is not None
+    verdict = result.report.verdict
+    assert verdict is not None and verdict.test == "paired_bootstrap" and verdict.rows == 30
+    target = ids[130:].roll(-1, dims=1)
+    counted = torch.ones_like(target, dtype=torch.bool)
+    counted[:, -1] = False  # the last position predicts nothing
+    with torch.no_grad():
+        rows = ((result.student(ids[130:]).argmax(-1) == target) & counted).sum(1) / counted.sum(1)
+    assert verdict.student == pytest.approx(float(rows.mean()), abs=1e-6)
+    assert verdict.interval is not None and verdict.interval[0] <= verdict.difference <= verdict.interval[1]
+    assert result.report.lines()[0].startswith("verdict:")

@@ -691,6 +691,10 @@ def build_report(
     models, logits = measure_models(entries, split, reference, profile=profile, task=task)
     built = Report(split=split_name, rows=len(split), models=models, settings=settings)
     if task is not None and task.name != "classification":
+        if task.name == "token_lm" and "baseline" in logits and split.y is not None:
+            from kdistill.verdict import token_verdict
+
+            built.verdict = token_verdict(logits["student"], logits["baseline"], split.y, split=split_name)
         return built
     predictors = {name: entry.predict for name, entry in entries.items()}
     is_sklearn = isinstance(teacher, SklearnTeacher)

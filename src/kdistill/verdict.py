@@ -38,6 +38,7 @@ __all__ = [
     "mcnemar_exact",
     "paired_bootstrap",
     "seed_spread",
+    "token_verdict",
     "verdict_across_seeds",
 ]
 
@@ -278,6 +279,31 @@ def classification_verdict(
         student_only=test.first_only,
         baseline_only=test.second_only,
         alpha=alpha,
+    )
+
+
+def token_verdict(
+    student_logits: torch.Tensor, baseline_logits: torch.Tensor, target: torch.Tensor, *, split: str = "test"
+) -> Verdict:
+    """Student vs baseline for token-level language modelling: each row's token accuracy (argmax = next token, over
+    the positions whose target is not -100), compared row for row with a :func:`paired_bootstrap` interval.
+    ``*_logits``: (rows, seq, vocab); ``target``: (rows, seq) next-token ids with -100 where nothing is predicted."""
+    counted = target != -100
+    per_row_count = counted.sum(dim=1).clamp_min(1)
+
+    def per_row(logits: torch.Tensor) -> torch.Tensor:
+        return ((logits.argmax(dim=-1) == target) & counted).sum(dim=1) / per_row_count
+
+    student, baseline = per_row(student_logits), per_row(baseline_logits)
+    interval = paired_bootstrap(student, baseline)
+    return Verdict(
+        metric="token accuracy (row mean)",
+        student=float(student.mean()),
+        baseline=float(baseline.mean()),
+        rows=len(target),
+        split=split,
+        test="paired_bootstrap",
+        interval=(interval.low, interval.high),
     )
 
 
