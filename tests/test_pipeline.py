@@ -59,6 +59,14 @@ report: {baseline: false}
 """
 
 
+SGD_CONSTANT = {  # the optimizer and schedule of CONFIG, as the API's settings
+    "train": {
+        "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 0.0},
+        "schedule": {"name": "constant"},
+    }
+}
+
+
 @pytest.fixture
 def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     (tmp_path / "pmodels.py").write_text(MODELS)
@@ -85,12 +93,7 @@ def _api_run(**extra: object) -> kdistill.DistillResult:
         baseline=False,
         profile=False,
         verbose=False,
-        settings={
-            "train": {
-                "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 0.0},
-                "schedule": {"name": "constant"},
-            }
-        },
+        settings=SGD_CONSTANT,
         **extra,  # type: ignore[arg-type]
     )
 
@@ -239,12 +242,7 @@ def test_augmentation_from_yaml_matches_the_api(project: Path) -> None:
         baseline=False,
         profile=False,
         verbose=False,
-        settings={
-            "train": {
-                "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 0.0},
-                "schedule": {"name": "constant"},
-            }
-        },
+        settings=SGD_CONSTANT,
     )
     assert yaml_result is not None
     for name, value in yaml_result.student.state_dict().items():

@@ -57,7 +57,6 @@ __all__ = [
     "apply_overrides",
     "check_references",
     "load_config",
-    "resume_fingerprint",
     "validate_settings",
     "validate_soft_targets",
 ]
@@ -748,13 +747,3 @@ def _check_factory_params(role: str, factory: Any, params: dict[str, Any], signa
                 f"{role}.params.{name}: {getattr(factory, '__name__', factory)} takes no parameter {name!r}",
                 hint=f"{_closest(name, valid)}it takes: {', '.join(valid) or 'nothing'}",
             )
-
-
-_RESUME_SECTIONS = ("seed", "data", "teacher", "student", "method", "train")
-
-
-def resume_fingerprint(config: RunConfig) -> dict[str, Any]:
-    """The parts of a config a resumed run must share with the run it continues (what changes the weights);
-    logging, report, cache, device type and the run's name may change."""
-    dumped = config.model_dump(mode="json")
-    return {key: dumped[key] for key in _RESUME_SECTIONS} | {"precision": config.device.precision}

@@ -809,11 +809,11 @@ def _train_teacher_logits(spec: RunSpec, prepared: Prepared) -> torch.Tensor | N
 
 def run_fingerprint(spec: RunSpec) -> dict[str, Any]:
     """What a resumed run must share with the run it continues (what changes the weights): the front end's identity
-    (data, teacher, student) and the settings' seed, method, training and precision."""
+    (data, teacher, student) and the settings' seed, task, method, training and precision."""
     dumped = spec.settings.model_dump(mode="json")
     return (
         dict(spec.identity)
-        | {key: dumped[key] for key in ("seed", "method", "train")}
+        | {key: dumped[key] for key in ("seed", "task", "method", "train")}
         | {"precision": spec.settings.device.precision}
     )
 
