@@ -529,11 +529,23 @@ def _train_step(
 
 def _student(forward: nn.Module, model: nn.Module, inputs: Inputs, features: tuple[str, ...]) -> Outputs:
     """The student's outputs: ``forward(inputs)``, or ``forward(**inputs)`` for a mapping; an output object with
-    ``.logits`` (transformers) gives its logits. ``features`` are captured on the plain ``model``."""
+    ``.logits`` (transformers) gives its logits. ``features`` are captured on the plain ``model``. For token logits
+    (batch, seq, vocab) the batch's ``attention_mask`` becomes ``Outputs.mask``, so per-token losses count only the
+    real tokens."""
     if not features:
-        return Outputs(_logits(forward(**inputs) if isinstance(inputs, Mapping) else forward(inputs)))
+        logits = _logits(forward(**inputs) if isinstance(inputs, Mapping) else forward(inputs))
+        return Outputs(logits, mask=_token_mask(inputs, logits))
     with capture_features(model, features) as captured:
-        return Outputs(_logits(forward(**inputs) if isinstance(inputs, Mapping) else forward(inputs)), captured)
+        logits = _logits(forward(**inputs) if isinstance(inputs, Mapping) else forward(inputs))
+        return Outputs(logits, captured, mask=_token_mask(inputs, logits))
+
+
+def _token_mask(inputs: Inputs, logits: torch.Tensor) -> torch.Tensor | None:
+    """A mapping's ``attention_mask`` when the logits are per token and it covers their (batch, seq) positions."""
+    if not isinstance(inputs, Mapping) or logits.ndim != 3:
+        return None
+    mask = inputs.get("attention_mask")
+    return mask if mask is not None and tuple(mask.shape) == tuple(logits.shape[:2]) else None
 
 
 def _logits(output: Any) -> torch.Tensor:
