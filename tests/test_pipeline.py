@@ -368,3 +368,53 @@ def test_a_token_lm_report_opens_with_a_paired_bootstrap_verdict() -> None:
     assert verdict.student == pytest.approx(float(rows.mean()), abs=1e-6)
     assert verdict.interval is not None and verdict.interval[0] <= verdict.difference <= verdict.interval[1]
     assert result.report.lines()[0].startswith("verdict:")
+
+
+TOKEN_MODELS = """
+import torch
+from torch import nn
+
+
+class Bigram(nn.Module):
+    def __init__(self, seed: int = 0, scale: float = 3.0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.table = nn.Embedding(12, 12)
+        nn.init.normal_(self.table.weight, std=scale)
+
+    def forward(self, ids):
+        return self.table(ids)
+"""
+
+TOKEN_CONFIG = """
+name: tokens
+task: token_lm
+data: {train: {path: ids.npz}, val: {path: ids.npz}}
+teacher: {kind: torch, factory: "tmodels:Bigram"}
+student: {kind: custom, factory: "tmodels:Bigram", params: {seed: 1, scale: 0.1}}
+method: {name: kd, params: {temperature: 1.0, soft_weight: 1.0}}
+train: {epochs: 2, batch_size: 32}
+device: {type: cpu}
+report: {baseline: false}
+"""
+
+
+def test_a_yaml_run_reads_its_files_as_its_task_does(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """token ids from an .npz stay int64 and get next-token targets, as from the Python API."""
+    import numpy as np
+
+    ids = np.random.default_rng(0).integers(0, 12, (64, 6))
+    np.savez(tmp_path / "ids.npz", x=ids, y=np.zeros(len(ids), dtype=np.int64))
+    (tmp_path / "tmodels.py").write_text(TOKEN_MODELS)
+    (tmp_path / "tokens.yaml").write_text(TOKEN_CONFIG)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config = load_config(tmp_path / "tokens.yaml", [f"out={tmp_path / 'run'}"])
+    prepared = prepare(run_spec(config, verbose=False))
+    train = prepared.splits["train"]
+    assert train is not None and train.x.dtype == torch.int64
+    assert torch.equal(train.x, torch.as_tensor(ids))
+    assert (
+        train.y is not None and bool((train.y[:, :-1] == train.x[:, 1:]).all()) and bool((train.y[:, -1] == -100).all())
+    )
+    outcome = run(config, verbose=False)
+    assert outcome.result is not None and "val_perplexity" in outcome.result.history[-1]

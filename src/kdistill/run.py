@@ -33,7 +33,7 @@ from torch import nn
 
 from kdistill.config import RunConfig, check_references, load_config
 from kdistill.config_recipes import TEACHER_RECIPES, import_reference
-from kdistill.data import Split, as_split
+from kdistill.data import Split
 from kdistill.errors import DataError, KdistillError, StudentError, TeacherError
 from kdistill.pipeline import RunSpec, execute
 from kdistill.result import DistillResult
@@ -199,7 +199,8 @@ def _read_split(config: RunConfig, name: str) -> tuple[np.ndarray, np.ndarray] |
         ) from exc
 
 
-def _load_data(config: RunConfig) -> dict[str, Split | None]:
+def _load_data(config: RunConfig) -> dict[str, tuple[np.ndarray, np.ndarray] | None]:
+    """The config's data as (x, y) arrays per split; the pipeline checks them as the run's task reads them."""
     if config.data.dataset is not None:
         from kdistill.datasets import load_dataset
 
@@ -207,7 +208,7 @@ def _load_data(config: RunConfig) -> dict[str, Split | None]:
         raw: dict[str, Any] = {"train": dataset.train, "val": dataset.val, "test": dataset.test}
     else:
         raw = {name: _read_split(config, name) for name in ("train", "val", "test")}
-    return {name: None if pair is None else as_split(pair, name=name) for name, pair in raw.items()}
+    return raw
 
 
 # ---------------------------------------------------------------------------------------------------- teacher
