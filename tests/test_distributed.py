@@ -145,6 +145,7 @@ if __name__ == "__main__":
     register_optimizer_step_post_hook(kill_after)
     dist.init_process_group("gloo")
     train(sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), resume=len(sys.argv) > 4)
+    dist.barrier()  # both ranks done (rank 0 has saved) before the group is torn down
     dist.destroy_process_group()
 """
 

@@ -878,36 +878,50 @@ def execute(spec: RunSpec, *, config_dump: dict[str, Any] | None = None) -> Dist
     saved = None if spec.out is None else _check_folder(spec.out, fingerprint, spec.resume)
     created_group = _init_distributed(spec.settings)
     try:
-        prepared = prepare(spec)
-        if saved is not None and saved.get("data_fingerprint") != prepared.data_fingerprint:
-            raise CheckpointError(
-                f"cannot resume {spec.out}: the training data changed since the run started",
-                hint="resume with the same data, or start a new run in another folder.",
-            )
-        run_info = {"fingerprint": fingerprint, "data_fingerprint": prepared.data_fingerprint}
-        if spec.out is not None and saved is None and _rank() == 0:
-            config = config_dump if config_dump is not None else spec.settings.model_dump(mode="json")
-            atomic_write_json(spec.out / CONFIG_FILE, {"config": config, **run_info})
-        history, baseline_history = train(spec, prepared, run_info)
-        if _rank() != 0:
-            return None
-        built = report(spec, prepared, history, baseline_history, started=started)
-        result = DistillResult(
-            student=prepared.student.eval(),
-            history=history,
-            report=built,
-            baseline=prepared.baseline,
-            spec=prepared.student_spec,
-            classes=prepared.classes,
-            baseline_history=baseline_history,
-        )
-        if spec.out is not None:
-            result.save(spec.out)
-            if spec.settings.compression:
-                train_split = prepared.splits["train"]
-                assert train_split is not None
-                _compress(spec, prepared.student, train_split, spec.out)
+        result = _execute(spec, config_dump, fingerprint, saved, started)
+        if created_group:  # every rank done (rank 0 has written) before the group is torn down
+            dist.barrier()
         return result
     finally:
         if created_group:
             dist.destroy_process_group()
+
+
+def _execute(
+    spec: RunSpec,
+    config_dump: dict[str, Any] | None,
+    fingerprint: dict[str, Any],
+    saved: dict[str, Any] | None,
+    started: float,
+) -> DistillResult | None:
+    """:func:`execute`'s work, inside the process group it manages."""
+    prepared = prepare(spec)
+    if saved is not None and saved.get("data_fingerprint") != prepared.data_fingerprint:
+        raise CheckpointError(
+            f"cannot resume {spec.out}: the training data changed since the run started",
+            hint="resume with the same data, or start a new run in another folder.",
+        )
+    run_info = {"fingerprint": fingerprint, "data_fingerprint": prepared.data_fingerprint}
+    if spec.out is not None and saved is None and _rank() == 0:
+        config = config_dump if config_dump is not None else spec.settings.model_dump(mode="json")
+        atomic_write_json(spec.out / CONFIG_FILE, {"config": config, **run_info})
+    history, baseline_history = train(spec, prepared, run_info)
+    if _rank() != 0:
+        return None
+    built = report(spec, prepared, history, baseline_history, started=started)
+    result = DistillResult(
+        student=prepared.student.eval(),
+        history=history,
+        report=built,
+        baseline=prepared.baseline,
+        spec=prepared.student_spec,
+        classes=prepared.classes,
+        baseline_history=baseline_history,
+    )
+    if spec.out is not None:
+        result.save(spec.out)
+        if spec.settings.compression:
+            train_split = prepared.splits["train"]
+            assert train_split is not None
+            _compress(spec, prepared.student, train_split, spec.out)
+    return result
