@@ -23,23 +23,95 @@ from torch.utils.data import DataLoader, Dataset
 
 from kdistill.errors import DataError, LabelError
 
-__all__ = ["Split", "as_inputs", "as_split", "encode_labels", "fingerprint_arrays"]
+__all__ = [
+    "Inputs",
+    "Split",
+    "as_inputs",
+    "as_split",
+    "encode_labels",
+    "fingerprint_arrays",
+    "input_keys",
+    "rows_in",
+    "run_trimmed",
+    "take_rows",
+    "trim_padding",
+]
+
+Inputs = torch.Tensor | Mapping[str, torch.Tensor]
+"""Rows of inputs: one (rows, *features) tensor, or a mapping of (rows, ...) tensors (``input_ids``,
+``attention_mask``, ...) that a model takes as keywords."""
 
 
 @dataclass(frozen=True)
 class Split:
     """One checked split of the data.
 
-    ``x``: (rows, *features) float32; ``y``: (rows,) int64 class indices, or None for unlabeled rows. ``raw_x`` keeps
-    what the user passed, for teachers (scikit-learn) that want their own input type back.
+    ``x``: (rows, *features) float32, or a mapping of (rows, ...) tensors (integer dtypes kept: ``input_ids``,
+    ``attention_mask``; see :func:`as_inputs`); ``y``: (rows,) int64 class indices, or None for unlabeled rows.
+    ``raw_x`` keeps what the user passed, for teachers (scikit-learn) that want their own input type back.
     """
 
-    x: torch.Tensor
+    x: Any  # Inputs: a tensor or a mapping of tensors
     y: torch.Tensor | None
     raw_x: Any
 
     def __len__(self) -> int:
-        return int(self.x.shape[0])
+        return rows_in(self.x)
+
+
+def rows_in(inputs: Inputs) -> int:
+    """The number of rows of a tensor or of a mapping of tensors (the first's; :func:`as_inputs` checks they agree)."""
+    if isinstance(inputs, torch.Tensor):
+        return int(inputs.shape[0])
+    return int(next(iter(inputs.values())).shape[0])
+
+
+def take_rows(inputs: Inputs, rows: slice | torch.Tensor) -> Inputs:
+    """Rows of a tensor or of each tensor of a mapping: ``rows`` is a slice or a (k,) index tensor."""
+    if isinstance(inputs, torch.Tensor):
+        return inputs[rows]
+    return {name: value[rows] for name, value in inputs.items()}
+
+
+def trim_padding(inputs: Inputs) -> Inputs:
+    """A mapping with an ``attention_mask`` of (rows, seq) cut to its longest row: the trailing columns that every
+    row pads are dropped from each (rows, seq, ...) tensor (dynamic padding; right padding assumed). Tensors, and
+    mappings without a mask, come back as they are."""
+    if isinstance(inputs, torch.Tensor) or "attention_mask" not in inputs:
+        return inputs
+    mask = inputs["attention_mask"]
+    if mask.ndim != 2:
+        return inputs
+    used = mask.ne(0).any(dim=0).nonzero()
+    length = int(used.max()) + 1 if len(used) else 1
+    if length == mask.shape[1]:
+        return inputs
+    seq = mask.shape[1]
+    return {
+        name: value[:, :length] if value.ndim >= 2 and value.shape[1] == seq else value
+        for name, value in inputs.items()
+    }
+
+
+def run_trimmed(function: Any, batch: Inputs) -> torch.Tensor:
+    """``function(batch)`` on the batch cut to its longest row (:func:`trim_padding`); per-token outputs (rows, seq,
+    ...) come back padded with zeros to the batch's full length, so they stay aligned with its positions (the
+    attention mask never counts the padded ones)."""
+    trimmed = trim_padding(batch)
+    outputs = function(trimmed)
+    if trimmed is batch or outputs.ndim < 3:
+        return outputs
+    assert isinstance(batch, Mapping)
+    length = batch["attention_mask"].shape[1]
+    return torch.nn.functional.pad(outputs, (0, 0, 0, length - outputs.shape[1]))
+
+
+def input_keys(inputs: Inputs) -> tuple[str, ...] | tuple[int, ...]:
+    """What two splits must share to feed one model: a tensor's row shape, or a mapping's names (sequence lengths
+    may differ: each batch is padded to its own longest row)."""
+    if isinstance(inputs, torch.Tensor):
+        return tuple(inputs.shape[1:])
+    return tuple(sorted(inputs))
 
 
 def _to_numpy_x(x: Any, name: str) -> np.ndarray:
@@ -206,6 +278,8 @@ def as_split(data: Any, *, name: str = "train", classes: np.ndarray | None = Non
     ``data``: ``(X, y)`` with X of shape (rows, *features) as numpy, pandas or torch; ``X`` alone for unlabeled data
     (``labeled=False``); or a map-style ``torch.utils.data.Dataset`` yielding ``(x, y)``. A Dataset is read once into
     memory (kdistill batches in-memory tensors by indexing, which is 2-3x faster than a per-sample DataLoader).
+    ``X`` may be a mapping of arrays (a tokenizer's ``input_ids`` and ``attention_mask``), checked by
+    :func:`as_inputs`: integer dtypes are kept and the model is called as ``model(**batch)``.
     """
     if isinstance(data, Dataset):
         x_raw, y_raw = _materialize(data, name)
@@ -218,34 +292,32 @@ def as_split(data: Any, *, name: str = "train", classes: np.ndarray | None = Non
             f"{name} must be an (X, y) pair or a torch Dataset, got {type(data).__name__}",
             hint=f"pass {name}=(X, y).",
         )
-    if isinstance(x_raw, Mapping):
-        raise DataError(
-            f"{name} X is a mapping of arrays ({list(x_raw)[:5]}); this entry point takes one feature array",
-            hint="train on a mapping of inputs with kdistill.engine.fit(model, loss, TransferSet(as_inputs(X), y, "
-            "teacher_logits)) or an InMemorySource.",
-        )
-    x = _check_x(x_raw, f"{name} X")
+    x = as_inputs(x_raw, name=f"{name} X")
     if y_raw is None:
         if labeled:
             raise DataError(f"{name} has no labels", hint=f"pass {name}=(X, y).")
         return Split(x=x, y=None, raw_x=x_raw)
     y = encode_labels(y_raw, classes, name=f"{name} y")
-    if len(y) != len(x):
+    if len(y) != rows_in(x):
         raise DataError(
-            f"{name} X has {len(x)} rows but y has {len(y)}",
+            f"{name} X has {rows_in(x)} rows but y has {len(y)}",
             hint="X and y must describe the same rows; check that they come from the same split.",
         )
     return Split(x=x, y=y, raw_x=x_raw)
 
 
-def fingerprint_arrays(*arrays: torch.Tensor | np.ndarray | None, extra: Sequence[str] = ()) -> str:
-    """A short content hash of arrays (shape, dtype and bytes), used to key caches and check resumed runs."""
+def fingerprint_arrays(*arrays: Inputs | np.ndarray | None, extra: Sequence[str] = ()) -> str:
+    """A short content hash of arrays (shape, dtype and bytes; a mapping's by name), used to key caches and check
+    resumed runs."""
     digest = hashlib.blake2b(digest_size=16)
     for item in extra:
         digest.update(item.encode())
     for array in arrays:
         if array is None:
             digest.update(b"none")
+            continue
+        if isinstance(array, Mapping):
+            digest.update(fingerprint_arrays(*(array[key] for key in sorted(array)), extra=sorted(array)).encode())
             continue
         values = array.detach().cpu().numpy() if isinstance(array, torch.Tensor) else np.asarray(array)
         values = np.ascontiguousarray(values)

@@ -33,7 +33,7 @@ import torch.distributed as dist
 from torch import nn
 
 from kdistill.config import MethodTerm, Settings
-from kdistill.data import Split, encode_labels, fingerprint_arrays
+from kdistill.data import Split, encode_labels, fingerprint_arrays, input_keys, run_trimmed, take_rows, trim_padding
 from kdistill.engine import EarlyStopping, ProgressBar, TrainConfig, TransferSet, fit
 from kdistill.engine.callbacks import Callback
 from kdistill.engine.checkpoint import Checkpointer, load_checkpoint
@@ -212,11 +212,17 @@ def _splits(spec: RunSpec, classes: np.ndarray | None, task: Task) -> dict[str, 
     assert train is not None
     for name in ("val", "test"):
         split = splits[name]
-        if split is not None and split.x.shape[1:] != train.x.shape[1:]:
+        if split is None or input_keys(split.x) == input_keys(train.x):
+            continue
+        if isinstance(train.x, torch.Tensor) and isinstance(split.x, torch.Tensor):
             raise DataError(
                 f"{name} X has rows of shape {tuple(split.x.shape[1:])} but train X has {tuple(train.x.shape[1:])}",
                 hint=f"{name} must have the same features, in the same order, as the training rows.",
             )
+        raise DataError(
+            f"{name} X has inputs {list(input_keys(split.x))} but train X has {list(input_keys(train.x))}",
+            hint=f"give {name} the same kind of inputs as the training rows (the same mapping keys, or one array).",
+        )
     return splits
 
 
@@ -264,21 +270,23 @@ def _check_classes(declared: int | None, width: int, splits: Mapping[str, Split 
     return width
 
 
-def _check_student(student: nn.Module, x: torch.Tensor, row_shape: tuple[int, ...], task: Task) -> None:
-    """The student runs on two rows and gives outputs of the teacher's shape per row."""
+def _check_student(student: nn.Module, x: Any, row_shape: tuple[int, ...], task: Task) -> None:
+    """The student runs on two rows and gives outputs of the teacher's shape per row (a mapping of inputs goes in
+    as keywords; an output object's ``.logits`` counts)."""
     was_training = student.training
     student.eval()
+    rows = take_rows(x, slice(0, 2))
     try:
         with torch.no_grad():
-            out = student(x[:2])
+            out = _student_logits(student, rows)
     except Exception as exc:
         raise StudentError(
-            f"the student failed on a batch of shape {tuple(x[:2].shape)}: {exc}",
+            f"the student failed on a batch of {_describe(rows)}: {exc}",
             hint="check the student's expected input shape against the data.",
         ) from exc
     finally:
         student.train(was_training)
-    expected = (len(x[:2]), *row_shape)
+    expected = (len(rows) if isinstance(rows, torch.Tensor) else len(next(iter(rows.values()))), *row_shape)
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != expected:
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         if task.name == "classification":
@@ -291,6 +299,18 @@ def _check_student(student: nn.Module, x: torch.Tensor, row_shape: tuple[int, ..
             f"the student outputs {shape} for 2 rows, but the teacher outputs {expected} (task {task.name!r})",
             hint="make the student's outputs the teacher's shape per row.",
         )
+
+
+def _student_logits(model: nn.Module, x: Any) -> Any:
+    """``model(x)``, or ``model(**x)`` for a mapping; an output object with ``.logits`` (transformers) gives those."""
+    out = model(**x) if isinstance(x, Mapping) else model(x)
+    return out if isinstance(out, torch.Tensor) else getattr(out, "logits", out)
+
+
+def _describe(x: Any) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"shape {tuple(x.shape)}"
+    return "inputs " + ", ".join(f"{name} {tuple(value.shape)}" for name, value in x.items())
 
 
 def _build_student(
@@ -309,6 +329,12 @@ def _build_student(
                     hint="return an nn.Module mapping a batch to (batch, classes) logits.",
                 )
         else:
+            if not isinstance(train.x, torch.Tensor):
+                raise StudentError(
+                    f"student {spec.student!r} reads rows of features, but the inputs are a mapping "
+                    f"({', '.join(train.x)})",
+                    hint="pass your own nn.Module, called as module(**batch) (a transformers model, say).",
+                )
             if not task.builtin_students:
                 raise StudentError(
                     f"task {task.name!r} needs your own student module, got {spec.student!r}: the registered students "
@@ -449,7 +475,7 @@ def _row_shape(spec: RunSpec, teacher: Teacher, train: Split) -> tuple[int, ...]
             entry = None
         if entry is not None:
             return tuple(entry.shape)
-    return tuple(teacher_logits(teacher, train.x[:8]).shape[1:])
+    return tuple(teacher_logits(teacher, take_rows(train.x, slice(0, 8))).shape[1:])
 
 
 def _storage(spec: RunSpec) -> str:
@@ -547,7 +573,16 @@ def _val_batches(prepared: Prepared, rows: int = 1024) -> list[tuple[torch.Tenso
     target = prepared.task.validation_target(val, lambda: teacher_logits(_required(teacher), val.x))
     if target is None:
         return None
-    return [(val.x[start : start + rows], target[start : start + rows]) for start in range(0, len(val), rows)]
+    return [_val_batch(val.x, target, slice(start, start + rows)) for start in range(0, len(val), rows)]
+
+
+def _val_batch(x: Any, target: torch.Tensor, rows: slice) -> tuple[Any, torch.Tensor]:
+    """One validation batch; a mapping is cut to its longest row, and per-position targets with it."""
+    inputs, batch_target = take_rows(x, rows), target[rows]
+    trimmed = trim_padding(inputs)
+    if isinstance(trimmed, Mapping) and trimmed is not inputs and batch_target.ndim >= 2:
+        batch_target = batch_target[:, : trimmed["attention_mask"].shape[1]]
+    return trimmed, batch_target
 
 
 def train(spec: RunSpec, prepared: Prepared, run_info: dict[str, Any] | None = None) -> tuple[list, list | None]:
@@ -610,15 +645,14 @@ def measure_models(
     the metrics and each entry's logits. Every report, ``distill``'s and ``compress``'s, is measured here. ``task``
     (default: classification) chooses the metrics and the retention: ``token_lm`` reports perplexity and token
     accuracy, ``embedding`` the cosine similarity and MSE to the teacher's embeddings."""
-    from kdistill.teachers import Outputs
-
     task = task if task is not None else get_task("classification")
     models: dict[str, dict[str, float]] = {}
     all_logits: dict[str, torch.Tensor] = {}
     for name, entry in entries.items():
+        logits_of = _logits_function(entry.predict)
         with torch.inference_mode():
-            parts = [entry.predict(split.x[i : i + 1024]) for i in range(0, len(split.x), 1024)]
-        logits = torch.cat([part.logits if isinstance(part, Outputs) else part for part in parts]).float().cpu()
+            parts = [run_trimmed(logits_of, take_rows(split.x, slice(i, i + 1024))) for i in range(0, len(split), 1024)]
+        logits = torch.cat(parts).float().cpu()
         all_logits[name] = logits
         against_teacher = name != "teacher" or task.scored_against_teacher
         metrics = task.metrics(logits, split.y, reference if against_teacher else None)
@@ -647,12 +681,26 @@ def measure_models(
     return models, all_logits
 
 
+def _logits_function(predict: Callable[[Any], Any]) -> Callable[[Any], torch.Tensor]:
+    """``predict``'s logits: a teacher's Outputs give their ``.logits``."""
+    from kdistill.teachers import Outputs
+
+    def logits_of(rows: Any) -> torch.Tensor:
+        part = predict(rows)
+        return part.logits if isinstance(part, Outputs) else part
+
+    return logits_of
+
+
 def _eval_predict(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``model``'s logits in eval mode on its own device, as the report measures them."""
+    """``model``'s logits in eval mode on its own device, as the report measures them (a mapping of inputs goes in
+    as keywords; an output object gives its ``.logits``)."""
     model.eval()
     device = next(model.parameters()).device
 
-    def predict(x: torch.Tensor) -> torch.Tensor:
+    def predict(x: Any) -> torch.Tensor:
+        if isinstance(x, Mapping):
+            return _student_logits(model, {name: value.to(device) for name, value in x.items()})
         return model(x.to(device))
 
     return predict

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -109,7 +109,9 @@ class HFTeacher(TorchTeacher):
         )
         return digest.hexdigest()
 
-    def _inputs(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _inputs(self, x: torch.Tensor | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if isinstance(x, Mapping):  # a tokenizer's mapping (input_ids, attention_mask, ...) goes in as it is
+            return {name: value.to(self.device) for name, value in x.items()}
         x = x.to(self.device)
         if self.input_name not in _INTEGER_INPUTS:
             return {self.input_name: x}
@@ -120,7 +122,7 @@ class HFTeacher(TorchTeacher):
             inputs["attention_mask"] = (ids != pad).long()
         return inputs
 
-    def __call__(self, x: torch.Tensor, *, features: Sequence[str] = ()) -> Outputs:
+    def __call__(self, x: torch.Tensor | Mapping[str, torch.Tensor], *, features: Sequence[str] = ()) -> Outputs:
         with torch.inference_mode(), capture_features(self.module, features) as captured:
             result = self.module(**self._inputs(x))
         raw = getattr(result, "logits", None)
