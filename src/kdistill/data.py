@@ -13,6 +13,7 @@ only its floating-point arrays become float32.
 from __future__ import annotations
 
 import hashlib
+import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,11 +29,13 @@ __all__ = [
     "Split",
     "as_inputs",
     "as_split",
+    "check_stream_classes",
     "encode_labels",
     "fingerprint_arrays",
     "input_keys",
     "rows_in",
     "run_trimmed",
+    "stream_split",
     "take_rows",
     "trim_padding",
 ]
@@ -54,9 +57,13 @@ class Split:
     x: Any  # Inputs: a tensor or a mapping of tensors
     y: torch.Tensor | None
     raw_x: Any
+    stream: Any = None
+    """A streamed split (:func:`stream_split`): the Dataset or iterable read batch by batch in training; ``x`` and
+    ``y`` then hold only a sample of its rows (for checks and sizing), and ``rows`` its length."""
+    rows: int | None = None
 
     def __len__(self) -> int:
-        return rows_in(self.x)
+        return self.rows if self.rows is not None else rows_in(self.x)
 
 
 def rows_in(inputs: Inputs) -> int:
@@ -304,6 +311,62 @@ def as_split(data: Any, *, name: str = "train", classes: np.ndarray | None = Non
             hint="X and y must describe the same rows; check that they come from the same split.",
         )
     return Split(x=x, y=y, raw_x=x_raw)
+
+
+def stream_split(
+    data: Any, *, name: str = "train", classes: np.ndarray | None = None, rows: int | None = None, sample: int = 2048
+) -> Split:
+    """A split read batch by batch (:class:`~kdistill.engine.StreamingSource`), never held whole: a map-style
+    ``Dataset`` of items ``x``, ``(x, y)`` or a mapping, or an ``IterableDataset`` (then ``rows``, the items per
+    epoch, is needed when it has no ``len()``). Up to ``sample`` rows are read and checked like in-memory ones (for
+    shape checks, sizing a built-in student and fitting its input standardisation): evenly spaced rows of a
+    map-style Dataset, the first rows of an iterable. Labels must be class indices already (each batch's are used as
+    they come), so a teacher whose classes are other values is refused."""
+    from torch.utils.data import IterableDataset, default_collate
+
+    if isinstance(data, IterableDataset) or not hasattr(data, "__getitem__"):
+        length = rows if rows is not None else _length(data, name)
+        items = list(itertools.islice(iter(data), sample))
+    else:
+        length = _length(data, name)
+        positions = np.unique(np.linspace(0, length - 1, num=min(sample, length)).round().astype(np.int64))
+        items = [data[int(i)] for i in positions]
+    if not items or length <= 0:
+        raise DataError(f"{name} is an empty stream", hint="pass at least one row.")
+    if isinstance(items[0], (tuple, list)):
+        x_raw = default_collate([item[0] for item in items])
+        y_raw = default_collate([item[1] for item in items]) if len(items[0]) > 1 else None
+    else:
+        x_raw, y_raw = default_collate(items), None
+        if isinstance(x_raw, Mapping) and "labels" in x_raw:
+            x_raw = dict(x_raw)
+            y_raw = x_raw.pop("labels")
+    x = as_inputs(x_raw, name=f"{name} X")
+    if classes is not None:
+        check_stream_classes(classes, name)
+    y = None if y_raw is None else encode_labels(y_raw, None, name=f"{name} y")
+    return Split(x=x, y=y, raw_x=data, stream=data, rows=int(length))
+
+
+def check_stream_classes(classes: np.ndarray, name: str) -> None:
+    """A streamed split's labels are used as they come, so the teacher's classes must be 0..C-1."""
+    if not np.array_equal(np.asarray(classes), np.arange(len(classes))):
+        raise LabelError(
+            f"{name} is streamed, and its labels are used as they come, but the teacher's classes are "
+            f"{np.asarray(classes)[:10].tolist()}, not 0..{len(classes) - 1}",
+            hint="yield class indices in the teacher's order (classes_.tolist().index(label)), or load the data "
+            "in memory (stream=False).",
+        )
+
+
+def _length(data: Any, name: str) -> int:
+    try:
+        return len(data)
+    except TypeError as exc:
+        raise DataError(
+            f"{name} streams from a {type(data).__name__} without len()",
+            hint="pass the number of items per epoch (stream_rows=N; YAML data.train.rows): the schedule needs it.",
+        ) from exc
 
 
 def fingerprint_arrays(*arrays: Inputs | np.ndarray | None, extra: Sequence[str] = ()) -> str:

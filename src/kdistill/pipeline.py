@@ -33,8 +33,18 @@ import torch.distributed as dist
 from torch import nn
 
 from kdistill.config import MethodTerm, Settings
-from kdistill.data import Split, encode_labels, fingerprint_arrays, input_keys, run_trimmed, take_rows, trim_padding
-from kdistill.engine import EarlyStopping, ProgressBar, TrainConfig, TransferSet, fit
+from kdistill.data import (
+    Split,
+    check_stream_classes,
+    encode_labels,
+    fingerprint_arrays,
+    input_keys,
+    run_trimmed,
+    stream_split,
+    take_rows,
+    trim_padding,
+)
+from kdistill.engine import EarlyStopping, ProgressBar, StreamingSource, TrainConfig, TransferSet, fit
 from kdistill.engine.callbacks import Callback
 from kdistill.engine.checkpoint import Checkpointer, load_checkpoint
 from kdistill.engine.live import Augment
@@ -94,7 +104,9 @@ class RunSpec:
     ``soft_targets``/``oof_folds``: :class:`~kdistill.config.SoftTargets`. ``loss``: a Loss object used instead of
     ``settings.method``. ``augment(x_batch, generator) -> x_batch``: applied to every training batch, the teacher
     then runs live (``prefetch_teacher``: one batch ahead, in a thread). ``out``: the run folder (None: nothing is
-    written); ``resume``: continue the run there.
+    written); ``resume``: continue the run there. ``stream``: read ``train`` (a Dataset) batch by batch instead of
+    holding it in memory (:func:`kdistill.data.stream_split`; an ``IterableDataset`` always streams, ``stream_rows``
+    items per epoch when it has no ``len()``); the teacher then runs live on each batch.
     ``identity``: what a resumed run must match besides the settings (the YAML data/teacher/student sections, or
     the API's teacher and data fingerprints). ``report_settings``: extra entries for the report's settings.
     """
@@ -114,6 +126,8 @@ class RunSpec:
     prefetch_teacher: bool = False
     out: Path | None = None
     resume: bool = False
+    stream: bool = False
+    stream_rows: int | None = None
     verbose: bool = True
     identity: dict[str, Any] = field(default_factory=dict)
     report_settings: dict[str, Any] = field(default_factory=dict)
@@ -207,7 +221,14 @@ def _splits(spec: RunSpec, classes: np.ndarray | None, task: Task) -> dict[str, 
     """The run's data as checked splits, as its task reads them: labelled rows for classification, rows of features
     (labels unused) for embeddings, rows of token ids (next-token targets derived from them) for ``token_lm``."""
     raw = {"train": spec.train, "val": spec.val, "test": spec.test}
-    splits = {name: None if value is None else _split(value, name, classes, task) for name, value in raw.items()}
+    streams = _streams(spec)
+    splits = {
+        name: None if value is None or (streams and name == "train") else _split(value, name, classes, task)
+        for name, value in raw.items()
+    }
+    if streams:
+        _check_streamable(spec, task)
+        splits["train"] = stream_split(spec.train, name="train", classes=classes, rows=spec.stream_rows)
     train = splits["train"]
     assert train is not None
     for name in ("val", "test"):
@@ -226,6 +247,27 @@ def _splits(spec: RunSpec, classes: np.ndarray | None, task: Task) -> dict[str, 
     return splits
 
 
+def _streams(spec: RunSpec) -> bool:
+    """Whether the training rows are read batch by batch: ``stream=True``, or an iterable that cannot be indexed."""
+    from torch.utils.data import IterableDataset
+
+    return spec.stream or isinstance(spec.train, IterableDataset)
+
+
+def _check_streamable(spec: RunSpec, task: Task) -> None:
+    """What a streamed training set cannot do, refused before anything runs."""
+    problem = None
+    if task.name == "token_lm":
+        problem = "task 'token_lm' derives its next-token targets in memory"
+    elif spec.soft_targets == "oof":
+        problem = "out-of-fold soft targets refit the teacher on the training rows"
+    if problem is not None:
+        raise ConfigError(
+            f"the training rows cannot be streamed: {problem}",
+            hint="load them in memory (stream=False), or use a ready teacher with soft_targets='predict'.",
+        )
+
+
 def _split(value: Any, name: str, classes: np.ndarray | None, task: Task) -> Split:
     return value if isinstance(value, Split) else task.read_split(value, name, classes)
 
@@ -233,6 +275,9 @@ def _split(value: Any, name: str, classes: np.ndarray | None, task: Task) -> Spl
 def _relabel(split: Split | None, classes: list[Any] | None) -> Split | None:
     """Labels as the teacher's column positions (for a teacher built by the run, with its own ``classes_``)."""
     if split is None or split.y is None or classes is None:
+        return split
+    if split.stream is not None:  # labels are used as they come: they must already be the teacher's positions
+        check_stream_classes(np.asarray(classes), "train")
         return split
     return Split(x=split.x, y=encode_labels(split.y.numpy(), np.asarray(classes), name="y"), raw_x=split.raw_x)
 
@@ -366,7 +411,7 @@ def _teacher_targets(spec: RunSpec, teacher: Teacher | None, train: Split) -> to
     """Soft targets for the training rows (None when the teacher runs live on augmented batches): the teacher's
     outputs, or out-of-fold ones, through :mod:`kdistill.cache` when there is a cache folder. Under torchrun every
     rank calls the cache together: rank 0 fills the entry, the others (which may have no teacher) open it."""
-    if spec.augment is not None:
+    if spec.augment is not None or train.stream is not None:  # the teacher runs live on each batch
         return None
     root = _cache_root(spec)
     seed, folds = spec.settings.seed, spec.oof_folds
@@ -442,7 +487,7 @@ def prepare(spec: RunSpec) -> Prepared:
         student=student,
         student_spec=student_spec,
         baseline=baseline,
-        data_fingerprint=fingerprint_arrays(train.x, train.y),
+        data_fingerprint=fingerprint_arrays(train.x, train.y, extra=[f"rows={len(train)}"] if train.stream else ()),
         task=task,
     )
 
@@ -536,7 +581,7 @@ def _phase(
     phase: str,
     module: nn.Module,
     loss: Loss,
-    transfer: TransferSet,
+    transfer: TransferSet | StreamingSource,
     run_info: dict[str, Any],
 ) -> list[dict[str, float]]:
     """Train one phase (the distilled student, or the no-teacher baseline), resumed from its checkpoint if any."""
@@ -591,11 +636,15 @@ def train(spec: RunSpec, prepared: Prepared, run_info: dict[str, Any] | None = N
     run_info = run_info or {}
     train_split = prepared.splits["train"]
     assert train_split is not None
-    transfer = TransferSet(train_split.x, train_split.y, prepared.targets)
+    transfer: TransferSet | StreamingSource
+    if train_split.stream is not None:
+        transfer = StreamingSource(train_split.stream, rows=len(train_split))
+    else:
+        transfer = TransferSet(train_split.x, train_split.y, prepared.targets)
     history = _phase(spec, prepared, "student", prepared.student, prepared.loss, transfer, run_info)
     baseline_history = None
     if prepared.baseline is not None:
-        plain = TransferSet(train_split.x, train_split.y, None)
+        plain = transfer if train_split.stream is not None else TransferSet(train_split.x, train_split.y, None)
         baseline_history = _phase(spec, prepared, "baseline", prepared.baseline, get_loss("ce"), plain, run_info)
     return history, baseline_history
 

@@ -106,6 +106,8 @@ def run_spec(config: RunConfig, *, resume: bool = False, verbose: bool = True) -
         prefetch_teacher=config.augment is not None and config.augment.prefetch_teacher,
         out=config.run_folder,
         resume=resume,
+        stream=config.data.train is not None and config.data.train.stream,
+        stream_rows=None if config.data.train is None else config.data.train.rows,
         verbose=verbose,
         identity={section: dumped[section] for section in ("data", "teacher", "student")},
         report_settings={"config": config.name, "teacher": config.teacher.kind, "student": config.student.kind},
@@ -178,6 +180,8 @@ def _read_split(config: RunConfig, name: str) -> tuple[Any, Any] | None:
     split = getattr(config.data, name)
     if split is None:
         return None
+    if split.factory is not None:
+        return import_reference(split.factory, base=config.base, field=f"data.{name}.factory")()
     if split.x is not None:
         return _read_npy(config.resolve(split.x), "x"), _read_npy(config.resolve(split.y), "y")
     path = config.resolve(split.path)

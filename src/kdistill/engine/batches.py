@@ -312,7 +312,13 @@ class StreamingSource:
             targets = [None] * len(items)
             inputs = default_collate(list(items))
         target, mask = _targets(targets)
+        inputs = _map_inputs(inputs, _as_model_dtype)
         return Batch(inputs, target, index, mask, weight).to(self.device)
+
+
+def _as_model_dtype(tensor: torch.Tensor) -> torch.Tensor:
+    """kdistill's input rule (:func:`kdistill.data.as_inputs`): floating inputs are float32, integers and bools kept."""
+    return tensor.float() if tensor.is_floating_point() else tensor
 
 
 def _targets(targets: Sequence[Any]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
