@@ -207,3 +207,41 @@ def test_torchrun_killed_mid_epoch_resumes_from_the_step_checkpoint_bit_for_bit(
     expected = load_file(str(tmp_path / "reference" / "student.safetensors"))
     got = load_file(str(tmp_path / "killed" / "student.safetensors"))
     assert all(torch.equal(expected[name], got[name]) for name in expected)
+
+
+DISTILL_SCRIPT = """
+import os, sys
+import torch
+from safetensors.torch import save_file
+import kdistill
+from kdistill.datasets import load_dataset
+
+data = load_dataset("digits")
+torch.manual_seed(0)
+teacher = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10)).eval()
+result = kdistill.distill(
+    teacher, "mlp", data.train, val=data.val, test=data.test, hidden=(32,), epochs=3, batch_size=269,
+    verbose=False, profile=False, baseline=False, out=sys.argv[1] if len(sys.argv) > 1 else None,
+)
+rank = os.environ.get("RANK", "0")
+save_file({k: v.contiguous() for k, v in result.student.state_dict().items()}, sys.argv[2] + f"-rank{rank}.safetensors")
+print("report" if result.report is not None else "no report", rank)
+"""
+
+
+def test_distill_under_torchrun_trains_one_student_on_every_rank(tmp_path: Path) -> None:
+    """distill() itself under torchrun: each rank returns the same trained student, rank 0 alone reports and writes
+    the run folder, and the weights match one process's (up to the order of floating-point sums)."""
+    script = tmp_path / "distill_script.py"
+    script.write_text(DISTILL_SCRIPT)
+    done = _torchrun(script, str(tmp_path / "two"), str(tmp_path / "weights"))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert sorted(done.stdout.split("\n")[:-1]) == ["no report 1", "report 0"]
+    one = subprocess.run([sys.executable, str(script), str(tmp_path / "one"), str(tmp_path / "single")], timeout=300)
+    assert one.returncode == 0
+    rank0, rank1 = (load_file(str(tmp_path / f"weights-rank{r}.safetensors")) for r in (0, 1))
+    single = load_file(str(tmp_path / "single-rank0.safetensors"))
+    for name in single:
+        assert torch.equal(rank0[name], rank1[name]), name
+        torch.testing.assert_close(rank0[name], single[name], rtol=1e-4, atol=1e-5, msg=name)
+    assert json.loads((tmp_path / "two" / "report.json").read_text())["settings"]["world_size"] == 2

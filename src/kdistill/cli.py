@@ -182,7 +182,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             highlight=False,
         )
     outcome = run(config, resume=args.resume, verbose=not args.quiet)
-    if outcome.result is None:  # a rank other than 0 under torchrun: rank 0 reports
+    if int(os.environ.get("RANK", "0")) != 0:  # a rank other than 0 under torchrun: rank 0 reports
         return 0
     if outcome.result.report is not None:
         _console.print(outcome.result.report.table())

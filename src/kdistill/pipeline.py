@@ -967,9 +967,10 @@ def _compress(spec: RunSpec, student: nn.Module, train_split: Split, folder: Pat
     atomic_write_json(folder / "compression.json", done)
 
 
-def execute(spec: RunSpec, *, config_dump: dict[str, Any] | None = None) -> DistillResult | None:
+def execute(spec: RunSpec, *, config_dump: dict[str, Any] | None = None) -> DistillResult:
     """Run ``spec`` end to end: prepare, train, report, and with a run folder save everything there. Returns the
-    result (None on torchrun ranks other than 0). ``config_dump``: what config.json records as the run's config."""
+    result; under torchrun every rank gets the trained student (the same weights), and only rank 0 a report and
+    the run folder's files. ``config_dump``: what config.json records as the run's config."""
     started = time.perf_counter()
     fingerprint = run_fingerprint(spec)
     saved = None if spec.out is None else _check_folder(spec.out, fingerprint, spec.resume)
@@ -990,7 +991,7 @@ def _execute(
     fingerprint: dict[str, Any],
     saved: dict[str, Any] | None,
     started: float,
-) -> DistillResult | None:
+) -> DistillResult:
     """:func:`execute`'s work, inside the process group it manages."""
     prepared = prepare(spec)
     if saved is not None and saved.get("data_fingerprint") != prepared.data_fingerprint:
@@ -1003,9 +1004,8 @@ def _execute(
         config = config_dump if config_dump is not None else spec.settings.model_dump(mode="json")
         atomic_write_json(spec.out / CONFIG_FILE, {"config": config, **run_info})
     history, baseline_history = train(spec, prepared, run_info)
-    if _rank() != 0:
-        return None
-    built = report(spec, prepared, history, baseline_history, started=started)
+    lead = _rank() == 0  # under torchrun every rank holds the same trained weights; rank 0 reports and writes
+    built = report(spec, prepared, history, baseline_history, started=started) if lead else None
     result = DistillResult(
         student=prepared.student.eval(),
         history=history,
@@ -1015,7 +1015,7 @@ def _execute(
         classes=prepared.classes,
         baseline_history=baseline_history,
     )
-    if spec.out is not None:
+    if spec.out is not None and lead:
         result.save(spec.out)
         if spec.settings.compression:
             train_split = prepared.splits["train"]

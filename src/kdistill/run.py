@@ -44,10 +44,11 @@ __all__ = ["RunResult", "run", "run_spec", "validate"]
 
 @dataclass
 class RunResult:
-    """What :func:`run` returns: the run folder, the result (None on ranks other than 0), and whether it resumed."""
+    """What :func:`run` returns: the run folder, the result (on ranks other than 0 under torchrun: the trained student
+    without a report), and whether it resumed."""
 
     folder: Path
-    result: DistillResult | None
+    result: DistillResult
     resumed: bool
     config: RunConfig
 
@@ -199,20 +200,20 @@ def _read_split(config: RunConfig, name: str) -> tuple[Any, Any] | None:
 
 def _read_archive(path: Path, archive: Any) -> tuple[Any, Any]:
     """``x`` and ``y`` of an .npz; inputs named ``x.<name>`` (``x.input_ids``, ``x.attention_mask``) are a mapping
-    that the model takes as keywords; ``y`` may be absent for tasks without labels (embedding)."""
+    that the model takes as keywords."""
     named = {key.removeprefix("x."): archive[key] for key in archive.files if key.startswith("x.")}
-    if "x" not in archive.files and not named:
-        raise DataError(
-            f"{path} has no array 'x' (it holds {archive.files})",
-            hint="save it with np.savez(path, x=features, y=labels), or a mapping of inputs as "
-            "np.savez(path, **{'x.input_ids': ids, 'x.attention_mask': mask}, y=labels).",
-        )
+    for key in ("x", "y"):
+        if key not in archive.files and not (key == "x" and named):
+            raise DataError(
+                f"{path} has no array {key!r} (it holds {archive.files})",
+                hint="save it with np.savez(path, x=features, y=labels), or a mapping of inputs as "
+                "np.savez(path, **{'x.input_ids': ids, 'x.attention_mask': mask}, y=labels).",
+            )
     if "x" in archive.files and named:
         raise DataError(
             f"{path} holds both 'x' and named inputs {sorted(named)}", hint="keep one: x, or x.<name> arrays."
         )
-    x = archive["x"] if "x" in archive.files else named
-    return x, archive["y"] if "y" in archive.files else None
+    return (archive["x"] if "x" in archive.files else named), archive["y"]
 
 
 def _load_data(config: RunConfig) -> dict[str, tuple[Any, Any] | None]:
