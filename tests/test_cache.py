@@ -589,3 +589,18 @@ def test_distill_with_cache_reuses_entry_and_matches_uncached(tmp_path: Path) ->
     assert losses[0] == losses[1] == losses[2]
     topk = kdistill.distill(module, "mlp", (x, y), cache_dir=tmp_path, cache_storage="topk:1", **settings)
     assert np.allclose([e["train_loss"] for e in topk.history], losses[0], atol=1e-5)  # 2 classes: top-1 is exact
+
+
+def test_row_fingerprints_are_hashed_once_per_tensor_and_again_after_a_change(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kdistill import cache
+
+    calls = []
+    real = cache._row_fingerprints
+    monkeypatch.setattr(cache, "_row_fingerprints", lambda inputs: calls.append(1) or real(inputs))
+    x = torch.randn(50, 4)
+    first = cache.row_fingerprints(x)
+    assert np.array_equal(cache.row_fingerprints(x), first) and len(calls) == 1  # a key, then a fill: one pass
+    x[3, 0] += 1.0  # in place: row 3 changes, and only row 3
+    changed = cache.row_fingerprints(x)
+    assert len(calls) == 2 and (changed != first).any(axis=1).nonzero()[0].tolist() == [3]
+    assert np.array_equal(cache.row_fingerprints(x.clone()), changed) and len(calls) == 3  # another tensor
