@@ -175,8 +175,8 @@ def test_as_inputs_keeps_integer_dtypes_of_a_mapping_and_floats_plain_arrays() -
         as_inputs({"input_ids": ids, "attention_mask": mask[:3]})
     with pytest.raises(DataError, match=r"X\['scale'\] has NaN or inf in 1 row\(s\), first at row 2"):
         as_inputs({"input_ids": ids, "scale": np.array([0.0, 1.0, np.nan, 2.0])})
-    with pytest.raises(DataError, match="mapping of arrays"):
-        as_split(({"input_ids": ids}, np.zeros(4, dtype=np.int64)))
+    split = as_split(({"input_ids": ids}, np.zeros(4, dtype=np.int64)))  # a split keeps a mapping as it is
+    assert isinstance(split.x, dict) and split.x["input_ids"].dtype == torch.int64 and len(split) == 4
 
 
 def test_a_used_up_generator_is_a_clear_error_in_the_next_epoch() -> None:
