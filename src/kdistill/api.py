@@ -186,13 +186,19 @@ def distill(
     settings: Mapping[str, Any] | None = None,
     out: str | os.PathLike[str] | None = None,
     resume: bool = False,
+    budget: Mapping[str, Any] | None = None,
+    search: Mapping[str, Any] | None = None,
 ) -> DistillResult:
     """Distil ``teacher`` into ``student`` and report how it compares.
 
     Args:
         teacher: a fitted scikit-learn classifier, a ``torch.nn.Module``, or any :class:`~kdistill.Teacher`.
         student: ``"mlp"``, ``"cnn"`` (built and sized from the data) or your own ``nn.Module`` that maps a batch to
-            (batch, classes) logits.
+            (batch, classes) logits; ``"auto"`` searches the registered families for the most accurate student
+            inside ``budget`` (``{"max_params", "max_bytes", "max_latency_ms", "threads"}``), tuning the
+            temperature, soft weight and learning rate too, with ``search`` (``{"trials", "timeout_s", "epochs",
+            "storage", ...}``, docs/search.md); the chosen student is then trained fully and reported, and
+            ``result.report.search`` holds every trial, the Pareto fronts and the one-line answer.
         train, val, test: ``(X, y)`` pairs (numpy, pandas or torch) or torch Datasets. Labels are the teacher's own
             (any type) for scikit-learn teachers, else class indices. ``val`` drives early stopping and restores the
             best epoch's weights (without it, all ``epochs`` run). The report is measured on ``test``, else ``val``.
@@ -285,6 +291,18 @@ def distill(
         identity=identity,
         report_settings={"temperature": temperature, "soft_weight": soft_weight},
     )
-    result = execute(spec)
+    result: DistillResult | None
+    if isinstance(student, str) and student == "auto":
+        from kdistill.config import validate_search
+        from kdistill.search import search_and_distill
+
+        result = search_and_distill(spec, validate_search(dict(budget or {}), dict(search or {})))
+    elif budget is not None or search is not None:
+        raise ConfigError(
+            f"budget= and search= are for student='auto' (a student search), but student is {student!r}",
+            hint="pass student='auto' to search under the budget, or drop budget= and search=.",
+        )
+    else:
+        result = execute(spec)
     assert result is not None, "distill() returns on every rank: only kdistill.run leaves the others without one"
     return result
