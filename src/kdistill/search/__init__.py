@@ -45,6 +45,8 @@ __all__ = [
     "pareto_front",
     "register_space",
     "search_and_distill",
+    "search_config",
+    "search_config_only",
     "search_student",
     "smallest_candidate",
     "trial_record",
@@ -167,12 +169,12 @@ def search_student(spec: RunSpec, sections: SearchSections) -> tuple[SearchResul
     ``search.storage`` says otherwise, and every trial is written to ``<out>/search/trials.json``."""
     from kdistill.search.study import optuna_module
 
-    optuna_module()  # a missing extra fails before the teacher runs
+    optuna_module()  # a missing extra, a bad storage fail before the teacher runs
     _check_spec(spec)
-    problem, _ = _problem(spec, sections)
-    _check_feasible(problem)
     default = None if spec.out is None else spec.out / STORAGE_FILE
     storage, description = open_storage(sections.search.storage, default)
+    problem, _ = _problem(spec, sections)
+    _check_feasible(problem)
     trained = run_study(problem, storage, description)
     result = SearchResult.from_trials(
         trained.trials,
@@ -248,3 +250,60 @@ def search_and_distill(
     if spec.out is not None:
         result.save(spec.out / TRIALS_FILE)
     return distilled
+
+
+def _sections(config: Any) -> SearchSections:
+    return SearchSections(
+        budget=config.budget if config.budget is not None else SearchSections().budget,
+        search=config.search if config.search is not None else SearchSections().search,
+    )
+
+
+def search_config_only(config: Any, *, verbose: bool = True) -> SearchResult:
+    """``kdistill search CONFIG.yaml --search-only``: the search alone, one worker of a shared study (see
+    docs/search.md: several of these on one journal file, then one ``kdistill search --resume`` trains the
+    chosen student)."""
+    from kdistill.config import RunConfig, check_references
+    from kdistill.run import run_spec
+
+    assert isinstance(config, RunConfig)
+    check_references(config)
+    spec = dataclasses.replace(run_spec(config, verbose=verbose), student="auto")
+    return search_student(spec, _sections(config))[0]
+
+
+def search_config(
+    config: Any, *, resume: bool = False, verbose: bool = True, html: bool = True
+) -> tuple[DistillResult, SearchResult]:
+    """``kdistill search CONFIG.yaml``: the config's run (data, teacher, method settings) with its ``budget`` and
+    ``search`` sections; the ``student`` section is not read. Writes the run folder as ``kdistill run`` does, plus
+    ``search/study.journal``, ``search/trials.json`` and (``html``, with matplotlib) ``report.html``. ``resume``
+    continues a killed search (and then its final run) in the same folder."""
+    from kdistill.config import RunConfig, check_references
+    from kdistill.run import run_spec
+
+    assert isinstance(config, RunConfig)
+    check_references(config)
+    sections = _sections(config)
+    spec = dataclasses.replace(run_spec(config, resume=resume, verbose=verbose), student="auto")
+    distilled = search_and_distill(spec, sections, config_dump=config.model_dump(mode="json"))
+    assert distilled.report is not None and distilled.report.search, "a config run always reports"
+    found = distilled.report.search
+    result = SearchResult(
+        trials=found["trials"],
+        chosen=found["chosen"],
+        budget=found["budget"],
+        search=found["search"],
+        storage=found["storage"],
+        wall_time_s=found["wall_time_s"],
+        final=found["final"],
+    )
+    if html:
+        import contextlib
+
+        from kdistill.errors import DependencyError
+        from kdistill.report_html import write_html_report_from_folder
+
+        with contextlib.suppress(DependencyError):  # matplotlib is the "report" extra
+            write_html_report_from_folder(config.run_folder)
+    return distilled, result

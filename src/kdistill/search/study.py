@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kdistill.config import BudgetConfig, SearchConfig, Settings
+from kdistill.config import BudgetConfig, MethodTerm, SearchConfig, Settings
 from kdistill.data import Split
 from kdistill.engine import EarlyStopping, TrainState, TransferSet, fit
 from kdistill.engine.callbacks import Callback
@@ -297,14 +297,12 @@ def candidate_cost(problem: Problem, module: nn.Module, spec: dict[str, Any]) ->
 
 
 def short_settings(settings: Settings, knobs: dict[str, float], epochs: int, patience: int | None) -> Settings:
-    """``settings`` with kd's temperature and soft weight, the learning rate and the run's length set."""
-    method = [{"name": "kd", "params": {"temperature": knobs["temperature"], "soft_weight": knobs["soft_weight"]}}]
-    dumped = settings.model_dump(mode="json")
-    dumped["method"] = method
-    dumped["train"]["optimizer"]["lr"] = knobs["lr"]
-    dumped["train"]["epochs"] = epochs
-    dumped["train"]["patience"] = patience
-    return Settings.model_validate(dumped)
+    """``settings`` (a :class:`Settings` or a config's :class:`~kdistill.config.RunConfig`, kept as it is) with
+    kd's temperature and soft weight, the learning rate and the run's length set."""
+    kd = MethodTerm(name="kd", params={"temperature": knobs["temperature"], "soft_weight": knobs["soft_weight"]})
+    optimizer = settings.train.optimizer.model_copy(update={"lr": knobs["lr"]})
+    train = settings.train.model_copy(update={"optimizer": optimizer, "epochs": epochs, "patience": patience})
+    return settings.model_copy(update={"method": [kd], "train": train})
 
 
 def _objective(problem: Problem, optuna: Any) -> Callable[[Any], float]:
