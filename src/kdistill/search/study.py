@@ -217,8 +217,8 @@ def _recover_stale(optuna: Any, study: Any) -> int:
         name, _, pid = worker.rpartition(":")
         if name != host or not pid.isdigit() or int(pid) == os.getpid() or _alive(int(pid)):
             continue
-        study._storage.set_trial_state_values(trial._trial_id, state=optuna.trial.TrialState.FAIL)
         study._storage.set_trial_user_attr(trial._trial_id, "error", "its process died (killed search)")
+        study._storage.set_trial_state_values(trial._trial_id, state=optuna.trial.TrialState.FAIL)
         study.enqueue_trial(dict(trial.params), user_attrs={"rerun_of": trial.number})
         recovered += 1
     return recovered
