@@ -83,7 +83,13 @@ def test_candidates_over_budget_are_refused_before_training_and_the_chosen_one_i
 def test_a_search_is_repeatable_and_tunes_the_temperature_soft_weight_and_lr_in_the_same_study(
     forest: Any, digits: Data
 ) -> None:
-    settings = {"trials": 3, "temperature": [1.5, 6.0], "soft_weight": [0.2, 0.8], "lr": [0.002, 0.05]}
+    settings = {
+        "trials": 3,
+        "temperature": [1.5, 6.0],
+        "soft_weight": [0.2, 0.8],
+        "lr": [0.002, 0.05],
+        "warm_start": False,
+    }
     first = _search(forest, digits, {"max_params": 20_000}, settings, seed=3, baseline=False).report.search
     second = _search(forest, digits, {"max_params": 20_000}, settings, seed=3, baseline=False).report.search
     keys = ("params", "val_accuracy", "parameters", "state")
@@ -109,6 +115,25 @@ class _PruneAt:
 
     def should_prune(self) -> bool:
         return self.reported[-1][0] >= self.epoch
+
+
+def test_a_new_search_starts_from_the_largest_usual_shape_inside_the_budget(forest: Any, digits: Data) -> None:
+    found = _search(
+        forest,
+        digits,
+        {"max_params": 5000},
+        {"trials": 2, "temperature": [1.0, 4.0], "lr": [0.001, 0.1]},
+        baseline=False,
+        lr=0.004,
+    ).report.search
+    first = found["trials"][0]
+    # mlp seeds are [w, w/2]: [64, 32] has 6,570 params, [32, 16] 2,778: the largest inside 5,000
+    assert first["warm_start"] and first["family"] == "mlp" and first["student"]["hidden"] == [32, 16]
+    assert first["temperature"] == pytest.approx(2.0) and first["soft_weight"] == 0.5 and first["lr"] == 0.004
+    second = found["trials"][1]  # then the cnn's: three equal blocks, kernel 5
+    assert second["warm_start"] and second["family"] == "cnn"
+    assert len(set(second["student"]["channels"])) == 1 and second["student"]["kernel_size"] == 5
+    assert not any(t["warm_start"] for t in found["trials"][2:])
 
 
 def test_the_pruner_is_asked_after_every_epoch_and_stops_the_run(digits: Data) -> None:

@@ -409,7 +409,8 @@ class SearchConfig(_Section):
     study. ``pruner``: ``median``, ``hyperband`` or ``none``, on the validation accuracy after each epoch.
     ``storage``: a journal file path (several processes on one machine share it) or an RDB URL
     (``postgresql://...``); default: ``<run folder>/search/study.journal``, in memory without a run folder.
-    ``seed``: the sampler's (default: the run's seed)."""
+    ``seed``: the sampler's (default: the run's seed). ``warm_start``: a new study first tries each family's largest
+    usual-shaped candidate inside the budget (an MLP tapering by half, a CNN of equal blocks) at mid-range settings."""
 
     trials: Annotated[int, Field(gt=0)] = 20
     timeout_s: Annotated[float, Field(gt=0)] | None = None
@@ -424,6 +425,7 @@ class SearchConfig(_Section):
     seed: int | None = None
     storage: str | None = None
     study_name: Annotated[str, Field(min_length=1)] = "kdistill-search"
+    warm_start: bool = True
 
     @field_validator("families")
     @classmethod

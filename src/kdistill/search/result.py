@@ -5,7 +5,7 @@ A trial record (one per Optuna trial, in ``trials.json`` and ``report.search["tr
     {"number", "state": "complete" | "pruned" | "over_budget" | "failed" | "running", "family", "label",
      "student" (the builder spec), "temperature", "soft_weight", "lr", "val_accuracy" (best epoch of the short run),
      "epochs_run", "train_seconds", "parameters", "size_bytes", "latency_ms", "over_budget" (the limits broken),
-     "worker" (host:pid), "error"}
+     "worker" (host:pid), "error", "warm_start" (queued first, not drawn), "params" (the trial's own)}
 
 The Pareto front along one cost (parameters, bytes or latency) holds the completed trials that no other completed
 trial beats, that is none is at least as accurate at a cost no higher and better in one of the two: walking the
@@ -56,6 +56,7 @@ def trial_record(trial: Any) -> dict[str, Any]:
         "over_budget": attrs.get("over_budget", []),
         "worker": attrs.get("worker"),
         "error": attrs.get("error"),
+        "warm_start": bool(attrs.get("warm_start", False)),
         "params": dict(params),
     }
 

@@ -9,6 +9,10 @@ A space is keyed by the registered student it builds (``"mlp"``, ``"cnn"``; a tr
 - ``grid(in_shape, num_classes)``: every candidate of the space, as builder params (the smallest one names a budget
   that nothing meets; a hand grid for the benchmark is a subset).
 
+Optional, for a warm start: ``seeds(in_shape, num_classes)``, the family's usual shapes (an MLP tapering by half,
+a CNN of equal blocks), and ``encode(params)``, the trial parameters that draw those builder params. A new search
+starts from the largest seed inside the budget of each family that has both, so it begins where a person would.
+
 Nothing here imports Optuna: ``trial`` is anything with ``suggest_int``.
 """
 
@@ -76,6 +80,16 @@ class MlpSpace:
     def grid(self, in_shape: Sequence[int], num_classes: int) -> list[dict[str, Any]]:
         return [{"hidden": widths} for widths in _all_widths(self.depth_range, self.log2_range)]
 
+    def seeds(self, in_shape: Sequence[int], num_classes: int) -> list[dict[str, Any]]:
+        """Two layers, the second half the first (the shape of ``kdistill.students.default_hidden``)."""
+        low, high = self.log2_range
+        return [{"hidden": [2**k, 2 ** (k - 1)]} for k in range(low + 1, high + 1)]
+
+    def encode(self, params: dict[str, Any]) -> dict[str, Any]:
+        hidden = params["hidden"]
+        encoded: dict[str, Any] = {f"{self.family}.depth": len(hidden)}
+        return encoded | {f"{self.family}.log2_width{i}": int(math.log2(w)) for i, w in enumerate(hidden)}
+
 
 @dataclass(frozen=True)
 class CnnSpace:
@@ -103,6 +117,18 @@ class CnnSpace:
             for channels in _all_widths(self.depth_range, self.log2_range)
             for kernel in self.kernel_sizes
         ]
+
+    def seeds(self, in_shape: Sequence[int], num_classes: int) -> list[dict[str, Any]]:
+        """Three equal blocks with the largest kernel (the shape of the ``cnn`` student's default)."""
+        low, high = self.log2_range
+        depth = min(3, self.depth_range[1])
+        return [{"channels": [2**k] * depth, "kernel_size": max(self.kernel_sizes)} for k in range(low, high + 1)]
+
+    def encode(self, params: dict[str, Any]) -> dict[str, Any]:
+        channels = params["channels"]
+        encoded: dict[str, Any] = {f"{self.family}.depth": len(channels)}
+        encoded |= {f"{self.family}.log2_width{i}": int(math.log2(c)) for i, c in enumerate(channels)}
+        return encoded | {f"{self.family}.kernel": self.kernel_sizes.index(params["kernel_size"])}
 
 
 SEARCH_SPACES: dict[str, CandidateSpace] = {}

@@ -224,6 +224,38 @@ def _recover_stale(optuna: Any, study: Any) -> int:
     return recovered
 
 
+def _warm_start(study: Any, problem: Problem) -> int:
+    """For a new study: queue, per family with ``seeds`` and ``encode``, its largest seed candidate inside the
+    budget, at the middle of the temperature range (log scale), soft weight 0.5 and the run's learning rate (both
+    clipped to their ranges). Returns how many were queued."""
+    if study.get_trials(deepcopy=False):
+        return 0
+    search, queued = problem.search, 0
+    low, high = search.temperature
+    knobs = {
+        "temperature": (low * high) ** 0.5,
+        "soft_weight": min(max(0.5, search.soft_weight[0]), search.soft_weight[1]),
+        "lr": min(max(problem.settings.train.optimizer.lr, search.lr[0]), search.lr[1]),
+    }
+    for family in problem.families:
+        space = SEARCH_SPACES[family]
+        seeds, encode = getattr(space, "seeds", None), getattr(space, "encode", None)
+        if seeds is None or encode is None:
+            continue
+        shape = family_shape(problem.in_shape, search.fixed, family)
+        fitting = []
+        for params in seeds(shape, problem.num_classes):
+            module, spec = build_candidate(problem, family, params)
+            cost = candidate_cost(problem, module, spec)
+            if not over_budget(cost, problem.budget):
+                fitting.append((cost.parameters, params))
+        if fitting:
+            params = max(fitting, key=lambda item: item[0])[1]
+            study.enqueue_trial({"family": family, **encode(params), **knobs}, user_attrs={"warm_start": True})
+            queued += 1
+    return queued
+
+
 def _trained_count(study: Any) -> int:
     return sum(
         1
@@ -369,6 +401,8 @@ def run_study(problem: Problem, storage: Any, description: str) -> Trained:
     optuna = optuna_module()
     started = time.monotonic()
     study = _open_study(optuna, storage, problem)
+    if problem.search.warm_start:
+        _warm_start(study, problem)
     _recover_stale(optuna, study)
     objective = _objective(problem, optuna)
     search = problem.search
