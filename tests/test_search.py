@@ -293,3 +293,11 @@ def test_an_rdb_url_is_accepted(forest: Any, digits: Data, tmp_path: Any) -> Non
 
     study = optuna.load_study(study_name="kdistill-search", storage=url)
     assert [t.number for t in study.trials] == [t["number"] for t in found["trials"]]
+
+
+def test_max_epochs_is_a_compute_budget_for_the_short_runs(forest: Any, digits: Data) -> None:
+    found = _search(
+        forest, digits, {"max_params": 5000}, {"trials": 100, "max_epochs": 5, "families": ["mlp"]}, baseline=False
+    ).report.search
+    # 2-epoch runs: after two (4 epochs) a third starts under the limit and finishes; then the search stops
+    assert found["epochs_trained"] == 6 and found["counts"]["complete"] == 3

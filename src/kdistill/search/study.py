@@ -256,6 +256,10 @@ def _warm_start(study: Any, problem: Problem) -> int:
     return queued
 
 
+def _epochs_spent(study: Any) -> int:
+    return sum(int(trial.user_attrs.get("epochs_run", 0)) for trial in study.get_trials(deepcopy=False))
+
+
 def _trained_count(study: Any) -> int:
     return sum(
         1
@@ -396,8 +400,9 @@ def _classification_validate(model: nn.Module, val: Any) -> dict[str, float]:
 
 
 def run_study(problem: Problem, storage: Any, description: str) -> Trained:
-    """Draw and train trials until the study holds ``search.trials`` trained ones (or ``timeout_s`` passes, or
-    ``25 * trials`` draws were made), then return every trial of the study (this process's and any other's)."""
+    """Draw and train trials until the study holds ``search.trials`` trained ones (or ``timeout_s`` passes, or its
+    short runs total ``max_epochs``, or ``25 * trials`` draws were made), then return every trial of the study (this
+    process's and any other's)."""
     optuna = optuna_module()
     started = time.monotonic()
     study = _open_study(optuna, storage, problem)
@@ -411,6 +416,8 @@ def run_study(problem: Problem, storage: Any, description: str) -> Trained:
     draws = 0
     while _trained_count(study) < search.trials and draws < _MAX_DRAWS_PER_TRIAL * search.trials:
         if deadline is not None and time.monotonic() > deadline:
+            break
+        if search.max_epochs is not None and _epochs_spent(study) >= search.max_epochs:
             break
         study.sampler = _sampler(optuna, seed, len(study.get_trials(deepcopy=False)))
         trial = study.ask()
