@@ -301,3 +301,13 @@ def test_max_epochs_is_a_compute_budget_for_the_short_runs(forest: Any, digits: 
     ).report.search
     # 2-epoch runs: after two (4 epochs) a third starts under the limit and finishes; then the search stops
     assert found["epochs_trained"] == 6 and found["counts"]["complete"] == 3
+
+
+def test_latency_is_measured_on_the_budget_threads_and_checked(forest: Any, digits: Data) -> None:
+    with pytest.raises(ConfigError, match=r"ms > max_latency_ms 1e-06 \(batch 1, 1 thread\(s\)\)"):
+        _search(forest, digits, {"max_latency_ms": 1e-6, "threads": 1}, {"families": ["mlp"]})
+    found = _search(
+        forest, digits, {"max_latency_ms": 50.0, "threads": 1}, {"trials": 2, "families": ["mlp"]}, baseline=False
+    ).report.search
+    assert all(0 < t["latency_ms"] <= 50.0 for t in found["trials"] if t["state"] == "complete")
+    assert "ms at batch 1" in found["answer"]
