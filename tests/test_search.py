@@ -311,3 +311,14 @@ def test_latency_is_measured_on_the_budget_threads_and_checked(forest: Any, digi
     ).report.search
     assert all(0 < t["latency_ms"] <= 50.0 for t in found["trials"] if t["state"] == "complete")
     assert "ms at batch 1" in found["answer"]
+
+
+def test_a_run_folder_holding_a_search_needs_resume(forest: Any, digits: Data, tmp_path: Any) -> None:
+    settings = {"trials": 1, "families": ["mlp"]}
+    first = _search(forest, digits, {"max_params": 3000}, settings, baseline=False, out=tmp_path / "run")
+    assert (tmp_path / "run" / "search" / "study.journal").stat().st_size > 0
+    assert (tmp_path / "run" / "search" / "trials.json").is_file()
+    with pytest.raises(ConfigError, match="already holds a search"):
+        _search(forest, digits, {"max_params": 3000}, settings, baseline=False, out=tmp_path / "run")
+    again = _search(forest, digits, {"max_params": 3000}, settings, baseline=False, out=tmp_path / "run", resume=True)
+    assert again.report.search["trials"] == first.report.search["trials"]  # nothing drawn again: the study was done

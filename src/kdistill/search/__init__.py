@@ -172,6 +172,11 @@ def search_student(spec: RunSpec, sections: SearchSections) -> tuple[SearchResul
     optuna_module()  # a missing extra, a bad storage fail before the teacher runs
     _check_spec(spec)
     default = None if spec.out is None else spec.out / STORAGE_FILE
+    if default is not None and sections.search.storage is None and not spec.resume and _has_content(default):
+        raise ConfigError(
+            f"the run folder {spec.out} already holds a search ({default})",
+            hint="pass --resume (resume=True) to continue it, or choose another folder (--set out=PATH, out=).",
+        )
     storage, description = open_storage(sections.search.storage, default)
     problem, _ = _problem(spec, sections)
     _check_feasible(problem)
@@ -186,6 +191,10 @@ def search_student(spec: RunSpec, sections: SearchSections) -> tuple[SearchResul
     if spec.out is not None:
         result.save(spec.out / TRIALS_FILE)
     return result, problem
+
+
+def _has_content(path: Path) -> bool:
+    return path.is_file() and path.stat().st_size > 0
 
 
 def final_spec(spec: RunSpec, problem: Problem, chosen: dict[str, Any], teacher: Any) -> RunSpec:
