@@ -61,6 +61,8 @@ def _pareto_plot(plt: Any, search: dict[str, Any], png: Callable[[Any], str]) ->
     trials = [r for r in search.get("trials", []) if r["state"] == "complete" and r.get("val_accuracy") is not None]
     if not trials:
         return None
+    from matplotlib.ticker import NullFormatter
+
     by_number = {record["number"]: record for record in trials}
     chosen = (search.get("chosen") or {}).get("number")
     figure, axes = plt.subplots(1, len(COST_AXES), figsize=(13, 3.6))
@@ -84,6 +86,7 @@ def _pareto_plot(plt: Any, search: dict[str, Any], png: Callable[[Any], str]) ->
             )
             axis.legend(fontsize=8, loc="lower right")
         axis.set_xscale("log")
+        axis.xaxis.set_minor_formatter(NullFormatter())  # log-axis minor labels overlap on narrow ranges
         axis.set(xlabel=label, ylabel="validation accuracy (short run)", title=f"accuracy vs {label.split(' (')[0]}")
         axis.grid(alpha=0.3, which="both")
     return png(figure)
