@@ -68,6 +68,11 @@ def _check_spec(spec: RunSpec) -> None:
             f"the student search supports task 'classification', got {spec.settings.task!r}",
             hint="search classification students, or choose the student yourself for this task.",
         )
+    if spec.student_params:
+        raise ConfigError(
+            f"student params {sorted(spec.student_params)} were given with student 'auto', which chooses them",
+            hint="hold a builder param fixed per family with search={'fixed': {'mlp': {...}}}, or drop it.",
+        )
     names = [term.name for term in spec.settings.method]
     if spec.loss is not None or names != ["kd"]:
         raise ConfigError(
@@ -277,7 +282,7 @@ def search_config_only(config: Any, *, verbose: bool = True) -> SearchResult:
 
     assert isinstance(config, RunConfig)
     check_references(config)
-    spec = dataclasses.replace(run_spec(config, verbose=verbose), student="auto")
+    spec = dataclasses.replace(run_spec(config, verbose=verbose), student="auto", student_params={})
     return search_student(spec, _sections(config))[0]
 
 
@@ -294,7 +299,7 @@ def search_config(
     assert isinstance(config, RunConfig)
     check_references(config)
     sections = _sections(config)
-    spec = dataclasses.replace(run_spec(config, resume=resume, verbose=verbose), student="auto")
+    spec = dataclasses.replace(run_spec(config, resume=resume, verbose=verbose), student="auto", student_params={})
     distilled = search_and_distill(spec, sections, config_dump=config.model_dump(mode="json"))
     assert distilled.report is not None and distilled.report.search, "a config run always reports"
     found = distilled.report.search
