@@ -261,6 +261,8 @@ def test_unknown_budget_and_search_keys_name_the_closest(forest: Any, digits: Da
         _search(forest, digits, {}, {"trails": 3})
     with pytest.raises(ConfigError, match=r"unknown search family 'mpl'; did you mean 'mlp'\?"):
         _search(forest, digits, {}, {"families": ["mpl"]})
+    with pytest.raises(ConfigError, match=r"search\.fixed: unknown param for student 'cnn': 'in_shap'; did you"):
+        _search(forest, digits, {}, {"fixed": {"cnn": {"in_shap": [1, 8, 8]}}})
     with pytest.raises(ConfigError, match=r"student params \['hidden'\] were given with student 'auto'"):
         _search(forest, digits, {}, {}, hidden=[8])
     with pytest.raises(ConfigError, match="budget= and search= are for student='auto'"):

@@ -442,6 +442,19 @@ class SearchConfig(_Section):
             raise ValueError("families is empty; leave it out to search every registered family")
         return value
 
+    @field_validator("fixed")
+    @classmethod
+    def _known_fixed(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        from kdistill.search.space import SEARCH_SPACES
+        from kdistill.students import STUDENTS
+
+        for family, params in value.items():
+            if family not in SEARCH_SPACES:
+                raise _unknown("search family", family, list(SEARCH_SPACES))
+            if family in STUDENTS:
+                _check_registered(STUDENTS, family, params, "student")
+        return value
+
     @field_validator("temperature", "soft_weight", "lr")
     @classmethod
     def _ordered(cls, value: tuple[float, float]) -> tuple[float, float]:
