@@ -326,3 +326,15 @@ def test_a_run_folder_holding_a_search_needs_resume(forest: Any, digits: Data, t
         _search(forest, digits, {"max_params": 3000}, settings, baseline=False, out=tmp_path / "run")
     again = _search(forest, digits, {"max_params": 3000}, settings, baseline=False, out=tmp_path / "run", resume=True)
     assert again.report.search["trials"] == first.report.search["trials"]  # nothing drawn again: the study was done
+
+
+def test_the_pruner_setting_picks_optunas_pruner_sized_to_the_short_run() -> None:
+    import optuna
+
+    from kdistill.config import SearchConfig
+    from kdistill.search.study import _pruner
+
+    hyperband = _pruner(optuna, SearchConfig(pruner="hyperband", epochs=12))
+    assert isinstance(hyperband, optuna.pruners.HyperbandPruner) and hyperband._max_resource == 12
+    assert isinstance(_pruner(optuna, SearchConfig(pruner="median")), optuna.pruners.MedianPruner)
+    assert isinstance(_pruner(optuna, SearchConfig(pruner="none")), optuna.pruners.NopPruner)
