@@ -188,13 +188,19 @@ def distill(
     resume: bool = False,
     stream: bool = False,
     stream_rows: int | None = None,
+    budget: Mapping[str, Any] | None = None,
+    search: Mapping[str, Any] | None = None,
 ) -> DistillResult:
     """Distil ``teacher`` into ``student`` and report how it compares.
 
     Args:
         teacher: a fitted scikit-learn classifier, a ``torch.nn.Module``, or any :class:`~kdistill.Teacher`.
         student: ``"mlp"``, ``"cnn"`` (built and sized from the data) or your own ``nn.Module`` that maps a batch to
-            (batch, classes) logits.
+            (batch, classes) logits; ``"auto"`` searches the registered families for the most accurate student
+            inside ``budget`` (``{"max_params", "max_bytes", "max_latency_ms", "threads"}``), tuning the
+            temperature, soft weight and learning rate too, with ``search`` (``{"trials", "timeout_s", "epochs",
+            "storage", ...}``, docs/search.md); the chosen student is then trained fully and reported, and
+            ``result.report.search`` holds every trial, the Pareto fronts and the one-line answer.
         train, val, test: ``(X, y)`` pairs (numpy, pandas or torch) or torch Datasets. Labels are the teacher's own
             (any type) for scikit-learn teachers, else class indices. ``val`` drives early stopping and restores the
             best epoch's weights (without it, all ``epochs`` run). The report is measured on ``test``, else ``val``.
@@ -294,4 +300,14 @@ def distill(
         identity=identity,
         report_settings={"temperature": temperature, "soft_weight": soft_weight},
     )
+    if isinstance(student, str) and student == "auto":
+        from kdistill.config import validate_search
+        from kdistill.search import search_and_distill
+
+        return search_and_distill(spec, validate_search(dict(budget or {}), dict(search or {})))
+    elif budget is not None or search is not None:
+        raise ConfigError(
+            f"budget= and search= are for student='auto' (a student search), but student is {student!r}",
+            hint="pass student='auto' to search under the budget, or drop budget= and search=.",
+        )
     return execute(spec)  # under torchrun: on every rank, the report and the run folder's files on rank 0 only

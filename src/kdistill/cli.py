@@ -192,6 +192,31 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_search(args: argparse.Namespace) -> int:
+    from kdistill.config import load_config
+    from kdistill.search import search_config
+
+    config = load_config(args.config, args.set)
+    if not args.quiet:
+        action = "resuming the search" if args.resume else "searching"
+        _console.print(
+            f"[bold]{action} {config.name}[/bold]: teacher {config.teacher.kind}, budget "
+            f"{config.budget.model_dump(exclude_none=True) if config.budget else {}}; run folder {config.run_folder}",
+            highlight=False,
+        )
+    if args.search_only:
+        from kdistill.search import search_config_only
+
+        _console.print(search_config_only(config, verbose=not args.quiet).line(), highlight=False, soft_wrap=True)
+        return 0
+    distilled, found = search_config(config, resume=args.resume, verbose=not args.quiet, html=not args.no_html)
+    if distilled.report is not None:
+        _console.print(distilled.report.table())
+    _console.print(found.line(), highlight=False, soft_wrap=True)
+    _console.print(f"saved to {config.run_folder}/ (search/trials.json, report.json)", highlight=False)
+    return 0
+
+
 def _cmd_validate(args: argparse.Namespace) -> int:
     from kdistill.run import validate
 
@@ -299,6 +324,21 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true", help="continue the run in the config's folder")
     run.add_argument("--quiet", action="store_true", help="no per-epoch console lines")
     run.set_defaults(handler=_cmd_run)
+
+    search = commands.add_parser(
+        "search", help="search the most accurate student inside a budget (the config's budget: and search:)"
+    )
+    search.add_argument("config", help="a YAML config with budget: and search: sections (docs/search.md)")
+    search.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a field, e.g. search.trials=10"
+    )
+    search.add_argument("--resume", action="store_true", help="continue a killed search in the config's folder")
+    search.add_argument(
+        "--search-only", action="store_true", help="only search (a worker of a shared study): no full training"
+    )
+    search.add_argument("--no-html", action="store_true", help="skip report.html (needs matplotlib)")
+    search.add_argument("--quiet", action="store_true", help="no per-trial lines")
+    search.set_defaults(handler=_cmd_search)
 
     check = commands.add_parser("validate", help="check a YAML config (fields, names, files, references)")
     check.add_argument("config")

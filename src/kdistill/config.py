@@ -38,6 +38,7 @@ from kdistill.registry import Registry
 
 __all__ = [
     "AugmentConfig",
+    "BudgetConfig",
     "CacheConfig",
     "CompressionStep",
     "DataConfig",
@@ -49,6 +50,8 @@ __all__ = [
     "ReportConfig",
     "RunConfig",
     "ScheduleConfig",
+    "SearchConfig",
+    "SearchSections",
     "Settings",
     "SoftTargets",
     "StudentConfig",
@@ -57,6 +60,7 @@ __all__ = [
     "apply_overrides",
     "check_references",
     "load_config",
+    "validate_search",
     "validate_settings",
     "validate_soft_targets",
 ]
@@ -399,6 +403,87 @@ class LoggingConfig(_Section):
     progress: bool = False
 
 
+class BudgetConfig(_Section):
+    """What the searched student may cost (``kdistill search``, ``distill(teacher, "auto", budget=...)``); every
+    limit is optional. ``max_params``: parameters (weights and biases); ``max_bytes``: its safetensors file;
+    ``max_latency_ms``: the median batch-1 latency, measured with ``threads`` torch threads (the target's count)."""
+
+    max_params: Annotated[int, Field(gt=0)] | None = None
+    max_bytes: Annotated[int, Field(gt=0)] | None = None
+    max_latency_ms: Annotated[float, Field(gt=0)] | None = None
+    threads: Annotated[int, Field(ge=1)] = 1
+
+
+class SearchConfig(_Section):
+    """How the student search runs (:mod:`kdistill.search`, docs/search.md). ``trials``: short KD runs to train
+    (candidates over the budget are refused before training and not counted); ``timeout_s``: stop drawing new trials
+    after this long (per process); ``max_epochs``: stop once the study's short runs total this many epochs (a compute
+    budget; pruned runs count what they ran). ``epochs``/``patience``: each short run's length. ``families``: the
+    registered candidate spaces to draw from (default: every one that fits the data); ``fixed``: builder params held
+    fixed per family (``{cnn: {in_shape: [1, 8, 8]}}``). ``temperature``, ``soft_weight``, ``lr``: the ranges tuned
+    in the same study. ``pruner``: ``median``, ``hyperband`` or ``none``, on the validation accuracy after each
+    epoch.
+    ``storage``: a journal file path (several processes on one machine share it) or an RDB URL
+    (``postgresql://...``); default: ``<run folder>/search/study.journal``, in memory without a run folder.
+    ``seed``: the sampler's (default: the run's seed). ``warm_start``: a new study first tries each family's largest
+    usual-shaped candidate inside the budget (an MLP tapering by half, a CNN of equal blocks) at mid-range settings."""
+
+    trials: Annotated[int, Field(gt=0)] = 20
+    timeout_s: Annotated[float, Field(gt=0)] | None = None
+    max_epochs: Annotated[int, Field(gt=0)] | None = None
+    epochs: Annotated[int, Field(gt=0)] = 30
+    patience: Annotated[int, Field(gt=0)] | None = 10
+    families: list[str] | None = None
+    fixed: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    temperature: tuple[Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)]] = (1.0, 8.0)
+    soft_weight: tuple[Annotated[float, Field(ge=0, le=1)], Annotated[float, Field(ge=0, le=1)]] = (0.1, 0.95)
+    lr: tuple[Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)]] = (1e-3, 1e-1)
+    pruner: Literal["median", "hyperband", "none"] = "median"
+    seed: int | None = None
+    storage: str | None = None
+    study_name: Annotated[str, Field(min_length=1)] = "kdistill-search"
+    warm_start: bool = True
+
+    @field_validator("families")
+    @classmethod
+    def _known_families(cls, value: list[str] | None) -> list[str] | None:
+        from kdistill.search.space import SEARCH_SPACES
+
+        for name in value or []:
+            if name not in SEARCH_SPACES:
+                raise _unknown("search family", name, list(SEARCH_SPACES))
+        if value is not None and not value:
+            raise ValueError("families is empty; leave it out to search every registered family")
+        return value
+
+    @field_validator("fixed")
+    @classmethod
+    def _known_fixed(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        from kdistill.search.space import SEARCH_SPACES
+        from kdistill.students import STUDENTS
+
+        for family, params in value.items():
+            if family not in SEARCH_SPACES:
+                raise _unknown("search family", family, list(SEARCH_SPACES))
+            if family in STUDENTS:
+                _check_registered(STUDENTS, family, params, "student")
+        return value
+
+    @field_validator("temperature", "soft_weight", "lr")
+    @classmethod
+    def _ordered(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if value[0] > value[1]:
+            raise ValueError(f"a range is [low, high] with low <= high, got {list(value)}")
+        return value
+
+
+class SearchSections(_Section):
+    """The two sections a student search adds to a run: ``budget`` and ``search``."""
+
+    budget: BudgetConfig = BudgetConfig()
+    search: SearchConfig = SearchConfig()
+
+
 class Settings(_Section):
     """How a run trains, caches, reports and logs: every section of a config except what it distils (data, teacher,
     student). ``task``: ``classification`` (the default), ``token_lm`` or ``embedding`` (:mod:`kdistill.tasks`). The
@@ -450,13 +535,16 @@ class Settings(_Section):
 
 class RunConfig(Settings):
     """A whole run. ``out``: the run folder, relative to the current directory (default ``runs/<name>``); every
-    output goes there."""
+    output goes there. ``budget`` and ``search`` are read by ``kdistill search`` (docs/search.md), which chooses the
+    student itself: it does not read the ``student`` section."""
 
     name: Annotated[str, Field(pattern=r"^[\w.-]+$")] = "run"
     out: str | None = None
     data: DataConfig
     teacher: TeacherConfig = TeacherConfig()
     student: StudentConfig = StudentConfig()
+    budget: BudgetConfig | None = None
+    search: SearchConfig | None = None
 
     _base: Path = PrivateAttr(default_factory=Path.cwd)
 
@@ -659,6 +747,15 @@ class SoftTargets(_Section):
 def validate_soft_targets(soft_targets: str, oof_folds: int, source: str = "distill()") -> SoftTargets:
     """Validate the soft-target arguments of the Python API with the rule a config's teacher section follows."""
     return _validate({"soft_targets": soft_targets, "oof_folds": oof_folds}, source, SoftTargets)
+
+
+def validate_search(
+    budget: dict[str, Any] | None, search: dict[str, Any] | None, source: str = "distill()"
+) -> SearchSections:
+    """Validate a student search's ``budget`` and ``search`` mappings (the Python API's arguments) with the rules of
+    a config's sections: an unknown key names the closest valid one (``budget.max_param: unknown key; did you mean
+    'max_params'?``)."""
+    return _validate({"budget": dict(budget or {}), "search": dict(search or {})}, source, SearchSections)
 
 
 def validate_settings(raw: dict[str, Any], source: str = "distill()") -> Settings:

@@ -52,6 +52,8 @@ class Report:
     McNemar's exact test on the same rows), ``advice`` (the fired :mod:`kdistill.diagnose` rules, each with its
     finding, advice and the setting to change), ``privacy`` (per model, the membership-inference AUCs of
     :mod:`kdistill.privacy`: training rows vs the evaluated rows) and ``measured`` (what the rules read).
+    ``search``: for a searched student, the search's summary (:meth:`kdistill.search.SearchResult.to_dict`: every
+    trial, the Pareto fronts, the one-line answer), shown as a table and a plot in the HTML report.
     """
 
     split: str
@@ -63,6 +65,7 @@ class Report:
     advice: list[dict[str, str]] = field(default_factory=list)
     privacy: dict[str, dict[str, float]] = field(default_factory=dict)
     measured: dict[str, Any] = field(default_factory=dict)
+    search: dict[str, Any] = field(default_factory=dict)
 
     @property
     def retention(self) -> float:
@@ -111,6 +114,8 @@ class Report:
             data["measured"] = self.measured
         if self.diagnostics:
             data["diagnostics"] = self.diagnostics
+        if self.search:
+            data["search"] = self.search
         return data
 
     def save(self, path: str | os.PathLike[str]) -> Path:
@@ -130,6 +135,7 @@ class Report:
             advice=list(data.get("advice", [])),
             privacy=dict(data.get("privacy", {})),
             measured=dict(data.get("measured", {})),
+            search=dict(data.get("search", {})),
         )
 
     def table(self) -> Any:

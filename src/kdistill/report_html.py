@@ -188,6 +188,15 @@ def _judgement(report: Report) -> str:
     return "".join(parts)
 
 
+def _search(report: Report, plt: Any) -> str:
+    """A searched student's section (the answer, the Pareto table and plot: :mod:`kdistill.search.html`)."""
+    if not report.search:
+        return ""
+    from kdistill.search.html import search_section
+
+    return search_section(report.search, plt, _png)
+
+
 def render_html(report: Report, history: dict[str, Any] | None = None) -> str:
     """The report as one HTML string with every plot embedded (base64 PNG). ``history``: per-epoch metric dicts by
     run name (``{"student": [...], "baseline": [...], "pruned": [...]}``, as history.json holds)."""
@@ -221,7 +230,8 @@ def render_html(report: Report, history: dict[str, Any] | None = None) -> str:
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>kdistill report</title>"
         f"<style>{_STYLE}</style></head><body>"
         f"<h1>kdistill report — {html.escape(report.split)} split, {report.rows} rows</h1>"
-        f"{_judgement(report)}<h2>Models</h2>{_table(report)}<p class='note'>{html.escape(timing)}</p>"
+        f"{_judgement(report)}{_search(report, plt)}<h2>Models</h2>{_table(report)}"
+        f"<p class='note'>{html.escape(timing)}</p>"
         f"<h2>Plots</h2><div class='plots'>{figures}</div>{note}"
         f"<h2>Settings</h2><pre>{html.escape(json.dumps(settings, indent=1, default=str))}</pre>"
         f"<p class='note'>machine: {html.escape(machine)}</p></body></html>"
