@@ -400,6 +400,9 @@ def prepare(spec: RunSpec) -> Prepared:
         splits = {name: _relabel(split, classes) for name, split in splits.items()}
         train = splits["train"]
         assert train is not None
+    splits, teacher = task.prepare_targets(splits, teacher)  # regression: standardised targets and teacher
+    train = splits["train"]
+    assert train is not None
     if task.name == "classification":
         _check_classes(declared, row_shape[-1], splits)
     student, student_spec = _build_student(spec, train, tuple(row_shape), task)
@@ -561,7 +564,8 @@ def train(spec: RunSpec, prepared: Prepared, run_info: dict[str, Any] | None = N
     baseline_history = None
     if prepared.baseline is not None:
         plain = TransferSet(train_split.x, train_split.y, None)
-        baseline_history = _phase(spec, prepared, "baseline", prepared.baseline, get_loss("ce"), plain, run_info)
+        no_teacher = get_loss(prepared.task.baseline_method)  # "ce"; "label_mse" for regression
+        baseline_history = _phase(spec, prepared, "baseline", prepared.baseline, no_teacher, plain, run_info)
     return history, baseline_history
 
 
@@ -638,12 +642,13 @@ def measure_models(
                 memory=memory,
             )
         models[name] = metrics
+    headline = task.report_columns[0]  # accuracy; r2 for regression
     for name, metrics in models.items():
         if "teacher" in models:
-            metrics["retention"] = task.retention(metrics, models["teacher"])
+            metrics |= task.retentions(metrics, models["teacher"])
         source = name.removesuffix("_int8") + "_onnx"  # what INT8 cost against its fp32 ONNX source
         if name.endswith("_int8") and source in models:
-            metrics["accuracy_delta"] = metrics["accuracy"] - models[source]["accuracy"]
+            metrics[f"{headline}_delta"] = metrics[headline] - models[source][headline]
     return models, all_logits
 
 
@@ -909,11 +914,14 @@ def _execute(
     if _rank() != 0:
         return None
     built = report(spec, prepared, history, baseline_history, started=started)
+    builtin = prepared.student_spec is not None  # regression: the models the user gets predict in the user's units
+    student = prepared.task.finish_model(prepared.student, builtin=builtin)
+    baseline = None if prepared.baseline is None else prepared.task.finish_model(prepared.baseline, builtin=builtin)
     result = DistillResult(
-        student=prepared.student.eval(),
+        student=student.eval(),
         history=history,
         report=built,
-        baseline=prepared.baseline,
+        baseline=baseline,
         spec=prepared.student_spec,
         classes=prepared.classes,
         baseline_history=baseline_history,
@@ -923,5 +931,5 @@ def _execute(
         if spec.settings.compression:
             train_split = prepared.splits["train"]
             assert train_split is not None
-            _compress(spec, prepared.student, train_split, spec.out)
+            _compress(spec, student, train_split, spec.out)
     return result
