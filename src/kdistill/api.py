@@ -157,13 +157,12 @@ REGRESSION_KD = "regression_kd"
 def _is_regressor(teacher: Any) -> bool:
     """Whether ``teacher`` is a scikit-learn-style regressor (``is_regressor``; XGBoost's and LightGBM's too), or an
     adapter around one."""
-    from sklearn.base import is_regressor
-
     from kdistill.teachers import SklearnTeacher
+    from kdistill.teachers.sklearn import is_regressor
 
     if isinstance(teacher, SklearnTeacher):
         return teacher.output == "predict"
-    return hasattr(teacher, "fit") and hasattr(teacher, "predict") and bool(is_regressor(teacher))
+    return hasattr(teacher, "fit") and hasattr(teacher, "predict") and is_regressor(teacher)
 
 
 def _regression_defaults(teacher: Any, task: str, method: Any, settings: Mapping[str, Any] | None) -> tuple[str, Any]:

@@ -236,6 +236,10 @@ def _oof_logits(teacher: Teacher, train: Split, folds: int, seed: int) -> torch.
     from sklearn.base import clone
     from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
+    from kdistill.regression import StandardizedTeacher, out_of_fold_predictions
+
+    if isinstance(teacher, StandardizedTeacher):  # task regression: KFold, predict
+        return out_of_fold_predictions(teacher, train, folds, seed)
     if not isinstance(teacher, SklearnTeacher):
         raise TeacherError(
             "soft_targets='oof' refits clones of the teacher, so it needs a scikit-learn teacher",

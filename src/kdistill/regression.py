@@ -32,6 +32,7 @@ __all__ = [
     "Regression",
     "StandardizedTeacher",
     "TargetScaler",
+    "out_of_fold_predictions",
     "read_regression_split",
     "regression_metrics",
     "restore_units",
@@ -168,6 +169,33 @@ class StandardizedTeacher(TeacherBase):
     def parameter_count(self) -> int | None:
         own = getattr(self.teacher, "parameter_count", None)
         return None if own is None else own()
+
+
+def out_of_fold_predictions(teacher: StandardizedTeacher, train: Split, folds: int, seed: int) -> torch.Tensor:
+    """Out-of-fold teacher predictions (rows, outputs) in standardised units: ``KFold(folds, shuffle, seed)``; each
+    fold is predicted by a clone of the wrapped scikit-learn regressor fitted on the other folds' labelled rows (their
+    standardised targets, so its predictions are already standardised; NaN-target rows are predicted, never fitted)."""
+    from sklearn.base import clone
+    from sklearn.model_selection import KFold
+
+    from kdistill.errors import TeacherError
+
+    estimator = getattr(teacher.teacher, "estimator", None)
+    if estimator is None or getattr(teacher.teacher, "output", None) != "predict":
+        raise TeacherError(
+            "soft_targets='oof' refits clones of the teacher, so it needs a scikit-learn regressor",
+            hint="use soft_targets='predict' for this teacher.",
+        )
+    assert train.y is not None
+    x = train.x.reshape(len(train.x), -1).numpy()
+    y = train.y.numpy()
+    out = np.zeros(y.shape, dtype=np.float32)
+    for fit_rows, predict_rows in KFold(n_splits=folds, shuffle=True, random_state=seed).split(x):
+        labelled = fit_rows[np.isfinite(y[fit_rows]).all(axis=1)]
+        target = y[labelled, 0] if y.shape[1] == 1 else y[labelled]
+        fitted = clone(estimator).fit(x[labelled], target)
+        out[predict_rows] = np.asarray(fitted.predict(x[predict_rows]), dtype=np.float32).reshape(len(predict_rows), -1)
+    return torch.as_tensor(out)
 
 
 class OutputAffine(nn.Module):

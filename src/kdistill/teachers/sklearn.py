@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from sklearn.base import is_regressor
+from sklearn.base import is_regressor as _sklearn_is_regressor
 from sklearn.exceptions import NotFittedError
 from sklearn.utils.validation import check_is_fitted
 
@@ -18,7 +18,7 @@ from kdistill.errors import TeacherError
 from kdistill.teachers.base import Outputs, TeacherBase, probs_to_logits
 from kdistill.teachers.registry import register_adapter
 
-__all__ = ["SklearnTeacher"]
+__all__ = ["SklearnTeacher", "is_regressor"]
 
 _log = logging.getLogger(__name__)
 
@@ -26,6 +26,15 @@ _log = logging.getLogger(__name__)
 def _is_estimator(obj: Any) -> bool:
     """A scikit-learn-style model: ``fit`` and a way to score (a predict-only model gets the adapter's own error)."""
     return hasattr(obj, "fit") and any(hasattr(obj, name) for name in ("predict_proba", "decision_function", "predict"))
+
+
+def is_regressor(obj: Any) -> bool:
+    """scikit-learn's ``is_regressor`` (its tags), or ``_estimator_type == "regressor"`` for models that have no
+    tags (scikit-learn 1.9 raises for an object outside its class hierarchy)."""
+    try:
+        return bool(_sklearn_is_regressor(obj))
+    except (AttributeError, TypeError):
+        return getattr(obj, "_estimator_type", None) == "regressor"
 
 
 @register_adapter(
