@@ -222,6 +222,7 @@ def test_distill_picks_the_task_for_a_regressor_and_the_student_predicts_in_the_
     assert math.isclose(r2_score(test_y, teacher.predict(test_x)), models["teacher"]["r2"], rel_tol=1e-4)
     assert models["student"]["r2"] > 0.7 and models["baseline"]["r2"] > 0.5
     assert math.isclose(models["student"]["retention"], models["student"]["r2"] / models["teacher"]["r2"])
+    np.testing.assert_allclose(result.predict(test_x).ravel(), predicted, rtol=1e-6)
     reloaded = kdistill.load(tmp_path)  # the built-in student is rebuilt from its spec, units included
     with torch.no_grad():
         np.testing.assert_allclose(reloaded(torch.as_tensor(test_x)).numpy().ravel(), predicted, rtol=1e-6)

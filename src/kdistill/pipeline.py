@@ -929,6 +929,7 @@ def _execute(
         spec=prepared.student_spec,
         classes=prepared.classes,
         baseline_history=baseline_history,
+        task=prepared.task.name,
     )
     if spec.out is not None:
         result.save(spec.out)

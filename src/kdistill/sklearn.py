@@ -39,16 +39,12 @@ from kdistill import defaults
 from kdistill.api import distill
 from kdistill.data import as_split
 from kdistill.engine import predict_logits
-from kdistill.errors import DataError
+from kdistill.errors import DataError, SmallDataWarning
 
 __all__ = ["SPARSE_DENSE_LIMIT_BYTES", "DistilledClassifier", "DistilledRegressor", "SmallDataWarning"]
 
 SPARSE_DENSE_LIMIT_BYTES = 1 << 30
 """The largest sparse input (as its dense array: rows x columns x the matrix's bytes per value) that is densified."""
-
-
-class SmallDataWarning(UserWarning):
-    """Too few rows for a stratified validation split: DistilledClassifier fell back to a stated rule instead."""
 
 
 def _is_fitted(estimator: Any) -> bool:
