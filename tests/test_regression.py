@@ -346,3 +346,19 @@ def test_gradient_boosted_classifiers_as_teachers(library: str) -> None:
     assert result.report.models["student"]["accuracy"] > 0.7
     model = kdistill.DistilledClassifier(teacher, hidden=(32,), max_epochs=20, random_state=0, report=False)
     assert model.fit(x[:600], labels[:600]).score(x[600:], labels[600:]) > 0.7
+
+
+def test_a_custom_student_comes_back_behind_a_fixed_affine_layer(tmp_path: Path) -> None:
+    x, y = _data(600)
+    y = 50.0 * y - 300.0
+    teacher = Ridge().fit(x[:400], y[:400])
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 1))
+    result = kdistill.distill(teacher, net, (x[:400], y[:400]), test=(x[400:], y[400:]), out=tmp_path, **QUICK)
+    assert isinstance(result.student, OutputAffine) and result.student.model is net
+    assert float(result.student.output_std) == pytest.approx(float(np.std(y[:400])), rel=1e-5)
+    assert r2_score(y[400:], result.predict(x[400:]).ravel()) > 0.5
+    shell = OutputAffine(nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 1)), torch.zeros(1), torch.ones(1))
+    reloaded = kdistill.load(tmp_path, student=shell)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(torch.as_tensor(x[400:])), result.student(torch.as_tensor(x[400:])))
