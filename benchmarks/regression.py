@@ -4,14 +4,15 @@ Two data sets: scikit-learn's bundled diabetes (442 rows, 10 features) and ``mak
 noise=1.0)`` (10 features, 5 informative). Each is split once (60/20/20 train/val/test, seed 0); the teacher is a
 ``HistGradientBoostingRegressor`` fitted on the training rows; then for each of 3 seeds ``kdistill.distill`` trains
 the student (``regression_kd``, soft weight 0.5, targets standardised inside) and, with the same seed, epochs and
-rows, the baseline (``label_mse``: labels only), both early-stopped on the validation RMSE. On friedman1 a third row
-adds teacher-labelled rows: as many extra inputs as training rows, drawn from the same generator without targets
-(NaN), learnt from the teacher alone. Then the seed-0 student is exported to ONNX and quantized to INT8 (dynamic),
-and every model's size and latency (batch 1, p50; throughput at batch 256; 1 thread) are measured with
-``kdistill.profile.time_inference``.
+rows, the baseline (``label_mse``: labels only), both early-stopped on the validation RMSE. With ``--transfer`` (on in
+``--quick``), friedman1 gets a third row that adds teacher-labelled rows: as many extra inputs as training rows,
+drawn from the same generator without targets (NaN), learnt from the teacher alone. Then the seed-0 student is
+exported to ONNX and quantized to INT8 (dynamic), and every model's size and latency (batch 1, p50; throughput at
+batch 256; 1 thread) are measured with ``kdistill.profile.time_inference``.
 
-    python benchmarks/regression.py            # full sizes, both data sets
-    python benchmarks/regression.py --quick    # friedman1 with 3000 rows, 2 seeds, fewer epochs: ~1-2 min
+    python benchmarks/regression.py              # full sizes, both data sets (~15 min of CPU at 1 thread)
+    python benchmarks/regression.py --transfer   # and the teacher-labelled rows on friedman1 (~2x the time)
+    python benchmarks/regression.py --quick      # friedman1 with 3000 rows, 2 seeds, 40 epochs: ~1 min
 
 Prints a table per data set, one summary line, and ONE JSON object as the last line.
 """
@@ -133,13 +134,13 @@ def _deploy(student: torch.nn.Module, teacher: Any, splits: dict[str, Any], fold
     return out
 
 
-def _bench(name: str, rows: int, seeds: list[int], epochs: int) -> dict[str, Any]:
+def _bench(name: str, rows: int, seeds: list[int], epochs: int, transfer: bool) -> dict[str, Any]:
     started = time.perf_counter()
     x, y = _data(name, rows)
     splits = _split(x, y)
     teacher = HistGradientBoostingRegressor(max_iter=300, random_state=0).fit(*splits["train"])
     extra = None
-    if name == "friedman1":  # unlabeled inputs from the same generator, as many as the training rows
+    if name == "friedman1" and transfer:  # unlabeled inputs from the same generator, as many as the training rows
         extra = make_friedman1(n_samples=len(splits["train"][0]), noise=1.0, random_state=1)[0].astype(np.float32)
     summary, first = _runs(name, splits, teacher, seeds, epochs, extra)
     with tempfile.TemporaryDirectory(prefix=f"kdistill-bench-regression-{name}-") as folder:
@@ -179,18 +180,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="friedman1 with 3000 rows, 2 seeds, 40 epochs")
     parser.add_argument("--dataset", choices=["diabetes", "friedman1", "both"], default="both")
+    parser.add_argument("--transfer", action="store_true", help="friedman1: also train with teacher-labelled rows")
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.quick:
-        plan = [("friedman1", 3000, [0, 1], 40)]
+        plan = [("friedman1", 3000, [0, 1], 40, True)]
     else:
         names = ["diabetes", "friedman1"] if args.dataset == "both" else [args.dataset]
-        plan = [(name, 20000, [0, 1, 2], kdistill.defaults.EPOCHS) for name in names]
+        plan = [(name, 20000, [0, 1, 2], kdistill.defaults.EPOCHS, args.transfer) for name in names]
     started = time.perf_counter()
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    results = [_bench(*step) for step in plan]
-    for result in results:
-        _print(result)
+    results = []
+    for step in plan:  # each data set's table as soon as it is measured
+        results.append(_bench(*step))
+        _print(results[-1])
+        sys.stdout.flush()
     parts = []
     for result in results:
         models = result["models"]

@@ -362,3 +362,20 @@ def test_a_custom_student_comes_back_behind_a_fixed_affine_layer(tmp_path: Path)
     reloaded = kdistill.load(tmp_path, student=shell)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(torch.as_tensor(x[400:])), result.student(torch.as_tensor(x[400:])))
+
+
+def test_the_teacher_cache_keys_on_the_scaled_teacher(tmp_path: Path) -> None:
+    """With a cache folder the standardised predictions are cached (keyed by teacher and scaler) and reused: a
+    second identical run trains the same student without calling the teacher on the training rows."""
+    x, y = _data(400)
+    teacher = Ridge().fit(x, y)
+    settings = {"cache_dir": tmp_path, "test": (x[300:], y[300:]), "baseline": False, **QUICK}
+    first = kdistill.distill(teacher, "mlp", (x[:300], y[:300]), **settings)
+    entries = sorted(str(path) for path in tmp_path.rglob("*"))
+    assert entries
+    second = kdistill.distill(teacher, "mlp", (x[:300], y[:300]), **settings)
+    assert sorted(str(path) for path in tmp_path.rglob("*")) == entries
+    for a, b in zip(first.student.state_dict().values(), second.student.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b)
+    kdistill.distill(teacher, "mlp", (x[:300], 2.0 * y[:300]), **settings)  # another scaler: another entry
+    assert len(list(tmp_path.rglob("*"))) > len(entries)
