@@ -1,10 +1,11 @@
 """Regression distillation: the student's (batch, outputs) predictions pulled toward the teacher's and the labels.
 
-The mix of Hinton et al. (2015) carried over to real-valued outputs, the form used for regressors since Chen et al.,
-"Learning Efficient Object Detection Models with Knowledge Distillation" (NeurIPS 2017, the regression branch) and
-Saputra et al., "Distilling Knowledge From a Deep Pose Regressor Network" (ICCV 2019): a weighted sum of a distance to
-the teacher's predictions and the squared error to the labels. With ``s`` the student's, ``t`` the teacher's and ``y``
-the labels, all (batch, outputs) in the task's standardised units (:mod:`kdistill.regression`),
+The mix of Hinton et al. (2015) carried over to real-valued outputs: a weighted sum of a distance to the teacher's
+predictions and the squared error to the labels. Chen et al., "Learning Efficient Object Detection Models with
+Knowledge Distillation" (NeurIPS 2017) and Saputra et al., "Distilling Knowledge From a Deep Pose Regressor Network"
+(ICCV 2019) use the teacher as a *bound* instead (a penalty only where the student is further from the label than the
+teacher); that variant is not implemented here. With ``s`` the student's, ``t`` the teacher's and ``y`` the labels,
+all (batch, outputs) in the task's standardised units (:mod:`kdistill.regression`),
 
     loss = soft_weight * D(s, t) + (1 - soft_weight) * MSE_observed(s, y)
 
