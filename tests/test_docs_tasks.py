@@ -19,7 +19,7 @@ def test_tasks_page_examples_run_and_print_what_they_say() -> None:
         for block in blocks:
             exec(compile(block, str(DOC), "exec"), namespace)
     assert printed.getvalue().splitlines() == [
-        "['classification', 'embedding', 'token_lm']",
+        "['classification', 'embedding', 'regression', 'token_lm']",
         "val_loss False",
         "[[6, 7, -100, -100], [2, 3, 4, -100]]",
         "True",

@@ -60,6 +60,8 @@ def _fabricate(
     else:
         teacher = Outputs(teacher_logits, teacher_features, index=torch.arange(BATCH))
     target = torch.randint(0, CLASSES, (BATCH,), generator=generator)
+    if getattr(loss, "regression_targets", False):  # real-valued (batch, outputs) targets (task regression)
+        target = torch.randn(BATCH, CLASSES, generator=generator)
     student = Outputs(logits, student_features)
     prepare = getattr(loss, "prepare", None)
     if prepare is not None:

@@ -19,8 +19,8 @@ from kdistill.tasks import TASKS, Task, get_task, list_tasks, split_batch
 from kdistill.teachers import Outputs, TopK
 
 
-def test_registry_lists_the_three_tasks_and_suggests_a_close_name() -> None:
-    assert [name for name, _ in list_tasks()] == ["classification", "embedding", "token_lm"]
+def test_registry_lists_the_four_tasks_and_suggests_a_close_name() -> None:
+    assert [name for name, _ in list_tasks()] == ["classification", "embedding", "regression", "token_lm"]
     for name in TASKS:
         task = get_task(name)
         assert isinstance(task, Task)

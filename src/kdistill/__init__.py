@@ -23,7 +23,7 @@ from kdistill.errors import (
 )
 from kdistill.losses import KDLoss, get_loss, kd_loss, list_losses
 from kdistill.report import Report
-from kdistill.sklearn import DistilledClassifier
+from kdistill.sklearn import DistilledClassifier, DistilledRegressor
 from kdistill.teachers import Outputs, Teacher, as_teacher
 
 __version__ = "0.1.0"
@@ -35,6 +35,7 @@ __all__ = [
     "DataError",
     "DistillResult",
     "DistilledClassifier",
+    "DistilledRegressor",
     "KDLoss",
     "KdistillError",
     "LabelError",

@@ -79,7 +79,13 @@ def _method_terms(
     """``method`` as the list of terms a config holds (None for a Loss object)."""
     kd_params = {"temperature": temperature, "soft_weight": soft_weight}
     if isinstance(method, str):
-        own = kd_params if method in ("kd", "kd_topk") else {}
+        own = (
+            kd_params
+            if method in ("kd", "kd_topk")
+            else {"soft_weight": soft_weight}
+            if method == REGRESSION_KD
+            else {}
+        )
         return [{"name": method, "params": own | dict(method_params or {})}]
     if isinstance(method, (list, tuple, dict)):
         per_method = {name: dict(values) for name, values in (method_params or {}).items()}
@@ -144,6 +150,33 @@ def _nested(path: tuple[str, ...], value: Any) -> dict[str, Any]:
     return tree
 
 
+REGRESSION_KD = "regression_kd"
+"""The method a regression run takes when ``method`` is left at ``"kd"``."""
+
+
+def _is_regressor(teacher: Any) -> bool:
+    """Whether ``teacher`` is a scikit-learn-style regressor (``is_regressor``; XGBoost's and LightGBM's too), or an
+    adapter around one."""
+    from kdistill.teachers import SklearnTeacher
+    from kdistill.teachers.sklearn import is_regressor
+
+    if isinstance(teacher, SklearnTeacher):
+        return teacher.output == "predict"
+    return hasattr(teacher, "fit") and hasattr(teacher, "predict") and is_regressor(teacher)
+
+
+def _regression_defaults(teacher: Any, task: str, method: Any, settings: Mapping[str, Any] | None) -> tuple[str, Any]:
+    """``(task, method)`` after the regression defaults: a regressor teacher with ``task`` left at its default (and
+    no task in ``settings``) makes the task ``"regression"``; a regression run with ``method`` left at ``"kd"``
+    distils with ``"regression_kd"`` (``soft_weight`` carried over)."""
+    if task == "classification" and "task" not in (settings or {}) and _is_regressor(teacher):
+        task = "regression"
+    resolved = (settings or {}).get("task", task)
+    if resolved == "regression" and method == "kd" and "method" not in (settings or {}):
+        method = REGRESSION_KD
+    return task, method
+
+
 def _argument_defaults() -> dict[str, Any]:
     import inspect
 
@@ -194,7 +227,8 @@ def distill(
     """Distil ``teacher`` into ``student`` and report how it compares.
 
     Args:
-        teacher: a fitted scikit-learn classifier, a ``torch.nn.Module``, or any :class:`~kdistill.Teacher`.
+        teacher: a fitted scikit-learn classifier or regressor, a ``torch.nn.Module``, or any
+            :class:`~kdistill.Teacher`.
         student: ``"mlp"``, ``"cnn"`` (built and sized from the data) or your own ``nn.Module`` that maps a batch to
             (batch, classes) logits; ``"auto"`` searches the registered families for the most accurate student
             inside ``budget`` (``{"max_params", "max_bytes", "max_latency_ms", "threads"}``), tuning the
@@ -208,7 +242,9 @@ def distill(
             labels), ``"embedding"`` ((batch, dim) embeddings, no labels: methods ``"cosine"``/``"mse"``; validation
             and the report measure the cosine similarity to the teacher's), or ``"token_lm"`` (``train`` holds
             (rows, seq) token ids; next-token targets are derived from them; (batch, seq, vocab) logits; per-token
-            ``"kd"``; validation by perplexity).
+            ``"kd"``; validation by perplexity), or ``"regression"`` ((batch, outputs) predictions, real targets
+            standardised inside the run; chosen by itself when ``teacher`` is a scikit-learn regressor; method
+            ``"regression_kd"``, ``soft_weight`` its teacher term's weight; docs/regression.md).
         method: a registered method name (``kdistill list methods``) or a Loss object. ``temperature`` and
             ``soft_weight`` configure ``"kd"``; other methods take ``method_params``. Several methods at once: a list
             ``["kd", "fitnet"]`` or weights ``{"kd": 1.0, "fitnet": 0.5}``, with ``method_params`` keyed by method
@@ -245,6 +281,7 @@ def distill(
     Returns:
         A :class:`DistillResult`.
     """
+    task, method = _regression_defaults(teacher, task, method, settings)
     settings_dict = _settings_from_arguments(
         settings,
         method=method,

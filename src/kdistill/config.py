@@ -486,10 +486,10 @@ class SearchSections(_Section):
 
 class Settings(_Section):
     """How a run trains, caches, reports and logs: every section of a config except what it distils (data, teacher,
-    student). ``task``: ``classification`` (the default), ``token_lm`` or ``embedding`` (:mod:`kdistill.tasks`). The
-    Python API validates its arguments through this same model, so a bad value gets the same error from
-    ``kdistill.distill`` as from YAML. ``method``: a name, a mapping ``{name, params}``, or a list of weighted terms
-    (each name once)."""
+    student). ``task``: ``classification`` (the default), ``token_lm``, ``embedding`` or ``regression``
+    (:mod:`kdistill.tasks`). The Python API validates its arguments through this same model, so a bad value gets the
+    same error from ``kdistill.distill`` as from YAML. ``method``: a name, a mapping ``{name, params}``, or a list of
+    weighted terms (each name once)."""
 
     seed: int = 0
     task: str = "classification"

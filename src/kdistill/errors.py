@@ -19,6 +19,7 @@ __all__ = [
     "MethodError",
     "NonFiniteLossError",
     "ShapeMismatchError",
+    "SmallDataWarning",
     "StudentError",
     "TeacherError",
 ]
@@ -86,3 +87,9 @@ class ExportError(KdistillError, RuntimeError):
 
 class DependencyError(KdistillError, ImportError):
     """An optional dependency is missing; the hint names the extra to install."""
+
+
+class SmallDataWarning(UserWarning):
+    """Too few rows for the validation split a scikit-learn estimator wanted (stratified for DistilledClassifier,
+    2 labelled rows on each side for DistilledRegressor): it fell back to a stated rule instead (see
+    :mod:`kdistill.sklearn`)."""

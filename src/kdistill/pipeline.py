@@ -257,8 +257,8 @@ def _streams(spec: RunSpec) -> bool:
 def _check_streamable(spec: RunSpec, task: Task) -> None:
     """What a streamed training set cannot do, refused before anything runs."""
     problem = None
-    if task.name == "token_lm":
-        problem = "task 'token_lm' derives its next-token targets in memory"
+    if task.name not in ("classification", "embedding"):  # token_lm derives targets, regression scales them
+        problem = f"task {task.name!r} prepares its targets from every row in memory"
     elif spec.soft_targets == "oof":
         problem = "out-of-fold soft targets refit the teacher on the training rows"
     if problem is not None:
@@ -287,6 +287,10 @@ def _oof_logits(teacher: Teacher, train: Split, folds: int, seed: int) -> torch.
     from sklearn.base import clone
     from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
+    from kdistill.regression import StandardizedTeacher, out_of_fold_predictions
+
+    if isinstance(teacher, StandardizedTeacher):  # task regression: KFold, predict
+        return out_of_fold_predictions(teacher, train, folds, seed)
     if not isinstance(teacher, SklearnTeacher):
         raise TeacherError(
             "soft_targets='oof' refits clones of the teacher, so it needs a scikit-learn teacher",
@@ -471,6 +475,9 @@ def prepare(spec: RunSpec) -> Prepared:
         splits = {name: _relabel(split, classes) for name, split in splits.items()}
         train = splits["train"]
         assert train is not None
+    splits, teacher = task.prepare_targets(splits, teacher)  # regression: standardised targets and teacher
+    train = splits["train"]
+    assert train is not None
     if task.name == "classification":
         _check_classes(declared, row_shape[-1], splits)
     student, student_spec = _build_student(spec, train, tuple(row_shape), task)
@@ -645,7 +652,8 @@ def train(spec: RunSpec, prepared: Prepared, run_info: dict[str, Any] | None = N
     baseline_history = None
     if prepared.baseline is not None:
         plain = transfer if train_split.stream is not None else TransferSet(train_split.x, train_split.y, None)
-        baseline_history = _phase(spec, prepared, "baseline", prepared.baseline, get_loss("ce"), plain, run_info)
+        no_teacher = get_loss(prepared.task.baseline_method)  # "ce"; "label_mse" for regression
+        baseline_history = _phase(spec, prepared, "baseline", prepared.baseline, no_teacher, plain, run_info)
     return history, baseline_history
 
 
@@ -721,12 +729,13 @@ def measure_models(
                 memory=memory,
             )
         models[name] = metrics
+    headline = task.report_columns[0]  # accuracy; r2 for regression
     for name, metrics in models.items():
         if "teacher" in models:
-            metrics["retention"] = task.retention(metrics, models["teacher"])
+            metrics |= task.retentions(metrics, models["teacher"])
         source = name.removesuffix("_int8") + "_onnx"  # what INT8 cost against its fp32 ONNX source
         if name.endswith("_int8") and source in models:
-            metrics["accuracy_delta"] = metrics["accuracy"] - models[source]["accuracy"]
+            metrics[f"{headline}_delta"] = metrics[headline] - models[source][headline]
     return models, all_logits
 
 
@@ -1006,19 +1015,23 @@ def _execute(
     history, baseline_history = train(spec, prepared, run_info)
     lead = _rank() == 0  # under torchrun every rank holds the same trained weights; rank 0 reports and writes
     built = report(spec, prepared, history, baseline_history, started=started) if lead else None
+    builtin = prepared.student_spec is not None  # regression: the models the user gets predict in the user's units
+    student = prepared.task.finish_model(prepared.student, builtin=builtin)
+    baseline = None if prepared.baseline is None else prepared.task.finish_model(prepared.baseline, builtin=builtin)
     result = DistillResult(
-        student=prepared.student.eval(),
+        student=student.eval(),
         history=history,
         report=built,
-        baseline=prepared.baseline,
+        baseline=baseline,
         spec=prepared.student_spec,
         classes=prepared.classes,
         baseline_history=baseline_history,
+        task=prepared.task.name,
     )
     if spec.out is not None and lead:
         result.save(spec.out)
         if spec.settings.compression:
             train_split = prepared.splits["train"]
             assert train_split is not None
-            _compress(spec, prepared.student, train_split, spec.out)
+            _compress(spec, student, train_split, spec.out)
     return result

@@ -30,6 +30,18 @@ _COLUMNS = (
     ("throughput_rows_s", "rows/s @256", "{:,.0f}"),
 )
 
+_REGRESSION_COLUMNS = (
+    ("r2", "R²", "{:.4f}"),
+    ("retention", "R² ret.", "{:.1%}"),
+    ("rmse_retention", "RMSE ret.", "{:.1%}"),
+    ("agreement", "corr. teacher", "{:.4f}"),
+    ("rmse", "RMSE", "{:.4g}"),
+    ("mae", "MAE", "{:.4g}"),
+    *_COLUMNS[5:],
+)
+"""The table of a regression report (task ``regression``: its models have ``r2``); RMSE and MAE in the targets'
+units, retention as the ratio of R² and of RMSE (teacher's over the model's)."""
+
 
 def _human_bytes(size: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
@@ -145,11 +157,12 @@ class Report:
         title = "\n".join([f"kdistill report — {self.split} split, {self.rows} rows", *self.lines()])
         table = Table(title=title, title_justify="left")
         table.add_column("model")
-        for _, header, _ in _COLUMNS:
+        columns = _REGRESSION_COLUMNS if any("r2" in metrics for metrics in self.models.values()) else _COLUMNS
+        for _, header, _ in columns:
             table.add_column(header, justify="right")
         for name, metrics in self.models.items():
             cells = []
-            for key, _, fmt in _COLUMNS:
+            for key, _, fmt in columns:
                 value = metrics.get(key)
                 if value is None:
                     cells.append("—")

@@ -33,7 +33,8 @@ class DistillResult:
     ``student``: the trained module (eval mode, best validation weights). ``history``: one dict of metrics per epoch.
     ``report``: the side-by-side :class:`~kdistill.report.Report` (None with ``report=False``). ``baseline``: the same
     student trained on hard labels only (None with ``baseline=False``). ``spec``: how to rebuild a built-in student.
-    ``classes``: the label of each output column.
+    ``classes``: the label of each output column. ``task``: the run's task name (``"regression"``: ``predict``
+    returns the predictions themselves).
     """
 
     student: nn.Module
@@ -43,10 +44,14 @@ class DistillResult:
     spec: dict[str, Any] | None
     classes: list[Any] | None
     baseline_history: list[dict[str, float]] | None = None
+    task: str = "classification"
 
     def predict(self, x: Any) -> np.ndarray:
-        """Predicted labels for ``x`` (in the teacher's label space when it had one)."""
+        """Predicted labels for ``x`` (in the teacher's label space when it had one); for task ``regression`` the
+        (rows, outputs) predictions in the targets' units."""
         logits = predict_logits(self.student, as_split(x, name="x", labeled=False).x)
+        if self.task == "regression":
+            return logits.numpy()
         index = logits.argmax(dim=1).numpy()
         return np.asarray(self.classes)[index] if self.classes is not None else index
 

@@ -1,4 +1,5 @@
-"""``DistilledClassifier``: distillation as a scikit-learn classifier (Pipeline, cross_val_score, GridSearchCV).
+"""``DistilledClassifier`` and ``DistilledRegressor``: distillation as scikit-learn estimators (Pipeline,
+cross_val_score, GridSearchCV).
 
 It passes scikit-learn's own estimator checks (``sklearn.utils.estimator_checks``; see docs/sklearn.md). Four rules
 make that possible, and each is a rule a user with real data meets too:
@@ -26,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 from scipy import sparse
-from sklearn.base import BaseEstimator, ClassifierMixin, clone
+from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin, clone
 from sklearn.exceptions import NotFittedError
 from sklearn.model_selection import train_test_split
 from sklearn.utils import check_random_state
@@ -38,16 +39,12 @@ from kdistill import defaults
 from kdistill.api import distill
 from kdistill.data import as_split
 from kdistill.engine import predict_logits
-from kdistill.errors import DataError
+from kdistill.errors import DataError, SmallDataWarning
 
-__all__ = ["SPARSE_DENSE_LIMIT_BYTES", "DistilledClassifier", "SmallDataWarning"]
+__all__ = ["SPARSE_DENSE_LIMIT_BYTES", "DistilledClassifier", "DistilledRegressor", "SmallDataWarning"]
 
 SPARSE_DENSE_LIMIT_BYTES = 1 << 30
 """The largest sparse input (as its dense array: rows x columns x the matrix's bytes per value) that is densified."""
-
-
-class SmallDataWarning(UserWarning):
-    """Too few rows for a stratified validation split: DistilledClassifier fell back to a stated rule instead."""
 
 
 def _is_fitted(estimator: Any) -> bool:
@@ -316,3 +313,203 @@ class DistilledClassifier(ClassifierMixin, BaseEstimator):
         """Predicted labels, drawn from ``classes_``."""
         logits = self._logits(X)
         return self.classes_[logits.argmax(dim=1).numpy()]
+
+
+def _regression_targets(y: Any, rows: int) -> np.ndarray:
+    """``y`` as a float64 (rows,) or (rows, outputs) array, by scikit-learn's rules for a regressor: numeric (an
+    object array of numbers is read as float64), inf refused with scikit-learn's wording; NaN kept (rows without a
+    label: learnt from the teacher alone)."""
+    if y is None:
+        raise DataError("DistilledRegressor requires y to be passed, but the target y is None", hint="call fit(X, y).")
+    array = check_array(
+        y.to_numpy() if hasattr(y, "to_numpy") else np.asarray(y),
+        ensure_2d=False,
+        dtype=np.float64,
+        ensure_all_finite="allow-nan",
+        input_name="y",
+    )
+    if array.ndim not in (1, 2):
+        raise DataError(f"y must be (rows,) or (rows, outputs), got shape {array.shape}", hint="pass y 1-D or 2-D.")
+    if len(array) != rows:
+        raise DataError(f"X has {rows} rows but y has {len(array)}", hint="pass X and y of the same rows.")
+    return array
+
+
+def _rows(data: Any, index: np.ndarray) -> Any:
+    """The rows ``index`` of ``data`` (numpy, pandas, torch or a list), in its own type."""
+    from sklearn.utils import _safe_indexing
+
+    if isinstance(data, torch.Tensor):
+        return data[torch.as_tensor(index, dtype=torch.long)]
+    return _safe_indexing(data, index)
+
+
+def _regression_hold_out(labelled: np.ndarray, fraction: float, seed: int, max_epochs: int) -> np.ndarray | None:
+    """The positions held out for early stopping and the report, drawn at random among the labelled rows: ``held =
+    ceil(fraction * labelled rows)`` when both parts keep at least 2 labelled rows (an R² needs two); otherwise none
+    (every epoch runs, no early stopping, ``report_`` is None) with a :class:`SmallDataWarning`. None when
+    ``fraction`` is 0."""
+    if not fraction or fraction <= 0:
+        return None
+    rows = len(labelled)
+    held = math.ceil(fraction * rows)
+    if held >= 2 and rows - held >= 2:
+        _, val = train_test_split(labelled, test_size=held, random_state=seed)
+        return np.sort(val)
+    warnings.warn(
+        f"DistilledRegressor: {rows} labelled rows are too few for validation_fraction={fraction} ({held} held-out "
+        f"rows; each side needs 2); training on all rows for max_epochs={max_epochs} without early stopping, and "
+        "report_ is None. Pass more rows, or validation_fraction=0 to train on all rows without this warning.",
+        SmallDataWarning,
+        stacklevel=3,
+    )
+    return None
+
+
+class DistilledRegressor(RegressorMixin, BaseEstimator):
+    """A small PyTorch student distilled from a regressor ``teacher``, behaving as a scikit-learn regressor.
+
+    ``fit(X, y)`` fits an unfitted teacher on the labelled rows (cloned as :class:`DistilledClassifier` does, its
+    unset ``random_state`` seeded from ``random_state``), holds out ``validation_fraction`` of the labelled rows at
+    random for early stopping and the report (too few rows: none, with a :class:`SmallDataWarning`), and distils
+    with task ``regression`` (:mod:`kdistill.regression`): targets standardised with the training labels' mean and
+    std, the student restored to the targets' units, loss ``regression_kd`` (``soft_weight`` on MSE, or Huber with
+    ``teacher_loss="huber"`` and threshold ``huber_delta`` in standard deviations, to the teacher's predictions, the
+    rest on MSE to the labels). Rows whose ``y`` is NaN have no label: they learn from the teacher alone (a prefit
+    teacher labels them; an unfitted one is fitted without them).
+
+    ``X``: as :class:`DistilledClassifier` (sparse densified up to :data:`SPARSE_DENSE_LIMIT_BYTES`, object arrays of
+    numbers read as float64). ``y``: (rows,) or (rows, outputs) numbers; ``predict`` returns float64 of the same
+    shape per row ((rows,) for a 1-D ``y``).
+
+    Attributes after fit: ``teacher_``, ``student_`` (predicts in ``y``'s units), ``history_``, ``report_`` (R²,
+    RMSE, MAE, retention, correlation with the teacher, on the held-out rows; None without them or with
+    ``report=False``), ``n_outputs_``, ``n_features_in_``, ``feature_names_in_``.
+    """
+
+    def __init__(
+        self,
+        teacher: Any,
+        student: str | nn.Module = "mlp",
+        *,
+        hidden: Sequence[int] | None = None,
+        method: str = "regression_kd",
+        soft_weight: float = 0.5,
+        teacher_loss: str = "mse",
+        huber_delta: float = 1.0,
+        max_epochs: int = defaults.EPOCHS,
+        batch_size: int = defaults.BATCH_SIZE,
+        lr: float = defaults.LR,
+        weight_decay: float = defaults.WEIGHT_DECAY,
+        validation_fraction: float = 0.1,
+        patience: int | None = defaults.PATIENCE,
+        report: bool = True,
+        num_threads: int | str = "auto",
+        random_state: int | None = None,
+        verbose: bool = False,
+    ) -> None:
+        self.teacher = teacher
+        self.student = student
+        self.hidden = hidden
+        self.method = method
+        self.soft_weight = soft_weight
+        self.teacher_loss = teacher_loss
+        self.huber_delta = huber_delta
+        self.max_epochs = max_epochs
+        self.batch_size = batch_size
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.validation_fraction = validation_fraction
+        self.patience = patience
+        self.report = report
+        self.num_threads = num_threads
+        self.random_state = random_state
+        self.verbose = verbose
+
+    def __sklearn_tags__(self) -> Any:
+        """scikit-learn's tags: sparse input is densified (as :class:`DistilledClassifier`), and ``y`` may have
+        several outputs (``target_tags.multi_output``). No check is expected to fail (tests/test_regression_sklearn.py).
+        """
+        tags = super().__sklearn_tags__()
+        tags.input_tags.sparse = True
+        tags.target_tags.multi_output = True
+        return tags
+
+    def fit(self, X: Any, y: Any) -> DistilledRegressor:
+        """Fit the teacher if it is unfitted (on the labelled rows), then distil it into the student."""
+        X = _numeric(X)
+        validate_data(self, X, skip_check_array=True, ensure_2d=False, reset=True)  # feature_names_in_ only
+        seed = int(check_random_state(self.random_state).randint(0, 2**31 - 1))
+        x_all = as_split(X, name="X", labeled=False)
+        y_array = _regression_targets(y, len(x_all))
+        labelled = np.flatnonzero(np.isfinite(y_array.reshape(len(y_array), -1)).all(axis=1))
+        if not len(labelled):
+            raise DataError("y has no labelled row: every row holds NaN", hint="pass real-valued targets.")
+        if _is_fitted(self.teacher):
+            teacher = self.teacher
+        else:
+            unfitted = _unfitted_copy(self.teacher, None if self.random_state is None else seed)
+            everything = len(labelled) == len(y_array)
+            teacher = unfitted.fit(X if everything else _rows(X, labelled), y_array[labelled])
+        held = _regression_hold_out(labelled, self.validation_fraction, seed, self.max_epochs)
+        kept = np.arange(len(y_array)) if held is None else np.setdiff1d(np.arange(len(y_array)), held)
+        train = (_rows(X, kept), y_array[kept])
+        val = None if held is None else (_rows(X, held), y_array[held])
+        student = copy.deepcopy(self.student) if isinstance(self.student, nn.Module) else self.student
+        options = (
+            {"teacher_loss": self.teacher_loss, "delta": self.huber_delta} if self.method == "regression_kd" else {}
+        )
+        result = distill(
+            teacher,
+            student,
+            train,
+            val=val,
+            task="regression",
+            method=self.method,
+            soft_weight=self.soft_weight,
+            method_params=options,
+            epochs=self.max_epochs,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            weight_decay=self.weight_decay,
+            patience=self.patience,
+            seed=seed,
+            hidden=self.hidden,
+            baseline=self.report and val is not None,
+            report=self.report,
+            profile=False,
+            num_threads=self.num_threads,
+            verbose=self.verbose,
+        )
+        self.teacher_ = teacher
+        self.student_ = result.student
+        self.history_ = result.history
+        self.report_ = result.report
+        self.n_features_in_ = int(np.prod(x_all.x.shape[1:]))
+        self.n_outputs_ = 1 if y_array.ndim == 1 else int(y_array.shape[1])
+        self._one_dimensional_y = y_array.ndim == 1
+        self._float64_student = copy.deepcopy(result.student).double().eval()  # what predict runs (its docstring)
+        return self
+
+    def predict(self, X: Any) -> np.ndarray:
+        """Predictions in ``y``'s units, float64: (rows,) for a 1-D ``y``, else (rows, outputs).
+
+        They are computed by a float64 copy of ``student_``, so a row's prediction does not depend on the rows
+        predicted with it (float32 matrix products round differently per batch size, by up to ~1e-7 relative, which
+        scikit-learn's subset-invariance check rejects); they match ``student_``'s float32 outputs to float32
+        precision."""
+        check_is_fitted(self, "student_")
+        X = _numeric(X)
+        x = as_split(X, name="X", labeled=False).x
+        features = int(np.prod(x.shape[1:]))
+        if features != self.n_features_in_:
+            raise DataError(
+                f"X has {features} features, but {type(self).__name__} is expecting {self.n_features_in_} features "
+                f"as input (it was fitted with {self.n_features_in_})",
+                hint="pass rows with the same columns as in fit.",
+            )
+        validate_data(self, X, skip_check_array=True, ensure_2d=False, reset=False)  # column names match fit's
+        with torch.no_grad():
+            parts = [self._float64_student(x[i : i + 1024].double()) for i in range(0, len(x), 1024)]
+        predictions = torch.cat(parts).numpy()
+        return predictions.ravel() if self._one_dimensional_y else predictions

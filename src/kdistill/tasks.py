@@ -2,13 +2,15 @@
 
 A task owns what used to be hard-coded for classification: checking that the student's and the teacher's outputs fit
 together, encoding targets, the validation metrics with the early-stopping monitor and its direction, and the
-report's columns with the metric function that fills them per model. Three are registered by name:
+report's columns with the metric function that fills them per model. Four are registered by name:
 
 - ``"classification"``: (batch, classes) logits, integer labels; validation accuracy and NLL (kdistill 0.1's).
 - ``"token_lm"``: (batch, seq, vocab) logits and a (batch, seq) padding mask; next-token targets; validation loss and
   perplexity over real tokens, token accuracy.
 - ``"embedding"``: (batch, dim) embeddings; no labels; validation by cosine similarity to the teacher's embeddings
   and MSE.
+- ``"regression"``: (batch, outputs) predictions, real targets standardised inside the run and restored on output;
+  validation RMSE (standardised) and R²; the report's R², RMSE, MAE and correlation with the teacher.
 
 Validation reads ``batches``: an iterable of ``(inputs, target)`` pairs (or objects with ``.inputs`` and
 ``.target``, as the engine's batches), where ``inputs`` is a tensor (``model(inputs)``) or a mapping of tensors
@@ -86,6 +88,16 @@ class Task(Protocol):
     ) -> dict[str, float]: ...
 
     def retention(self, student: Mapping[str, float], teacher: Mapping[str, float]) -> float: ...
+
+    baseline_method: str
+
+    def prepare_targets(
+        self, splits: Mapping[str, Split | None], teacher: Any
+    ) -> tuple[dict[str, Split | None], Any]: ...
+
+    def finish_model(self, module: nn.Module, *, builtin: bool) -> nn.Module: ...
+
+    def retentions(self, student: Mapping[str, float], teacher: Mapping[str, float]) -> dict[str, float]: ...
 
 
 # ---- shared helpers ------------------------------------------------------------------------------------------------
@@ -180,6 +192,23 @@ class TaskBase:
         """What the validation batches carry as targets (default: the split's labels; ``teacher_outputs()`` gives
         the teacher's outputs on the split's rows, for tasks scored against them)."""
         return split.y
+
+    baseline_method: ClassVar[str] = "ce"
+    """The method the no-teacher baseline trains with (regression: ``label_mse``)."""
+
+    def prepare_targets(self, splits: Mapping[str, Split | None], teacher: Any) -> tuple[dict[str, Split | None], Any]:
+        """The splits and the teacher as the run trains on them, once all splits are read (default: as they are;
+        regression standardises the targets and the teacher's predictions)."""
+        return dict(splits), teacher
+
+    def finish_model(self, module: nn.Module, *, builtin: bool) -> nn.Module:
+        """A trained model as the user gets it (default: itself; regression restores the targets' units).
+        ``builtin``: whether it is a registered student (rebuilt from its spec)."""
+        return module
+
+    def retentions(self, student: Mapping[str, float], teacher: Mapping[str, float]) -> dict[str, float]:
+        """The report's retention entries of a model (default: ``retention`` alone)."""
+        return {"retention": cast(Task, self).retention(student, teacher)}
 
     def score(self, metrics: Mapping[str, float]) -> tuple[float, float]:
         """A key where larger is better: ``(±monitor, -tie_breaker)``; an epoch improves on the best when its score is
@@ -542,8 +571,11 @@ for _task in (Classification, TokenLM, Embedding):
     register_task(_task)
 
 
+import kdistill.regression  # noqa: E402, F401 - registers task "regression" (a task is one file plus this import)
+
+
 def get_task(name: str) -> Task:
-    """The registered task ``name`` (``"classification"``, ``"token_lm"``, ``"embedding"``)."""
+    """The registered task ``name`` (``"classification"``, ``"token_lm"``, ``"embedding"``, ``"regression"``)."""
     if name not in TASKS:
         raise unknown_name("task", name, list(TASKS))
     return cast(Task, TASKS[name]())

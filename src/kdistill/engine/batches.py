@@ -149,7 +149,7 @@ class InMemorySource:
 
     ``inputs``: (rows, *features) or a mapping of (rows, ...) tensors; ``target``: (rows,) or None; ``label_mask``:
     (rows,) bool where ``target`` is a real label (the other rows of ``target`` are ignored and read as
-    :data:`UNLABELLED`), or None.
+    :data:`UNLABELLED`; NaN for real-valued targets, every output of the row), or None.
     """
 
     def __init__(
@@ -172,7 +172,11 @@ class InMemorySource:
                 raise DataError(f"label_mask must be bool, got {label_mask.dtype}", hint="pass target != -1, say.")
             if target is None:
                 raise DataError("a label_mask needs a target", hint="pass the labels, any value on unlabeled rows.")
-            target = target.masked_fill(~label_mask, UNLABELLED)
+            if target.is_floating_point():  # real-valued (regression) targets: NaN is "no label"
+                unlabelled = ~label_mask.reshape(-1, *([1] * (target.ndim - 1)))
+                target = target.masked_fill(unlabelled, float("nan"))
+            else:
+                target = target.masked_fill(~label_mask, UNLABELLED)
         self.inputs = inputs
         self.target = target
         self.label_mask = label_mask

@@ -29,6 +29,7 @@ from kdistill.losses.multi_teacher import MultiTeacherKD, confidence_weights, mu
 from kdistill.losses.pkt import PKTLoss, pkt_loss
 from kdistill.losses.prepare import StaticTargets, TeacherBank, prepare_loss
 from kdistill.losses.projector import Projector
+from kdistill.losses.regression import LabelMSE, RegressionKD, regression_kd_loss
 from kdistill.losses.rkd import RKDLoss, rkd_angle_loss, rkd_distance_loss
 from kdistill.losses.sp import SPLoss, sp_loss
 
@@ -46,6 +47,7 @@ __all__ = [
     "FitNet",
     "KDLoss",
     "KDTopKLoss",
+    "LabelMSE",
     "LogitStandardized",
     "Loss",
     "LossInfo",
@@ -54,6 +56,7 @@ __all__ = [
     "PKTLoss",
     "Projector",
     "RKDLoss",
+    "RegressionKD",
     "SPLoss",
     "StaticTargets",
     "TeacherBank",
@@ -79,6 +82,7 @@ __all__ = [
     "pkt_loss",
     "prepare_loss",
     "register_loss",
+    "regression_kd_loss",
     "rkd_angle_loss",
     "rkd_distance_loss",
     "sp_loss",
