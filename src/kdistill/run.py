@@ -109,6 +109,7 @@ def run_spec(config: RunConfig, *, resume: bool = False, verbose: bool = True) -
         verbose=verbose,
         identity={section: dumped[section] for section in ("data", "teacher", "student")},
         report_settings={"config": config.name, "teacher": config.teacher.kind, "student": config.student.kind},
+        unlabeled=_read_unlabeled(config),
     )
 
 
@@ -196,6 +197,27 @@ def _read_split(config: RunConfig, name: str) -> tuple[np.ndarray, np.ndarray] |
         raise DataError(
             f"{path} is not a readable .npz of plain arrays ({exc})",
             hint="save it with np.savez(path, x=features, y=labels), numeric arrays only.",
+        ) from exc
+
+
+def _read_unlabeled(config: RunConfig) -> np.ndarray | None:
+    """``data.unlabeled``: a .npy of rows, or a .npz whose array ``x`` holds them (None when not set)."""
+    if config.data.unlabeled is None:
+        return None
+    path = config.resolve(config.data.unlabeled)
+    if path.suffix.lower() == ".npy":
+        return _read_npy(path, "unlabeled rows")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            if "x" not in archive.files:
+                raise DataError(
+                    f"{path} has no array 'x' (it holds {archive.files})",
+                    hint="save the unlabeled rows with np.savez(path, x=features).",
+                )
+            return archive["x"]
+    except (ValueError, OSError) as exc:
+        raise DataError(
+            f"{path} is not a readable .npz of plain arrays ({exc})", hint="np.savez(path, x=rows)."
         ) from exc
 
 
