@@ -188,3 +188,18 @@ def test_yaml_transfer_section_is_validated(tmp_path: Path) -> None:
     config.write_text(YAML.replace("unlabeled: u.npy", "unlabeled: u.csv"))
     with pytest.raises(ConfigError, match=r"unlabeled must be a \.npy or \.npz file"):
         load_config(config)
+
+
+def test_kdistill_list_transfers_prints_every_generator_and_its_params() -> None:
+    env = {"PYTHONPATH": str(ROOT / "src"), "PATH": "/usr/bin:/bin"}
+    done = subprocess.run(
+        [sys.executable, "-m", "kdistill.cli", "list", "transfers"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    for name, params in (("munge", "p, s, neighbours, categorical"), ("mixup", "alpha"), ("jitter", "noise")):
+        assert name in done.stdout and params in done.stdout
+    assert "class_gaussian" in done.stdout
