@@ -203,3 +203,25 @@ def test_kdistill_list_transfers_prints_every_generator_and_its_params() -> None
     for name, params in (("munge", "p, s, neighbours, categorical"), ("mixup", "alpha"), ("jitter", "noise")):
         assert name in done.stdout and params in done.stdout
     assert "class_gaussian" in done.stdout
+
+
+def test_live_mode_with_unlabeled_rows_labels_them_live_too(digits: dict[str, np.ndarray]) -> None:
+    from sklearn.datasets import load_digits
+
+    x, _ = load_digits(return_X_y=True)
+    teacher = Teacher()
+    result = kdistill.distill(
+        teacher,
+        "mlp",
+        (digits["x"], digits["y"]),
+        val=(digits["xv"], digits["yv"]),
+        unlabeled=x[1300:1500].astype(np.float32),
+        transfer=Transfer(Jitter(noise=0.3), mode="live", ratio=0.5),
+        **_small(batch_size=64),  # type: ignore[arg-type]
+    )
+    # after the 8-row probe of the outputs' shape, the first call is a live batch (64 rows + 32 generated), not the
+    # unlabeled rows labelled up front (the report runs the teacher on them afterwards, for their agreement)
+    assert teacher.rows[:2] == [8, 96]
+    assert result.report is not None
+    rows = result.report.settings["transfer_rows"]
+    assert rows["unlabeled"]["rows"] == 200 and rows["generated"]["rows"] == 160  # ceil(0.5 * 320) per epoch

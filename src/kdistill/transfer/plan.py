@@ -190,14 +190,15 @@ def extra_rows(
     label: Any,
 ) -> ExtraRows | None:
     """The unlabeled rows and the generated pool (fitted on the labelled and unlabeled rows; a class sampler on the
-    labelled ones), each labelled by ``label(x) -> teacher outputs`` (the pipeline's cached teacher call). None when
-    there is neither. In live mode the generator is fitted here and the rows come per batch."""
+    labelled ones), each labelled by ``label(x) -> teacher outputs`` (the pipeline's cached teacher call; None in
+    live mode, where the teacher labels every batch as it comes). None when there is neither. In live mode the
+    generator is fitted here and the rows come per batch."""
     if transfer is None and unlabeled is None:
         return None
     import time
 
     extra = ExtraRows(unlabeled=unlabeled)
-    if unlabeled is not None:
+    if unlabeled is not None and label is not None:
         started = time.perf_counter()
         extra.unlabeled_targets = label(unlabeled)
         extra.seconds["label_unlabeled"] = time.perf_counter() - started
