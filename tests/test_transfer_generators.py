@@ -17,9 +17,9 @@ def _gen(seed: int = 0) -> torch.Generator:
 
 
 def _nearest_numpy(x: np.ndarray) -> np.ndarray:
-    """Each row's nearest other row, by Euclidean distance over columns divided by their standard deviation."""
-    std = x.std(axis=0, ddof=1)
-    scaled = x / np.where(std > 0, std, 1.0)
+    """Each row's nearest other row, by Euclidean distance over columns scaled to [0, 1] (the paper's)."""
+    spread = x.max(axis=0) - x.min(axis=0)
+    scaled = (x - x.min(axis=0)) / np.where(spread > 0, spread, 1.0)
     distance = ((scaled[:, None, :] - scaled[None, :, :]) ** 2).sum(-1)
     np.fill_diagonal(distance, np.inf)
     return distance.argmin(1)

@@ -125,9 +125,9 @@ class Munge(TransferGenerator):
         e'_a \leftarrow \mathcal{N}(e_a, \sigma_a)
 
     for a continuous attribute, and by the other row's value (a swap, no noise) for a ``categorical`` one, so a
-    category never takes a value the data do not have. Distances: squared Euclidean over the continuous columns,
-    each divided by its standard deviation, plus the number of categorical columns that differ (the paper's
-    Euclidean and Hamming distances). A pool of n rows is ceil(n / 2) such pairs, each row of the training set
+    category never takes a value the data do not have. Distances, as in the paper: Euclidean over the continuous
+    columns, each scaled linearly to [0, 1] by its range over the fitted rows, and Hamming over the categorical
+    ones (their squares summed: squared Euclidean plus the number of categorical columns that differ). A pool of n rows is ceil(n / 2) such pairs, each row of the training set
     starting about as many pairs (the paper's passes over the data).
 
     Departure, named: the paper walks the rows one after the other and modifies both rows in place, so later pairs
@@ -178,13 +178,13 @@ class Munge(TransferGenerator):
                 hint=f"pass neighbours <= {len(flat) - 1}, or more rows.",
             )
         self.categorical_mask_ = _categorical_mask(self.categorical, flat.shape[1], feature_names)
-        std = flat.std(dim=0)
-        self.scale_ = torch.where(std > 0, std, torch.ones_like(std))
+        spread = flat.amax(dim=0) - flat.amin(dim=0)  # the paper scales continuous attributes to [0, 1]
+        self.scale_ = torch.where(spread > 0, spread, torch.ones_like(spread))
         self.neighbours_ = _nearest(flat, flat, self.neighbours, self._distance, exclude_self=True)
         return self
 
     def _distance(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """(len(a), len(b)) squared standardised Euclidean distance over continuous columns + categorical mismatches."""
+        """(len(a), len(b)) squared Euclidean distance over range-scaled continuous columns + categorical mismatches."""
         assert self.categorical_mask_ is not None and self.scale_ is not None
         continuous = ~self.categorical_mask_
         scaled_a, scaled_b = a[:, continuous] / self.scale_[continuous], b[:, continuous] / self.scale_[continuous]
