@@ -258,6 +258,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--datasets", nargs="+", default=["digits", "mnist1d"])
     parser.add_argument("--kinds", nargs="+", default=list(KINDS[1:]), help="kd is always run (it gives ce)")
     parser.add_argument("--no-pool", action="store_true", help="skip the full MNIST-1D + pool run")
+    parser.add_argument("--pool-only", action="store_true", help="only the full MNIST-1D + pool run")
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
     args = parser.parse_args(argv)
     fractions = args.fractions or ([0.10] if args.quick else [0.05, 0.10, 0.25])
@@ -270,7 +271,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     _STATE["settings"] = {"epochs": epochs, "pool_factor": args.pool_factor}
     _STATE["teachers"] = {}
     teacher_started = time.perf_counter()
-    for name in args.datasets:
+    for name in [] if args.pool_only else args.datasets:
         x, y = _STATE["datasets"][name].train
         for fraction in fractions:
             for seed in range(args.seeds):
@@ -281,12 +282,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     teacher_s = time.perf_counter() - teacher_started
     jobs = [
         (name, fraction, seed, kind)
-        for name in args.datasets
+        for name in ([] if args.pool_only else args.datasets)
         for fraction in fractions
         for seed in range(args.seeds)
         for kind in kinds
     ]
-    if args.workers > 1:
+    if args.workers > 1 and jobs:
         with multiprocessing.get_context("fork").Pool(args.workers) as pool:
             results = pool.map(run_job, jobs, chunksize=1)
     else:

@@ -434,7 +434,7 @@ class Settings(_Section):
     student). ``task``: ``classification`` (the default), ``token_lm`` or ``embedding`` (:mod:`kdistill.tasks`). The
     Python API validates its arguments through this same model, so a bad value gets the same error from
     ``kdistill.distill`` as from YAML. ``method``: a name, a mapping ``{name, params}``, or a list of weighted terms
-    (each name once)."""
+    (each name once). ``transfer``: generated rows the teacher labels (:class:`TransferConfig`)."""
 
     seed: int = 0
     task: str = "classification"

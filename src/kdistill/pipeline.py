@@ -867,7 +867,7 @@ def report(
         "wall_time_s": round(time.perf_counter() - started, 1),
     }
     if prepared.extra is not None:
-        described |= _transfer_report(prepared, train_split)
+        described |= _transfer_report(spec, prepared, train_split)
     return build_report(
         teacher,
         prepared.student,
@@ -885,14 +885,14 @@ def report(
     )
 
 
-def _transfer_report(prepared: Prepared, train: Split) -> dict[str, Any]:
+def _transfer_report(spec: RunSpec, prepared: Prepared, train: Split) -> dict[str, Any]:
     """``transfer_rows``: labelled / unlabeled / generated rows, and on each the student's agreement with the
     teacher (and the teacher's accuracy on the labels); ``transfer``: the generator; ``transfer_seconds``: what it
     cost (fit, generate, label)."""
     extra = prepared.extra
     assert extra is not None and prepared.teacher is not None
     groups: dict[str, tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]] = {
-        "labelled": (train.x, None if prepared.targets is None else prepared.targets, train.y)
+        "labelled": (train.x, _train_teacher_logits(spec, prepared), train.y)  # not out-of-fold targets
     }
     if extra.unlabeled is not None:
         groups["unlabeled"] = (extra.unlabeled, extra.unlabeled_targets, None)

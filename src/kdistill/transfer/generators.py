@@ -127,8 +127,9 @@ class Munge(TransferGenerator):
     for a continuous attribute, and by the other row's value (a swap, no noise) for a ``categorical`` one, so a
     category never takes a value the data do not have. Distances, as in the paper: Euclidean over the continuous
     columns, each scaled linearly to [0, 1] by its range over the fitted rows, and Hamming over the categorical
-    ones (their squares summed: squared Euclidean plus the number of categorical columns that differ). A pool of n rows is ceil(n / 2) such pairs, each row of the training set
-    starting about as many pairs (the paper's passes over the data).
+    ones (their squares summed: squared Euclidean plus the number of categorical columns that differ). A pool of
+    n rows is ceil(n / 2) such pairs, each row of the training set starting about as many pairs (the paper's passes
+    over the data).
 
     Departure, named: the paper walks the rows one after the other and modifies both rows in place, so later pairs
     start from already modified values; here every pair starts from the original rows (a vectorised pass). Each

@@ -294,17 +294,20 @@ def row_summary(
 ) -> dict[str, dict[str, Any]]:
     """Per group of training rows (``labelled``, ``unlabeled``, ``generated``): how many rows, and on up to
     ``sample_rows`` of them (the first ones) the student's agreement with the teacher (top class) and, for labelled
-    rows, the teacher's accuracy on their labels. ``groups``: name -> (rows, teacher outputs or None (then the
-    teacher runs), labels or None). ``predict(x)`` gives the student's outputs."""
+    rows, the teacher's accuracy on their labels. ``groups``: name -> (rows, teacher outputs or None, labels or
+    None); the teacher runs when its outputs are None or not of the student's shape (a top-k cache form).
+    ``predict(x)`` gives the student's outputs."""
     summary: dict[str, dict[str, Any]] = {}
     for name, (rows, outputs, labels) in groups.items():
         entry: dict[str, Any] = {"rows": len(rows)}
         x = rows[:sample_rows]
         with torch.inference_mode():
             student = torch.cat([predict(x[i : i + 1024]) for i in range(0, len(x), 1024)]).float().cpu()
-            reference = (
-                outputs[:sample_rows].float().cpu() if outputs is not None else teacher_logits(teacher, x).float().cpu()
-            )
+            stored = None if outputs is None else outputs[:sample_rows].float().cpu()
+            if stored is not None and stored.shape == student.shape:
+                reference = stored
+            else:  # none stored, or a top-k cache form
+                reference = teacher_logits(teacher, x).float().cpu()
         agreement = _agreement(student, reference)
         if agreement is not None:
             entry["student_teacher_agreement"] = agreement
