@@ -191,3 +191,22 @@ def test_sklearn_fit_takes_unlabeled_rows_directly_and_through_a_pipeline(digits
     assert model.report_.settings["transfer_rows"]["unlabeled"]["rows"] == 700
     assert -1 not in model.classes_ and len(model.classes_) == 10
     assert scaled.predict(digits["xt"][:5]).shape == (5,)
+
+
+def test_unlabeled_rows_with_a_top_k_cache_train_kd_topk_and_report_agreement(
+    digits: dict[str, np.ndarray], tmp_path: object
+) -> None:
+    result = kdistill.distill(
+        CountingTeacher(),
+        "mlp",
+        (digits["x"], digits["y"]),
+        test=(digits["xt"], digits["yt"]),
+        unlabeled=digits["u"],
+        cache_dir=tmp_path,
+        cache_storage="topk:3",
+        **_small(baseline=False),  # type: ignore[arg-type]
+    )
+    assert result.report is not None and result.report.settings["method"] == "kd"
+    assert np.isfinite(result.history[-1]["train_loss"])
+    rows = result.report.settings["transfer_rows"]
+    assert 0.0 <= rows["unlabeled"]["student_teacher_agreement"] <= 1.0  # the teacher ran: top-k rows hold no logits
