@@ -210,3 +210,19 @@ def test_unlabeled_rows_with_a_top_k_cache_train_kd_topk_and_report_agreement(
     assert np.isfinite(result.history[-1]["train_loss"])
     rows = result.report.settings["transfer_rows"]
     assert 0.0 <= rows["unlabeled"]["student_teacher_agreement"] <= 1.0  # the teacher ran: top-k rows hold no logits
+
+
+def test_dkd_takes_the_teachers_class_for_unlabelled_rows_and_ce_only_from_labelled_ones() -> None:
+    from kdistill.losses.dkd import dkd_loss
+
+    torch.manual_seed(1)
+    student, teacher = torch.randn(6, 4), torch.randn(6, 4)
+    target = torch.tensor([2, -100, 0, -100, 3, 1])
+    filled = torch.where(target == -100, teacher.argmax(1), target)  # DKD's own rule without labels, per row
+    terms = dkd_loss(student, teacher, target, temperature=2.0, ce_weight=1.0)
+    reference = dkd_loss(student, teacher, filled, temperature=2.0, ce_weight=0.0)
+    torch.testing.assert_close(terms["tckd"], reference["tckd"])
+    torch.testing.assert_close(terms["nckd"], reference["nckd"])
+    labelled = target != -100
+    expected_ce = float(torch.nn.functional.cross_entropy(student[labelled], target[labelled]))
+    assert float(terms["ce"]) == pytest.approx(expected_ce, rel=1e-6)
