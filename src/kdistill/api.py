@@ -216,6 +216,8 @@ def distill(
     cache_storage: str = "fp32",
     augment: Augment | None = None,
     prefetch_teacher: bool = False,
+    unlabeled: Any = None,
+    transfer: Any = None,
     settings: Mapping[str, Any] | None = None,
     out: str | os.PathLike[str] | None = None,
     resume: bool = False,
@@ -263,6 +265,12 @@ def distill(
         augment: ``augment(x_batch, generator) -> x_batch``, applied to every training batch; the teacher then runs
             live on the augmented rows (no cache). ``prefetch_teacher``: run it in a background thread, one batch
             ahead. The baseline is trained with the same augmentation.
+        unlabeled: rows without labels (rows, *features), the training rows' columns: the teacher labels them
+            (through the cache), and the student learns from them with the labelled rows; the soft term uses every
+            row, the hard term only the labelled ones (``docs/scarce_labels.md``). The baseline sees only ``train``.
+        transfer: generated rows for the teacher to label (:mod:`kdistill.transfer`): a ``Transfer(generator,
+            mode="pool", rows=50_000)``, a generator (``Munge()``, ``Mixup()``, ``Jitter()``, ``ClassGaussian()``:
+            a pool of 10x the training rows), a registered name, or the mapping a config's ``transfer:`` holds.
         settings: anything else a YAML run can set, in the same layout (``docs/config.md``): ``{"train":
             {"optimizer": {"name": "sgd", "momentum": 0.9}, "schedule": {"name": "constant"}}, "device":
             {"precision": "bf16"}, "logging": {"tensorboard": True}, "compression": [{"name": "onnx"}]}``. It is
@@ -316,6 +324,8 @@ def distill(
     if folder is not None:  # what a resume must match besides the settings and the data
         student_id = student if isinstance(student, str) else type(student).__name__
         identity = {"teacher": adapter.fingerprint(), "student": {"kind": student_id, "params": repr(student_params)}}
+        if unlabeled is not None:
+            identity["unlabeled"] = True  # its rows are in the data fingerprint
     spec = RunSpec(
         settings=validated,
         train=train,
@@ -336,6 +346,8 @@ def distill(
         verbose=verbose,
         identity=identity,
         report_settings={"temperature": temperature, "soft_weight": soft_weight},
+        unlabeled=unlabeled,
+        transfer=transfer,
     )
     if isinstance(student, str) and student == "auto":
         from kdistill.config import validate_search

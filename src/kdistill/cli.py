@@ -162,7 +162,19 @@ def _listing() -> dict[str, Callable[[], list[tuple[str, list[_Row]]]]]:
 
         return [("", [(name, description, False) for name, description in list_tasks()])]
 
-    return {"methods": methods, "students": students, "datasets": datasets, "teachers": teachers, "tasks": tasks}
+    def transfers() -> list[tuple[str, list[_Row]]]:
+        from kdistill.transfer import GENERATORS
+
+        return [("", [(e.name, e.description, GENERATORS.params(e.name)) for e in GENERATORS.entries()])]
+
+    return {
+        "methods": methods,
+        "students": students,
+        "datasets": datasets,
+        "teachers": teachers,
+        "tasks": tasks,
+        "transfers": transfers,
+    }
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -345,7 +357,9 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field")
     check.set_defaults(handler=_cmd_validate)
 
-    listing = commands.add_parser("list", help="list what exists: methods, students, datasets, teachers, tasks")
+    listing = commands.add_parser(
+        "list", help="list what exists: methods, students, datasets, teachers, tasks, transfers"
+    )
     listing.add_argument("what", choices=sorted(_listing()))
     listing.set_defaults(handler=_cmd_list)
 

@@ -57,6 +57,7 @@ __all__ = [
     "StudentConfig",
     "TeacherConfig",
     "TrainSection",
+    "TransferConfig",
     "apply_overrides",
     "check_references",
     "load_config",
@@ -141,6 +142,16 @@ class DataConfig(_Section):
     train: FileSplit | None = None
     val: FileSplit | None = None
     test: FileSplit | None = None
+    unlabeled: str | None = None
+    """Rows without labels for the teacher to label: a .npy file of (rows, *features), or a .npz with array ``x``
+    (relative to the config file's folder); the student learns from them, the baseline does not."""
+
+    @field_validator("unlabeled")
+    @classmethod
+    def _unlabeled_file(cls, value: str | None) -> str | None:
+        if value is not None and Path(value).suffix.lower() not in (".npy", ".npz"):
+            raise ValueError(f"unlabeled must be a .npy or .npz file, got {value!r}")
+        return value
 
     @field_validator("dataset")
     @classmethod
@@ -360,6 +371,39 @@ class AugmentConfig(_Section):
         return _check_reference(value)
 
 
+class TransferConfig(_Section):
+    """A generated transfer set (:mod:`kdistill.transfer`): ``kind`` (``munge``, ``mixup``, ``jitter``,
+    ``class_gaussian``) with its ``params``; ``mode`` ``pool`` (``rows`` rows drawn once, labelled once by the
+    teacher through the cache; null: 10x the training rows) or ``live`` (``ratio`` x the batch's rows appended to
+    every batch, the teacher run live); ``seed`` (null: the run's seed)."""
+
+    kind: str
+    mode: Literal["pool", "live"] = "pool"
+    rows: Annotated[int, Field(ge=1)] | None = None
+    ratio: Annotated[float, Field(gt=0)] = 1.0
+    seed: int | None = None
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("kind")
+    @classmethod
+    def _known_kind(cls, value: str) -> str:
+        from kdistill.transfer import GENERATORS
+
+        if value not in GENERATORS:
+            raise _unknown("transfer kind", value, GENERATORS.names())
+        return value
+
+    @field_validator("params")
+    @classmethod
+    def _known_params(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        from kdistill.transfer import GENERATORS
+
+        kind = info.data.get("kind")
+        if kind is not None:
+            _check_registered(GENERATORS, kind, value, "transfer kind")
+        return value
+
+
 class ReportConfig(_Section):
     """``baseline``: also train the student on hard labels only, for the report. ``profile``: time latency and
     throughput (the slowest part of the report). ``privacy``: estimate membership inference (the AUC of loss- and
@@ -489,7 +533,7 @@ class Settings(_Section):
     student). ``task``: ``classification`` (the default), ``token_lm``, ``embedding`` or ``regression``
     (:mod:`kdistill.tasks`). The Python API validates its arguments through this same model, so a bad value gets the
     same error from ``kdistill.distill`` as from YAML. ``method``: a name, a mapping ``{name, params}``, or a list of
-    weighted terms (each name once)."""
+    weighted terms (each name once). ``transfer``: generated rows the teacher labels (:class:`TransferConfig`)."""
 
     seed: int = 0
     task: str = "classification"
@@ -497,6 +541,7 @@ class Settings(_Section):
     train: TrainSection = TrainSection()
     cache: CacheConfig = CacheConfig()
     augment: AugmentConfig | None = None
+    transfer: TransferConfig | None = None
     compression: list[CompressionStep] = Field(default_factory=list)
     report: ReportConfig = ReportConfig()
     device: DeviceConfig = DeviceConfig()

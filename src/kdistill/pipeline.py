@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -67,6 +68,7 @@ from kdistill.result import DistillResult, _jsonable
 from kdistill.students import build_student
 from kdistill.tasks import Task, get_task
 from kdistill.teachers import SklearnTeacher, Teacher, probs_to_logits, teacher_logits
+from kdistill.transfer import ExtraRows, LiveTransfer, Transfer, as_transfer, extra_rows, read_unlabeled, row_summary
 from kdistill.verdict import judge
 
 __all__ = [
@@ -109,6 +111,10 @@ class RunSpec:
     items per epoch when it has no ``len()``); the teacher then runs live on each batch.
     ``identity``: what a resumed run must match besides the settings (the YAML data/teacher/student sections, or
     the API's teacher and data fingerprints). ``report_settings``: extra entries for the report's settings.
+    ``unlabeled``: rows without targets (rows, *features), labelled by the teacher and appended to the student's
+    training rows; ``transfer``: a generated transfer set (:func:`kdistill.transfer.as_transfer`: a Transfer, a
+    generator, a name or a mapping; None: ``settings.transfer``). Both only feed the student, never the baseline;
+    see :mod:`kdistill.transfer.plan` for the per-batch mix.
     """
 
     settings: Settings
@@ -131,6 +137,8 @@ class RunSpec:
     verbose: bool = True
     identity: dict[str, Any] = field(default_factory=dict)
     report_settings: dict[str, Any] = field(default_factory=dict)
+    unlabeled: Any = None
+    transfer: Any = None
 
     def __post_init__(self) -> None:
         if (self.teacher is None) == (self.teacher_factory is None):
@@ -152,6 +160,7 @@ class Prepared:
     baseline: nn.Module | None
     data_fingerprint: str
     task: Task = field(default_factory=lambda: get_task("classification"))
+    extra: ExtraRows | None = None
 
 
 # ---------------------------------------------------------------------------------------------------- distributed
@@ -261,6 +270,8 @@ def _check_streamable(spec: RunSpec, task: Task) -> None:
         problem = f"task {task.name!r} prepares its targets from every row in memory"
     elif spec.soft_targets == "oof":
         problem = "out-of-fold soft targets refit the teacher on the training rows"
+    elif spec.unlabeled is not None or _transfer(spec) is not None:
+        problem = "unlabeled and generated rows are added to the rows in memory"
     if problem is not None:
         raise ConfigError(
             f"the training rows cannot be streamed: {problem}",
@@ -415,7 +426,7 @@ def _teacher_targets(spec: RunSpec, teacher: Teacher | None, train: Split) -> to
     """Soft targets for the training rows (None when the teacher runs live on augmented batches): the teacher's
     outputs, or out-of-fold ones, through :mod:`kdistill.cache` when there is a cache folder. Under torchrun every
     rank calls the cache together: rank 0 fills the entry, the others (which may have no teacher) open it."""
-    if spec.augment is not None or train.stream is not None:  # the teacher runs live on each batch
+    if spec.augment is not None or train.stream is not None or _live_transfer(spec):  # the teacher runs live
         return None
     root = _cache_root(spec)
     seed, folds = spec.settings.seed, spec.oof_folds
@@ -441,6 +452,48 @@ def _teacher_targets(spec: RunSpec, teacher: Teacher | None, train: Split) -> to
     return entry.teacher_targets()
 
 
+def _transfer(spec: RunSpec) -> Transfer | None:
+    """The run's transfer set: ``spec.transfer``, else the settings' ``transfer`` section."""
+    return as_transfer(spec.transfer if spec.transfer is not None else spec.settings.transfer)
+
+
+def _live_transfer(spec: RunSpec) -> bool:
+    transfer = _transfer(spec)
+    return transfer is not None and transfer.mode == "live"
+
+
+def _label_rows(spec: RunSpec, teacher: Teacher | None, x: torch.Tensor) -> torch.Tensor:
+    """The teacher's outputs on rows ``x`` (unlabeled or generated), through the cache when the run has one."""
+    root = _cache_root(spec)
+    if root is None:
+        return teacher_logits(_required(teacher), x)
+    from kdistill.cache import cached_teacher_outputs
+
+    entry = cached_teacher_outputs(
+        teacher,
+        x,
+        cache_dir=root,
+        storage=spec.settings.cache.storage,
+        reuse=spec.settings.cache.reuse,
+        collective=True,
+    )
+    return entry.teacher_targets()
+
+
+def _extra(spec: RunSpec, teacher: Teacher | None, train: Split) -> ExtraRows | None:
+    """The unlabeled rows and the generated transfer set, with the teacher's outputs (none in live mode)."""
+    if spec.unlabeled is None and _transfer(spec) is None:
+        return None
+    if spec.augment is not None:
+        raise ConfigError(
+            "augment= and unlabeled/transfer rows cannot be combined: augment relabels every batch live",
+            hint="use transfer=Transfer(generator, mode='live') for generated rows per batch, or drop augment.",
+        )
+    unlabeled = read_unlabeled(spec.unlabeled, train.x)
+    label = None if _live_transfer(spec) else (lambda x: _label_rows(spec, teacher, x))
+    return extra_rows(_transfer(spec), unlabeled, train, seed=spec.settings.seed, label=label)
+
+
 def _required(teacher: Teacher | None) -> Teacher:
     assert teacher is not None, "only rank 0 computes out-of-fold targets, and it has the teacher"
     return teacher
@@ -461,6 +514,7 @@ def prepare(spec: RunSpec) -> Prepared:
         train = splits["train"]
         assert train is not None and spec.teacher_factory is not None
         needs_live = bool(tuple(loss.teacher_features)) or spec.augment is not None or task.scored_against_teacher
+        needs_live = needs_live or _live_transfer(spec)
         needs_live = needs_live or (spec.soft_targets == "oof" and _cache_root(spec) is None)
         if rank == 0 or needs_live:
             teacher = spec.teacher_factory(train)
@@ -484,6 +538,11 @@ def prepare(spec: RunSpec) -> Prepared:
     baseline = None
     if spec.settings.report.baseline and task.trains_baseline:  # embeddings have no labels to learn alone
         baseline = copy.deepcopy(student)
+    extra = _extra(spec, teacher, train)
+    data_fingerprint = fingerprint_arrays(train.x, train.y, extra=[f"rows={len(train)}"] if train.stream else ())
+    if extra is not None:  # the unlabeled and pooled rows change the weights too
+        described = json.dumps(extra.transfer, sort_keys=True, default=str)
+        data_fingerprint = fingerprint_arrays(train.x, train.y, extra.inputs(), extra=(described,))
     return Prepared(
         splits=splits,
         teacher=teacher,
@@ -494,8 +553,9 @@ def prepare(spec: RunSpec) -> Prepared:
         student=student,
         student_spec=student_spec,
         baseline=baseline,
-        data_fingerprint=fingerprint_arrays(train.x, train.y, extra=[f"rows={len(train)}"] if train.stream else ()),
+        data_fingerprint=data_fingerprint,
         task=task,
+        extra=extra,
     )
 
 
@@ -533,6 +593,7 @@ def _row_shape(spec: RunSpec, teacher: Teacher, train: Split) -> tuple[int, ...]
 def _storage(spec: RunSpec) -> str:
     """The cache storage in force: top-k only matters when the teacher's outputs go through the cache."""
     uses_cache = _cache_root(spec) is not None and spec.augment is None and spec.soft_targets != "oof"
+    uses_cache = uses_cache and not _live_transfer(spec)
     return spec.settings.cache.storage if uses_cache else "fp32"
 
 
@@ -590,8 +651,10 @@ def _phase(
     loss: Loss,
     transfer: TransferSet | StreamingSource,
     run_info: dict[str, Any],
+    teacher_source: LiveTransfer | None = None,
 ) -> list[dict[str, float]]:
-    """Train one phase (the distilled student, or the no-teacher baseline), resumed from its checkpoint if any."""
+    """Train one phase (the distilled student, or the no-teacher baseline), resumed from its checkpoint if any.
+    ``teacher_source``: a live transfer set's source (the student phase), else chosen by the engine."""
     checkpoint_path = None if spec.out is None else spec.out / f"checkpoint-{phase}.safetensors"
     checkpoint = load_checkpoint(checkpoint_path) if checkpoint_path is not None and checkpoint_path.is_file() else None
     if checkpoint is not None and checkpoint.completed:
@@ -611,6 +674,7 @@ def _phase(
         resume=checkpoint,
         augment=spec.augment,
         prefetch_teacher=spec.prefetch_teacher,
+        teacher_source=teacher_source,
     )
     return state.history
 
@@ -645,16 +709,44 @@ def train(spec: RunSpec, prepared: Prepared, run_info: dict[str, Any] | None = N
     assert train_split is not None
     transfer: TransferSet | StreamingSource
     if train_split.stream is not None:
-        transfer = StreamingSource(train_split.stream, rows=len(train_split))
+        transfer, source = StreamingSource(train_split.stream, rows=len(train_split)), None
     else:
-        transfer = TransferSet(train_split.x, train_split.y, prepared.targets)
-    history = _phase(spec, prepared, "student", prepared.student, prepared.loss, transfer, run_info)
+        transfer, source = _student_rows(spec, prepared, train_split)
+    history = _phase(spec, prepared, "student", prepared.student, prepared.loss, transfer, run_info, source)
     baseline_history = None
     if prepared.baseline is not None:
         plain = transfer if train_split.stream is not None else TransferSet(train_split.x, train_split.y, None)
         no_teacher = get_loss(prepared.task.baseline_method)  # "ce"; "label_mse" for regression
         baseline_history = _phase(spec, prepared, "baseline", prepared.baseline, no_teacher, plain, run_info)
     return history, baseline_history
+
+
+def _student_rows(spec: RunSpec, prepared: Prepared, train: Split) -> tuple[TransferSet, LiveTransfer | None]:
+    """The student's training rows: the labelled split, then any unlabeled and pooled rows (``label_mask`` False,
+    their targets the teacher's outputs); and a live transfer set's teacher source (None otherwise)."""
+    extra = prepared.extra
+    if extra is None:
+        return TransferSet(train.x, train.y, prepared.targets), None
+    source = None
+    if extra.live is not None:
+        features = tuple(prepared.loss.teacher_features)
+        assert prepared.teacher is not None, "a live transfer set runs the teacher on every rank"
+        source = LiveTransfer(extra.live, prepared.teacher, features, seed=spec.settings.seed)
+    rows = extra.inputs()
+    if rows is None:
+        return TransferSet(train.x, train.y, prepared.targets), source
+    x = torch.cat([train.x, rows])
+    targets = extra.targets()
+    logits = (
+        None
+        if prepared.targets is None or targets is None
+        else torch.cat([prepared.targets, targets.to(prepared.targets.dtype)])
+    )
+    if train.y is None:
+        return TransferSet(x, None, logits), source
+    filler = torch.zeros((len(rows), *train.y.shape[1:]), dtype=train.y.dtype)
+    mask = torch.cat([torch.ones(len(train), dtype=torch.bool), torch.zeros(len(rows), dtype=torch.bool)])
+    return TransferSet(x, torch.cat([train.y, filler]), logits, label_mask=mask), source
 
 
 # ---------------------------------------------------------------------------------------------------- report
@@ -882,6 +974,8 @@ def report(
         "loss_terms": {key[6:]: value for key, value in history[-1].items() if key.startswith("train_")},
         "wall_time_s": round(time.perf_counter() - started, 1),
     }
+    if prepared.extra is not None:
+        described |= _transfer_report(spec, prepared, train_split)
     return build_report(
         teacher,
         prepared.student,
@@ -897,6 +991,31 @@ def report(
         seed=settings.seed,
         train_teacher_logits=_train_teacher_logits(spec, prepared),
     )
+
+
+def _transfer_report(spec: RunSpec, prepared: Prepared, train: Split) -> dict[str, Any]:
+    """``transfer_rows``: labelled / unlabeled / generated rows, and on each the student's agreement with the
+    teacher (and the teacher's accuracy on the labels); ``transfer``: the generator; ``transfer_seconds``: what it
+    cost (fit, generate, label)."""
+    extra = prepared.extra
+    assert extra is not None and prepared.teacher is not None
+    groups: dict[str, tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]] = {
+        "labelled": (train.x, _train_teacher_logits(spec, prepared), train.y)  # not out-of-fold targets
+    }
+    if extra.unlabeled is not None:
+        groups["unlabeled"] = (extra.unlabeled, extra.unlabeled_targets, None)
+    if extra.generated is not None:
+        groups["generated"] = (extra.generated, extra.generated_targets, None)
+    elif extra.live is not None:  # a fresh draw, as the last epoch saw them
+        sample = extra.live.generator.transform(train.x[:2000], torch.Generator().manual_seed(0))
+        groups["generated"] = (sample, None, None)
+    summary = row_summary(_eval_predict(prepared.student), prepared.teacher, groups)
+    if extra.live is not None:  # live rows are new every epoch: rows per epoch, agreement on a fresh draw
+        per_epoch = math.ceil(
+            extra.live.ratio * (len(train) + (0 if extra.unlabeled is None else len(extra.unlabeled)))
+        )
+        summary["generated"] |= {"rows": per_epoch, "mode": "live, rows per epoch; agreement on a fresh draw"}
+    return {"transfer_rows": summary, "transfer": extra.transfer, "transfer_seconds": dict(extra.seconds)}
 
 
 def _train_teacher_logits(spec: RunSpec, prepared: Prepared) -> torch.Tensor | None:
@@ -917,11 +1036,15 @@ def run_fingerprint(spec: RunSpec) -> dict[str, Any]:
     """What a resumed run must share with the run it continues (what changes the weights): the front end's identity
     (data, teacher, student) and the settings' seed, task, method, training and precision."""
     dumped = spec.settings.model_dump(mode="json")
-    return (
+    fingerprint = (
         dict(spec.identity)
         | {key: dumped[key] for key in ("seed", "task", "method", "train")}
         | {"precision": spec.settings.device.precision}
     )
+    transfer = _transfer(spec)
+    if transfer is not None:
+        fingerprint["transfer"] = json.loads(json.dumps(transfer.describe(), default=str))
+    return fingerprint
 
 
 def _check_folder(folder: Path, fingerprint: dict[str, Any], resume: bool) -> dict[str, Any] | None:

@@ -103,6 +103,10 @@ class Report:
                 f"privacy: membership-inference AUC (loss/confidence attack; 0.5 = no signal) {aucs}; "
                 f"{top}: {privacy_reading(worst[top])}"
             )
+        if self.settings.get("transfer_rows"):
+            from kdistill.transfer.plan import rows_line
+
+            found.append(rows_line(self.settings["transfer_rows"]))
         return found
 
     def to_dict(self) -> dict[str, Any]:

@@ -112,6 +112,7 @@ def run_spec(config: RunConfig, *, resume: bool = False, verbose: bool = True) -
         verbose=verbose,
         identity={section: dumped[section] for section in ("data", "teacher", "student")},
         report_settings={"config": config.name, "teacher": config.teacher.kind, "student": config.student.kind},
+        unlabeled=_read_unlabeled(config),
     )
 
 
@@ -214,6 +215,27 @@ def _read_archive(path: Path, archive: Any) -> tuple[Any, Any]:
             f"{path} holds both 'x' and named inputs {sorted(named)}", hint="keep one: x, or x.<name> arrays."
         )
     return (archive["x"] if "x" in archive.files else named), archive["y"]
+
+
+def _read_unlabeled(config: RunConfig) -> np.ndarray | None:
+    """``data.unlabeled``: a .npy of rows, or a .npz whose array ``x`` holds them (None when not set)."""
+    if config.data.unlabeled is None:
+        return None
+    path = config.resolve(config.data.unlabeled)
+    if path.suffix.lower() == ".npy":
+        return _read_npy(path, "unlabeled rows")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            if "x" not in archive.files:
+                raise DataError(
+                    f"{path} has no array 'x' (it holds {archive.files})",
+                    hint="save the unlabeled rows with np.savez(path, x=features).",
+                )
+            return archive["x"]
+    except (ValueError, OSError) as exc:
+        raise DataError(
+            f"{path} is not a readable .npz of plain arrays ({exc})", hint="np.savez(path, x=rows)."
+        ) from exc
 
 
 def _load_data(config: RunConfig) -> dict[str, tuple[Any, Any] | None]:

@@ -186,6 +186,14 @@ class DistilledClassifier(ClassifierMixin, BaseEstimator):
     *shape) arrays for a CNN student. ``y``: any labels scikit-learn accepts for a classifier (a column vector warns
     and is flattened, as in scikit-learn).
 
+    Scarce labels (``docs/scarce_labels.md``): ``fit(X, y, unlabeled=X_u)`` hands rows without labels to the
+    teacher and the student (a fit parameter, so ``Pipeline.fit(X, y, distilledclassifier__unlabeled=X_u)`` passes
+    it; the Pipeline's transformers do not transform it); or ``unlabeled_marker=-1`` marks the rows of ``X`` whose
+    label is -1 as unlabeled (scikit-learn's semi-supervised convention, ``SelfTrainingClassifier``), which works
+    through every Pipeline step because those rows travel in ``X``. An unfitted teacher is fitted on the labelled
+    rows only, and only labelled rows are held out. ``transfer``: generated rows for the teacher to label
+    (:mod:`kdistill.transfer`, as ``distill(transfer=...)``).
+
     Attributes after fit: ``classes_`` (the teacher's order; any labels sklearn accepts), ``teacher_``, ``student_``
     (the trained ``nn.Module``), ``history_``, ``report_`` (teacher, student and the no-teacher baseline on the
     held-out rows; None with ``report=False`` or when nothing was held out), ``n_features_in_`` (features per row,
@@ -212,6 +220,8 @@ class DistilledClassifier(ClassifierMixin, BaseEstimator):
         num_threads: int | str = "auto",
         random_state: int | None = None,
         verbose: bool = False,
+        transfer: Any = None,
+        unlabeled_marker: Any = None,
     ) -> None:
         self.teacher = teacher
         self.student = student
@@ -230,6 +240,8 @@ class DistilledClassifier(ClassifierMixin, BaseEstimator):
         self.num_threads = num_threads
         self.random_state = random_state
         self.verbose = verbose
+        self.transfer = transfer
+        self.unlabeled_marker = unlabeled_marker
 
     def __sklearn_tags__(self) -> Any:
         """scikit-learn's tags: what input the estimator takes, so its checks test the right things.
@@ -243,9 +255,16 @@ class DistilledClassifier(ClassifierMixin, BaseEstimator):
         tags.input_tags.sparse = True
         return tags
 
-    def fit(self, X: Any, y: Any) -> DistilledClassifier:
-        """Fit the teacher if it is unfitted, then distil it into the student on ``X``, ``y``."""
+    def fit(self, X: Any, y: Any, unlabeled: Any = None) -> DistilledClassifier:
+        """Fit the teacher if it is unfitted, then distil it into the student on ``X``, ``y``; ``unlabeled``:
+        rows without labels (the columns of ``X``), labelled by the teacher for the student."""
         X = _numeric(X)
+        if self.unlabeled_marker is not None:
+            X, y, marked = _split_marked(X, y, self.unlabeled_marker)
+            if marked is not None:
+                unlabeled = marked if unlabeled is None else _stack_rows(unlabeled, marked)
+        if unlabeled is not None:
+            unlabeled = _numeric(unlabeled)
         validate_data(self, X, skip_check_array=True, ensure_2d=False, reset=True)  # feature_names_in_ only
         seed = int(check_random_state(self.random_state).randint(0, 2**31 - 1))
         x_all = as_split(X, name="X", labeled=False)
@@ -280,6 +299,8 @@ class DistilledClassifier(ClassifierMixin, BaseEstimator):
             profile=False,
             num_threads=self.num_threads,
             verbose=self.verbose,
+            unlabeled=unlabeled,
+            transfer=copy.deepcopy(self.transfer),
         )
         self.teacher_ = teacher
         self.student_ = result.student
@@ -513,3 +534,27 @@ class DistilledRegressor(RegressorMixin, BaseEstimator):
             parts = [self._float64_student(x[i : i + 1024].double()) for i in range(0, len(x), 1024)]
         predictions = torch.cat(parts).numpy()
         return predictions.ravel() if self._one_dimensional_y else predictions
+
+
+def _split_marked(X: Any, y: Any, marker: Any) -> tuple[Any, Any, Any]:
+    """``X`` and ``y`` split into the labelled rows and the rows whose label is ``marker`` (None when none are)."""
+    y_array = column_or_1d(y.to_numpy() if hasattr(y, "to_numpy") else np.asarray(y), warn=True)
+    marked = y_array == marker
+    if not marked.any():
+        return X, y_array, None
+    if marked.all():
+        raise DataError(
+            f"every label is the unlabeled marker {marker!r}: nothing is labelled",
+            hint="label some rows; the teacher and the student's hard term need them.",
+        )
+    return _take_rows(X, ~marked), y_array[~marked], _take_rows(X, marked)
+
+
+def _take_rows(X: Any, mask: np.ndarray) -> Any:
+    if hasattr(X, "iloc"):
+        return X.iloc[np.flatnonzero(mask)]
+    return X[np.flatnonzero(mask)] if sparse.issparse(X) else np.asarray(X)[mask]
+
+
+def _stack_rows(first: Any, second: Any) -> Any:
+    return np.concatenate([np.asarray(_densify(first)), np.asarray(_densify(second))])

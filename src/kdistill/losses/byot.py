@@ -13,7 +13,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdistill.losses.base import BaseLoss, register_loss
-from kdistill.losses.common import check_non_negative, check_positive, check_row_outputs, get_feature, require_target
+from kdistill.losses.common import (
+    check_non_negative,
+    check_positive,
+    check_row_outputs,
+    get_feature,
+    labelled_cross_entropy,
+    require_target,
+)
 from kdistill.losses.kd import kd_loss
 from kdistill.teachers.base import Outputs
 
@@ -111,7 +118,7 @@ class DeepSupervision(nn.Module, BaseLoss):
             heads_ce = heads_ce + terms["ce"]
             heads_kd = heads_kd + terms["kd"]
             heads_hint = heads_hint + F.mse_loss(projected, deep_feature)
-        hard = F.cross_entropy(student.logits, target)
+        hard = labelled_cross_entropy(student.logits, target)
         heads = (1 - self.soft_weight) * heads_ce + self.soft_weight * heads_kd + self.hint_weight * heads_hint
         total = self.deep_ce_weight * hard + heads
         return {"loss": total, "ce": hard, "heads_ce": heads_ce, "heads_kd": heads_kd, "heads_hint": heads_hint}

@@ -27,6 +27,7 @@ __all__ = [
     "counted_positions",
     "flatten_rows",
     "get_feature",
+    "labelled_cross_entropy",
     "layer_pairs",
     "output_mask",
     "require_target",
@@ -148,6 +149,15 @@ def token_cross_entropy(
     return hard / token_count(counted, normalizer)
 
 
+def labelled_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``F.cross_entropy(logits, target)``: the mean over the rows whose target is not :data:`IGNORE_INDEX` (rows
+    without a label, in a partly labelled batch). A batch in which no row is labelled gives 0 (still attached to
+    the graph) instead of PyTorch's 0/0 = NaN. ``logits``: (batch, classes); ``target``: (batch,)."""
+    if target.ndim == 1 and len(target) and not bool((target != IGNORE_INDEX).any()):
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits, target)
+
+
 def require_target(target: torch.Tensor | None, method: str) -> torch.Tensor:
     """``target``, or a :class:`MethodError` saying that ``method`` needs hard labels."""
     if target is None:
@@ -220,7 +230,7 @@ def with_cross_entropy(
     later members use ``ce_weight=0`` reports the cross-entropy once."""
     if target is None or ce_weight == 0:
         return {"loss": distill_total, **terms}
-    hard = F.cross_entropy(student_logits, target)
+    hard = labelled_cross_entropy(student_logits, target)
     return {"loss": ce_weight * hard + distill_total, "ce": hard, **terms}
 
 

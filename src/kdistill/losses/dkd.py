@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from kdistill.losses.base import BaseLoss, register_loss
 from kdistill.losses.common import (
+    IGNORE_INDEX,
     as_target,
     check_non_negative,
     check_positive,
@@ -65,7 +66,8 @@ def dkd_loss(
 
     Args:
         student_logits, teacher_logits: (batch, classes), classes >= 2.
-        target: (batch,) class indices; None uses the teacher's argmax as the target class and drops the CE term.
+        target: (batch,) class indices; None uses the teacher's argmax as the target class and drops the CE term;
+            so does a row whose target is -100 (unlabeled, in a partly labelled batch), for that row.
         temperature: T > 0. target_weight: α (paper 1.0). nontarget_weight: β (paper 8.0 on CIFAR-100).
         ce_weight: c, the weight of the hard-label term (0 for composing with another method that has one).
         warmup_factor: λ_warm in [0, 1], the DKD terms' weight during the warm-up (the class sets it per epoch).
@@ -78,7 +80,8 @@ def dkd_loss(
     check_logits(student_logits, teacher_logits)
     teacher_logits = as_target(teacher_logits)
     classes = student_logits.shape[1]
-    target_class = teacher_logits.argmax(dim=1) if target is None else target
+    teacher_class = teacher_logits.argmax(dim=1)
+    target_class = teacher_class if target is None else torch.where(target == IGNORE_INDEX, teacher_class, target)
     target_mask = F.one_hot(target_class, classes).bool()
     student_binary, student_rest = _target_and_rest_log_probs(student_logits / temperature, target_mask)
     teacher_binary, teacher_rest = _target_and_rest_log_probs(teacher_logits / temperature, target_mask)

@@ -23,6 +23,7 @@ from kdistill.losses.base import BaseLoss, register_loss
 from kdistill.losses.common import (
     check_token_shapes,
     counted_positions,
+    labelled_cross_entropy,
     output_mask,
     require_teacher,
     token_count,
@@ -72,7 +73,7 @@ def mix_soft_and_hard(
     soft = F.kl_div(student_log_probs, teacher_log_probs, reduction="batchmean", log_target=True) * temperature**2
     if target is None:
         return {"loss": soft, "kd": soft}
-    hard = F.cross_entropy(student_logits, target)
+    hard = labelled_cross_entropy(student_logits, target)  # rows with target -100 (unlabeled) are left out
     return {"loss": (1.0 - soft_weight) * hard + soft_weight * soft, "ce": hard, "kd": soft}
 
 
@@ -263,13 +264,16 @@ class KDLoss(BaseLoss):
         """Optional engine hook for a teacher whose outputs never change: the rows of :func:`pack_kd_targets`, which
         the engine indexes per batch into ``Outputs.precomputed``. None (the textbook form runs) without labels,
         with ``soft_weight`` 0 or 1, for another loss function (``kd_topk``), for token-level (rows, seq, vocab)
-        logits, or when the table would exceed :data:`PACK_MAX_NUMBERS`. Changing ``temperature`` or
+        logits, for partly labelled rows (a target of -100: the packed CE would average over every row), or when
+        the table would exceed :data:`PACK_MAX_NUMBERS`. Changing ``temperature`` or
         ``soft_weight`` afterwards falls back to the textbook form."""
         if teacher_logits.ndim != 2:
             return None
         rows, classes = teacher_logits.shape
         too_large = rows * (2 * classes + 1) > PACK_MAX_NUMBERS
         if target is None or self.loss_function is not kd_loss or not 0.0 < self.soft_weight < 1.0 or too_large:
+            return None
+        if bool((target < 0).any()):  # unlabeled rows: the textbook form leaves them out of the CE
             return None
         self._packed_for = (self.temperature, self.soft_weight)
         return pack_kd_targets(teacher_logits, target, temperature=self.temperature, soft_weight=self.soft_weight)

@@ -11,11 +11,16 @@ import warnings
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 
 from kdistill.errors import MethodError
 from kdistill.losses.base import BaseLoss, register_loss
-from kdistill.losses.common import as_target, check_non_negative, check_row_outputs, require_teacher
+from kdistill.losses.common import (
+    as_target,
+    check_non_negative,
+    check_row_outputs,
+    labelled_cross_entropy,
+    require_teacher,
+)
 from kdistill.losses.dkd import DKDLoss, dkd_loss
 from kdistill.losses.kd import KDLoss, check_logits, kd_loss
 from kdistill.teachers.base import Outputs
@@ -132,7 +137,7 @@ class LogitStandardized(BaseLoss):
                 return {"loss": soft, "kd": soft}
             if self.ce_weight == 0:
                 return {"loss": self.kd_weight * soft, "kd": soft}
-            hard = F.cross_entropy(student.logits, target)
+            hard = labelled_cross_entropy(student.logits, target)
             return {"loss": self.ce_weight * hard + self.kd_weight * soft, "ce": hard, "kd": soft}
         terms = dkd_loss(
             student_z,
@@ -146,7 +151,7 @@ class LogitStandardized(BaseLoss):
         )
         if target is None or inner.ce_weight == 0:
             return terms
-        hard = F.cross_entropy(student.logits, target)
+        hard = labelled_cross_entropy(student.logits, target)
         return {**terms, "loss": inner.ce_weight * hard + terms["loss"], "ce": hard}
 
 
