@@ -226,3 +226,24 @@ def test_dkd_takes_the_teachers_class_for_unlabelled_rows_and_ce_only_from_label
     labelled = target != -100
     expected_ce = float(torch.nn.functional.cross_entropy(student[labelled], target[labelled]))
     assert float(terms["ce"]) == pytest.approx(expected_ce, rel=1e-6)
+
+
+def test_unlabeled_rows_teach_a_regression_student_through_the_teacher_alone() -> None:
+    """Issue 17 with issue 15: extra rows of a regressor's transfer set get the teacher's predictions as targets, and
+    the label term never sees them (their filler is NaN for real-valued targets)."""
+    from sklearn.datasets import make_friedman1
+    from sklearn.ensemble import HistGradientBoostingRegressor
+
+    import kdistill
+
+    x, y = make_friedman1(n_samples=700, noise=0.5, random_state=0)
+    x, y = x.astype(np.float32), y.astype(np.float32)
+    teacher = HistGradientBoostingRegressor(max_iter=60, random_state=0).fit(x[:500], y[:500])
+    common = {"epochs": 4, "batch_size": 64, "verbose": False, "profile": False, "baseline": False}
+    with_rows = kdistill.distill(
+        teacher, "mlp", (x[:100], y[:100]), unlabeled=x[100:500], test=(x[500:], y[500:]), **common
+    )
+    assert with_rows.report is not None and with_rows.report.settings["transfer_rows"]["unlabeled"]["rows"] == 400
+    assert with_rows.report.settings["task"] == "regression"
+    history = with_rows.history[-1]
+    assert np.isfinite(history["train_loss"])  # NaN fillers never reach the loss
