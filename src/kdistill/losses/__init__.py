@@ -16,6 +16,7 @@ from kdistill.losses.base import (
     register_loss,
 )
 from kdistill.losses.byot import DeepSupervision
+from kdistill.losses.chunked import chunked_head_loss, chunked_token_loss
 from kdistill.losses.compose import Compose, compose_methods
 from kdistill.losses.crd import CRDLoss, contrastive_loss
 from kdistill.losses.dist import DISTLoss, dist_loss
@@ -31,6 +32,16 @@ from kdistill.losses.prepare import StaticTargets, TeacherBank, prepare_loss
 from kdistill.losses.projector import Projector
 from kdistill.losses.rkd import RKDLoss, rkd_angle_loss, rkd_distance_loss
 from kdistill.losses.sp import SPLoss, sp_loss
+from kdistill.losses.token import (
+    ForwardKL,
+    GeneralizedJSD,
+    ReverseKL,
+    SkewForwardKL,
+    SkewReverseKL,
+    TokenDivergenceLoss,
+    TotalVariation,
+    token_distill_loss,
+)
 
 __all__ = [
     "LOSSES",
@@ -44,6 +55,8 @@ __all__ = [
     "DKDLoss",
     "DeepSupervision",
     "FitNet",
+    "ForwardKL",
+    "GeneralizedJSD",
     "KDLoss",
     "KDTopKLoss",
     "LogitStandardized",
@@ -54,13 +67,20 @@ __all__ = [
     "PKTLoss",
     "Projector",
     "RKDLoss",
+    "ReverseKL",
     "SPLoss",
+    "SkewForwardKL",
+    "SkewReverseKL",
     "StaticTargets",
     "TeacherBank",
+    "TokenDivergenceLoss",
+    "TotalVariation",
     "UnknownNameError",
     "as_loss",
     "at_loss",
     "attention_map",
+    "chunked_head_loss",
+    "chunked_token_loss",
     "compose_methods",
     "confidence_weights",
     "contrastive_loss",
@@ -83,4 +103,5 @@ __all__ = [
     "rkd_distance_loss",
     "sp_loss",
     "standardize_logits",
+    "token_distill_loss",
 ]
