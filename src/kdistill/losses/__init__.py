@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from kdistill.losses.at import ATLoss, at_loss, attention_map
+from kdistill.losses.attention import TinyBERTAttention, attention_mse, attention_scores
 from kdistill.losses.base import (
     LOSSES,
     BaseLoss,
@@ -23,6 +24,7 @@ from kdistill.losses.dist import DISTLoss, dist_loss
 from kdistill.losses.dkd import DKDLoss, dkd_loss
 from kdistill.losses.embedding import CosineEmbeddingLoss, MSEEmbeddingLoss, cosine_loss, mse_embedding_loss
 from kdistill.losses.fitnet import FitNet, hint_loss
+from kdistill.losses.hidden import TinyBERTHidden, hidden_mse, uniform_map
 from kdistill.losses.kd import CrossEntropy, KDLoss, cross_entropy, kd_loss
 from kdistill.losses.kd_topk import KDTopKLoss, kd_topk_loss
 from kdistill.losses.logit_std import LogitStandardized, standardize_logits
@@ -73,12 +75,16 @@ __all__ = [
     "SkewReverseKL",
     "StaticTargets",
     "TeacherBank",
+    "TinyBERTAttention",
+    "TinyBERTHidden",
     "TokenDivergenceLoss",
     "TotalVariation",
     "UnknownNameError",
     "as_loss",
     "at_loss",
     "attention_map",
+    "attention_mse",
+    "attention_scores",
     "chunked_head_loss",
     "chunked_token_loss",
     "compose_methods",
@@ -90,6 +96,7 @@ __all__ = [
     "dist_loss",
     "dkd_loss",
     "get_loss",
+    "hidden_mse",
     "hint_loss",
     "kd_loss",
     "kd_topk_loss",
@@ -104,4 +111,5 @@ __all__ = [
     "sp_loss",
     "standardize_logits",
     "token_distill_loss",
+    "uniform_map",
 ]
