@@ -115,3 +115,41 @@ def test_a_causal_lm_distils_through_distill_with_a_token_divergence(tmp_path: P
     assert "train_kd" in history[-1] and "val_perplexity" in history[-1]
     assert history[-1]["val_loss"] < history[0]["val_loss"]
     assert isinstance(result.student, lm.LMLogits) and result.student.model is student  # trained in place
+
+
+def test_on_policy_mixer_is_seeded_resumable_and_samples_only_continuations() -> None:
+    student = lm.causal_lm("gpt2", VOCAB, layers=1, width=16, heads=2, positions=16, seed=0)
+    ids = torch.randint(0, VOCAB, (4, 10), generator=torch.Generator().manual_seed(0))
+    never, always = lm.OnPolicyMixer(0.0, prompt_length=4), lm.OnPolicyMixer(1.0, prompt_length=4, seed=3)
+    kept, on_policy = never(student, ids)
+    assert kept is ids and not on_policy
+    sampled, on_policy = always(student, ids)
+    assert on_policy and torch.equal(sampled[:, :4], ids[:, :4]) and not torch.equal(sampled[:, 4:], ids[:, 4:])
+    assert student.training  # its mode is restored
+    # at a temperature near 0 sampling is greedy decoding, computed here by hand one token at a time
+    cold = lm.sample_continuations(student, ids, prompt_length=4, generator=torch.Generator(), temperature=1e-4)
+    greedy = ids.clone()
+    with torch.no_grad():
+        for position in range(4, 10):
+            greedy[:, position] = student(greedy[:, :position]).logits[:, -1].argmax(-1)
+    assert torch.equal(cold, greedy)
+    # the same seed gives the same batches; a mixer restored from a state dict continues the same stream
+    half = lm.OnPolicyMixer(0.5, prompt_length=4, seed=1)
+    first = [half(student, ids) for _ in range(3)]
+    state = half.state_dict()
+    later = [half(student, ids) for _ in range(3)]
+    again = lm.OnPolicyMixer(0.5, prompt_length=4, seed=1)
+    assert all(
+        torch.equal(a[0], b[0]) and a[1] == b[1]
+        for a, b in zip(first, [again(student, ids) for _ in range(3)], strict=True)
+    )
+    resumed = lm.OnPolicyMixer(0.5, prompt_length=4, seed=99)
+    resumed.load_state_dict(state)
+    assert all(
+        torch.equal(a[0], b[0]) and a[1] == b[1]
+        for a, b in zip(later, [resumed(student, ids) for _ in range(3)], strict=True)
+    )
+    flips = [lm.OnPolicyMixer(0.5, prompt_length=4, seed=s)(student, ids[:1, :5])[1] for s in range(40)]
+    assert 8 < sum(flips) < 32  # lambda = 0.5: about half the batches are the student's
+    with pytest.raises(kdistill.DataError, match="prompt_length must be in"):
+        lm.sample_continuations(student, ids, prompt_length=10, generator=torch.Generator())

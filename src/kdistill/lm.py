@@ -1,6 +1,7 @@
 """Language-model distillation helpers [hf]: an offline corpus (the Python standard library's source), a byte-level
 BPE tokenizer trained on it, token blocks, small GPT-2 / Llama causal LMs from configs or local folders, the
-vocabulary check between teacher and student, and a student from a subset of the teacher's layers.
+vocabulary check between teacher and student, a student from a subset of the teacher's layers, and GKD's on-policy
+data (:class:`OnPolicyMixer`: with probability λ a batch's continuations are the student's own samples).
 
 Everything here runs offline: no hub download is ever attempted (``local_files_only=True``).
 
@@ -27,12 +28,14 @@ from kdistill.errors import DataError, DependencyError, ShapeMismatchError, Stud
 
 __all__ = [
     "LMLogits",
+    "OnPolicyMixer",
     "causal_lm",
     "check_vocabularies",
     "encode_blocks",
     "lm_student",
     "load_causal_lm",
     "logit_rows",
+    "sample_continuations",
     "stdlib_sources",
     "tokenizer_size",
     "train_tokenizer",
@@ -292,3 +295,74 @@ def lm_student(
     student = from_teacher(teacher, layers=layers, layer_map=layer_map, hidden_size=width)
     check_vocabularies(teacher, student)
     return student
+
+
+# ---- on-policy data (GKD) ------------------------------------------------------------------------------------------
+@torch.no_grad()
+def sample_continuations(
+    model: nn.Module,
+    ids: torch.Tensor,
+    *,
+    prompt_length: int,
+    generator: torch.Generator,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """``ids`` (rows, seq) with every position from ``prompt_length`` on replaced by tokens sampled from ``model``
+    (a causal LM returning ``.logits`` or a logits tensor) one at a time, at ``temperature``, drawn from
+    ``generator`` only (the same generator state gives the same tokens). The model runs in eval mode; its mode is
+    restored."""
+    if not 1 <= prompt_length < ids.shape[1]:
+        raise DataError(
+            f"prompt_length must be in [1, {ids.shape[1] - 1}] for sequences of {ids.shape[1]}, got {prompt_length}",
+            hint="keep at least one prompt token and one position to generate.",
+        )
+    if temperature <= 0:
+        raise DataError(f"temperature must be > 0, got {temperature}")
+    was_training = model.training
+    model.eval()
+    try:
+        out = ids.clone()
+        for position in range(prompt_length, ids.shape[1]):
+            result = model(out[:, :position])
+            logits = result if isinstance(result, torch.Tensor) else result.logits
+            probs = torch.softmax(logits[:, -1].float() / temperature, dim=-1).cpu()
+            out[:, position] = torch.multinomial(probs, 1, generator=generator).squeeze(1).to(out.device)
+        return out
+    finally:
+        model.train(was_training)
+
+
+class OnPolicyMixer:
+    """GKD's data mix (Agarwal et al., 2024): with probability ``student_share`` (GKD's λ) a batch's continuations
+    (every position from ``prompt_length`` on) are sampled from the student (:func:`sample_continuations`), else
+    the batch is kept; the teacher then labels whatever the batch holds, live. Both the coin and the samples come
+    from one generator seeded by ``seed``, so a run is reproducible, and :meth:`state_dict` /
+    :meth:`load_state_dict` carry it across a resume.
+
+    Use: ``ids, on_policy = mixer(student, ids)`` before the student's forward pass, then the teacher's logits on
+    the returned ``ids``."""
+
+    def __init__(self, student_share: float, *, prompt_length: int, seed: int = 0, temperature: float = 1.0) -> None:
+        if not 0.0 <= student_share <= 1.0:
+            raise DataError(f"student_share (GKD's lambda) must be in [0, 1], got {student_share}")
+        self.student_share = student_share
+        self.prompt_length = prompt_length
+        self.temperature = temperature
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __call__(self, student: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        draw = float(torch.rand((), generator=self.generator))
+        if draw >= self.student_share:
+            return ids, False
+        sampled = sample_continuations(
+            student, ids, prompt_length=self.prompt_length, generator=self.generator, temperature=self.temperature
+        )
+        return sampled, True
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The generator's state (what a checkpoint keeps)."""
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Continue from a :meth:`state_dict`."""
+        self.generator.set_state(state["generator"])
