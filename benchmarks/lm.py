@@ -20,9 +20,9 @@ chunked loss over logits, and the chunked loss over hidden states + head (each i
 the process's RSS once its inputs exist, with glibc's mmap threshold fixed at 1 MiB so that RSS follows the live
 tensors).
 
-Run: ``python benchmarks/lm.py --quick`` (a few minutes; 1 seed, a small teacher), or without ``--quick`` for the
-issue's sizes (4 x 256 teacher, 2 x 128 student, 3 seeds; an hour or more on 2 CPU cores). Prints one summary line,
-then one JSON object as the last line.
+Run: ``benchmarks/lm.py --quick`` (1 seed, a 4 x 128 teacher trained 1,000 steps; ~15 min on a busy 2-core box),
+or without ``--quick`` for the issue's sizes (4 x 256 teacher, 2 x 128 student, 3 seeds; an hour or more on 2 CPU
+cores). Prints one summary line, then one JSON object as the last line.
 """
 
 from __future__ import annotations
@@ -51,9 +51,9 @@ from kdistill.tasks import get_task
 from kdistill.teachers import TopK, TorchTeacher
 
 QUICK = {
-    "files": 160, "vocab": 2048, "seq": 64, "teacher_layers": 4, "teacher_width": 128, "teacher_steps": 400,
+    "files": 100, "vocab": 1024, "seq": 64, "teacher_layers": 4, "teacher_width": 128, "teacher_steps": 1000,
     "student_layers": 2, "student_width": 64, "student_steps": 300, "batch": 16, "seeds": 1, "topk": 32,
-    "memory_tokens": 2048, "blocks": 4096,
+    "memory_tokens": 1024, "blocks": 4096,
 }  # fmt: skip
 FULL = {
     "files": None, "vocab": 8192, "seq": 128, "teacher_layers": 4, "teacher_width": 256, "teacher_steps": 3000,
@@ -150,6 +150,13 @@ def _rss_bytes() -> int:
         return int(handle.read().split()[1]) * resource.getpagesize()
 
 
+def _peak_rss_bytes() -> int:
+    """This process's RSS high-water mark (VmHWM; ``ru_maxrss`` would carry the parent's from before exec)."""
+    with open("/proc/self/status") as handle:
+        line = next(line for line in handle if line.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
+
+
 def memory_probe(variant: str, tokens: int, vocab: int, chunk: int) -> dict[str, float]:
     """Peak RSS above the inputs' of one loss + backward at (tokens, vocab), in this process."""
     torch.set_num_threads(1)
@@ -175,7 +182,7 @@ def memory_probe(variant: str, tokens: int, vocab: int, chunk: int) -> dict[str,
         loss = chunked_head_loss(hidden, weight, teacher, target, chunk_size=chunk)["loss"]
     loss.backward()
     seconds = time.perf_counter() - started
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = _peak_rss_bytes()
     return {"peak_above_inputs_mb": (peak - baseline) / 2**20, "seconds": seconds, "loss": float(loss.detach())}
 
 

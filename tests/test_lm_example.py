@@ -1,4 +1,4 @@
-"""examples/lm_stdlib.yaml as a user runs it: the preparation script (at its --tiny size), then `kdistill run`."""
+"""examples/lm_stdlib/lm_stdlib.yaml as a user runs it: the preparation script (--tiny), then `kdistill run`."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_the_lm_example_prepares_and_runs(tmp_path: Path) -> None:
     for name in ("lm_demo.py", "lm_stdlib.yaml"):
-        shutil.copy(ROOT / "examples" / name, tmp_path / name)
+        shutil.copy(ROOT / "examples" / "lm_stdlib" / name, tmp_path / name)
     env = {"PYTHONPATH": str(ROOT / "src")}
     done = subprocess.run([sys.executable, "lm_demo.py", "--tiny"], cwd=tmp_path, capture_output=True, text=True,
                           timeout=600, env=env)  # fmt: skip

@@ -1,6 +1,7 @@
-"""The language-model demonstration's own code, referenced from lm_stdlib.yaml: ``python examples/lm_demo.py``
-prepares it (tokenizer, token blocks, a trained GPT-2 teacher, a few minutes on a laptop CPU), then
-``kdistill run examples/lm_stdlib.yaml`` distils the teacher into a student of half its layers.
+"""The language-model demonstration's own code, referenced from lm_stdlib.yaml: ``python
+examples/lm_stdlib/lm_demo.py`` prepares it (tokenizer, token blocks, a trained GPT-2 teacher, a few minutes on a
+laptop CPU), then ``kdistill run examples/lm_stdlib/lm_stdlib.yaml`` distils the teacher into a student of half its
+layers.
 
 Written next to this file, under ``lm/``: ``tokenizer.json``, ``train.npz`` / ``val.npz`` (``x`` and ``y``: (rows,
 seq) int64 token ids of the Python standard library's source, validation modules held out by path) and ``teacher/``
