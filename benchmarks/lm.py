@@ -20,7 +20,7 @@ chunked loss over logits, and the chunked loss over hidden states + head (each i
 the process's RSS once its inputs exist, with glibc's mmap threshold fixed at 1 MiB so that RSS follows the live
 tensors).
 
-Run: ``benchmarks/lm.py --quick`` (1 seed, a 4 x 128 teacher trained 1,000 steps; ~15 min on a busy 2-core box),
+Run: ``benchmarks/lm.py --quick`` (1 seed, a 4 x 128 teacher trained 1,000 steps; 33 min on a busy 2-core box),
 or without ``--quick`` for the issue's sizes (4 x 256 teacher, 2 x 128 student, 3 seeds; an hour or more on 2 CPU
 cores). Prints one summary line, then one JSON object as the last line.
 """
