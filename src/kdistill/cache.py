@@ -25,13 +25,14 @@ row: its entry is keyed by the whole set's fingerprint and ``kind`` and written 
 entry or none. Opening one verifies its checksums; a mismatch is a :class:`~kdistill.errors.CacheError` naming the
 file, and :func:`cached_teacher_outputs` then deletes the view and rebuilds it (from the chunks, which are checked
 when read: a bad chunk is deleted and its rows recomputed). Two processes filling the same store take turns on its
-lock file; where ``flock`` does not exist, the writes are still atomic and idempotent. Under ``torchrun`` rank 0 fills
-and the other ranks open the entry it wrote (``collective=True``; or rank 0 alone fills and sends ``entry.key``, and
-the others call :func:`open_entry`).
+lock file; where ``flock`` does not exist, the writes are still atomic and idempotent. Under ``torchrun`` the ranks
+that hold the teacher split the missing rows between them, then rank 0 gathers the entry and the other ranks open it
+(``collective=True``; or rank 0 alone fills and sends ``entry.key``, and the others call :func:`open_entry`).
 
-Storage options: ``"fp32"`` (exact), ``"fp16"`` (half the bytes; ~3 significant digits) and ``"topk:K"`` (the K
+Storage options: ``"fp32"`` (exact), ``"fp16"`` (half the bytes; ~3 significant digits), ``"topk:K"`` (the K
 largest logits per row, or per token for (rows, seq, vocab) outputs, their indices, and the log-sum-exp of the rest;
-read with the ``kd_topk`` loss, which uses that form exactly).
+read with the ``kd_topk`` loss, which uses that form exactly) and ``"topk16:K"`` (the token-level layout: the same as
+float16 log-probabilities, 4K + 2 bytes a token; :meth:`CacheEntry.bytes_per_token` reports it).
 """
 
 from __future__ import annotations
@@ -103,10 +104,18 @@ def default_cache_dir() -> Path:
 
 
 def parse_storage(storage: str) -> tuple[str, int | None]:
-    """``"fp32"`` -> ("fp32", None), ``"fp16"`` -> ("fp16", None), ``"topk:K"`` -> ("topk", K)."""
+    """``"fp32"`` -> ("fp32", None), ``"fp16"`` -> ("fp16", None), ``"topk:K"`` -> ("topk", K), ``"topk16:K"`` ->
+    ("topk16", K)."""
     if storage in ("fp32", "fp16"):
         return storage, None
-    if storage.startswith("topk:"):
+    if storage.startswith("topk16:"):
+        try:
+            k16 = int(storage.split(":", 1)[1])
+        except ValueError:
+            k16 = 0
+        if k16 >= 1:
+            return "topk16", k16
+    elif storage.startswith("topk:"):
         try:
             k = int(storage.split(":", 1)[1])
         except ValueError:
@@ -114,7 +123,8 @@ def parse_storage(storage: str) -> tuple[str, int | None]:
         if k >= 1:
             return "topk", k
     raise CacheError(
-        f"unknown cache storage {storage!r}", hint="use 'fp32', 'fp16' or 'topk:K' with K >= 1 (e.g. 'topk:8')."
+        f"unknown cache storage {storage!r}",
+        hint="use 'fp32', 'fp16', 'topk:K' or 'topk16:K' with K >= 1 (e.g. 'topk:8').",
     )
 
 
@@ -283,7 +293,7 @@ def _checksum_file(path: Path) -> str:
 
 def _check_storage(storage: str, kind: str) -> None:
     mode, _ = parse_storage(storage)
-    if mode == "topk" and kind.startswith("embedding"):
+    if mode in ("topk", "topk16") and kind.startswith("embedding"):
         raise CacheError(
             f"cache storage {storage!r} keeps the largest logits, which means nothing for {kind!r}",
             hint="store embeddings as 'fp32' or 'fp16'.",
@@ -294,7 +304,13 @@ def _encode(outputs: torch.Tensor, storage: str) -> dict[str, np.ndarray]:
     """The arrays stored for ``outputs`` (rows, classes), (rows, seq, vocab) or (rows, dim) in ``storage``.
 
     topk:K, along the last axis: ``values`` (rows, [seq,] K) float32, ``indices`` (rows, [seq,] K) int16 (int32 above
-    32,767 classes), ``rest`` (rows, [seq]) float32 = log Σ exp(z_j) over the other classes."""
+    32,767 classes), ``rest`` (rows, [seq]) float32 = log Σ exp(z_j) over the other classes.
+
+    topk16:K (the token-level layout: 4K + 2 bytes a token below 32,768 ids, 130 B at K = 32): the same fields as
+    float16 **log-probabilities** (``values - LSE(z)``, ``rest - LSE(z)``, so the range is bounded whatever the
+    logits' offset; an empty rest bucket is float16's lowest, -65504, whose probability is 0). The losses read
+    them as bucket logits (a softmax is unchanged by the shift), so nothing else differs from ``topk:K`` but the
+    precision (float16 spacing is at most 0.016 nats for log-probabilities above -32)."""
     mode, k = parse_storage(storage)
     outputs = outputs.detach().float().cpu()
     if mode == "fp32":
@@ -322,11 +338,22 @@ def _encode(outputs: torch.Tensor, storage: str) -> dict[str, np.ndarray]:
     values, indices, rest = encode_topk(outputs.reshape(-1, classes), k)
     lead = tuple(outputs.shape[:-1])
     index_dtype = np.int16 if classes <= np.iinfo(np.int16).max else np.int32
+    if mode == "topk16":
+        values, rest = _as_log_probs16(values, rest)
     return {
         "values": values.reshape(*lead, k).numpy(),
         "indices": indices.reshape(*lead, k).numpy().astype(index_dtype),
         "rest": rest.reshape(lead).numpy(),
     }
+
+
+def _as_log_probs16(values: torch.Tensor, rest: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k logits (N, k) and rest LSE (N,) as float16 log-probabilities (see :func:`_encode`, ``topk16``)."""
+    lowest = float(np.finfo(np.float16).min)
+    total = torch.logaddexp(values.logsumexp(dim=-1), rest)
+    log_values = (values - total.unsqueeze(-1)).clamp_min(lowest).half()
+    log_rest = (rest - total).clamp_min(lowest).half()
+    return log_values, log_rest
 
 
 # ------------------------------------------------------------------------------------------------------------ entry
@@ -355,6 +382,17 @@ class CacheEntry:
     def nbytes(self) -> int:
         """Bytes of the stored arrays (without the .npy headers)."""
         return int(sum(array.nbytes for array in self.arrays.values()))
+
+    @property
+    def tokens(self) -> int | None:
+        """Positions stored for a token-level entry (rows × seq of (rows, seq, vocab) outputs); None otherwise."""
+        return self.rows * self.shape[0] if len(self.shape) == 2 else None
+
+    def bytes_per_token(self) -> float | None:
+        """:meth:`nbytes` / :attr:`tokens` for a token-level entry (fp16 logits: 2 × vocab; ``topk16:K``: 4K + 2
+        below 32,768 ids); None for per-row outputs."""
+        tokens = self.tokens
+        return None if not tokens else self.nbytes() / tokens
 
     def teacher_targets(self) -> torch.Tensor:
         """What the engine indexes by row. fp32/fp16: the outputs (rows, *shape), memory-mapped (no copy; fp16 stays
@@ -834,7 +872,9 @@ def cached_teacher_outputs(
         reuse: False runs the teacher (or ``compute``) on every row of this set again, even when an entry or chunks
             hold them, and rebuilds the entry from those fresh outputs.
         collective: True under ``torch.distributed`` (``torchrun``): every rank calls this together, rank 0 fills
-            the entry and the others open the one it wrote (ignored without an initialised process group). False
+            the entry and the others open the one it wrote (ignored without an initialised process group). When
+            every rank passes the teacher, the rows no chunk holds are split across the ranks first (each computes
+            a contiguous share into chunks), so the teacher's work is divided by the world size. False
             (the default): this process alone; a caller that runs it on rank 0 only sends ``entry.key`` to the
             other ranks, which call :func:`open_entry`.
 
@@ -889,10 +929,65 @@ def _get(teacher: Teacher, inputs: Inputs, request: _Request) -> CacheEntry:
     raise CacheError(f"cache entry {folder} keeps failing its checksums", hint="check the disk; clear the entry.")
 
 
-def _collective(rank: int, teacher: Teacher | None, inputs: Inputs, request: _Request) -> CacheEntry:
-    """Rank 0 fills; every rank then opens the folder rank 0 sends (or raises the error rank 0 met)."""
+def _fill_share(rank: int, world: int, teacher: Teacher, inputs: Inputs, request: _Request) -> None:
+    """This rank's share of the rows no chunk holds yet, computed and written as chunks (without the store's lock:
+    chunks are content-named and renamed into place, so ranks never write the same file). Every rank scans the
+    store, meets the others at a barrier (so all split the same missing rows), then computes its contiguous share."""
     import torch.distributed as dist
 
+    rows = row_fingerprints(inputs)
+    key = CacheKey(
+        teacher=teacher.fingerprint(), data=set_fingerprint(rows), kind=request.kind, storage=request.storage
+    )
+    store = request.root / _CHUNKS / key.store()
+    done = (request.root / _SETS / key.digest() / _MANIFEST).exists()
+    chunk, _ = _scan(store).lookup(rows) if store.is_dir() else (np.full(len(rows), -1), None)
+    dist.barrier()
+    missing = np.flatnonzero(chunk < 0)
+    if done or not len(missing):
+        return
+    _, first = np.unique(_as_void(rows[missing]), return_index=True)
+    share = np.array_split(missing[np.sort(first)], world)[rank]
+    if len(share):
+        _log.info("cache store %s: rank %d computes %d of %d missing rows", store.name, rank, len(share), len(missing))
+        shape, _ = _compute_missing(
+            store, teacher, inputs, rows, share, key.storage, request.chunk_rows, request.batch_size
+        )
+        described = {"teacher": key.teacher, "kind": key.kind, "storage": key.storage, "shape": list(shape)}
+        atomic_write_json(store / _STORE_FILE, described)
+
+
+def _split_fill(rank: int, teacher: Teacher | None, inputs: Inputs, request: _Request) -> None:
+    """When every rank holds the teacher (and the outputs are per row), the ranks split the missing rows; an error on
+    any rank is raised on every rank."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size()
+    able: list[Any] = [None] * world
+    dist.all_gather_object(able, teacher is not None and request.compute is None and request.reuse)
+    if not all(able):
+        return
+    assert teacher is not None
+    error = None
+    try:
+        _fill_share(rank, world, teacher, inputs, request)
+    except Exception as exc:  # every rank must reach the gather below, or the others hang
+        error = f"{type(exc).__name__}: {exc}"
+    errors: list[Any] = [None] * world
+    dist.all_gather_object(errors, error)
+    failed = [(number, message) for number, message in enumerate(errors) if message is not None]
+    if failed:
+        number, message = failed[0]
+        raise CacheError(f"rank {number} could not compute its share of the cache ({message})", hint="see its error.")
+
+
+def _collective(rank: int, teacher: Teacher | None, inputs: Inputs, request: _Request) -> CacheEntry:
+    """The ranks that hold the teacher split the rows to compute (all of them or none: :func:`_split_fill`); rank 0
+    then fills the entry (from those chunks) and every rank opens the folder rank 0 sends (or raises the error rank
+    0 met)."""
+    import torch.distributed as dist
+
+    _split_fill(rank, teacher, inputs, request)
     box: list[Any] = [None, None]
     if rank == 0:
         try:
@@ -936,6 +1031,13 @@ class EntryInfo:
     created: float | None
     status: str = "complete"
     kind: str | None = None
+    tokens: int | None = None
+    """Positions of a token-level entry ((rows, seq, vocab) outputs: rows × seq); None for per-row outputs."""
+
+    @property
+    def bytes_per_token(self) -> float | None:
+        """Folder bytes per stored token of a token-level entry, else None."""
+        return None if not self.tokens else self.size_bytes / self.tokens
 
 
 def _folder_bytes(folder: Path) -> int:
@@ -948,6 +1050,8 @@ def _set_info(folder: Path) -> EntryInfo:
     except (OSError, ValueError):
         manifest = {}
     key, shape = manifest.get("key", {}), manifest.get("shape") or [None]
+    rows = manifest.get("rows")
+    tokens = rows * shape[0] if len(shape) == 2 and rows is not None and shape[0] is not None else None
     return EntryInfo(
         folder.name,
         bool(manifest),
@@ -960,6 +1064,7 @@ def _set_info(folder: Path) -> EntryInfo:
         manifest.get("created", folder.stat().st_mtime),
         "complete" if manifest else "damaged",
         key.get("kind"),
+        tokens,
     )
 
 
@@ -973,6 +1078,7 @@ def _store_info(folder: Path) -> EntryInfo:
     for path in chunks:
         found = _chunk_rows_of(path)
         rows += 0 if found is None else len(found)
+    shape = described.get("shape") or [None]
     return EntryInfo(
         folder.name,
         False,
@@ -985,6 +1091,7 @@ def _store_info(folder: Path) -> EntryInfo:
         min((p.stat().st_mtime for p in chunks), default=folder.stat().st_mtime),
         "chunks",
         described.get("kind"),
+        rows * shape[0] if len(shape) == 2 and shape[0] is not None else None,
     )
 
 

@@ -269,13 +269,14 @@ def _cmd_cache(args: argparse.Namespace) -> int:
         return 0
     _console.print(
         f"[bold]{'entry':<32}  {'status':<8} {'rows':>9} {'classes':>7} {'storage':<8} {'MB':>9}  teacher   data      "
-        "kind"
+        f"{'tokens':>10} {'B/token':>8}  kind"
     )
     for info in entries:
+        per_token = info.bytes_per_token  # token-level entries ((rows, seq, vocab) outputs) only
         _console.print(
             f"{info.name:<32}  {info.status:<8} {info.rows or 0:>9} {info.classes or 0:>7} {info.storage or '?':<8} "
             f"{info.size_bytes / 1e6:>9.3f}  {(info.teacher or '?')[:8]:<8}  {(info.data or '-')[:8]:<8}  "
-            f"{info.kind or '?'}",
+            f"{info.tokens or '-':>10} {'-' if per_token is None else f'{per_token:.1f}':>8}  {info.kind or '?'}",
             highlight=False,
         )
     return 0

@@ -71,7 +71,14 @@ def model_size_bytes(model: Any) -> int:
     """Bytes the model takes on disk the usual way: a safetensors file of the state dict for torch modules, a
     pickle (what ``joblib.dump`` writes, uncompressed) for scikit-learn models."""
     if isinstance(model, nn.Module):
-        tensors = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
+        tensors: dict[str, torch.Tensor] = {}
+        stored: set[tuple[int, int, tuple[int, ...]]] = set()
+        for name, t in model.state_dict().items():
+            where = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+            if where in stored:  # tied weights (a language model's input and output embedding) are stored once
+                continue
+            stored.add(where)
+            tensors[name] = t.detach().cpu().contiguous()
         return len(safetensors_bytes(tensors))
     return len(pickle.dumps(model, protocol=pickle.HIGHEST_PROTOCOL))
 

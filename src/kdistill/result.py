@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_save
 from torch import nn
@@ -68,7 +69,14 @@ class DistillResult:
 
 def save_student(student: nn.Module, path: Path, *, spec: dict[str, Any] | None, classes: Sequence[Any] | None) -> Path:
     """Write ``student``'s state dict as safetensors with ``spec`` and ``classes`` as JSON metadata, atomically."""
-    tensors = {name: t.detach().cpu().contiguous() for name, t in student.state_dict().items()}
+    tensors: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, t in student.state_dict().items():
+        pointer = t.untyped_storage().data_ptr()
+        # tied weights (a language model's input and output embedding) share storage, which safetensors refuses:
+        # a repeat is saved as its own copy, so the state dict loads back strictly into the tied model
+        tensors[name] = t.detach().cpu().contiguous().clone() if pointer in seen else t.detach().cpu().contiguous()
+        seen.add(pointer)
     metadata = {"kdistill_spec": json.dumps(spec), "classes": json.dumps(_jsonable(classes))}
     return atomic_write_bytes(path, safetensors_save(tensors, metadata=metadata))
 

@@ -339,7 +339,18 @@ class TokenLM(TaskBase):
     monitor = "val_loss"
     higher_is_better = False
     report_columns = ("perplexity", "retention", "token_accuracy", "agreement", "nll")
-    methods = ("kd", "kd_topk", "ce")
+    methods = (
+        "kd",
+        "kd_topk",
+        "ce",
+        "forward_kl",
+        "reverse_kl",
+        "gjsd",
+        "skew_kl",
+        "skew_reverse_kl",
+        "tvd",
+        "token_divergence",
+    )
     builtin_students = False
 
     def read_split(self, data: Any, name: str, classes: Any = None) -> Split:

@@ -23,7 +23,7 @@ import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, overload
 
 import torch
@@ -72,7 +72,8 @@ class TrainConfig:
     ``"bf16"``/``"fp16"`` autocast for the forward pass and the loss (fp16 on CUDA uses a gradient scaler).
     ``batch_size`` is the global batch of one optimizer step: under torchrun each of the N ranks takes 1/N of every
     batch. ``grad_accumulation``: each rank's share of a batch is cut into that many micro-batches, back-propagated
-    one after the other (each loss weighted by its share of the rows) before one optimizer step, so the step's
+    one after the other (each loss weighted by its share of the rows; for token-level batches, of the real tokens)
+    before one optimizer step, so the step's
     gradient is the whole batch's mean gradient with a fraction of the activations' memory; the schedule counts
     optimizer steps, as without it. ``clip_grad_norm``: the largest total gradient norm (over the student and the
     loss's learned parts, after unscaling fp16) before each step, None for no clipping. The optimizer defaults are
@@ -502,6 +503,7 @@ def _train_step(
     optimizer.zero_grad(set_to_none=True)
     total: dict[str, torch.Tensor] = {}
     last = len(step) - 1
+    step = _token_weighted(step)
     for number, (batch, teacher_out) in enumerate(step):
         with _no_sync(forward) if number < last else contextlib.nullcontext():
             with _autocast(config.device, config.precision):
@@ -525,6 +527,45 @@ def _train_step(
         scaler.step(optimizer)
         scaler.update()
     return total
+
+
+def _counted_tokens(batch: Batch) -> torch.Tensor | None:
+    """How many positions of a token-level batch count for a per-token loss (attention mask True and target not
+    -100), as a float tensor; None for a batch of rows ((batch,) targets)."""
+    target = batch.target
+    if target is None or target.ndim != 2:
+        return None
+    counted = target != -100
+    mask = batch.inputs.get("attention_mask") if isinstance(batch.inputs, Mapping) else None
+    if mask is not None and tuple(mask.shape) == tuple(target.shape):
+        counted = counted & mask.bool()
+    return counted.sum().double()
+
+
+def _token_weighted(step: Sequence[tuple[Batch, Outputs | None]]) -> Sequence[tuple[Batch, Outputs | None]]:
+    """Token-level micro-batches re-weighted by their share of the step's real tokens instead of its rows.
+
+    A per-token loss is a mean over its micro-batch's real tokens; weighting those means by rows gives a different
+    loss and gradient than the whole batch whenever padding is uneven (TRL's gradient-accumulation bug). Weighted by
+    ``tokens_i / tokens_step`` the micro-batches sum to the whole step's per-token mean. Under DDP the step's token
+    count is summed over ranks (one all-reduce of a scalar), so each rank's share is its tokens' share too. Batches
+    of rows ((batch,) targets) are returned unchanged."""
+    counts = [_counted_tokens(batch) for batch, _ in step]
+    if any(count is None for count in counts):
+        return step
+    rank_weight = sum(batch.weight for batch, _ in step)
+    local = torch.stack([c for c in counts if c is not None]) * float(rank_weight != 0.0)
+    total = local.sum()
+    _, world_size = _world()
+    if world_size > 1:
+        total = total.to(next(iter(step))[0].index.device)
+        dist.all_reduce(total)
+    if float(total) == 0.0:
+        return step
+    share = local * world_size / total
+    return [
+        (replace(batch, weight=float(weight)), teacher) for (batch, teacher), weight in zip(step, share, strict=True)
+    ]
 
 
 def _student(forward: nn.Module, model: nn.Module, inputs: Inputs, features: tuple[str, ...]) -> Outputs:

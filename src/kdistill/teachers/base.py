@@ -96,13 +96,14 @@ class TopK:
         """Read kdistill 0.1's packed (rows, 2k + 1) float32 table ``[values | indices | rest]`` (what
         ``CacheEntry.teacher_targets()`` returns for ``"topk:K"`` storage). ``values`` and ``rest`` are views of it."""
         width = table.shape[-1] if table.ndim else 0
-        if table.ndim != 2 or width % 2 != 1 or width < 3:
+        if table.ndim not in (2, 3) or width % 2 != 1 or width < 3:
             raise ShapeMismatchError(
-                f"a packed top-k table has shape (rows, 2k + 1); got {tuple(table.shape)}",
+                f"a packed top-k table has shape (rows, 2k + 1) (or (rows, seq, 2k + 1) per token); got "
+                f"{tuple(table.shape)}",
                 hint="kd_topk reads the cache's 'topk:K' storage; for dense teacher logits use 'kd'.",
             )
         k = (width - 1) // 2
-        return cls(table[:, :k].float(), table[:, k : 2 * k].long(), table[:, 2 * k].float())
+        return cls(table[..., :k].float(), table[..., k : 2 * k].long(), table[..., 2 * k].float())
 
     def packed(self) -> torch.Tensor:
         """The (rows, 2k + 1) float32 table :meth:`from_packed` reads (rows only; indices exact below 2^24)."""
