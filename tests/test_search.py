@@ -338,3 +338,19 @@ def test_the_pruner_setting_picks_optunas_pruner_sized_to_the_short_run() -> Non
     assert isinstance(hyperband, optuna.pruners.HyperbandPruner) and hyperband._max_resource == 12
     assert isinstance(_pruner(optuna, SearchConfig(pruner="median")), optuna.pruners.MedianPruner)
     assert isinstance(_pruner(optuna, SearchConfig(pruner="none")), optuna.pruners.NopPruner)
+
+
+def test_of_two_queued_warm_starts_only_the_first_trains() -> None:
+    import optuna
+
+    from kdistill.search.study import _check_not_a_twin, _Duplicate
+
+    study = optuna.create_study(direction="maximize")
+    for _ in range(2):  # two workers that both saw the shared study empty
+        study.enqueue_trial({"family": "mlp"}, user_attrs={"warm_start": True})
+    first, second = study.ask(), study.ask()
+    _check_not_a_twin(study, first)
+    with pytest.raises(_Duplicate, match="a duplicate of warm-start trial 0"):
+        _check_not_a_twin(study, second)
+    third = study.ask()  # a drawn trial is never a twin
+    _check_not_a_twin(study, third)

@@ -84,7 +84,8 @@ def test_a_killed_search_resumes_where_it_stopped(tmp_path: Path) -> None:
     for trial in killed:  # the trial the kill interrupted: marked failed and its candidate drawn again first
         assert study.trials[trial.number].state.name == "FAIL"
         reruns = [t for t in study.trials if t.user_attrs.get("rerun_of") == trial.number]
-        assert len(reruns) == 1 and reruns[0].params == trial.params
+        # what the killed trial had drawn is kept (killed between two draws, the rest are drawn anew)
+        assert len(reruns) == 1 and trial.params.items() <= reruns[0].params.items()
     saved = json.loads((out / "search" / "trials.json").read_text())
     assert [t["number"] for t in saved["trials"]] == [t.number for t in study.trials]
     assert (out / "student.safetensors").is_file() and "chosen student:" in done.stdout

@@ -251,7 +251,8 @@ def _warm_start(study: Any, problem: Problem) -> int:
                 fitting.append((cost.parameters, params))
         if fitting:
             params = max(fitting, key=lambda item: item[0])[1]
-            study.enqueue_trial({"family": family, **encode(params), **knobs}, user_attrs={"warm_start": True})
+            fixed = {"family": family, **encode(params), **knobs}
+            study.enqueue_trial(fixed, user_attrs={"warm_start": True}, skip_if_exists=True)
             queued += 1
     return queued
 
@@ -341,9 +342,27 @@ def short_settings(settings: Settings, knobs: dict[str, float], epochs: int, pat
     return settings.model_copy(update={"method": [kd], "train": train})
 
 
-def _objective(problem: Problem, optuna: Any) -> Callable[[Any], float]:
+class _Duplicate(Exception):
+    """A warm-start trial that another worker of a shared study queued too (both saw the study empty)."""
+
+
+def _check_not_a_twin(study: Any, trial: Any) -> None:
+    """Two workers starting a shared study at once may both queue the warm start; of two queued trials with the same
+    fixed params, the lower-numbered one trains and the other stops here (a decision each makes alone, no race)."""
+    if not trial.user_attrs.get("warm_start"):
+        return
+    trials = study.get_trials(deepcopy=False)
+    fixed = next(t for t in trials if t.number == trial.number).system_attrs.get("fixed_params")
+    for other in trials:
+        twin = other.user_attrs.get("warm_start") and other.system_attrs.get("fixed_params") == fixed
+        if other.number < trial.number and twin:
+            raise _Duplicate(f"a duplicate of warm-start trial {other.number}")
+
+
+def _objective(problem: Problem, optuna: Any, study: Any) -> Callable[[Any], float]:
     def objective(trial: Any) -> float:
         trial.set_user_attr("worker", _worker())
+        _check_not_a_twin(study, trial)
         family, params, knobs = _draw(trial, problem)
         module, spec = build_candidate(problem, family, params)
         cost = candidate_cost(problem, module, spec)
@@ -409,7 +428,7 @@ def run_study(problem: Problem, storage: Any, description: str) -> Trained:
     if problem.search.warm_start:
         _warm_start(study, problem)
     _recover_stale(optuna, study)
-    objective = _objective(problem, optuna)
+    objective = _objective(problem, optuna, study)
     search = problem.search
     seed = problem.settings.seed if search.seed is None else search.seed
     deadline = None if search.timeout_s is None else started + search.timeout_s
@@ -429,6 +448,10 @@ def run_study(problem: Problem, storage: Any, description: str) -> Trained:
             continue
         except NonFiniteLossError as exc:  # a learning rate too high for this candidate: a bad trial, not a bad search
             trial.set_user_attr("error", exc.message)
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            continue
+        except _Duplicate as exc:
+            trial.set_user_attr("error", str(exc))
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
             continue
         except BaseException:
