@@ -455,7 +455,7 @@ class Embedding(TaskBase):
     higher_is_better = True
     tie_breaker = "val_mse"
     report_columns = ("cosine", "retention", "mse")
-    methods = ("cosine", "mse")
+    methods = ("cosine", "mse", "contrastive")
     trains_baseline = False
     scored_against_teacher = True
 

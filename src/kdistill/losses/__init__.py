@@ -17,6 +17,7 @@ from kdistill.losses.base import (
 )
 from kdistill.losses.byot import DeepSupervision
 from kdistill.losses.compose import Compose, compose_methods
+from kdistill.losses.contrastive import SimilarityContrastiveLoss, similarity_contrastive_loss
 from kdistill.losses.crd import CRDLoss, contrastive_loss
 from kdistill.losses.dist import DISTLoss, dist_loss
 from kdistill.losses.dkd import DKDLoss, dkd_loss
@@ -55,6 +56,7 @@ __all__ = [
     "Projector",
     "RKDLoss",
     "SPLoss",
+    "SimilarityContrastiveLoss",
     "StaticTargets",
     "TeacherBank",
     "UnknownNameError",
@@ -81,6 +83,7 @@ __all__ = [
     "register_loss",
     "rkd_angle_loss",
     "rkd_distance_loss",
+    "similarity_contrastive_loss",
     "sp_loss",
     "standardize_logits",
 ]

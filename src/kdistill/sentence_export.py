@@ -1,0 +1,127 @@
+"""Save sentence-encoder students in the formats other tools load.
+
+- :func:`save_sentence_transformer`: a :class:`~kdistill.teachers.sentence.SentenceEncoder` (a transformers encoder,
+  its pooling and normalisation) as a sentence-transformers folder: the model and tokenizer at the top
+  (``save_pretrained``), ``modules.json`` (Transformer, Pooling, and Normalize when the encoder normalises),
+  ``1_Pooling/config.json`` and ``sentence_bert_config.json``. ``SentenceTransformer(folder)`` gives the same
+  embeddings as the encoder.
+- :func:`save_model2vec`: a :class:`~kdistill.students.static.StaticEmbedding` in Model2Vec's layout:
+  ``model.safetensors`` (``embeddings``: (vocab, dim) float32), ``tokenizer.json``, ``config.json`` (``normalize``,
+  ``max_length`` None: no truncation, as the student) and ``modules.json``. ``model2vec.StaticModel.from_pretrained
+  (folder)`` gives the same embeddings as the student.
+
+Each folder is written in a temporary sibling folder and renamed into place, so a crash never leaves half a model;
+an existing folder is replaced only with ``overwrite=True``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kdistill.errors import ExportError
+from kdistill.io import atomic_write_bytes, atomic_write_json
+from kdistill.students.static import StaticEmbedding
+from kdistill.teachers.sentence import SentenceEncoder
+
+__all__ = ["save_model2vec", "save_sentence_transformer"]
+
+_POOLING_FLAGS = {"mean": "pooling_mode_mean_tokens", "cls": "pooling_mode_cls_token", "max": "pooling_mode_max_tokens"}
+_ALL_FLAGS = (
+    "pooling_mode_cls_token",
+    "pooling_mode_mean_tokens",
+    "pooling_mode_max_tokens",
+    "pooling_mode_mean_sqrt_len_tokens",
+)
+
+
+def _publish(folder: str | os.PathLike[str], overwrite: bool, write: Any) -> Path:
+    """Run ``write(tmp)`` in a temporary sibling folder, then rename it to ``folder``."""
+    target = Path(folder)
+    if target.exists() and not overwrite:
+        raise ExportError(f"{target} already exists", hint="pass overwrite=True, or choose a new folder.")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+    try:
+        write(tmp)
+        if target.exists():
+            old = target.with_name(f".{target.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def save_sentence_transformer(
+    encoder: SentenceEncoder,
+    tokenizer: Any,
+    folder: str | os.PathLike[str],
+    *,
+    max_length: int = 256,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``encoder`` (its ``model`` must have ``save_pretrained``) and ``tokenizer`` (a transformers tokenizer)
+    as a sentence-transformers folder; returns its path. A custom pooling function cannot be described in that
+    format: an :class:`~kdistill.errors.ExportError`."""
+    if not isinstance(encoder.pooling, str):
+        raise ExportError(
+            "a custom pooling function cannot be saved as a sentence-transformers Pooling module",
+            hint="use pooling='mean', 'cls' or 'max' for a model that sentence-transformers loads.",
+        )
+    model: Any = encoder.model
+    if not hasattr(model, "save_pretrained"):
+        raise ExportError(
+            f"the encoder's model ({type(model).__name__}) has no save_pretrained",
+            hint="wrap a transformers model (BertModel, ...) in SentenceEncoder.",
+        )
+    dim = int(model.config.hidden_size)
+    pooling = {flag: flag == _POOLING_FLAGS[encoder.pooling] for flag in _ALL_FLAGS}
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+    ]
+    if encoder.normalize:
+        modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+        atomic_write_json(tmp / "modules.json", modules)
+        atomic_write_json(tmp / "1_Pooling" / "config.json", {"word_embedding_dimension": dim, **pooling})
+        atomic_write_json(tmp / "sentence_bert_config.json", {"max_seq_length": max_length, "do_lower_case": False})
+        if encoder.normalize:
+            (tmp / "2_Normalize").mkdir()
+
+    return _publish(folder, overwrite, write)
+
+
+def save_model2vec(student: StaticEmbedding, folder: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+    """Write ``student`` in Model2Vec's folder layout (see the module docstring); returns its path."""
+    from safetensors.numpy import save as save_safetensors
+
+    vectors = np.ascontiguousarray(student.vectors.weight.detach().cpu().float().numpy())
+    config = {**student.config, "hidden_dim": int(vectors.shape[1]), "normalize": bool(student.normalize)}
+    config |= {"max_length": None, "embedding_dtype": "float32"}
+    modules = [{"idx": 0, "name": "0", "path": ".", "type": "sentence_transformers.models.StaticEmbedding"}]
+    if student.normalize:
+        modules.append({"idx": 1, "name": "1", "path": "1_Normalize", "type": "sentence_transformers.models.Normalize"})
+
+    def write(tmp: Path) -> None:
+        atomic_write_bytes(tmp / "model.safetensors", save_safetensors({"embeddings": vectors}))
+        atomic_write_bytes(tmp / "tokenizer.json", student.tokenizer.to_str().encode())
+        atomic_write_bytes(tmp / "config.json", (json.dumps(config, indent=2) + "\n").encode())
+        atomic_write_json(tmp / "modules.json", modules)
+
+    return _publish(folder, overwrite, write)
