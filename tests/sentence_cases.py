@@ -11,7 +11,7 @@ SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 WORDS = [
     "the", "a", "of", "to", "and", "array", "matrix", "sum", "return", "values", "compute", "sorted", "data",
     "model", "train", "test", "small", "large", "fast", "slow", "input", "output", "value", "list", "file",
-    "read", "write", "tensor", "shape", "mean", "dist", "##ill", "##ation", "##s", "##ed", "##ing", "e", "s", "d",
+    "read", "write", "tensor", "shape", "mean", "on", "is", "are", "dist", "##ill", "##ation", "##s", "##ed", "##ing", "e", "s", "d",
     "t", "i", "l", "n", "o", "r", "##e", "##d", "##t", "##i", "##l", "##n", "##o", "##r", ".", ",",
 ]  # fmt: skip
 
@@ -35,16 +35,14 @@ SENTENCES = [
 ]
 
 
-def write_vocab(folder: Path) -> Path:
-    path = folder / "vocab.txt"
-    path.write_text("\n".join(SPECIAL + WORDS) + "\n")
-    return path
-
-
 def tiny_tokenizer(folder: Path):  # type: ignore[no-untyped-def]
-    from transformers import BertTokenizerFast
+    """A WordPiece BertTokenizer over SPECIAL + WORDS, saved to ``folder`` and loaded back from there."""
+    from transformers import AutoTokenizer, BertTokenizer
 
-    return BertTokenizerFast(vocab_file=str(write_vocab(folder)), do_lower_case=True)
+    BertTokenizer(vocab={token: i for i, token in enumerate(SPECIAL + WORDS)}, do_lower_case=True).save_pretrained(
+        str(folder)
+    )
+    return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
 
 
 def tiny_bert(vocab_size: int, *, layers: int = 2, seed: int = 0):  # type: ignore[no-untyped-def]
