@@ -11,7 +11,8 @@ SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 WORDS = [
     "the", "a", "of", "to", "and", "array", "matrix", "sum", "return", "values", "compute", "sorted", "data",
     "model", "train", "test", "small", "large", "fast", "slow", "input", "output", "value", "list", "file",
-    "read", "write", "tensor", "shape", "mean", "on", "is", "are", "dist", "##ill", "##ation", "##s", "##ed", "##ing", "e", "s", "d",
+    "read", "write", "tensor", "shape", "mean", "on", "is", "are", "dist", "##ill", "##ation", "##s", "##ed",
+    "##ing", "e", "s", "d",
     "t", "i", "l", "n", "o", "r", "##e", "##d", "##t", "##i", "##l", "##n", "##o", "##r", ".", ",",
 ]  # fmt: skip
 
