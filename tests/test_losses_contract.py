@@ -40,11 +40,19 @@ def _fabricate(
     generator = torch.Generator().manual_seed(seed)
     student_names = list(getattr(loss, "student_features", ()))
     teacher_names = list(getattr(loss, "teacher_features", ()))
+    # token-level methods (TinyBERT's) compare (batch, seq, width) features of one batch, with its attention mask
+    sequence = bool(getattr(loss, "sequence_features", False))
+    student_shape, teacher_shape = ((BATCH, 6, 24), (BATCH, 6, 36)) if sequence else ((BATCH, 6, 4), (BATCH, 10, 8))
     logits = torch.randn(BATCH, CLASSES, generator=generator).requires_grad_()
-    student_features = {name: torch.randn(BATCH, 6, 4, generator=generator).requires_grad_() for name in student_names}
+    student_features = {
+        name: torch.randn(student_shape, generator=generator).requires_grad_() for name in student_names
+    }
     teacher_features: dict[str, torch.Tensor] = {}
     for position, name in enumerate(teacher_names):
-        if name == "members":
+        if sequence and name == "attention_mask":
+            lengths = torch.randint(1, 7, (BATCH, 1), generator=generator)
+            teacher_features[name] = (torch.arange(6)[None, :] < lengths).long()
+        elif name == "members":
             if equal:
                 teacher_features[name] = logits.detach()[:, None, :].repeat(1, MEMBERS, 1)
             else:
@@ -52,7 +60,7 @@ def _fabricate(
         elif equal and position < len(student_names):
             teacher_features[name] = student_features[student_names[position]].detach().clone()
         else:
-            teacher_features[name] = torch.randn(BATCH, 10, 8, generator=generator)
+            teacher_features[name] = torch.randn(teacher_shape, generator=generator)
     teacher_logits = logits.detach().clone() if equal else 2 * torch.randn(BATCH, CLASSES, generator=generator)
     encode = getattr(loss, "encode_teacher_topk", None)  # methods that read the teacher's top-k instead
     if encode is not None:

@@ -43,6 +43,7 @@ __all__ = [
     "StreamingSource",
     "micro_batches",
     "rows_of",
+    "trim_padding",
 ]
 
 Inputs = torch.Tensor | Mapping[str, torch.Tensor]
@@ -150,6 +151,11 @@ class InMemorySource:
     ``inputs``: (rows, *features) or a mapping of (rows, ...) tensors; ``target``: (rows,) or None; ``label_mask``:
     (rows,) bool where ``target`` is a real label (the other rows of ``target`` are ignored and read as
     :data:`UNLABELLED`), or None.
+
+    Dynamic padding (``trim_padding``): a mapping with a (rows, seq) ``attention_mask`` padded on the right is cut,
+    batch by batch, to the batch's longest row (:func:`trim_padding`). None (default) trims when the targets are one
+    per row ((rows,): classification), where the per-row teacher outputs do not depend on the padding; per-token
+    targets or no targets keep every column (their teacher outputs are per position). True or False forces it.
     """
 
     def __init__(
@@ -159,6 +165,7 @@ class InMemorySource:
         *,
         label_mask: torch.Tensor | None = None,
         shuffle: bool = True,
+        trim_padding: bool | None = None,
     ) -> None:
         self.rows = rows_of(inputs)
         for name, value in (("target", target), ("label_mask", label_mask)):
@@ -177,13 +184,14 @@ class InMemorySource:
         self.target = target
         self.label_mask = label_mask
         self.shuffle = shuffle
+        self.trim = (target is not None and target.ndim == 1) if trim_padding is None else trim_padding
 
     def __len__(self) -> int:
         return self.rows
 
     def to(self, device: torch.device) -> InMemorySource:
         source = InMemorySource.__new__(InMemorySource)
-        source.rows, source.shuffle = self.rows, self.shuffle
+        source.rows, source.shuffle, source.trim = self.rows, self.shuffle, self.trim
         source.inputs = _map_inputs(self.inputs, lambda t: t.to(device))
         source.target = None if self.target is None else self.target.to(device)
         source.label_mask = None if self.label_mask is None else self.label_mask.to(device)
@@ -192,7 +200,11 @@ class InMemorySource:
     def gather(self, index: torch.Tensor, weight: float = 1.0) -> Batch:
         """The batch of rows ``index`` (batch,), on the source's device."""
         inputs = self.inputs
-        xb = inputs.index_select(0, index) if isinstance(inputs, torch.Tensor) else _gather_mapping(inputs, index)
+        if isinstance(inputs, torch.Tensor):
+            xb: Inputs = inputs.index_select(0, index)
+        else:
+            xb = _gather_mapping(inputs, index)
+            xb = trim_padding(xb) if self.trim else xb
         yb = None if self.target is None else self.target.index_select(0, index)
         mask = None if self.label_mask is None else self.label_mask.index_select(0, index)
         return Batch(xb, yb, index, mask, weight)
@@ -218,6 +230,24 @@ class InMemorySource:
 
 def _gather_mapping(inputs: Mapping[str, torch.Tensor], index: torch.Tensor) -> dict[str, torch.Tensor]:
     return {name: value.index_select(0, index) for name, value in inputs.items()}
+
+
+def trim_padding(inputs: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+    """``inputs`` with the trailing columns where no row has a real token cut off: every tensor whose first two
+    axes are the (batch, seq) ``attention_mask``'s keeps columns ``0..last`` (``last``: the rightmost column any row
+    attends to). A mapping without a 2-D ``attention_mask``, or one that has no padding column, is returned as is."""
+    mask = inputs.get("attention_mask")
+    if mask is None or mask.ndim != 2 or mask.shape[1] == 0:
+        return inputs
+    columns = mask.ne(0).any(0).nonzero()
+    keep = int(columns.max()) + 1 if len(columns) else 1
+    if keep == mask.shape[1]:
+        return inputs
+    shape = tuple(mask.shape)
+    return {
+        name: value[:, :keep] if value.ndim >= 2 and tuple(value.shape[:2]) == shape else value
+        for name, value in inputs.items()
+    }
 
 
 class StreamingSource:

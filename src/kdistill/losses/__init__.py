@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from kdistill.losses.at import ATLoss, at_loss, attention_map
+from kdistill.losses.attention import TinyBERTAttention, attention_mse, attention_scores
 from kdistill.losses.base import (
     LOSSES,
     BaseLoss,
@@ -23,6 +24,7 @@ from kdistill.losses.dist import DISTLoss, dist_loss
 from kdistill.losses.dkd import DKDLoss, dkd_loss
 from kdistill.losses.embedding import CosineEmbeddingLoss, MSEEmbeddingLoss, cosine_loss, mse_embedding_loss
 from kdistill.losses.fitnet import FitNet, hint_loss
+from kdistill.losses.hidden import TinyBERTHidden, hidden_mse, uniform_map
 from kdistill.losses.kd import CrossEntropy, KDLoss, cross_entropy, kd_loss
 from kdistill.losses.kd_topk import KDTopKLoss, kd_topk_loss
 from kdistill.losses.logit_std import LogitStandardized, standardize_logits
@@ -59,10 +61,14 @@ __all__ = [
     "SimilarityContrastiveLoss",
     "StaticTargets",
     "TeacherBank",
+    "TinyBERTAttention",
+    "TinyBERTHidden",
     "UnknownNameError",
     "as_loss",
     "at_loss",
     "attention_map",
+    "attention_mse",
+    "attention_scores",
     "compose_methods",
     "confidence_weights",
     "contrastive_loss",
@@ -72,6 +78,7 @@ __all__ = [
     "dist_loss",
     "dkd_loss",
     "get_loss",
+    "hidden_mse",
     "hint_loss",
     "kd_loss",
     "kd_topk_loss",
@@ -86,4 +93,5 @@ __all__ = [
     "similarity_contrastive_loss",
     "sp_loss",
     "standardize_logits",
+    "uniform_map",
 ]

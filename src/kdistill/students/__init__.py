@@ -23,6 +23,7 @@ from kdistill.students.base import (
 from kdistill.students.cnn import CNN
 from kdistill.students.layers import Standardize
 from kdistill.students.mlp import MLP, default_hidden
+from kdistill.students.transformer import fresh_transformer, from_teacher, layer_map  # registers "transformer"
 from kdistill.students.vision import build_vision_model  # registers the timm: and torchvision: families
 
 __all__ = [
@@ -34,6 +35,9 @@ __all__ = [
     "build_student",
     "build_vision_model",
     "default_hidden",
+    "fresh_transformer",
+    "from_teacher",
+    "layer_map",
     "register_student",
     "register_student_family",
     "student_from_spec",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +19,22 @@ from kdistill.teachers.base import Outputs
 from kdistill.teachers.registry import register_adapter
 from kdistill.teachers.torch import TorchTeacher
 
-__all__ = ["HFTeacher"]
+__all__ = ["MASK_FEATURE", "HFTeacher"]
 
 _INTEGER_INPUTS = ("input_ids", "token_type_ids")
+_MAPPING_INTEGERS = ("input_ids", "token_type_ids", "attention_mask", "position_ids")
+
+MASK_FEATURE = "attention_mask"
+"""A feature name the adapter answers itself: the batch's (batch, seq) attention mask (all ones without one), so a
+loss that reads the teacher's features (TinyBERT's, masked) sees which positions are real tokens."""
+
+
+def _attention_mask(inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    mask = inputs.get("attention_mask")
+    if mask is not None:
+        return mask
+    ids = next(iter(inputs.values()))
+    return torch.ones(ids.shape[:2], dtype=torch.long, device=ids.device)
 
 
 def _transformers() -> Any:
@@ -51,7 +64,9 @@ class HFTeacher(TorchTeacher):
     Each batch ``x`` (batch, *shape) is passed as the keyword ``input_name`` (``"input_ids"``: (batch, tokens), cast to
     int64 since kdistill keeps data as float32; ``"pixel_values"``, ``"inputs_embeds"``: kept float). For token ids,
     an ``attention_mask`` hides the model's ``pad_token_id`` when its config has one. Named intermediate outputs
-    (``"bert.encoder.layer.0"``) are captured with forward hooks, as for any torch teacher.
+    (``"bert.encoder.layer.0"``) are captured with forward hooks, as for any torch teacher; the feature
+    ``"attention_mask"`` (:data:`MASK_FEATURE`) is the batch's mask. A mapping batch (the tokenizer's
+    ``input_ids``, ``attention_mask``, ...: :func:`kdistill.text.tokenize`) is passed as keywords, ids kept int64.
 
     Never touches the hub: build from a local folder (:meth:`from_pretrained`) or a config (:meth:`from_config`).
     """
@@ -109,7 +124,12 @@ class HFTeacher(TorchTeacher):
         )
         return digest.hexdigest()
 
-    def _inputs(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _inputs(self, x: torch.Tensor | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if isinstance(x, Mapping):  # the tokenizer's mapping: passed as keywords, token ids and masks as int64
+            return {
+                name: value.to(self.device).long() if name in _MAPPING_INTEGERS else value.to(self.device)
+                for name, value in x.items()
+            }
         x = x.to(self.device)
         if self.input_name not in _INTEGER_INPUTS:
             return {self.input_name: x}
@@ -120,9 +140,13 @@ class HFTeacher(TorchTeacher):
             inputs["attention_mask"] = (ids != pad).long()
         return inputs
 
-    def __call__(self, x: torch.Tensor, *, features: Sequence[str] = ()) -> Outputs:
-        with torch.inference_mode(), capture_features(self.module, features) as captured:
-            result = self.module(**self._inputs(x))
+    def __call__(self, x: torch.Tensor | Mapping[str, torch.Tensor], *, features: Sequence[str] = ()) -> Outputs:
+        inputs = self._inputs(x)
+        paths = [name for name in features if name != MASK_FEATURE]
+        with torch.inference_mode(), capture_features(self.module, paths) as captured:
+            result = self.module(**inputs)
+        if MASK_FEATURE in features:
+            captured[MASK_FEATURE] = _attention_mask(inputs)
         raw = getattr(result, "logits", None)
         if not isinstance(raw, torch.Tensor):
             raise TeacherError(
