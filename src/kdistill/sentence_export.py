@@ -5,6 +5,8 @@
   (``save_pretrained``), ``modules.json`` (Transformer, Pooling, and Normalize when the encoder normalises),
   ``1_Pooling/config.json`` and ``sentence_bert_config.json``. ``SentenceTransformer(folder)`` gives the same
   embeddings as the encoder.
+- :func:`export_sentence_onnx`: the same encoder as ONNX (``input_ids``, ``attention_mask`` -> ``embeddings``),
+  checked against PyTorch, and its dynamic-INT8 quantization.
 - :func:`save_model2vec`: a :class:`~kdistill.students.static.StaticEmbedding` in Model2Vec's layout:
   ``model.safetensors`` (``embeddings``: (vocab, dim) float32), ``tokenizer.json``, ``config.json`` (``normalize``,
   ``max_length`` None: no truncation, as the student) and ``modules.json``. ``model2vec.StaticModel.from_pretrained
@@ -20,17 +22,20 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from kdistill.errors import ExportError
 from kdistill.io import atomic_write_bytes, atomic_write_json
 from kdistill.students.static import StaticEmbedding
-from kdistill.teachers.sentence import SentenceEncoder
+from kdistill.teachers.sentence import SentenceEncoder, check_sentences
 
-__all__ = ["save_model2vec", "save_sentence_transformer"]
+__all__ = ["export_sentence_onnx", "save_model2vec", "save_sentence_transformer"]
 
 _POOLING_FLAGS = {"mean": "pooling_mode_mean_tokens", "cls": "pooling_mode_cls_token", "max": "pooling_mode_max_tokens"}
 _ALL_FLAGS = (
@@ -125,3 +130,95 @@ def save_model2vec(student: StaticEmbedding, folder: str | os.PathLike[str], *, 
         atomic_write_json(tmp / "modules.json", modules)
 
     return _publish(folder, overwrite, write)
+
+
+class _Traced(torch.nn.Module):
+    """The encoder's padding-agnostic forward, for the tracer."""
+
+    def __init__(self, encoder: SentenceEncoder) -> None:
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.encoder.embed(input_ids, attention_mask)
+
+
+def export_sentence_onnx(
+    encoder: SentenceEncoder,
+    tokenizer: Any,
+    sentences: Sequence[str],
+    folder: str | os.PathLike[str],
+    *,
+    int8: bool = True,
+    tolerance: float = 1e-4,
+    max_length: int = 256,
+) -> dict[str, Any]:
+    """Export ``encoder`` to ``folder/model.onnx`` (inputs ``input_ids``, ``attention_mask``: int64 (batch, seq),
+    both axes dynamic; output ``embeddings``: (batch, dim)) and, with ``int8``, ``folder/model_int8.onnx`` (ONNX
+    Runtime's dynamic INT8 quantization of the weights). Checked on ``sentences`` (tokenised by ``tokenizer``): the
+    fp32 file must agree with PyTorch within ``tolerance`` (max |difference|), else
+    :class:`~kdistill.errors.ExportError`; the INT8 file's agreement is reported as its smallest cosine similarity
+    to PyTorch's embeddings. Returns paths, sizes and those numbers."""
+    from kdistill.compress._deps import require
+    from kdistill.compress.quantize import quantize_onnx
+
+    onnxruntime = require("onnxruntime")
+    texts = check_sentences(sentences)
+    target = Path(folder)
+    target.mkdir(parents=True, exist_ok=True)
+    inputs = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    ids, mask = inputs["input_ids"].long(), inputs["attention_mask"].long()
+    module = _Traced(encoder).cpu().eval()
+    with torch.no_grad():
+        expected = module(ids, mask).numpy()
+    fp32 = target / "model.onnx"
+    try:
+        with (
+            tempfile.TemporaryDirectory(prefix="kdistill-onnx-") as scratch,
+            warnings.catch_warnings(),
+            torch.no_grad(),
+        ):
+            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice and tracer chatter
+            scratch_file = Path(scratch) / "model.onnx"
+            torch.onnx.export(
+                module,
+                (ids[:2], mask[:2]),
+                str(scratch_file),
+                dynamo=False,
+                input_names=["input_ids", "attention_mask"],
+                output_names=["embeddings"],
+                dynamic_axes={
+                    "input_ids": {0: "batch", 1: "sequence"},
+                    "attention_mask": {0: "batch", 1: "sequence"},
+                    "embeddings": {0: "batch"},
+                },
+                opset_version=17,
+            )
+            atomic_write_bytes(fp32, scratch_file.read_bytes())
+    except Exception as exc:
+        raise ExportError(
+            f"torch.onnx.export failed for {type(encoder.model).__name__}: {exc}",
+            hint="a transformers encoder with mean/cls/max pooling exports; custom pooling must be traceable.",
+        ) from exc
+
+    def run(path: Path) -> np.ndarray:
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return np.asarray(session.run(["embeddings"], {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0])
+
+    worst = float(np.abs(run(fp32) - expected).max())
+    if worst > tolerance:
+        raise ExportError(
+            f"the ONNX export differs from PyTorch by {worst:.2e} (tolerance {tolerance:.0e})",
+            hint="check the pooling and the opset; the file is kept for inspection at " + str(fp32),
+        )
+    summary: dict[str, Any] = {"onnx": str(fp32), "onnx_bytes": fp32.stat().st_size, "max_abs_diff": worst}
+    if int8:
+        quantized = quantize_onnx(fp32, target / "model_int8.onnx", mode="dynamic")
+        got = run(quantized.path)
+        cosine = (got * expected).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(expected, axis=1))
+        summary |= {
+            "int8": str(quantized.path),
+            "int8_bytes": quantized.size_bytes,
+            "int8_min_cosine": float(cosine.min()),
+        }
+    return summary

@@ -29,6 +29,7 @@ truncation; a sentence with no known token embeds as zeros. Saved with :func:`kd
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
@@ -182,11 +183,13 @@ class StaticEmbedding(nn.Module):
         weighting: str | None = None,
         normalize: bool = True,
         batch_size: int = 512,
+        cache_dir: str | os.PathLike[str] | None = None,
     ) -> StaticEmbedding:
         """Steps 1-4 of the module docstring. ``corpus``: the user's sentences (token frequencies, and the tokens to
         keep with ``prune_to_corpus``). ``vocabulary``: extra whole words (e.g. :func:`corpus_vocabulary`), each
         embedded by running the teacher on its pieces. ``pca_dims``: None keeps the teacher's width (no PCA).
-        ``weighting``: ``"corpus"`` (the default with a corpus) or ``"zipf"`` (the default without)."""
+        ``weighting``: ``"corpus"`` (the default with a corpus) or ``"zipf"`` (the default without). ``cache_dir``:
+        keep the teacher's token vectors in kdistill's cache there (a second build skips the teacher)."""
         backend = _backend_of(teacher.tokenizer)
         texts = None if corpus is None else check_sentences(corpus, "corpus")
         weighting = weighting or ("corpus" if texts is not None else "zipf")
@@ -200,7 +203,8 @@ class StaticEmbedding(nn.Module):
         tokenizer, teacher_ids = _student_tokenizer(teacher, backend, vocabulary, texts, prune_to_corpus)
         size = tokenizer.get_vocab_size(with_added_tokens=True)
         dims = _check_pca_dims(pca_dims, size, teacher, prune_to_corpus)
-        token_vectors = teacher.embed_token_ids(teacher_ids, batch_size=batch_size).double().numpy()
+        embedded = teacher.embed_token_ids(teacher_ids, batch_size=batch_size, cache_dir=cache_dir)
+        token_vectors = embedded.double().numpy()
         if dims is None:
             mean, components = np.zeros(token_vectors.shape[1]), np.eye(token_vectors.shape[1])
         else:
@@ -432,15 +436,14 @@ def finetune_static(
     batch_size: int = 256,
     lr: float = 1e-3,
     seed: int = 0,
-    verbose: bool = False,
+    max_seconds: float | None = None,
     **loss_params: Any,
 ) -> list[dict[str, float]]:
-    """Step 5: train ``student``'s vectors in place (kdistill's engine, AdamW, no weight decay) so its embeddings
-    of ``sentences`` match ``teacher_embeddings`` (rows, D), with loss ``"cosine"``, ``"mse"`` (on the teacher's
-    embeddings mapped by :meth:`StaticEmbedding.project`) or ``"contrastive"`` (on the raw ones). Returns the
-    per-epoch history."""
-    from kdistill.engine import TrainConfig, TransferSet, fit
-    from kdistill.losses import get_loss
+    """Step 5: train ``student``'s vectors in place (:func:`kdistill.sentence_fit.fit_embeddings`: AdamW, no
+    weight decay) so its embeddings of ``sentences`` match ``teacher_embeddings`` (rows, D), with loss ``"cosine"``,
+    ``"mse"`` (on the teacher's embeddings mapped by :meth:`StaticEmbedding.project`) or ``"contrastive"`` (on the
+    raw ones). Returns the per-epoch history."""
+    from kdistill.sentence_fit import EMBEDDING_LOSSES, fit_embeddings
 
     texts = check_sentences(sentences)
     if teacher_embeddings.ndim != 2 or len(teacher_embeddings) != len(texts):
@@ -449,23 +452,18 @@ def finetune_static(
             f"for {len(texts)} sentences",
             hint="embed the same sentences with the teacher: teacher.encode(sentences).",
         )
-    if loss not in ("cosine", "mse", "contrastive"):
-        raise StudentError(f"unknown static-student loss {loss!r}", hint="use 'cosine', 'mse' or 'contrastive'.")
+    if loss not in EMBEDDING_LOSSES:
+        raise StudentError(f"unknown static-student loss {loss!r}", hint=f"use one of {EMBEDDING_LOSSES}.")
     targets = teacher_embeddings.float() if loss == "contrastive" else student.project(teacher_embeddings)
-    config = TrainConfig(
+    return fit_embeddings(
+        student,
+        student.tokenize(texts),
+        targets,
+        loss=loss,
         epochs=epochs,
         batch_size=batch_size,
         lr=lr,
-        weight_decay=0.0,
-        patience=None,
         seed=seed,
-        num_threads=1,
-        verbose=verbose,
+        max_seconds=max_seconds,
+        **loss_params,
     )
-    state = fit(
-        student,
-        get_loss(loss, **loss_params),
-        TransferSet(student.tokenize(texts), None, targets),
-        config=config,
-    )
-    return state.history

@@ -121,6 +121,13 @@ class SentenceEncoder(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        if bool(attention_mask.any()):  # trailing columns of padding only change nothing but the cost
+            real = int(attention_mask.sum(dim=0).nonzero().max()) + 1
+            input_ids, attention_mask = input_ids[:, :real], attention_mask[:, :real]
+        return self.embed(input_ids, attention_mask)
+
+    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """``forward`` without trimming padding columns: no data-dependent Python, so it traces (ONNX export)."""
         result = self.model(input_ids=input_ids.long(), attention_mask=attention_mask.long())
         hidden = result.last_hidden_state if hasattr(result, "last_hidden_state") else result[0]
         pooled = pool(hidden, attention_mask, self.pooling)
@@ -285,26 +292,45 @@ class SentenceTeacher(TeacherBase):
         result[torch.tensor(order)] = embeddings
         return result
 
-    def embed_token_ids(self, token_ids: Sequence[Sequence[int]], *, batch_size: int = 512) -> torch.Tensor:
+    def embed_token_ids(
+        self,
+        token_ids: Sequence[Sequence[int]],
+        *,
+        batch_size: int = 512,
+        cache_dir: str | os.PathLike[str] | None = None,
+    ) -> torch.Tensor:
         """(len(token_ids), dim) embeddings of short id sequences (each already with its special tokens), e.g.
-        ``[CLS] token [SEP]`` for every vocabulary token: how a static student's vectors are initialised."""
-        pad = self.pad_token_id
+        ``[CLS] token [SEP]`` for every vocabulary token: how a static student's vectors are initialised. With
+        ``cache_dir``, they go through kdistill's teacher-output cache (computed once per teacher and id set)."""
         rows = list(token_ids)
-        order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
-        parts: list[torch.Tensor] = []
-        for start in range(0, len(order), batch_size):
-            chunk = [rows[i] for i in order[start : start + batch_size]]
-            longest = max(len(row) for row in chunk)
-            ids = torch.full((len(chunk), longest), pad, dtype=torch.long)
-            mask = torch.zeros((len(chunk), longest), dtype=torch.long)
-            for row, sequence in enumerate(chunk):
-                ids[row, : len(sequence)] = torch.tensor(sequence, dtype=torch.long)
-                mask[row, : len(sequence)] = 1
-            parts.append(self({"input_ids": ids, "attention_mask": mask}).logits)
-        embeddings = torch.cat(parts)
-        result = torch.empty_like(embeddings)
-        result[torch.tensor(order)] = embeddings
-        return result
+        longest = max(len(row) for row in rows)
+        ids = torch.full((len(rows), longest), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), longest), dtype=torch.long)
+        for row, sequence in enumerate(rows):
+            ids[row, : len(sequence)] = torch.tensor(list(sequence), dtype=torch.long)
+            mask[row, : len(sequence)] = 1
+        inputs = {"input_ids": ids, "attention_mask": mask}
+        if cache_dir is not None:
+            from kdistill.cache import cached_teacher_outputs
+
+            entry = cached_teacher_outputs(self, inputs, kind="embeddings", cache_dir=cache_dir, batch_size=batch_size)
+            return torch.as_tensor(np.asarray(entry.teacher_targets())).float()
+        parts = [
+            self({name: value[start : start + batch_size] for name, value in inputs.items()}).logits
+            for start in range(0, len(rows), batch_size)
+        ]
+        return torch.cat(parts)
+
+    def transformer_student(
+        self, *, layers: int | None = None, layer_map: Sequence[int] | None = None, hidden_size: int | None = None
+    ) -> SentenceEncoder:
+        """A transformer student with this teacher's pooling and normalisation: the teacher's encoder cut to
+        ``layers`` (or the teacher layers ``layer_map``), copied exactly, or fresh and narrower with ``hidden_size``
+        (:func:`kdistill.students.transformer.from_teacher`). It takes the teacher's tokenisation."""
+        from kdistill.students.transformer import from_teacher
+
+        model = from_teacher(self.encoder.model, layers=layers, layer_map=layer_map, hidden_size=hidden_size)
+        return SentenceEncoder(model, pooling=self.encoder.pooling, normalize=self.encoder.normalize).train()
 
     @property
     def pad_token_id(self) -> int:
