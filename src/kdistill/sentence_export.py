@@ -35,7 +35,7 @@ from kdistill.io import atomic_write_bytes, atomic_write_json
 from kdistill.students.static import StaticEmbedding
 from kdistill.teachers.sentence import SentenceEncoder, check_sentences
 
-__all__ = ["export_sentence_onnx", "save_model2vec", "save_sentence_transformer"]
+__all__ = ["export_sentence_folder", "export_sentence_onnx", "save_model2vec", "save_sentence_transformer"]
 
 _POOLING_FLAGS = {"mean": "pooling_mode_mean_tokens", "cls": "pooling_mode_cls_token", "max": "pooling_mode_max_tokens"}
 _ALL_FLAGS = (
@@ -222,3 +222,39 @@ def export_sentence_onnx(
             "int8_min_cosine": float(cosine.min()),
         }
     return summary
+
+
+def export_sentence_folder(
+    folder: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    sentences: Sequence[str] | None = None,
+    int8: bool = True,
+    tolerance: float = 1e-4,
+) -> dict[str, Any]:
+    """:func:`export_sentence_onnx` for a saved sentence-transformers ``folder`` (what ``kdistill sentence`` writes
+    for a transformer student): checked on ``sentences`` (default: a few built-in ones of several lengths); the
+    summary is also written to ``out/export.json``."""
+    from kdistill.teachers.sentence import SentenceTeacher
+
+    loaded = SentenceTeacher.from_pretrained(folder)
+    checked = list(sentences) if sentences is not None else list(_CHECK_SENTENCES)
+    summary = export_sentence_onnx(
+        loaded.encoder,
+        loaded.tokenizer,
+        checked,
+        out,
+        int8=int8,
+        tolerance=tolerance,
+        max_length=loaded.max_length or 256,
+    )
+    atomic_write_json(Path(out) / "export.json", summary)
+    return summary
+
+
+_CHECK_SENTENCES = (
+    "Return the sum of the array elements over the given axis.",
+    "A small model.",
+    "Compute the eigenvalues of a general matrix, sorted in ascending order, and return them with the vectors.",
+    "Read the file.",
+)
