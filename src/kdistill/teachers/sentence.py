@@ -34,7 +34,6 @@ from torch import nn
 
 from kdistill.errors import DataError, DependencyError, ShapeMismatchError, TeacherError
 from kdistill.teachers.base import Outputs, TeacherBase
-from kdistill.teachers.registry import register_adapter
 
 __all__ = ["POOLING_MODES", "SentenceEncoder", "SentenceTeacher", "check_sentences", "pool"]
 
@@ -160,7 +159,6 @@ def _pooling_of_folder(path: Path) -> tuple[str, bool, int | None]:
     return pooling, normalize, max_length
 
 
-@register_adapter("sentence", "a sentence encoder: a transformers model, pooling (mean) and normalisation [hf]")
 class SentenceTeacher(TeacherBase):
     """A sentence encoder teacher: ``__call__`` takes token ids (a (batch, seq) tensor, padding found from the
     tokenizer's pad id) or a mapping with ``input_ids`` and ``attention_mask``, and returns ``Outputs(logits=(batch,
