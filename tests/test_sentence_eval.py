@@ -77,3 +77,18 @@ def test_bad_shapes_and_throughput() -> None:
 
     rate = throughput(encode, ["a", "b", "c"], batch_size=2, seconds=0.01, max_sentences=4)
     assert rate > 0 and set(seen) == {1} and torch.get_num_threads() == before
+
+
+def test_the_embedding_tasks_report_entry_carries_the_similarity_scores() -> None:
+    from kdistill.tasks import get_task
+
+    task = get_task("embedding")
+    generator = torch.Generator().manual_seed(4)
+    teacher = torch.randn(40, 6, generator=generator)
+    rotation, _ = torch.linalg.qr(torch.randn(6, 6, generator=generator))
+    kept = task.metrics(teacher @ rotation, None, teacher)
+    assert kept["spearman"] == pytest.approx(1.0, abs=1e-5) and kept["recall_at_10"] == pytest.approx(1.0)
+    assert set(task.report_columns) - {"retention"} <= set(kept)
+    lost = task.metrics(torch.randn(40, 6, generator=generator), None, teacher)
+    assert lost["spearman"] < 0.3 and lost["recall_at_10"] < 0.5
+    assert np.isnan(task.metrics(teacher[:2], None, teacher[:2])["spearman"])
