@@ -168,3 +168,12 @@ def test_empty_sentences_and_misaligned_targets_are_refused(teacher: SentenceTea
         student.encode([""])
     with pytest.raises(DataError, match="one row per sentence"):
         finetune_static(student, SENTENCES, torch.zeros(3, 32))
+
+
+def test_token_vectors_through_the_cache_are_the_same(teacher: SentenceTeacher, tmp_path: Path) -> None:
+    direct = StaticEmbedding.from_teacher(teacher, pca_dims=8)
+    cached = StaticEmbedding.from_teacher(teacher, pca_dims=8, cache_dir=tmp_path)
+    again = StaticEmbedding.from_teacher(teacher, pca_dims=8, cache_dir=tmp_path)  # read from the entry
+    torch.testing.assert_close(cached.vectors.weight, direct.vectors.weight, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(again.vectors.weight, cached.vectors.weight, rtol=0, atol=0)
+    assert any((tmp_path / "sets").iterdir())
