@@ -163,7 +163,7 @@ class StaticEmbedding(nn.Module):
         self.register_buffer("pca_mean", torch.zeros(dim) if pca_mean is None else pca_mean.float().clone())
         self.register_buffer("pca_components", torch.eye(dim) if pca_components is None else pca_components.float())
         self.config: dict[str, Any] = dict(config or {})
-        unk = self._unk_token()
+        unk = _unk_of(tokenizer)  # read once: the tokenizer's JSON is the whole vocabulary
         self.unk_token_id: int | None = None if unk is None else tokenizer.token_to_id(unk)
 
     @property
@@ -240,12 +240,10 @@ class StaticEmbedding(nn.Module):
 
     # ---- text ------------------------------------------------------------------------------------------------------
 
-    def _unk_token(self) -> str | None:
-        return _unk_of(self.tokenizer)
-
     def token_ids(self, sentences: Sequence[str]) -> list[list[int]]:
         """Model2Vec's tokenisation: no special tokens, unknown tokens dropped, no truncation."""
-        return _encode_ids(self.tokenizer, check_sentences(sentences), self._unk_token())
+        encodings = self.tokenizer.encode_batch(check_sentences(sentences), add_special_tokens=False)
+        return [[i for i in encoding.ids if i != self.unk_token_id] for encoding in encodings]
 
     def tokenize(self, sentences: Sequence[str]) -> dict[str, torch.Tensor]:
         """``{"input_ids", "attention_mask"}``: int64 (rows, longest), padded with id 0 (masked out)."""
