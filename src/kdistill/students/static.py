@@ -163,6 +163,9 @@ class StaticEmbedding(nn.Module):
         self.register_buffer("pca_mean", torch.zeros(dim) if pca_mean is None else pca_mean.float().clone())
         self.register_buffer("pca_components", torch.eye(dim) if pca_components is None else pca_components.float())
         self.config: dict[str, Any] = dict(config or {})
+        self._padded = _tokenizers().Tokenizer.from_str(tokenizer.to_str())  # pads each batch to its longest row
+        self._padded.no_truncation()
+        self._padded.enable_padding(pad_id=0, pad_token=self._padded.id_to_token(0) or "[PAD]")
         unk = _unk_of(tokenizer)  # read once: the tokenizer's JSON is the whole vocabulary
         self.unk_token_id: int | None = None if unk is None else tokenizer.token_to_id(unk)
 
@@ -246,16 +249,16 @@ class StaticEmbedding(nn.Module):
         return [[i for i in encoding.ids if i != self.unk_token_id] for encoding in encodings]
 
     def tokenize(self, sentences: Sequence[str]) -> dict[str, torch.Tensor]:
-        """``{"input_ids", "attention_mask"}``: int64 (rows, longest), padded with id 0 (masked out)."""
-        ids = self.token_ids(sentences)
-        longest = max(1, max(len(row) for row in ids))
-        input_ids = torch.zeros((len(ids), longest), dtype=torch.long)
-        mask = torch.zeros((len(ids), longest), dtype=torch.long)
-        for row, sequence in enumerate(ids):
-            if sequence:
-                input_ids[row, : len(sequence)] = torch.tensor(sequence, dtype=torch.long)
-                mask[row, : len(sequence)] = 1
-        return {"input_ids": input_ids, "attention_mask": mask}
+        """``{"input_ids", "attention_mask"}``: int64 (rows, longest), padded with id 0; padding and unknown tokens
+        are masked out (so the mean is over the tokens Model2Vec keeps)."""
+        encodings = self._padded.encode_batch(check_sentences(sentences), add_special_tokens=False)
+        ids = np.array([encoding.ids for encoding in encodings], dtype=np.int64).reshape(len(encodings), -1)
+        mask = np.array([encoding.attention_mask for encoding in encodings], dtype=np.int64).reshape(ids.shape)
+        if self.unk_token_id is not None:
+            mask[ids == self.unk_token_id] = 0
+        if ids.shape[1] == 0:  # every sentence without tokens
+            ids, mask = np.zeros((len(encodings), 1), dtype=np.int64), np.zeros((len(encodings), 1), dtype=np.int64)
+        return {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         ids = input_ids.long()
