@@ -56,9 +56,44 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sentence(args: argparse.Namespace) -> int:
+    from kdistill.sentence_run import load_sentence_config, run_sentence
+
+    report = run_sentence(load_sentence_config(args.config, args.set), verbose=not args.quiet)
+    for name in ("untrained", "trained"):
+        metrics = report[name]
+        _console.print(
+            f"{name:>9}: spearman {metrics['spearman_random']:.3f} (hard pairs {metrics['spearman_hard']:.3f}), "
+            f"recall@10 {metrics['recall_at_10']:.3f}",
+            highlight=False,
+        )
+    speeds = report["sentences_per_s"]
+    _console.print(
+        f"sentences/s, 1 thread, batch 1 / 64: teacher {speeds['teacher']['batch_1']:.0f} / "
+        f"{speeds['teacher']['batch_64']:.0f}, student {speeds['student']['batch_1']:.0f} / "
+        f"{speeds['student']['batch_64']:.0f} ({report['speedup_batch_64']:.1f}x); saved {report['model']} "
+        f"({report['format']}) and report.json",
+        highlight=False,
+    )
+    return 0
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     from kdistill.compress.commands import export_saved_student, run_pipeline
 
+    if args.sentence is not None:
+        from kdistill.sentence_export import export_sentence_folder
+
+        summary = export_sentence_folder(args.sentence, args.out, int8=args.quantize != "none")
+        int8 = (
+            f", INT8 {summary['int8']} (min cosine to PyTorch {summary['int8_min_cosine']:.4f})"
+            if "int8" in summary
+            else ""
+        )
+        _console.print(
+            f"exported {summary['onnx']} (max |ONNX - PyTorch| = {summary['max_abs_diff']:.2e}){int8}", highlight=False
+        )
+        return 0
     if args.source is not None:
         if args.prune_ratio is not None:
             _console.print("[yellow]--prune-ratio is ignored for a saved student: pruning needs its teacher[/yellow]")
@@ -307,6 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument(
         "source", nargs="?", help="a saved student (run folder or student.safetensors); omit to run the pipeline"
     )
+    export.add_argument(
+        "--sentence", default=None, metavar="FOLDER", help="a sentence-transformers folder to export as ONNX (+ INT8)"
+    )
     export.add_argument("--dataset", choices=["digits", "mnist1d"], default="digits", help="rows and labels to use")
     export.add_argument("--out", default="runs/compress", help="folder for the artefacts (default: %(default)s)")
     export.add_argument("--prune-ratio", type=float, default=None, help="channels removed per layer (default 0.5)")
@@ -328,6 +366,16 @@ def build_parser() -> argparse.ArgumentParser:
     profile.add_argument("--seed", type=int, default=0)
     profile.add_argument("--json", default=None, help="where to write the results (default: FOLDER/profile.json)")
     profile.set_defaults(handler=_cmd_profile)
+
+    sentence = commands.add_parser(
+        "sentence", help="distil a sentence encoder into a static or transformer student from a YAML config"
+    )
+    sentence.add_argument("config", help="the YAML config (see examples/sentence/ and docs/sentence_encoders.md)")
+    sentence.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a field, e.g. train.epochs=5"
+    )
+    sentence.add_argument("--quiet", action="store_true", help="no stage timings")
+    sentence.set_defaults(handler=_cmd_sentence)
 
     run = commands.add_parser("run", help="run a distillation from a YAML config (checkpointed, resumable)")
     run.add_argument("config", help="the YAML config file (see examples/ and docs/config.md)")

@@ -494,8 +494,8 @@ class Embedding(TaskBase):
     monitor = "val_cosine"
     higher_is_better = True
     tie_breaker = "val_mse"
-    report_columns = ("cosine", "retention", "mse")
-    methods = ("cosine", "mse")
+    report_columns = ("cosine", "retention", "mse", "spearman", "recall_at_10")
+    methods = ("cosine", "mse", "contrastive")
     trains_baseline = False
     scored_against_teacher = True
 
@@ -553,15 +553,30 @@ class Embedding(TaskBase):
         mask: torch.Tensor | None = None,
     ) -> dict[str, float]:
         """One model's report entry: :func:`kdistill.evaluate.embedding_metrics` against the teacher's embeddings
-        (``teacher_outputs``, or ``target`` when that holds them)."""
+        (``teacher_outputs``, or ``target`` when that holds them), and how much of their similarity structure the
+        outputs keep (:func:`kdistill.embedding_eval.similarity_report`: ``spearman`` of pairwise cosines on random
+        pairs, ``spearman_hard`` on each row's nearest teacher neighbours, ``recall_at_10``; NaN below 3 rows)."""
         reference = teacher_outputs if teacher_outputs is not None else target
         if reference is None:
             raise DataError("embedding metrics need the teacher's embeddings", hint="pass teacher_outputs.")
-        return evaluate.embedding_metrics(outputs, reference)
+        return evaluate.embedding_metrics(outputs, reference) | _similarity_metrics(outputs, reference)
 
     def retention(self, student: Mapping[str, float], teacher: Mapping[str, float]) -> float:
         """Student cosine / teacher cosine (the teacher's own is 1)."""
         return student["cosine"] / teacher["cosine"]
+
+
+def _similarity_metrics(outputs: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
+    if len(outputs) < 3:
+        return {"spearman": math.nan, "spearman_hard": math.nan, "recall_at_10": math.nan}
+    from kdistill.embedding_eval import similarity_report
+
+    report = similarity_report(reference, outputs)
+    return {
+        "spearman": report["spearman_random"],
+        "spearman_hard": report["spearman_hard"],
+        "recall_at_10": report["recall_at_10"],
+    }
 
 
 # ---- registry ------------------------------------------------------------------------------------------------------

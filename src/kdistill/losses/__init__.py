@@ -19,6 +19,7 @@ from kdistill.losses.base import (
 from kdistill.losses.byot import DeepSupervision
 from kdistill.losses.chunked import chunked_head_loss, chunked_token_loss
 from kdistill.losses.compose import Compose, compose_methods
+from kdistill.losses.contrastive import SimilarityContrastiveLoss, similarity_contrastive_loss
 from kdistill.losses.crd import CRDLoss, contrastive_loss
 from kdistill.losses.dist import DISTLoss, dist_loss
 from kdistill.losses.dkd import DKDLoss, dkd_loss
@@ -74,6 +75,7 @@ __all__ = [
     "RegressionKD",
     "ReverseKL",
     "SPLoss",
+    "SimilarityContrastiveLoss",
     "SkewForwardKL",
     "SkewReverseKL",
     "StaticTargets",
@@ -112,6 +114,7 @@ __all__ = [
     "regression_kd_loss",
     "rkd_angle_loss",
     "rkd_distance_loss",
+    "similarity_contrastive_loss",
     "sp_loss",
     "standardize_logits",
     "token_distill_loss",

@@ -19,6 +19,7 @@ from kdistill.teachers.file import FileTeacher, save_teacher_outputs
 from kdistill.teachers.hf import HFTeacher
 from kdistill.teachers.onnx import OnnxTeacher
 from kdistill.teachers.registry import ADAPTERS, UnknownTeacherError, adapter_types, dispatch_order, register_adapter
+from kdistill.teachers.sentence import SentenceEncoder, SentenceTeacher
 from kdistill.teachers.sklearn import SklearnTeacher
 from kdistill.teachers.torch import TorchTeacher
 
@@ -31,6 +32,8 @@ __all__ = [
     "HFTeacher",
     "OnnxTeacher",
     "Outputs",
+    "SentenceEncoder",
+    "SentenceTeacher",
     "SklearnTeacher",
     "Teacher",
     "TeacherBase",
