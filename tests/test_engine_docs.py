@@ -23,7 +23,7 @@ def _python_blocks() -> list[str]:
 
 
 def test_engine_doc_has_its_examples() -> None:
-    assert len(_python_blocks()) == 4
+    assert len(_python_blocks()) == 5
 
 
 @pytest.mark.parametrize("block", range(len(_python_blocks())))

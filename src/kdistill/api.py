@@ -186,6 +186,8 @@ def distill(
     settings: Mapping[str, Any] | None = None,
     out: str | os.PathLike[str] | None = None,
     resume: bool = False,
+    stream: bool = False,
+    stream_rows: int | None = None,
 ) -> DistillResult:
     """Distil ``teacher`` into ``student`` and report how it compares.
 
@@ -228,6 +230,11 @@ def distill(
         out: a run folder: checkpoints every epoch, metrics.jsonl, the teacher-output cache (``<out>/cache``), and
             at the end the student, history and report, as ``kdistill run`` writes them. ``resume=True`` continues
             the run in ``out`` from its last checkpoint (same arguments and data, else a CheckpointError).
+        stream: read ``train`` (a torch ``Dataset``) batch by batch instead of loading it into memory, for a
+            transfer set too large to hold; the teacher then runs live on each batch (nothing is cached), and a
+            sample of 2,048 evenly spaced rows sizes the student and fits its input standardisation. An
+            ``IterableDataset`` always streams; ``stream_rows`` gives its items per epoch when it has no ``len()``.
+            Labels must be class indices. ``val``/``test`` stay in memory.
 
     Returns:
         A :class:`DistillResult`.
@@ -281,6 +288,8 @@ def distill(
         prefetch_teacher=prefetch_teacher,
         out=folder,
         resume=resume,
+        stream=stream,
+        stream_rows=stream_rows,
         verbose=verbose,
         identity=identity,
         report_settings={"temperature": temperature, "soft_weight": soft_weight},

@@ -59,7 +59,7 @@ from kdistill.data import fingerprint_arrays
 from kdistill.errors import CacheError
 from kdistill.io import atomic_write_bytes, atomic_write_json
 from kdistill.losses.kd_topk import encode_topk, pack_topk
-from kdistill.teachers.base import Teacher
+from kdistill.teachers.base import Teacher, batch_logits
 
 __all__ = [
     "DEFAULT_CACHE_DIR",
@@ -524,7 +524,7 @@ def _write_chunk(store: Path, rows: np.ndarray, arrays: dict[str, np.ndarray], s
 
 
 def _outputs_of(teacher: Teacher, batch: Inputs) -> torch.Tensor:
-    outputs = teacher(cast(torch.Tensor, batch)).logits
+    outputs = batch_logits(teacher, batch)
     if not isinstance(outputs, torch.Tensor) or outputs.ndim < 2:
         raise CacheError(
             f"the teacher returned {type(outputs).__name__} {tuple(getattr(outputs, 'shape', ()))}; the cache stores "

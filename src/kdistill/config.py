@@ -99,18 +99,28 @@ class _Section(BaseModel):
 
 class FileSplit(_Section):
     """One split read from files: ``path`` (a .npz with arrays ``x`` and ``y``, or a .csv with a header whose
-    ``label_column`` holds integer class indices), or ``x`` and ``y`` (two .npy files). Relative paths are relative
-    to the config file's folder."""
+    ``label_column`` holds integer class indices), or ``x`` and ``y`` (two .npy files); or ``factory``,
+    ``module:attribute`` of your code returning a torch ``Dataset`` or an ``(X, y)`` pair. Relative paths are
+    relative to the config file's folder. ``stream: true`` (train only) reads a Dataset batch by batch instead of
+    loading it (``rows``: its items per epoch, for an iterable without ``len()``)."""
 
     path: str | None = None
     x: str | None = None
     y: str | None = None
     label_column: str = "label"
+    factory: str | None = None
+    stream: bool = False
+    rows: Annotated[int, Field(gt=0)] | None = None
 
     @model_validator(mode="after")
     def _one_source(self) -> FileSplit:
-        if (self.path is None) == (self.x is None):
-            raise ValueError("give either path (a .npz or .csv file) or x (and y: .npy files), not both or neither")
+        if sum(value is not None for value in (self.path, self.x, self.factory)) != 1:
+            raise ValueError(
+                "give one of path (a .npz or .csv file), x (and y: .npy files) or factory (module:attribute "
+                "returning a Dataset)"
+            )
+        if self.stream and self.factory is None:
+            raise ValueError("stream: true reads a Dataset from factory: module:attribute; files are loaded whole")
         if self.path is not None and Path(self.path).suffix.lower() not in (".npz", ".csv"):
             raise ValueError(f"path must end in .npz or .csv, got {self.path!r}; for .npy files use x: and y:")
         if self.x is not None and self.y is None:
@@ -141,6 +151,10 @@ class DataConfig(_Section):
     def _one_source(self) -> DataConfig:
         if (self.dataset is None) == (self.train is None):
             raise ValueError("give either dataset (a built-in name) or train (files), not both or neither")
+        for name in ("val", "test"):
+            split = getattr(self, name)
+            if split is not None and split.stream:
+                raise ValueError(f"only the training split streams; {name} is read whole (drop {name}.stream)")
         return self
 
 

@@ -235,6 +235,12 @@ def _flat(split: Split) -> Any:
 
 
 def _labels(split: Split) -> Any:
+    if split.stream is not None:
+        raise ConfigError(
+            "this teacher kind is fitted on the training rows, which are streamed (read batch by batch)",
+            hint="use a trained teacher (kind torch, hf, onnx, saved, or a fitted sklearn factory), or load the rows "
+            "in memory (data.train.stream: false).",
+        )
     if split.y is None:
         raise ConfigError(
             "this teacher is trained on the data, so the training split needs labels",

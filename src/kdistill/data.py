@@ -13,6 +13,7 @@ only its floating-point arrays become float32.
 from __future__ import annotations
 
 import hashlib
+import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -23,23 +24,101 @@ from torch.utils.data import DataLoader, Dataset
 
 from kdistill.errors import DataError, LabelError
 
-__all__ = ["Split", "as_inputs", "as_split", "encode_labels", "fingerprint_arrays"]
+__all__ = [
+    "Inputs",
+    "Split",
+    "as_inputs",
+    "as_split",
+    "check_stream_classes",
+    "encode_labels",
+    "fingerprint_arrays",
+    "input_keys",
+    "rows_in",
+    "run_trimmed",
+    "stream_split",
+    "take_rows",
+    "trim_padding",
+]
+
+Inputs = torch.Tensor | Mapping[str, torch.Tensor]
+"""Rows of inputs: one (rows, *features) tensor, or a mapping of (rows, ...) tensors (``input_ids``,
+``attention_mask``, ...) that a model takes as keywords."""
 
 
 @dataclass(frozen=True)
 class Split:
     """One checked split of the data.
 
-    ``x``: (rows, *features) float32; ``y``: (rows,) int64 class indices, or None for unlabeled rows. ``raw_x`` keeps
-    what the user passed, for teachers (scikit-learn) that want their own input type back.
+    ``x``: (rows, *features) float32, or a mapping of (rows, ...) tensors (integer dtypes kept: ``input_ids``,
+    ``attention_mask``; see :func:`as_inputs`); ``y``: (rows,) int64 class indices, or None for unlabeled rows.
+    ``raw_x`` keeps what the user passed, for teachers (scikit-learn) that want their own input type back.
     """
 
-    x: torch.Tensor
+    x: Any  # Inputs: a tensor or a mapping of tensors
     y: torch.Tensor | None
     raw_x: Any
+    stream: Any = None
+    """A streamed split (:func:`stream_split`): the Dataset or iterable read batch by batch in training; ``x`` and
+    ``y`` then hold only a sample of its rows (for checks and sizing), and ``rows`` its length."""
+    rows: int | None = None
 
     def __len__(self) -> int:
-        return int(self.x.shape[0])
+        return self.rows if self.rows is not None else rows_in(self.x)
+
+
+def rows_in(inputs: Inputs) -> int:
+    """The number of rows of a tensor or of a mapping of tensors (the first's; :func:`as_inputs` checks they agree)."""
+    if isinstance(inputs, torch.Tensor):
+        return int(inputs.shape[0])
+    return int(next(iter(inputs.values())).shape[0])
+
+
+def take_rows(inputs: Inputs, rows: slice | torch.Tensor) -> Inputs:
+    """Rows of a tensor or of each tensor of a mapping: ``rows`` is a slice or a (k,) index tensor."""
+    if isinstance(inputs, torch.Tensor):
+        return inputs[rows]
+    return {name: value[rows] for name, value in inputs.items()}
+
+
+def trim_padding(inputs: Inputs) -> Inputs:
+    """A mapping with an ``attention_mask`` of (rows, seq) cut to its longest row: the trailing columns that every
+    row pads are dropped from each (rows, seq, ...) tensor (dynamic padding; right padding assumed). Tensors, and
+    mappings without a mask, come back as they are."""
+    if isinstance(inputs, torch.Tensor) or "attention_mask" not in inputs:
+        return inputs
+    mask = inputs["attention_mask"]
+    if mask.ndim != 2:
+        return inputs
+    used = mask.ne(0).any(dim=0).nonzero()
+    length = int(used.max()) + 1 if len(used) else 1
+    if length == mask.shape[1]:
+        return inputs
+    seq = mask.shape[1]
+    return {
+        name: value[:, :length] if value.ndim >= 2 and value.shape[1] == seq else value
+        for name, value in inputs.items()
+    }
+
+
+def run_trimmed(function: Any, batch: Inputs) -> torch.Tensor:
+    """``function(batch)`` on the batch cut to its longest row (:func:`trim_padding`); per-token outputs (rows, seq,
+    ...) come back padded with zeros to the batch's full length, so they stay aligned with its positions (the
+    attention mask never counts the padded ones)."""
+    trimmed = trim_padding(batch)
+    outputs = function(trimmed)
+    if trimmed is batch or outputs.ndim < 3:
+        return outputs
+    assert isinstance(batch, Mapping)
+    length = batch["attention_mask"].shape[1]
+    return torch.nn.functional.pad(outputs, (0, 0, 0, length - outputs.shape[1]))
+
+
+def input_keys(inputs: Inputs) -> tuple[str, ...] | tuple[int, ...]:
+    """What two splits must share to feed one model: a tensor's row shape, or a mapping's names (sequence lengths
+    may differ: each batch is padded to its own longest row)."""
+    if isinstance(inputs, torch.Tensor):
+        return tuple(inputs.shape[1:])
+    return tuple(sorted(inputs))
 
 
 def _to_numpy_x(x: Any, name: str) -> np.ndarray:
@@ -206,6 +285,8 @@ def as_split(data: Any, *, name: str = "train", classes: np.ndarray | None = Non
     ``data``: ``(X, y)`` with X of shape (rows, *features) as numpy, pandas or torch; ``X`` alone for unlabeled data
     (``labeled=False``); or a map-style ``torch.utils.data.Dataset`` yielding ``(x, y)``. A Dataset is read once into
     memory (kdistill batches in-memory tensors by indexing, which is 2-3x faster than a per-sample DataLoader).
+    ``X`` may be a mapping of arrays (a tokenizer's ``input_ids`` and ``attention_mask``), checked by
+    :func:`as_inputs`: integer dtypes are kept and the model is called as ``model(**batch)``.
     """
     if isinstance(data, Dataset):
         x_raw, y_raw = _materialize(data, name)
@@ -218,34 +299,88 @@ def as_split(data: Any, *, name: str = "train", classes: np.ndarray | None = Non
             f"{name} must be an (X, y) pair or a torch Dataset, got {type(data).__name__}",
             hint=f"pass {name}=(X, y).",
         )
-    if isinstance(x_raw, Mapping):
-        raise DataError(
-            f"{name} X is a mapping of arrays ({list(x_raw)[:5]}); this entry point takes one feature array",
-            hint="train on a mapping of inputs with kdistill.engine.fit(model, loss, TransferSet(as_inputs(X), y, "
-            "teacher_logits)) or an InMemorySource.",
-        )
-    x = _check_x(x_raw, f"{name} X")
+    x = as_inputs(x_raw, name=f"{name} X")
     if y_raw is None:
         if labeled:
             raise DataError(f"{name} has no labels", hint=f"pass {name}=(X, y).")
         return Split(x=x, y=None, raw_x=x_raw)
     y = encode_labels(y_raw, classes, name=f"{name} y")
-    if len(y) != len(x):
+    if len(y) != rows_in(x):
         raise DataError(
-            f"{name} X has {len(x)} rows but y has {len(y)}",
+            f"{name} X has {rows_in(x)} rows but y has {len(y)}",
             hint="X and y must describe the same rows; check that they come from the same split.",
         )
     return Split(x=x, y=y, raw_x=x_raw)
 
 
-def fingerprint_arrays(*arrays: torch.Tensor | np.ndarray | None, extra: Sequence[str] = ()) -> str:
-    """A short content hash of arrays (shape, dtype and bytes), used to key caches and check resumed runs."""
+def stream_split(
+    data: Any, *, name: str = "train", classes: np.ndarray | None = None, rows: int | None = None, sample: int = 2048
+) -> Split:
+    """A split read batch by batch (:class:`~kdistill.engine.StreamingSource`), never held whole: a map-style
+    ``Dataset`` of items ``x``, ``(x, y)`` or a mapping, or an ``IterableDataset`` (then ``rows``, the items per
+    epoch, is needed when it has no ``len()``). Up to ``sample`` rows are read and checked like in-memory ones (for
+    shape checks, sizing a built-in student and fitting its input standardisation): evenly spaced rows of a
+    map-style Dataset, the first rows of an iterable. Labels must be class indices already (each batch's are used as
+    they come), so a teacher whose classes are other values is refused."""
+    from torch.utils.data import IterableDataset, default_collate
+
+    if isinstance(data, IterableDataset) or not hasattr(data, "__getitem__"):
+        length = rows if rows is not None else _length(data, name)
+        items = list(itertools.islice(iter(data), sample))
+    else:
+        length = _length(data, name)
+        positions = np.unique(np.linspace(0, length - 1, num=min(sample, length)).round().astype(np.int64))
+        items = [data[int(i)] for i in positions]
+    if not items or length <= 0:
+        raise DataError(f"{name} is an empty stream", hint="pass at least one row.")
+    if isinstance(items[0], (tuple, list)):
+        x_raw = default_collate([item[0] for item in items])
+        y_raw = default_collate([item[1] for item in items]) if len(items[0]) > 1 else None
+    else:
+        x_raw, y_raw = default_collate(items), None
+        if isinstance(x_raw, Mapping) and "labels" in x_raw:
+            x_raw = dict(x_raw)
+            y_raw = x_raw.pop("labels")
+    x = as_inputs(x_raw, name=f"{name} X")
+    if classes is not None:
+        check_stream_classes(classes, name)
+    y = None if y_raw is None else encode_labels(y_raw, None, name=f"{name} y")
+    return Split(x=x, y=y, raw_x=data, stream=data, rows=int(length))
+
+
+def check_stream_classes(classes: np.ndarray, name: str) -> None:
+    """A streamed split's labels are used as they come, so the teacher's classes must be 0..C-1."""
+    if not np.array_equal(np.asarray(classes), np.arange(len(classes))):
+        raise LabelError(
+            f"{name} is streamed, and its labels are used as they come, but the teacher's classes are "
+            f"{np.asarray(classes)[:10].tolist()}, not 0..{len(classes) - 1}",
+            hint="yield class indices in the teacher's order (classes_.tolist().index(label)), or load the data "
+            "in memory (stream=False).",
+        )
+
+
+def _length(data: Any, name: str) -> int:
+    try:
+        return len(data)
+    except TypeError as exc:
+        raise DataError(
+            f"{name} streams from a {type(data).__name__} without len()",
+            hint="pass the number of items per epoch (stream_rows=N; YAML data.train.rows): the schedule needs it.",
+        ) from exc
+
+
+def fingerprint_arrays(*arrays: Inputs | np.ndarray | None, extra: Sequence[str] = ()) -> str:
+    """A short content hash of arrays (shape, dtype and bytes; a mapping's by name), used to key caches and check
+    resumed runs."""
     digest = hashlib.blake2b(digest_size=16)
     for item in extra:
         digest.update(item.encode())
     for array in arrays:
         if array is None:
             digest.update(b"none")
+            continue
+        if isinstance(array, Mapping):
+            digest.update(fingerprint_arrays(*(array[key] for key in sorted(array)), extra=sorted(array)).encode())
             continue
         values = array.detach().cpu().numpy() if isinstance(array, torch.Tensor) else np.asarray(array)
         values = np.ascontiguousarray(values)

@@ -33,8 +33,18 @@ import torch.distributed as dist
 from torch import nn
 
 from kdistill.config import MethodTerm, Settings
-from kdistill.data import Split, encode_labels, fingerprint_arrays
-from kdistill.engine import EarlyStopping, ProgressBar, TrainConfig, TransferSet, fit
+from kdistill.data import (
+    Split,
+    check_stream_classes,
+    encode_labels,
+    fingerprint_arrays,
+    input_keys,
+    run_trimmed,
+    stream_split,
+    take_rows,
+    trim_padding,
+)
+from kdistill.engine import EarlyStopping, ProgressBar, StreamingSource, TrainConfig, TransferSet, fit
 from kdistill.engine.callbacks import Callback
 from kdistill.engine.checkpoint import Checkpointer, load_checkpoint
 from kdistill.engine.live import Augment
@@ -94,7 +104,9 @@ class RunSpec:
     ``soft_targets``/``oof_folds``: :class:`~kdistill.config.SoftTargets`. ``loss``: a Loss object used instead of
     ``settings.method``. ``augment(x_batch, generator) -> x_batch``: applied to every training batch, the teacher
     then runs live (``prefetch_teacher``: one batch ahead, in a thread). ``out``: the run folder (None: nothing is
-    written); ``resume``: continue the run there.
+    written); ``resume``: continue the run there. ``stream``: read ``train`` (a Dataset) batch by batch instead of
+    holding it in memory (:func:`kdistill.data.stream_split`; an ``IterableDataset`` always streams, ``stream_rows``
+    items per epoch when it has no ``len()``); the teacher then runs live on each batch.
     ``identity``: what a resumed run must match besides the settings (the YAML data/teacher/student sections, or
     the API's teacher and data fingerprints). ``report_settings``: extra entries for the report's settings.
     """
@@ -114,6 +126,8 @@ class RunSpec:
     prefetch_teacher: bool = False
     out: Path | None = None
     resume: bool = False
+    stream: bool = False
+    stream_rows: int | None = None
     verbose: bool = True
     identity: dict[str, Any] = field(default_factory=dict)
     report_settings: dict[str, Any] = field(default_factory=dict)
@@ -207,17 +221,51 @@ def _splits(spec: RunSpec, classes: np.ndarray | None, task: Task) -> dict[str, 
     """The run's data as checked splits, as its task reads them: labelled rows for classification, rows of features
     (labels unused) for embeddings, rows of token ids (next-token targets derived from them) for ``token_lm``."""
     raw = {"train": spec.train, "val": spec.val, "test": spec.test}
-    splits = {name: None if value is None else _split(value, name, classes, task) for name, value in raw.items()}
+    streams = _streams(spec)
+    splits = {
+        name: None if value is None or (streams and name == "train") else _split(value, name, classes, task)
+        for name, value in raw.items()
+    }
+    if streams:
+        _check_streamable(spec, task)
+        splits["train"] = stream_split(spec.train, name="train", classes=classes, rows=spec.stream_rows)
     train = splits["train"]
     assert train is not None
     for name in ("val", "test"):
         split = splits[name]
-        if split is not None and split.x.shape[1:] != train.x.shape[1:]:
+        if split is None or input_keys(split.x) == input_keys(train.x):
+            continue
+        if isinstance(train.x, torch.Tensor) and isinstance(split.x, torch.Tensor):
             raise DataError(
                 f"{name} X has rows of shape {tuple(split.x.shape[1:])} but train X has {tuple(train.x.shape[1:])}",
                 hint=f"{name} must have the same features, in the same order, as the training rows.",
             )
+        raise DataError(
+            f"{name} X has inputs {list(input_keys(split.x))} but train X has {list(input_keys(train.x))}",
+            hint=f"give {name} the same kind of inputs as the training rows (the same mapping keys, or one array).",
+        )
     return splits
+
+
+def _streams(spec: RunSpec) -> bool:
+    """Whether the training rows are read batch by batch: ``stream=True``, or an iterable that cannot be indexed."""
+    from torch.utils.data import IterableDataset
+
+    return spec.stream or isinstance(spec.train, IterableDataset)
+
+
+def _check_streamable(spec: RunSpec, task: Task) -> None:
+    """What a streamed training set cannot do, refused before anything runs."""
+    problem = None
+    if task.name == "token_lm":
+        problem = "task 'token_lm' derives its next-token targets in memory"
+    elif spec.soft_targets == "oof":
+        problem = "out-of-fold soft targets refit the teacher on the training rows"
+    if problem is not None:
+        raise ConfigError(
+            f"the training rows cannot be streamed: {problem}",
+            hint="load them in memory (stream=False), or use a ready teacher with soft_targets='predict'.",
+        )
 
 
 def _split(value: Any, name: str, classes: np.ndarray | None, task: Task) -> Split:
@@ -227,6 +275,9 @@ def _split(value: Any, name: str, classes: np.ndarray | None, task: Task) -> Spl
 def _relabel(split: Split | None, classes: list[Any] | None) -> Split | None:
     """Labels as the teacher's column positions (for a teacher built by the run, with its own ``classes_``)."""
     if split is None or split.y is None or classes is None:
+        return split
+    if split.stream is not None:  # labels are used as they come: they must already be the teacher's positions
+        check_stream_classes(np.asarray(classes), "train")
         return split
     return Split(x=split.x, y=encode_labels(split.y.numpy(), np.asarray(classes), name="y"), raw_x=split.raw_x)
 
@@ -264,21 +315,23 @@ def _check_classes(declared: int | None, width: int, splits: Mapping[str, Split 
     return width
 
 
-def _check_student(student: nn.Module, x: torch.Tensor, row_shape: tuple[int, ...], task: Task) -> None:
-    """The student runs on two rows and gives outputs of the teacher's shape per row."""
+def _check_student(student: nn.Module, x: Any, row_shape: tuple[int, ...], task: Task) -> None:
+    """The student runs on two rows and gives outputs of the teacher's shape per row (a mapping of inputs goes in
+    as keywords; an output object's ``.logits`` counts)."""
     was_training = student.training
     student.eval()
+    rows = take_rows(x, slice(0, 2))
     try:
         with torch.no_grad():
-            out = student(x[:2])
+            out = _student_logits(student, rows)
     except Exception as exc:
         raise StudentError(
-            f"the student failed on a batch of shape {tuple(x[:2].shape)}: {exc}",
+            f"the student failed on a batch of {_describe(rows)}: {exc}",
             hint="check the student's expected input shape against the data.",
         ) from exc
     finally:
         student.train(was_training)
-    expected = (len(x[:2]), *row_shape)
+    expected = (len(rows) if isinstance(rows, torch.Tensor) else len(next(iter(rows.values()))), *row_shape)
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != expected:
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         if task.name == "classification":
@@ -291,6 +344,18 @@ def _check_student(student: nn.Module, x: torch.Tensor, row_shape: tuple[int, ..
             f"the student outputs {shape} for 2 rows, but the teacher outputs {expected} (task {task.name!r})",
             hint="make the student's outputs the teacher's shape per row.",
         )
+
+
+def _student_logits(model: nn.Module, x: Any) -> Any:
+    """``model(x)``, or ``model(**x)`` for a mapping; an output object with ``.logits`` (transformers) gives those."""
+    out = model(**x) if isinstance(x, Mapping) else model(x)
+    return out if isinstance(out, torch.Tensor) else getattr(out, "logits", out)
+
+
+def _describe(x: Any) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"shape {tuple(x.shape)}"
+    return "inputs " + ", ".join(f"{name} {tuple(value.shape)}" for name, value in x.items())
 
 
 def _build_student(
@@ -309,6 +374,12 @@ def _build_student(
                     hint="return an nn.Module mapping a batch to (batch, classes) logits.",
                 )
         else:
+            if not isinstance(train.x, torch.Tensor):
+                raise StudentError(
+                    f"student {spec.student!r} reads rows of features, but the inputs are a mapping "
+                    f"({', '.join(train.x)})",
+                    hint="pass your own nn.Module, called as module(**batch) (a transformers model, say).",
+                )
             if not task.builtin_students:
                 raise StudentError(
                     f"task {task.name!r} needs your own student module, got {spec.student!r}: the registered students "
@@ -340,7 +411,7 @@ def _teacher_targets(spec: RunSpec, teacher: Teacher | None, train: Split) -> to
     """Soft targets for the training rows (None when the teacher runs live on augmented batches): the teacher's
     outputs, or out-of-fold ones, through :mod:`kdistill.cache` when there is a cache folder. Under torchrun every
     rank calls the cache together: rank 0 fills the entry, the others (which may have no teacher) open it."""
-    if spec.augment is not None:
+    if spec.augment is not None or train.stream is not None:  # the teacher runs live on each batch
         return None
     root = _cache_root(spec)
     seed, folds = spec.settings.seed, spec.oof_folds
@@ -416,7 +487,7 @@ def prepare(spec: RunSpec) -> Prepared:
         student=student,
         student_spec=student_spec,
         baseline=baseline,
-        data_fingerprint=fingerprint_arrays(train.x, train.y),
+        data_fingerprint=fingerprint_arrays(train.x, train.y, extra=[f"rows={len(train)}"] if train.stream else ()),
         task=task,
     )
 
@@ -449,7 +520,7 @@ def _row_shape(spec: RunSpec, teacher: Teacher, train: Split) -> tuple[int, ...]
             entry = None
         if entry is not None:
             return tuple(entry.shape)
-    return tuple(teacher_logits(teacher, train.x[:8]).shape[1:])
+    return tuple(teacher_logits(teacher, take_rows(train.x, slice(0, 8))).shape[1:])
 
 
 def _storage(spec: RunSpec) -> str:
@@ -510,7 +581,7 @@ def _phase(
     phase: str,
     module: nn.Module,
     loss: Loss,
-    transfer: TransferSet,
+    transfer: TransferSet | StreamingSource,
     run_info: dict[str, Any],
 ) -> list[dict[str, float]]:
     """Train one phase (the distilled student, or the no-teacher baseline), resumed from its checkpoint if any."""
@@ -547,7 +618,16 @@ def _val_batches(prepared: Prepared, rows: int = 1024) -> list[tuple[torch.Tenso
     target = prepared.task.validation_target(val, lambda: teacher_logits(_required(teacher), val.x))
     if target is None:
         return None
-    return [(val.x[start : start + rows], target[start : start + rows]) for start in range(0, len(val), rows)]
+    return [_val_batch(val.x, target, slice(start, start + rows)) for start in range(0, len(val), rows)]
+
+
+def _val_batch(x: Any, target: torch.Tensor, rows: slice) -> tuple[Any, torch.Tensor]:
+    """One validation batch; a mapping is cut to its longest row, and per-position targets with it."""
+    inputs, batch_target = take_rows(x, rows), target[rows]
+    trimmed = trim_padding(inputs)
+    if isinstance(trimmed, Mapping) and trimmed is not inputs and batch_target.ndim >= 2:
+        batch_target = batch_target[:, : trimmed["attention_mask"].shape[1]]
+    return trimmed, batch_target
 
 
 def train(spec: RunSpec, prepared: Prepared, run_info: dict[str, Any] | None = None) -> tuple[list, list | None]:
@@ -556,11 +636,15 @@ def train(spec: RunSpec, prepared: Prepared, run_info: dict[str, Any] | None = N
     run_info = run_info or {}
     train_split = prepared.splits["train"]
     assert train_split is not None
-    transfer = TransferSet(train_split.x, train_split.y, prepared.targets)
+    transfer: TransferSet | StreamingSource
+    if train_split.stream is not None:
+        transfer = StreamingSource(train_split.stream, rows=len(train_split))
+    else:
+        transfer = TransferSet(train_split.x, train_split.y, prepared.targets)
     history = _phase(spec, prepared, "student", prepared.student, prepared.loss, transfer, run_info)
     baseline_history = None
     if prepared.baseline is not None:
-        plain = TransferSet(train_split.x, train_split.y, None)
+        plain = transfer if train_split.stream is not None else TransferSet(train_split.x, train_split.y, None)
         baseline_history = _phase(spec, prepared, "baseline", prepared.baseline, get_loss("ce"), plain, run_info)
     return history, baseline_history
 
@@ -610,15 +694,14 @@ def measure_models(
     the metrics and each entry's logits. Every report, ``distill``'s and ``compress``'s, is measured here. ``task``
     (default: classification) chooses the metrics and the retention: ``token_lm`` reports perplexity and token
     accuracy, ``embedding`` the cosine similarity and MSE to the teacher's embeddings."""
-    from kdistill.teachers import Outputs
-
     task = task if task is not None else get_task("classification")
     models: dict[str, dict[str, float]] = {}
     all_logits: dict[str, torch.Tensor] = {}
     for name, entry in entries.items():
+        logits_of = _logits_function(entry.predict)
         with torch.inference_mode():
-            parts = [entry.predict(split.x[i : i + 1024]) for i in range(0, len(split.x), 1024)]
-        logits = torch.cat([part.logits if isinstance(part, Outputs) else part for part in parts]).float().cpu()
+            parts = [run_trimmed(logits_of, take_rows(split.x, slice(i, i + 1024))) for i in range(0, len(split), 1024)]
+        logits = torch.cat(parts).float().cpu()
         all_logits[name] = logits
         against_teacher = name != "teacher" or task.scored_against_teacher
         metrics = task.metrics(logits, split.y, reference if against_teacher else None)
@@ -647,12 +730,26 @@ def measure_models(
     return models, all_logits
 
 
+def _logits_function(predict: Callable[[Any], Any]) -> Callable[[Any], torch.Tensor]:
+    """``predict``'s logits: a teacher's Outputs give their ``.logits``."""
+    from kdistill.teachers import Outputs
+
+    def logits_of(rows: Any) -> torch.Tensor:
+        part = predict(rows)
+        return part.logits if isinstance(part, Outputs) else part
+
+    return logits_of
+
+
 def _eval_predict(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``model``'s logits in eval mode on its own device, as the report measures them."""
+    """``model``'s logits in eval mode on its own device, as the report measures them (a mapping of inputs goes in
+    as keywords; an output object gives its ``.logits``)."""
     model.eval()
     device = next(model.parameters()).device
 
-    def predict(x: torch.Tensor) -> torch.Tensor:
+    def predict(x: Any) -> torch.Tensor:
+        if isinstance(x, Mapping):
+            return _student_logits(model, {name: value.to(device) for name, value in x.items()})
         return model(x.to(device))
 
     return predict

@@ -158,8 +158,8 @@ def peak_memory_bytes(fn: Callable[[], Any], *, calls: int = 3, interval_s: floa
 
 
 def time_inference(
-    predict: Callable[[torch.Tensor], Any],
-    rows: torch.Tensor,
+    predict: Callable[[Any], Any],
+    rows: Any,
     *,
     batch_size: int = 256,
     threads: int = 1,
@@ -168,7 +168,8 @@ def time_inference(
     latency_budget_s: float | None = None,
     memory: bool = False,
 ) -> dict[str, float]:
-    """Latency at batch 1 (p50 and p95, ms) and throughput at ``batch_size`` (rows/s) of ``predict`` on ``rows``.
+    """Latency at batch 1 (p50 and p95, ms) and throughput at ``batch_size`` (rows/s) of ``predict`` on ``rows``
+    ((rows, *features), or a mapping of (rows, ...) tensors, cut to each batch's longest row).
 
     The one harness for teachers and students, whatever runs them (PyTorch eager, ONNX Runtime, scikit-learn).
     ``predict`` is called under ``torch.inference_mode()`` with ``threads`` intra-op threads (an ONNX Runtime
@@ -182,10 +183,13 @@ def time_inference(
     - ``peak_memory_bytes`` (with ``memory=True``): :func:`peak_memory_bytes` over 3 batch calls, measured after the
       timings so the sampling thread cannot slow them.
     """
-    one = rows[:1]
-    batch = rows[:batch_size]
-    if len(batch) < batch_size:
-        batch = rows[torch.arange(batch_size) % len(rows)]
+    from kdistill.data import rows_in, take_rows, trim_padding
+
+    one = trim_padding(take_rows(rows, slice(0, 1)))  # a mapping of token rows: each call at its own length
+    batch = take_rows(rows, slice(0, batch_size))
+    if rows_in(batch) < batch_size:
+        batch = take_rows(rows, torch.arange(batch_size) % rows_in(rows))
+    batch = trim_padding(batch)
     warmup_calls = 3
     budget = repeats * min_time if latency_budget_s is None else latency_budget_s
     with torch.inference_mode(), num_threads(threads):

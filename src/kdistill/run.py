@@ -106,6 +106,8 @@ def run_spec(config: RunConfig, *, resume: bool = False, verbose: bool = True) -
         prefetch_teacher=config.augment is not None and config.augment.prefetch_teacher,
         out=config.run_folder,
         resume=resume,
+        stream=config.data.train is not None and config.data.train.stream,
+        stream_rows=None if config.data.train is None else config.data.train.rows,
         verbose=verbose,
         identity={section: dumped[section] for section in ("data", "teacher", "student")},
         report_settings={"config": config.name, "teacher": config.teacher.kind, "student": config.student.kind},
@@ -174,10 +176,12 @@ def _read_npy(path: Path, what: str) -> np.ndarray:
         ) from exc
 
 
-def _read_split(config: RunConfig, name: str) -> tuple[np.ndarray, np.ndarray] | None:
+def _read_split(config: RunConfig, name: str) -> tuple[Any, Any] | None:
     split = getattr(config.data, name)
     if split is None:
         return None
+    if split.factory is not None:
+        return import_reference(split.factory, base=config.base, field=f"data.{name}.factory")()
     if split.x is not None:
         return _read_npy(config.resolve(split.x), "x"), _read_npy(config.resolve(split.y), "y")
     path = config.resolve(split.path)
@@ -185,13 +189,7 @@ def _read_split(config: RunConfig, name: str) -> tuple[np.ndarray, np.ndarray] |
         return _read_csv(path, split.label_column)
     try:
         with np.load(path, allow_pickle=False) as archive:
-            missing = [key for key in ("x", "y") if key not in archive.files]
-            if missing:
-                raise DataError(
-                    f"{path} has no array {missing[0]!r} (it holds {archive.files})",
-                    hint="save it with np.savez(path, x=features, y=labels).",
-                )
-            return archive["x"], archive["y"]
+            return _read_archive(path, archive)
     except (ValueError, OSError) as exc:
         raise DataError(
             f"{path} is not a readable .npz of plain arrays ({exc})",
@@ -199,7 +197,25 @@ def _read_split(config: RunConfig, name: str) -> tuple[np.ndarray, np.ndarray] |
         ) from exc
 
 
-def _load_data(config: RunConfig) -> dict[str, tuple[np.ndarray, np.ndarray] | None]:
+def _read_archive(path: Path, archive: Any) -> tuple[Any, Any]:
+    """``x`` and ``y`` of an .npz; inputs named ``x.<name>`` (``x.input_ids``, ``x.attention_mask``) are a mapping
+    that the model takes as keywords; ``y`` may be absent for tasks without labels (embedding)."""
+    named = {key.removeprefix("x."): archive[key] for key in archive.files if key.startswith("x.")}
+    if "x" not in archive.files and not named:
+        raise DataError(
+            f"{path} has no array 'x' (it holds {archive.files})",
+            hint="save it with np.savez(path, x=features, y=labels), or a mapping of inputs as "
+            "np.savez(path, **{'x.input_ids': ids, 'x.attention_mask': mask}, y=labels).",
+        )
+    if "x" in archive.files and named:
+        raise DataError(
+            f"{path} holds both 'x' and named inputs {sorted(named)}", hint="keep one: x, or x.<name> arrays."
+        )
+    x = archive["x"] if "x" in archive.files else named
+    return x, archive["y"] if "y" in archive.files else None
+
+
+def _load_data(config: RunConfig) -> dict[str, tuple[Any, Any] | None]:
     """The config's data as (x, y) arrays per split; the pipeline checks them as the run's task reads them."""
     if config.data.dataset is not None:
         from kdistill.datasets import load_dataset

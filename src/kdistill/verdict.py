@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from kdistill.data import rows_in, take_rows
 from kdistill.errors import ShapeMismatchError
 
 if TYPE_CHECKING:
@@ -318,7 +319,7 @@ def verdict_across_seeds(verdicts: Sequence[Verdict]) -> Verdict:
 
 def judge(
     built: Report,
-    predictors: Mapping[str, Callable[[torch.Tensor], Any]],
+    predictors: Mapping[str, Callable[[Any], Any]],
     logits: Mapping[str, torch.Tensor],
     split: Split,
     sampled: tuple[Split | None, torch.Tensor | None, int, int],
@@ -355,8 +356,8 @@ def judge(
         measured |= {"baseline_accuracy": models["baseline"]["accuracy"], "baseline_ece": models["baseline"]["ece"]}
     if train_split is not None and train_split.y is not None:
         generator = torch.Generator().manual_seed(seed)
-        rows = torch.randperm(len(train_split.x), generator=generator)[:sample_rows]
-        sample_x, sample_y = train_split.x[rows], train_split.y[rows]
+        rows = torch.randperm(rows_in(train_split.x), generator=generator)[:sample_rows]  # a stream: its sample
+        sample_x, sample_y = take_rows(train_split.x, rows), train_split.y[rows]
         on_train: dict[str, torch.Tensor] = {}
         if known_train_logits is not None:
             on_train["teacher"] = known_train_logits[rows].float().cpu()

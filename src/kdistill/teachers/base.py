@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, cast, runtime_checkable
 
 import numpy as np
 import torch
@@ -22,6 +22,7 @@ __all__ = [
     "Teacher",
     "TeacherBase",
     "TopK",
+    "batch_logits",
     "probs_to_logits",
     "teacher_logits",
 ]
@@ -252,7 +253,22 @@ class TeacherBase:
         return None
 
 
-def teacher_logits(teacher: Teacher, x: torch.Tensor, *, batch_size: int = 1024) -> torch.Tensor:
-    """All of ``teacher``'s logits for ``x``, batched, in row order: (rows, classes) float32."""
-    parts = [teacher(x[start : start + batch_size]).logits.float() for start in range(0, len(x), batch_size)]
+def teacher_logits(teacher: Teacher, x: Any, *, batch_size: int = 1024) -> torch.Tensor:
+    """All of ``teacher``'s logits for ``x`` ((rows, *features), or a mapping of (rows, ...) tensors), batched, in
+    row order: (rows, classes) float32."""
+    from kdistill.data import rows_in, take_rows
+
+    parts = [
+        batch_logits(teacher, take_rows(x, slice(start, start + batch_size))).float()
+        for start in range(0, rows_in(x), batch_size)
+    ]
     return torch.cat(parts)
+
+
+def batch_logits(teacher: Teacher, batch: Any) -> torch.Tensor:
+    """``teacher(batch).logits``; a mapping with an ``attention_mask`` runs cut to its longest row (dynamic padding,
+    :func:`kdistill.data.run_trimmed`): per-token outputs come back at the batch's full length."""
+    from kdistill.data import run_trimmed
+
+    # a mapping goes only to teachers that take one (torch modules, transformers models)
+    return run_trimmed(lambda rows: teacher(cast(torch.Tensor, rows)).logits, batch)

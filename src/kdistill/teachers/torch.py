@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -76,9 +76,12 @@ class TorchTeacher(TeacherBase):
             digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
         return digest.hexdigest()
 
-    def __call__(self, x: torch.Tensor, *, features: Sequence[str] = ()) -> Outputs:
+    def __call__(self, x: torch.Tensor | Mapping[str, torch.Tensor], *, features: Sequence[str] = ()) -> Outputs:
         with torch.inference_mode(), capture_features(self.module, features) as captured:
-            result = self.module(x.to(self.device))
+            if isinstance(x, Mapping):  # a mapping of inputs goes in as keywords: model(input_ids=..., ...)
+                result = self.module(**{name: value.to(self.device) for name, value in x.items()})
+            else:
+                result = self.module(x.to(self.device))
         logits = result.logits if hasattr(result, "logits") else result
         if not isinstance(logits, torch.Tensor) or logits.ndim < 2:
             shape = getattr(logits, "shape", None)
