@@ -277,3 +277,91 @@ def test_kdistill_list_students_shows_the_transformer(capsys: pytest.CaptureFixt
         "config,",
         "in_shape",
     ]
+
+
+# ---------------------------------------------------------------------------------------------------- end to end
+
+
+def _texts(rows: int, seed: int) -> tuple[list[str], list[int]]:
+    """Two classes of word-level texts: class 0 uses the first five words, class 1 the last five."""
+    from test_text import WORDS
+
+    generator = torch.Generator().manual_seed(seed)
+    texts, labels = [], []
+    for row in range(rows):
+        label = row % 2
+        count = int(torch.randint(2, 6, (1,), generator=generator))
+        picks = torch.randint(0, 5, (count,), generator=generator) + 5 * label
+        texts.append(" ".join(WORDS[int(i)] for i in picks))
+        labels.append(label)
+    return texts, labels
+
+
+def test_distill_takes_raw_strings_a_tokenizer_and_a_transformer_student(tmp_path: Path) -> None:
+    import kdistill
+    from test_text import save_word_tokenizer
+
+    folder = save_word_tokenizer(tmp_path / "tok")
+    config = transformers.BertConfig(
+        vocab_size=14,
+        hidden_size=16,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=16,
+        num_labels=2,
+    )
+    torch.manual_seed(0)
+    teacher = transformers.BertForSequenceClassification(config).eval()
+    result = kdistill.distill(
+        teacher,
+        "transformer",
+        _texts(96, 0),
+        val=_texts(32, 1),
+        test=_texts(32, 2),
+        student_params={"layers": 2},
+        tokenizer=folder,
+        method={"kd": 1.0, "tinybert_hidden": 0.5},
+        method_params={"tinybert_hidden": {"student_layers": 2, "teacher_layers": 4, "layer_map": [0, 3]}},
+        epochs=2,
+        lr=1e-3,
+        batch_size=32,
+        cache_dir=tmp_path / "cache",
+        profile=False,
+        verbose=False,
+    )
+    student = result.student
+    assert type(student) is type(teacher) and student.config.num_hidden_layers == 2
+    history = result.history
+    assert any("tinybert_hidden/hidden" in key for key in history[-1])
+    models = result.report.models
+    assert set(models) >= {"teacher", "student", "baseline"}
+    for name in ("student", "baseline"):
+        assert 0.0 <= models[name]["accuracy"] <= 1.0 and "agreement" in models[name]
+    assert models["student"]["parameters"] < models["teacher"]["parameters"]
+
+
+def test_a_transformer_student_exports_to_onnx_with_dynamic_batch_and_sequence(tmp_path: Path) -> None:
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from kdistill.compress import OnnxPredictor, export_onnx
+    from kdistill.compress.quantize import quantize_onnx
+
+    student = from_teacher(_bert(layers=4), layers=2)
+    ids = _ids(rows=16, seq=12, seed=3)
+    mask = torch.ones_like(ids)
+    mask[3, 7:] = 0
+    mask[9, 2:] = 0
+    exported = export_onnx(student, {"input_ids": ids * mask, "attention_mask": mask}, tmp_path / "student.onnx")
+    assert exported.max_abs_diff < 1e-4 and exported.checked_rows == 16
+    assert not student.training  # the export's wrapper did not switch the student to train mode
+    predictor = OnnxPredictor(exported.path)
+    assert predictor.input_names == ["input_ids", "attention_mask"]
+    for rows, seq in ((1, 5), (7, 12), (3, 20)):  # batch and sequence sizes never seen at export
+        batch = {"input_ids": _ids(rows=rows, seq=seq, seed=rows), "attention_mask": torch.ones(rows, seq)}
+        with torch.no_grad():
+            expected = student(**{k: v.long() for k, v in batch.items()}).logits
+        assert torch.allclose(predictor(batch), expected, atol=1e-4)
+    int8 = quantize_onnx(exported.path, tmp_path / "student.int8.onnx", mode="dynamic")
+    quantized = OnnxPredictor(int8.path)({"input_ids": ids * mask, "attention_mask": mask})
+    assert torch.isfinite(quantized).all() and quantized.shape == (16, 3)

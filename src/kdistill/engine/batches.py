@@ -153,9 +153,10 @@ class InMemorySource:
     :data:`UNLABELLED`), or None.
 
     Dynamic padding (``trim_padding``): a mapping with a (rows, seq) ``attention_mask`` padded on the right is cut,
-    batch by batch, to the batch's longest row (:func:`kdistill.data.trim_padding`). None (default) trims when the targets are one
-    per row ((rows,): classification), where the per-row teacher outputs do not depend on the padding; per-token
-    targets or no targets keep every column (their teacher outputs are per position). True or False forces it.
+    batch by batch, to the batch's longest row (:func:`kdistill.data.trim_padding`). None (default) trims when the
+    targets are one per row ((rows,): classification), where the per-row teacher outputs do not depend on the
+    padding; per-token targets or no targets keep every column (their teacher outputs are per position). True or
+    False forces it.
     """
 
     def __init__(
