@@ -365,3 +365,70 @@ def test_a_transformer_student_exports_to_onnx_with_dynamic_batch_and_sequence(t
     int8 = quantize_onnx(exported.path, tmp_path / "student.int8.onnx", mode="dynamic")
     quantized = OnnxPredictor(int8.path)({"input_ids": ids * mask, "attention_mask": mask})
     assert torch.isfinite(quantized).all() and quantized.shape == (16, 3)
+
+
+# ---------------------------------------------------------------------------------------------------- the docs page
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "transformers.md"
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "transformers_text.yaml"
+
+
+def _doc_teacher(folder: Path) -> None:
+    """A tiny stand-in for the fine-tuned MiniLM: 6 layers and 12 heads like it, 24 wide, with a word tokenizer."""
+    from test_text import save_word_tokenizer
+
+    config = transformers.BertConfig(
+        vocab_size=14,
+        hidden_size=24,
+        num_hidden_layers=6,
+        num_attention_heads=12,
+        intermediate_size=48,
+        max_position_embeddings=16,
+        num_labels=2,
+    )
+    torch.manual_seed(0)
+    transformers.BertForSequenceClassification(config).save_pretrained(folder)
+    save_word_tokenizer(folder)
+
+
+def test_the_docs_page_runs_as_written_at_a_tiny_size(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import contextlib
+    import io
+    import re
+    from types import SimpleNamespace
+
+    pytest.importorskip("onnxruntime")
+    text = DOC.read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.DOTALL)
+    assert len(blocks) == 5
+    assert 'teacher_folder = "minilm-docstrings"' in blocks[0]
+    monkeypatch.chdir(tmp_path)
+    _doc_teacher(tmp_path / "minilm-docstrings")
+    data = SimpleNamespace(train=_texts(64, 0), val=_texts(32, 1), test=_texts(64, 2), classes=["a", "b"])
+    namespace: dict[str, Any] = {"data": data, "teacher_folder": "minilm-docstrings"}
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for block in blocks[1:]:  # the first block builds the real corpus; the tiny one stands in for it
+            exec(compile(block, str(DOC), "exec"), namespace)
+    assert printed.getvalue().splitlines() == [
+        "[0, 2, 4, 7, 9, 11] [0, 3, 5] [0, 5]",
+        "BertForSequenceClassification 3",
+        "3 ['baseline', 'student', 'teacher']",
+        "True True",
+    ]
+    reloaded = transformers.AutoModelForSequenceClassification.from_pretrained("student-3-layers")
+    assert reloaded.config.num_hidden_layers == 3
+    # the config file, as written in the docs and in examples/
+    config_text = re.findall(r"```yaml\n(.*?)```", text, flags=re.DOTALL)[0]
+    assert EXAMPLE.read_text() == config_text
+    (tmp_path / "distil-docstrings.yaml").write_text(config_text)
+    from kdistill.run import run
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        outcome = run(tmp_path / "distil-docstrings.yaml", verbose=False)
+    assert outcome.result is not None
+    student = outcome.result.student
+    assert type(student).__name__ == "BertForSequenceClassification" and student.config.num_hidden_layers == 3
+    assert outcome.result.report is not None and "student" in outcome.result.report.models

@@ -31,9 +31,11 @@ from kdistill.students.base import register_student
 __all__ = [
     "FreshWeightsWarning",
     "fresh_transformer",
+    "from_folder",
     "from_teacher",
     "layer_list",
     "layer_map",
+    "load_classifier",
     "student_from_teacher_factory",
     "transformer",
 ]
@@ -371,3 +373,22 @@ def student_from_teacher_factory(teacher_model: nn.Module, params: Mapping[str, 
         labels = int(getattr(getattr(teacher_model, "config", None), "num_labels", 2))
         return lambda: transformer([], labels, config=dict(config), **own)
     return lambda: from_teacher(teacher_model, **own)
+
+
+def load_classifier(folder: str) -> nn.Module:
+    """``AutoModelForSequenceClassification.from_pretrained(folder, local_files_only=True)`` in eval mode: a
+    ``teacher.factory`` for config files (``kind: torch``)."""
+    model = _transformers().AutoModelForSequenceClassification.from_pretrained(folder, local_files_only=True)
+    return model.eval()
+
+
+def from_folder(
+    folder: str,
+    *,
+    layers: int | None = None,
+    layer_map: Sequence[int] | None = None,
+    hidden_size: int | None = None,
+) -> nn.Module:
+    """:func:`from_teacher` of the classifier saved in ``folder``: a ``student.factory`` for config files
+    (``kind: custom``, ``params: {folder: ..., layers: 3}``)."""
+    return from_teacher(load_classifier(folder), layers=layers, layer_map=layer_map, hidden_size=hidden_size)
