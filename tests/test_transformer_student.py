@@ -432,3 +432,4 @@ def test_the_docs_page_runs_as_written_at_a_tiny_size(tmp_path: Path, monkeypatc
     student = outcome.result.student
     assert type(student).__name__ == "BertForSequenceClassification" and student.config.num_hidden_layers == 3
     assert outcome.result.report is not None and "student" in outcome.result.report.models
+    assert (outcome.folder / "student.onnx").exists() and (outcome.folder / "student.int8.onnx").exists()
