@@ -15,7 +15,7 @@ and INT8 (dynamic) latency and accuracy, checked against PyTorch. Targets (issue
 of the teacher's accuracy at >= 2x its speed, beats the same student trained without a teacher by more than the
 spread over 3 seeds, and INT8 keeps >= 99% of its accuracy.
 
-    python benchmarks/transformers_text.py --quick   # a few hundred rows, 1 seed (~30 min on a loaded 2-core box)
+    python benchmarks/transformers_text.py --quick   # 384 training rows, 1 seed (~35 min on a loaded 2-core box)
     python benchmarks/transformers_text.py           # every row, 3 seeds (hours on a CPU)
 
 Prints a table, one summary line, and ONE JSON object as the last line.
@@ -48,7 +48,7 @@ from kdistill.text import load_tokenizer, tokenize
 MAX_LENGTH = 64
 SIZES = {
     "smoke": {"train": 48, "val": 24, "test": 48, "teacher_epochs": 1, "epochs": 1, "seeds": [0], "timed": 8},
-    "quick": {"train": 480, "val": 120, "test": 300, "teacher_epochs": 3, "epochs": 3, "seeds": [0], "timed": 64},
+    "quick": {"train": 384, "val": 96, "test": 288, "teacher_epochs": 3, "epochs": 2, "seeds": [0], "timed": 64},
     "full": {
         "train": None,
         "val": None,
