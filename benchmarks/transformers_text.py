@@ -15,7 +15,7 @@ and INT8 (dynamic) latency and accuracy, checked against PyTorch. Targets (issue
 of the teacher's accuracy at >= 2x its speed, beats the same student trained without a teacher by more than the
 spread over 3 seeds, and INT8 keeps >= 99% of its accuracy.
 
-    python benchmarks/transformers_text.py --quick   # 384 training rows, 1 seed (~35 min on a loaded 2-core box)
+    python benchmarks/transformers_text.py --quick   # 384 training rows, 1 seed (50 min on the loaded 2-core box)
     python benchmarks/transformers_text.py           # every row, 3 seeds (hours on a CPU)
 
 Prints a table, one summary line, and ONE JSON object as the last line.
