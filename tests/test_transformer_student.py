@@ -370,7 +370,7 @@ def test_a_transformer_student_exports_to_onnx_with_dynamic_batch_and_sequence(t
 # ---------------------------------------------------------------------------------------------------- the docs page
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "transformers.md"
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "transformers_text.yaml"
+EXAMPLE = Path(__file__).resolve().parents[1] / "configs" / "transformers_text.yaml"  # reads the docs' .npz files
 
 
 def _doc_teacher(folder: Path) -> None:
@@ -419,7 +419,7 @@ def test_the_docs_page_runs_as_written_at_a_tiny_size(tmp_path: Path, monkeypatc
     ]
     reloaded = transformers.AutoModelForSequenceClassification.from_pretrained("student-3-layers")
     assert reloaded.config.num_hidden_layers == 3
-    # the config file, as written in the docs and in examples/
+    # the config file, as written in the docs and in configs/
     config_text = re.findall(r"```yaml\n(.*?)```", text, flags=re.DOTALL)[0]
     assert EXAMPLE.read_text() == config_text
     (tmp_path / "distil-docstrings.yaml").write_text(config_text)
