@@ -101,6 +101,9 @@ def test_non_numeric_dataframe_column(digits, forest) -> None:
 def test_unknown_student_and_method(digits, forest) -> None:
     with pytest.raises(StudentError, match=r"unknown student 'transformr'\n  hint: did you mean 'transformer'\?"):
         kdistill.distill(forest, "transformr", digits["train"], **QUICK)
+    # "transformer" is registered: without a transformers teacher it needs a folder or a config, and says so
+    with pytest.raises(StudentError, match="needs a teacher folder or a config with a vocab_size"):
+        kdistill.distill(forest, "transformer", digits["train"], **QUICK)
     # the API validates its method through the config's model: the same error as `method: kdd` in YAML
     with pytest.raises(ConfigError, match=r"method\[0\]\.name: unknown method 'kdd'; did you mean 'kd'\?"):
         kdistill.distill(forest, "mlp", digits["train"], method="kdd", **QUICK)

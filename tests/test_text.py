@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 import torch
 
-from kdistill.engine.batches import InMemorySource, trim_padding
+from kdistill.data import trim_padding
+from kdistill.engine.batches import InMemorySource
 from kdistill.errors import DataError, ShapeMismatchError
 from kdistill.text import TruncationWarning, check_vocabulary, load_tokenizer, max_positions, tokenize
 

@@ -277,3 +277,159 @@ def test_kdistill_list_students_shows_the_transformer(capsys: pytest.CaptureFixt
         "config,",
         "in_shape",
     ]
+
+
+# ---------------------------------------------------------------------------------------------------- end to end
+
+
+def _texts(rows: int, seed: int) -> tuple[list[str], list[int]]:
+    """Two classes of word-level texts: class 0 uses the first five words, class 1 the last five."""
+    from test_text import WORDS
+
+    generator = torch.Generator().manual_seed(seed)
+    texts, labels = [], []
+    for row in range(rows):
+        label = row % 2
+        count = int(torch.randint(2, 6, (1,), generator=generator))
+        picks = torch.randint(0, 5, (count,), generator=generator) + 5 * label
+        texts.append(" ".join(WORDS[int(i)] for i in picks))
+        labels.append(label)
+    return texts, labels
+
+
+def test_distill_takes_raw_strings_a_tokenizer_and_a_transformer_student(tmp_path: Path) -> None:
+    import kdistill
+    from test_text import save_word_tokenizer
+
+    folder = save_word_tokenizer(tmp_path / "tok")
+    config = transformers.BertConfig(
+        vocab_size=14,
+        hidden_size=16,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=16,
+        num_labels=2,
+    )
+    torch.manual_seed(0)
+    teacher = transformers.BertForSequenceClassification(config).eval()
+    result = kdistill.distill(
+        teacher,
+        "transformer",
+        _texts(96, 0),
+        val=_texts(32, 1),
+        test=_texts(32, 2),
+        student_params={"layers": 2},
+        tokenizer=folder,
+        method={"kd": 1.0, "tinybert_hidden": 0.5},
+        method_params={"tinybert_hidden": {"student_layers": 2, "teacher_layers": 4, "layer_map": [0, 3]}},
+        epochs=2,
+        lr=1e-3,
+        batch_size=32,
+        cache_dir=tmp_path / "cache",
+        profile=False,
+        verbose=False,
+    )
+    student = result.student
+    assert type(student) is type(teacher) and student.config.num_hidden_layers == 2
+    history = result.history
+    assert any("tinybert_hidden/hidden" in key for key in history[-1])
+    models = result.report.models
+    assert set(models) >= {"teacher", "student", "baseline"}
+    for name in ("student", "baseline"):
+        assert 0.0 <= models[name]["accuracy"] <= 1.0 and "agreement" in models[name]
+    assert models["student"]["parameters"] < models["teacher"]["parameters"]
+
+
+def test_a_transformer_student_exports_to_onnx_with_dynamic_batch_and_sequence(tmp_path: Path) -> None:
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from kdistill.compress import OnnxPredictor, export_onnx
+    from kdistill.compress.quantize import quantize_onnx
+
+    student = from_teacher(_bert(layers=4), layers=2)
+    ids = _ids(rows=16, seq=12, seed=3)
+    mask = torch.ones_like(ids)
+    mask[3, 7:] = 0
+    mask[9, 2:] = 0
+    exported = export_onnx(student, {"input_ids": ids * mask, "attention_mask": mask}, tmp_path / "student.onnx")
+    assert exported.max_abs_diff < 1e-4 and exported.checked_rows == 16
+    assert not student.training  # the export's wrapper did not switch the student to train mode
+    predictor = OnnxPredictor(exported.path)
+    assert predictor.input_names == ["input_ids", "attention_mask"]
+    for rows, seq in ((1, 5), (7, 12), (3, 20)):  # batch and sequence sizes never seen at export
+        batch = {"input_ids": _ids(rows=rows, seq=seq, seed=rows), "attention_mask": torch.ones(rows, seq)}
+        with torch.no_grad():
+            expected = student(**{k: v.long() for k, v in batch.items()}).logits
+        assert torch.allclose(predictor(batch), expected, atol=1e-4)
+    int8 = quantize_onnx(exported.path, tmp_path / "student.int8.onnx", mode="dynamic")
+    quantized = OnnxPredictor(int8.path)({"input_ids": ids * mask, "attention_mask": mask})
+    assert torch.isfinite(quantized).all() and quantized.shape == (16, 3)
+
+
+# ---------------------------------------------------------------------------------------------------- the docs page
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "transformers.md"
+EXAMPLE = Path(__file__).resolve().parents[1] / "configs" / "transformers_text.yaml"  # reads the docs' .npz files
+
+
+def _doc_teacher(folder: Path) -> None:
+    """A tiny stand-in for the fine-tuned MiniLM: 6 layers and 12 heads like it, 24 wide, with a word tokenizer."""
+    from test_text import save_word_tokenizer
+
+    config = transformers.BertConfig(
+        vocab_size=14,
+        hidden_size=24,
+        num_hidden_layers=6,
+        num_attention_heads=12,
+        intermediate_size=48,
+        max_position_embeddings=16,
+        num_labels=2,
+    )
+    torch.manual_seed(0)
+    transformers.BertForSequenceClassification(config).save_pretrained(folder)
+    save_word_tokenizer(folder)
+
+
+def test_the_docs_page_runs_as_written_at_a_tiny_size(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import contextlib
+    import io
+    import re
+    from types import SimpleNamespace
+
+    pytest.importorskip("onnxruntime")
+    text = DOC.read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.DOTALL)
+    assert len(blocks) == 5
+    assert 'teacher_folder = "minilm-docstrings"' in blocks[0]
+    monkeypatch.chdir(tmp_path)
+    _doc_teacher(tmp_path / "minilm-docstrings")
+    data = SimpleNamespace(train=_texts(64, 0), val=_texts(32, 1), test=_texts(64, 2), classes=["a", "b"])
+    namespace: dict[str, Any] = {"data": data, "teacher_folder": "minilm-docstrings"}
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for block in blocks[1:]:  # the first block builds the real corpus; the tiny one stands in for it
+            exec(compile(block, str(DOC), "exec"), namespace)
+    assert printed.getvalue().splitlines() == [
+        "[0, 2, 4, 7, 9, 11] [0, 3, 5] [0, 5]",
+        "BertForSequenceClassification 3",
+        "3 ['baseline', 'student', 'teacher']",
+        "True True",
+    ]
+    reloaded = transformers.AutoModelForSequenceClassification.from_pretrained("student-3-layers")
+    assert reloaded.config.num_hidden_layers == 3
+    # the config file, as written in the docs and in configs/
+    config_text = re.findall(r"```yaml\n(.*?)```", text, flags=re.DOTALL)[0]
+    assert EXAMPLE.read_text() == config_text
+    (tmp_path / "distil-docstrings.yaml").write_text(config_text)
+    from kdistill.run import run
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        outcome = run(tmp_path / "distil-docstrings.yaml", verbose=False)
+    assert outcome.result is not None
+    student = outcome.result.student
+    assert type(student).__name__ == "BertForSequenceClassification" and student.config.num_hidden_layers == 3
+    assert outcome.result.report is not None and "student" in outcome.result.report.models
+    assert (outcome.folder / "student.onnx").exists() and (outcome.folder / "student.int8.onnx").exists()

@@ -225,6 +225,8 @@ def distill(
     stream_rows: int | None = None,
     budget: Mapping[str, Any] | None = None,
     search: Mapping[str, Any] | None = None,
+    tokenizer: Any = None,
+    max_length: int | None = None,
 ) -> DistillResult:
     """Distil ``teacher`` into ``student`` and report how it compares.
 
@@ -285,6 +287,11 @@ def distill(
             sample of 2,048 evenly spaced rows sizes the student and fits its input standardisation. An
             ``IterableDataset`` always streams; ``stream_rows`` gives its items per epoch when it has no ``len()``.
             Labels must be class indices. ``val``/``test`` stay in memory.
+        tokenizer: a tokenizer (or its local folder) for raw text: ``train``/``val``/``test`` X given as lists of
+            strings are tokenized into ``input_ids``/``attention_mask`` (:func:`kdistill.text.tokenize_splits`;
+            truncated to the teacher's positions, or ``max_length``, with one warning). ``student="transformer"``
+            with a transformers teacher builds the student from it (``student_params``: ``layers``, ``layer_map``,
+            ``hidden_size``; docs/transformers.md).
 
     Returns:
         A :class:`DistillResult`.
@@ -326,6 +333,9 @@ def distill(
         identity = {"teacher": adapter.fingerprint(), "student": {"kind": student_id, "params": repr(student_params)}}
         if unlabeled is not None:
             identity["unlabeled"] = True  # its rows are in the data fingerprint
+    train, val, test, student, student_params = _transformer_inputs(
+        adapter, student, student_params, (train, val, test), tokenizer, max_length
+    )
     spec = RunSpec(
         settings=validated,
         train=train,
@@ -360,3 +370,26 @@ def distill(
             hint="pass student='auto' to search under the budget, or drop budget= and search=.",
         )
     return execute(spec)  # under torchrun: on every rank, the report and the run folder's files on rank 0 only
+
+
+def _transformer_inputs(
+    adapter: Any,
+    student: Any,
+    student_params: dict[str, Any],
+    splits: tuple[Any, Any, Any],
+    tokenizer: Any,
+    max_length: int | None,
+) -> tuple[Any, Any, Any, Any, dict[str, Any]]:
+    """Raw strings tokenized (with ``tokenizer``), and ``student="transformer"`` built from a transformers
+    teacher's own model (docs/transformers.md); anything else comes back as it is."""
+    model = getattr(adapter, "module", None)
+    if tokenizer is not None:
+        from kdistill.text import tokenize_splits
+
+        prepared = tokenize_splits(list(splits), tokenizer, model=model, max_length=max_length)
+        splits = (prepared[0], prepared[1], prepared[2])
+    if student == "transformer" and model is not None and student_params.get("teacher") is None:
+        from kdistill.students.transformer import student_from_teacher_factory
+
+        return (*splits, student_from_teacher_factory(model, student_params), {})
+    return (*splits, student, student_params)

@@ -32,7 +32,7 @@ from torch import nn
 
 from kdistill.errors import DataError, DependencyError, ShapeMismatchError
 
-__all__ = ["TruncationWarning", "check_vocabulary", "load_tokenizer", "max_positions", "tokenize"]
+__all__ = ["TruncationWarning", "check_vocabulary", "load_tokenizer", "max_positions", "tokenize", "tokenize_splits"]
 
 _SANE_LENGTH = 1_000_000  # tokenizers without a limit report model_max_length as ~1e30
 
@@ -166,3 +166,64 @@ def _limit(max_length: int | None, positions: int | None) -> int | None:
 def _as_int64(encoded: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     keep = ("input_ids", "attention_mask", "token_type_ids")
     return {name: torch.as_tensor(encoded[name]).long() for name in keep if name in encoded}
+
+
+def _is_texts(x: Any) -> bool:
+    """A list/tuple of strings, or a 1-D numpy array of them (what a user passes as raw text)."""
+    if isinstance(x, (list, tuple)):
+        return bool(x) and all(isinstance(item, str) for item in x)
+    dtype = getattr(x, "dtype", None)
+    if dtype is not None and getattr(x, "ndim", 0) == 1 and getattr(dtype, "kind", "") in ("U", "S", "O"):
+        return len(x) > 0 and all(isinstance(item, str) for item in x)
+    return False
+
+
+def tokenize_splits(
+    splits: Sequence[Any],
+    tokenizer: Any,
+    *,
+    model: nn.Module | None = None,
+    max_length: int | None = None,
+) -> list[Any]:
+    """Each ``(texts, y)`` pair (or bare ``texts``) of ``splits`` with its strings replaced by the token mapping of
+    :func:`tokenize`; None and splits whose X is not strings (already a mapping, say) are returned as they are.
+
+    All splits are tokenized in one call, so a truncation is said once, with the count over all of them; an empty
+    string's error names its split and row."""
+    tokenizer = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else tokenizer
+    texts: list[str] = []
+    spans: list[tuple[int, int] | None] = []
+    for position, split in enumerate(splits):
+        x = split[0] if isinstance(split, tuple) and len(split) == 2 else split
+        if split is None or not _is_texts(x):
+            spans.append(None)
+            continue
+        rows = [str(item) for item in x]
+        for row, text in enumerate(rows):
+            if not text.strip():
+                name = ("train", "val", "test")[position] if position < 3 else f"split {position}"
+                raise DataError(
+                    f"{name} text row {row} is {'empty' if not text else 'whitespace only'} ({text!r})",
+                    hint="drop empty rows before distilling: they hold nothing to classify.",
+                )
+        spans.append((len(texts), len(texts) + len(rows)))
+        texts.extend(rows)
+    if not texts:
+        return list(splits)
+    encoded = tokenize(texts, tokenizer, model=model, max_length=max_length)
+    result: list[Any] = []
+    for split, span in zip(splits, spans, strict=True):
+        if span is None:
+            result.append(split)
+            continue
+        part = {name: value[span[0] : span[1]] for name, value in encoded.items()}
+        mapping = _trimmed(part)
+        result.append((mapping, split[1]) if isinstance(split, tuple) and len(split) == 2 else mapping)
+    return result
+
+
+def _trimmed(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    from kdistill.data import trim_padding
+
+    trimmed = trim_padding(inputs)
+    return dict(trimmed) if isinstance(trimmed, Mapping) else inputs

@@ -32,6 +32,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch.utils.data import IterableDataset, default_collate
 
+from kdistill.data import trim_padding
 from kdistill.errors import DataError
 
 __all__ = [
@@ -43,7 +44,6 @@ __all__ = [
     "StreamingSource",
     "micro_batches",
     "rows_of",
-    "trim_padding",
 ]
 
 Inputs = torch.Tensor | Mapping[str, torch.Tensor]
@@ -153,9 +153,10 @@ class InMemorySource:
     :data:`UNLABELLED`; NaN for real-valued targets, every output of the row), or None.
 
     Dynamic padding (``trim_padding``): a mapping with a (rows, seq) ``attention_mask`` padded on the right is cut,
-    batch by batch, to the batch's longest row (:func:`trim_padding`). None (default) trims when the targets are one
-    per row ((rows,): classification), where the per-row teacher outputs do not depend on the padding; per-token
-    targets or no targets keep every column (their teacher outputs are per position). True or False forces it.
+    batch by batch, to the batch's longest row (:func:`kdistill.data.trim_padding`). None (default) trims when the
+    targets are one per row ((rows,): classification), where the per-row teacher outputs do not depend on the
+    padding; per-token targets or no targets keep every column (their teacher outputs are per position). True or
+    False forces it.
     """
 
     def __init__(
@@ -234,24 +235,6 @@ class InMemorySource:
 
 def _gather_mapping(inputs: Mapping[str, torch.Tensor], index: torch.Tensor) -> dict[str, torch.Tensor]:
     return {name: value.index_select(0, index) for name, value in inputs.items()}
-
-
-def trim_padding(inputs: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
-    """``inputs`` with the trailing columns where no row has a real token cut off: every tensor whose first two
-    axes are the (batch, seq) ``attention_mask``'s keeps columns ``0..last`` (``last``: the rightmost column any row
-    attends to). A mapping without a 2-D ``attention_mask``, or one that has no padding column, is returned as is."""
-    mask = inputs.get("attention_mask")
-    if mask is None or mask.ndim != 2 or mask.shape[1] == 0:
-        return inputs
-    columns = mask.ne(0).any(0).nonzero()
-    keep = int(columns.max()) + 1 if len(columns) else 1
-    if keep == mask.shape[1]:
-        return inputs
-    shape = tuple(mask.shape)
-    return {
-        name: value[:, :keep] if value.ndim >= 2 and tuple(value.shape[:2]) == shape else value
-        for name, value in inputs.items()
-    }
 
 
 class StreamingSource:

@@ -335,7 +335,7 @@ def _prepare_loss(
     teacher: Teacher | None,
     batch_size: int,
 ) -> None:
-    if isinstance(data, InMemorySource) and isinstance(data.inputs, torch.Tensor):
+    if isinstance(data, InMemorySource):  # tensor or mapping inputs
         prepare_loss(loss_fn, model, data.inputs, logits, teacher, batch_size=batch_size)
     elif defines_hook(loss_fn, "prepare"):
         raise ConfigError(

@@ -8,9 +8,13 @@ and, when the method reads teacher features, the teacher on the first rows, call
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 from torch import nn
 
+from kdistill.data import Inputs, rows_in, take_rows, trim_padding
 from kdistill.features import capture_features
 from kdistill.losses.base import Loss, defines_hook
 from kdistill.teachers.base import Outputs, Teacher, TopK
@@ -21,7 +25,7 @@ __all__ = ["StaticTargets", "TeacherBank", "prepare_loss"]
 def prepare_loss(
     loss_fn: Loss,
     model: nn.Module,
-    x: torch.Tensor,
+    x: Inputs,
     teacher_logits: torch.Tensor | None,
     teacher: Teacher | None,
     *,
@@ -29,18 +33,23 @@ def prepare_loss(
 ) -> list[nn.Parameter]:
     """Build ``loss_fn``'s lazy parts from a dry batch and return its trainable parameters (empty for plain losses).
 
-    ``x``: the transfer set's inputs (rows, ...); ``teacher_logits``: the precomputed (rows, classes) or None.
+    ``x``: the transfer set's inputs (rows, ...), or a mapping of them (``input_ids``, ``attention_mask``: the dry
+    batch is cut to its longest row and passed as keywords; an output's ``.logits`` is read); ``teacher_logits``:
+    the precomputed (rows, classes) or None.
     The model's train/eval mode is restored; BatchNorm statistics are not touched (eval mode, no gradients).
     """
     hook = getattr(loss_fn, "prepare", None)
+    device = x.device if isinstance(x, torch.Tensor) else next(iter(x.values())).device
     if hook is not None and defines_hook(loss_fn, "prepare"):  # the base class's no-op needs no dry batch
-        rows = len(x)
-        index = torch.arange(min(batch_size, rows), device=x.device)
+        rows = rows_in(x)
+        index = torch.arange(min(batch_size, rows), device=device)
+        first = trim_padding(take_rows(x, index))  # a mapping (input_ids, attention_mask) goes in as keywords
         was_training = model.training
         model.eval()
         try:
             with torch.no_grad(), capture_features(model, tuple(loss_fn.student_features)) as captured:
-                logits = model(x[index])
+                output = model(**first) if isinstance(first, Mapping) else model(first)
+            logits = output if isinstance(output, torch.Tensor) else output.logits
             student = Outputs(logits, dict(captured))
         finally:
             model.train(was_training)
@@ -48,13 +57,14 @@ def prepare_loss(
         if loss_fn.teacher_features:
             if teacher is None:
                 raise ValueError("this method reads teacher features, so it needs the live teacher")
-            live = teacher(x[index], features=tuple(loss_fn.teacher_features))
+            batch: Any = first  # adapters take a mapping of inputs as it is (transformers teachers)
+            live = teacher(batch, features=tuple(loss_fn.teacher_features))
             teacher_out = Outputs(live.logits, live.features, index)
         elif teacher_logits is not None:
             teacher_out = Outputs(teacher_logits[index], index=index)
         hook(student, teacher_out, rows)
     if isinstance(loss_fn, nn.Module):
-        loss_fn.to(x.device)
+        loss_fn.to(device)
         return [parameter for parameter in loss_fn.parameters() if parameter.requires_grad]
     return []
 

@@ -19,7 +19,7 @@ import itertools
 import math
 import re
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -31,9 +31,12 @@ from kdistill.students.base import register_student
 __all__ = [
     "FreshWeightsWarning",
     "fresh_transformer",
+    "from_folder",
     "from_teacher",
     "layer_list",
     "layer_map",
+    "load_classifier",
+    "student_from_teacher_factory",
     "transformer",
 ]
 
@@ -347,3 +350,45 @@ def transformer(
     if hidden_size is not None:
         fields["hidden_size"] = hidden_size
     return fresh_transformer(fields, num_labels=num_classes)
+
+
+def student_from_teacher_factory(teacher_model: nn.Module, params: Mapping[str, Any]) -> Callable[[], nn.Module]:
+    """The factory a run uses for ``student="transformer"`` given a transformers teacher object (not a folder):
+    ``from_teacher(teacher_model, **params)`` (``layers``, ``layer_map``, ``hidden_size``), or a fresh model from
+    ``params["config"]`` with the teacher's ``num_labels``. Parameter names are checked now, against the registered
+    builder's (``kdistill list students``)."""
+    from kdistill.students.base import STUDENTS
+
+    STUDENTS.check_params("transformer", params)
+    own = dict(params)
+    own.pop("in_shape", None)
+    if own.get("teacher") is not None:
+        raise StudentError(
+            "student param teacher= names a folder, but the run already has a transformers teacher",
+            hint="leave student_params['teacher'] out: the student is built from the run's teacher.",
+        )
+    own.pop("teacher", None)
+    config = own.pop("config", None)
+    if config is not None:
+        labels = int(getattr(getattr(teacher_model, "config", None), "num_labels", 2))
+        return lambda: transformer([], labels, config=dict(config), **own)
+    return lambda: from_teacher(teacher_model, **own)
+
+
+def load_classifier(folder: str) -> nn.Module:
+    """``AutoModelForSequenceClassification.from_pretrained(folder, local_files_only=True)`` in eval mode: a
+    ``teacher.factory`` for config files (``kind: torch``)."""
+    model = _transformers().AutoModelForSequenceClassification.from_pretrained(folder, local_files_only=True)
+    return model.eval()
+
+
+def from_folder(
+    folder: str,
+    *,
+    layers: int | None = None,
+    layer_map: Sequence[int] | None = None,
+    hidden_size: int | None = None,
+) -> nn.Module:
+    """:func:`from_teacher` of the classifier saved in ``folder``: a ``student.factory`` for config files
+    (``kind: custom``, ``params: {folder: ..., layers: 3}``)."""
+    return from_teacher(load_classifier(folder), layers=layers, layer_map=layer_map, hidden_size=hidden_size)

