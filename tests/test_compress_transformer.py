@@ -64,3 +64,19 @@ def test_dynamic_int8_quantizes_a_transformer_and_keeps_its_predictions(tmp_path
     assert np.abs(fp32 - reference).max() < 1e-4
     assert np.abs(int8 - fp32).max() < 0.25 * np.abs(fp32).max()  # quantized, not broken
     assert (int8.argmax(1) == fp32.argmax(1)).mean() >= 0.85
+
+
+def test_quantizing_writes_nothing_into_the_working_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ONNX Runtime's pre-pass writes scratch files (sym_shape_infer_temp.onnx, uuid-named .data) into the current
+    folder; kdistill runs it inside its own scratch folder, so a user's folder stays as it was."""
+    pytest.importorskip("onnxruntime")
+    from kdistill.compress.export import export_onnx
+
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3)).eval()
+    rows = torch.randn(32, 8)
+    export_onnx(model, rows, tmp_path / "model.onnx")
+    quantize_onnx(tmp_path / "model.onnx", tmp_path / "model.int8.onnx", mode="dynamic")
+    assert (tmp_path / "model.int8.onnx").is_file() and list(work.iterdir()) == []

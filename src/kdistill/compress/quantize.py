@@ -79,10 +79,14 @@ def _preprocess(source: Path, target: Path) -> Path:
     """ONNX Runtime's recommended pre-pass (shape inference and graph optimisation, which folds constants such as
     the input standardisation); the source itself when the pre-pass fails on a graph."""
     shape_inference = require("onnxruntime.quantization.shape_inference")
+    here = os.getcwd()
+    os.chdir(target.parent)  # its symbolic shape inference writes scratch files (sym_shape_infer_temp.onnx) here
     try:
-        shape_inference.quant_pre_process(str(source), str(target))
+        shape_inference.quant_pre_process(str(Path(source).resolve()), str(target.resolve()))
     except Exception:  # an optimisation, not a requirement: quantize the graph as exported
         return source
+    finally:
+        os.chdir(here)
     return target
 
 
