@@ -882,7 +882,7 @@ def _check_compression(config: RunConfig) -> None:
             )
         seen.append(step.name)
     if config.compression:
-        from kdistill.compress._deps import require
+        from kdistill._deps import require
 
         require("onnx")
         require("onnxruntime")

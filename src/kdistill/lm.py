@@ -24,7 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from kdistill.errors import DataError, DependencyError, ShapeMismatchError, StudentError
+from kdistill._deps import require
+from kdistill.errors import DataError, ShapeMismatchError, StudentError
 
 __all__ = [
     "LMLogits",
@@ -43,27 +44,6 @@ __all__ = [
 
 EOS = "<|endoftext|>"
 """The separator appended after every document (and the tokenizer's only special token)."""
-
-
-def _transformers() -> Any:
-    try:
-        import transformers
-    except ImportError as exc:
-        raise DependencyError(
-            "language-model helpers need the transformers package",
-            hint="pip install 'kdistill[hf]' (transformers, tokenizers).",
-        ) from exc
-    return transformers
-
-
-def _tokenizers() -> Any:
-    try:
-        import tokenizers
-    except ImportError as exc:
-        raise DependencyError(
-            "training a tokenizer needs the tokenizers package", hint="pip install 'kdistill[hf]'."
-        ) from exc
-    return tokenizers
 
 
 # ---- corpus and tokenizer ------------------------------------------------------------------------------------------
@@ -106,7 +86,7 @@ def stdlib_sources(
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096, *, min_frequency: int = 2) -> Any:
     """A byte-level BPE ``tokenizers.Tokenizer`` (GPT-2's pre-tokenizer and decoder) trained on ``texts``, with the
     single special token :data:`EOS` as id 0. Deterministic for the same texts and settings."""
-    tokenizers = _tokenizers()
+    tokenizers = require("tokenizers", "training a tokenizer")
     tokenizer = tokenizers.Tokenizer(tokenizers.models.BPE())
     tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = tokenizers.decoders.ByteLevel()
@@ -162,7 +142,7 @@ def causal_lm(
     """A freshly initialised causal LM of ``family`` ``"gpt2"`` (``GPT2LMHeadModel``) or ``"llama"``
     (``LlamaForCausalLM``, feed-forward 8/3 × width rounded to 8) with tied input/output embeddings, initialised
     under ``torch.manual_seed(seed)`` without touching the global generator."""
-    transformers = _transformers()
+    transformers = require("transformers", "language-model helpers")
     if family == "gpt2":
         config = transformers.GPT2Config(
             vocab_size=vocab_size, n_positions=positions, n_embd=width, n_layer=layers, n_head=heads,
@@ -187,7 +167,7 @@ def causal_lm(
 def load_causal_lm(source: str | Path | Any) -> nn.Module:
     """A transformers causal LM from a local folder (``save_pretrained`` output; never downloaded) or from a config
     (a ``PretrainedConfig``: freshly initialised), in eval mode."""
-    transformers = _transformers()
+    transformers = require("transformers", "language-model helpers")
     if isinstance(source, (str, Path)):
         folder = Path(source)
         if not (folder / "config.json").is_file():

@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from kdistill.compress._deps import require
+from kdistill._deps import require
 from kdistill.io import atomic_write_bytes
 from kdistill.report import Report, _human_bytes
 

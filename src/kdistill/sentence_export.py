@@ -159,7 +159,7 @@ def export_sentence_onnx(
     fp32 file must agree with PyTorch within ``tolerance`` (max |difference|), else
     :class:`~kdistill.errors.ExportError`; the INT8 file's agreement is reported as its smallest cosine similarity
     to PyTorch's embeddings. Returns paths, sizes and those numbers."""
-    from kdistill.compress._deps import require
+    from kdistill._deps import require
     from kdistill.compress.quantize import quantize_onnx
 
     onnxruntime = require("onnxruntime")

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from kdistill.compress._deps import require
+from kdistill._deps import require
 from kdistill.errors import ExportError
 from kdistill.io import atomic_write_bytes
 

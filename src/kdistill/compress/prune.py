@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kdistill.compress._deps import require
+from kdistill._deps import require
 from kdistill.engine import EarlyStopping, ProgressBar, TrainConfig, TransferSet, fit
 from kdistill.errors import ExportError
 from kdistill.losses import get_loss

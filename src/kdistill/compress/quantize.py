@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from kdistill.compress._deps import require
+from kdistill._deps import require
 from kdistill.errors import ExportError
 from kdistill.io import atomic_write_bytes
 

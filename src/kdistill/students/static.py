@@ -39,23 +39,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdistill.errors import DataError, DependencyError, StudentError
+from kdistill._deps import require
+from kdistill.errors import DataError, StudentError
 from kdistill.teachers.sentence import SentenceTeacher, check_sentences
 
 __all__ = ["StaticEmbedding", "corpus_vocabulary", "finetune_static", "sif_weights", "zipf_probabilities"]
 
 SIF_COEFFICIENT = 1e-4
 """Model2Vec's default ``a`` in the SIF weight :math:`a / (a + p(w))`."""
-
-
-def _tokenizers() -> Any:
-    try:
-        import tokenizers
-    except ImportError as exc:
-        raise DependencyError(
-            "static students need the tokenizers package", hint="pip install 'kdistill[hf]'."
-        ) from exc
-    return tokenizers
 
 
 def zipf_probabilities(size: int) -> np.ndarray:
@@ -93,7 +84,7 @@ def _pca(vectors: np.ndarray, dims: int) -> tuple[np.ndarray, np.ndarray]:
 
 def _backend_of(tokenizer: Any) -> Any:
     """The ``tokenizers.Tokenizer`` behind a transformers fast tokenizer (or the object itself)."""
-    tokenizers = _tokenizers()
+    tokenizers = require("tokenizers", "static students")
     backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
     if not isinstance(backend, tokenizers.Tokenizer):
         raise StudentError(
@@ -163,7 +154,9 @@ class StaticEmbedding(nn.Module):
         self.register_buffer("pca_mean", torch.zeros(dim) if pca_mean is None else pca_mean.float().clone())
         self.register_buffer("pca_components", torch.eye(dim) if pca_components is None else pca_components.float())
         self.config: dict[str, Any] = dict(config or {})
-        self._padded = _tokenizers().Tokenizer.from_str(tokenizer.to_str())  # pads each batch to its longest row
+        self._padded = require("tokenizers", "static students").Tokenizer.from_str(
+            tokenizer.to_str()
+        )  # pads each batch to its longest row
         self._padded.no_truncation()
         self._padded.enable_padding(pad_id=0, pad_token=self._padded.id_to_token(0) or "[PAD]")
         unk = _unk_of(tokenizer)  # read once: the tokenizer's JSON is the whole vocabulary
@@ -330,7 +323,7 @@ def _student_tokenizer(
 ) -> tuple[Any, list[list[int]]]:
     """The student's tokenizer (the teacher's, with extra words and/or pruned) and, for each of its ids, the teacher
     token ids ([CLS] ... [SEP]) to embed for it."""
-    tokenizers = _tokenizers()
+    tokenizers = require("tokenizers", "static students")
     state = json.loads(backend.to_str())
     model = state["model"]
     original: dict[str, int] = backend.get_vocab()

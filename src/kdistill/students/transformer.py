@@ -25,7 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from kdistill.errors import DependencyError, StudentError
+from kdistill._deps import require
+from kdistill.errors import StudentError
 from kdistill.students.base import register_student
 
 __all__ = [
@@ -44,17 +45,6 @@ __all__ = [
 class FreshWeightsWarning(UserWarning):
     """A student asked for with a narrower ``hidden_size`` than its teacher's: nothing can be copied, so it starts
     from random weights."""
-
-
-def _transformers() -> Any:
-    try:
-        import transformers
-    except ImportError as exc:
-        raise DependencyError(
-            "transformer students need the transformers package",
-            hint="pip install 'kdistill[hf]' (or: pip install transformers).",
-        ) from exc
-    return transformers
 
 
 # ---------------------------------------------------------------------------------------------------- the layer map
@@ -272,7 +262,7 @@ def fresh_transformer(
     config fields (``num_hidden_layers=2``, ``num_labels=6``). ``auto_class``: the transformers class that builds it.
     ``seed``: initialise under ``torch.manual_seed(seed)`` without touching the global generator (None: the global
     generator)."""
-    transformers = _transformers()
+    transformers = require("transformers", "transformer students")
     if isinstance(config, Mapping):
         fields = dict(config)
         model_type = fields.pop("model_type", None)
@@ -326,7 +316,9 @@ def transformer(
                 "the transformer student got both teacher and config",
                 hint="teacher= copies layers from a saved model; config= builds a fresh one. Pass one of them.",
             )
-        model = _transformers().AutoModelForSequenceClassification.from_pretrained(teacher, local_files_only=True)
+        model = require("transformers", "transformer students").AutoModelForSequenceClassification.from_pretrained(
+            teacher, local_files_only=True
+        )
         labels = int(model.config.num_labels)
         if labels != num_classes:
             raise StudentError(
@@ -378,7 +370,9 @@ def student_from_teacher_factory(teacher_model: nn.Module, params: Mapping[str, 
 def load_classifier(folder: str) -> nn.Module:
     """``AutoModelForSequenceClassification.from_pretrained(folder, local_files_only=True)`` in eval mode: a
     ``teacher.factory`` for config files (``kind: torch``)."""
-    model = _transformers().AutoModelForSequenceClassification.from_pretrained(folder, local_files_only=True)
+    model = require("transformers", "transformer students").AutoModelForSequenceClassification.from_pretrained(
+        folder, local_files_only=True
+    )
     return model.eval()
 
 

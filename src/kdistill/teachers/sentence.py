@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdistill.errors import DataError, DependencyError, ShapeMismatchError, TeacherError
+from kdistill._deps import require
+from kdistill.errors import DataError, ShapeMismatchError, TeacherError
 from kdistill.teachers.base import Outputs, TeacherBase
 
 __all__ = ["POOLING_MODES", "SentenceEncoder", "SentenceTeacher", "check_sentences", "pool"]
@@ -49,16 +50,6 @@ _ST_POOLING_KEYS = {
     "pooling_mode_cls_token": "cls",
     "pooling_mode_max_tokens": "max",
 }
-
-
-def _transformers() -> Any:
-    try:
-        import transformers
-    except ImportError as exc:
-        raise DependencyError(
-            "sentence-encoder teachers need the transformers package", hint="pip install 'kdistill[hf]'."
-        ) from exc
-    return transformers
 
 
 def check_sentences(sentences: Sequence[str], what: str = "sentences") -> list[str]:
@@ -208,7 +199,7 @@ class SentenceTeacher(TeacherBase):
                 "kdistill never downloads from the hub.",
             )
         folder_pooling, folder_normalize, folder_length = _pooling_of_folder(path)
-        transformers = _transformers()
+        transformers = require("transformers", "sentence-encoder teachers")
         model = transformers.AutoModel.from_pretrained(str(path), local_files_only=True)
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         return cls(
