@@ -354,3 +354,14 @@ def test_of_two_queued_warm_starts_only_the_first_trains() -> None:
         _check_not_a_twin(study, second)
     third = study.ask()  # a drawn trial is never a twin
     _check_not_a_twin(study, third)
+
+
+def test_kdistill_run_refuses_a_config_with_a_search_section() -> None:
+    from pathlib import Path
+
+    from kdistill.config import load_config
+    from kdistill.run import run
+
+    config = load_config(Path(__file__).parents[1] / "examples" / "digits_search.yaml")
+    with pytest.raises(ConfigError, match=r"only a student search reads(.|\n)*kdistill search CONFIG.yaml"):
+        run(config, verbose=False)

@@ -34,7 +34,7 @@ from torch import nn
 from kdistill.config import RunConfig, check_references, load_config
 from kdistill.config_recipes import TEACHER_RECIPES, import_reference
 from kdistill.data import Split
-from kdistill.errors import DataError, KdistillError, StudentError, TeacherError
+from kdistill.errors import ConfigError, DataError, KdistillError, StudentError, TeacherError
 from kdistill.pipeline import RunSpec, execute
 from kdistill.result import DistillResult
 from kdistill.teachers import Teacher, as_teacher
@@ -74,6 +74,12 @@ def run(
     """
     if not isinstance(config, RunConfig):
         config = load_config(config, tuple(overrides))
+    if config.budget is not None or config.search is not None:
+        raise ConfigError(
+            f"{config.name}: the config has a {'budget' if config.budget is not None else 'search'} section, which "
+            "only a student search reads",
+            hint="run it with `kdistill search CONFIG.yaml`, or drop the budget and search sections.",
+        )
     check_references(config)
     result = execute(run_spec(config, resume=resume, verbose=verbose), config_dump=config.model_dump(mode="json"))
     return RunResult(config.run_folder, result, resume, config)
