@@ -24,7 +24,7 @@ from torch import nn
 
 from kdistill.data import Split, as_split
 from kdistill.errors import DataError, ShapeMismatchError
-from kdistill.tasks import TaskBase, _check_same, model_logits, register_task, split_batch
+from kdistill.tasks import TaskBase, check_row_outputs, model_logits, register_task, split_batch
 from kdistill.teachers.base import Outputs, TeacherBase
 
 __all__ = [
@@ -332,18 +332,14 @@ class Regression(TaskBase):
 
     def check_outputs(self, student: Outputs, teacher: Outputs) -> None:
         """Both (batch, outputs) with the same outputs."""
-        for role, outputs in (("student", student), ("teacher", teacher)):
-            if outputs.logits.ndim != 2:
-                raise ShapeMismatchError(
-                    f"regression needs (batch, outputs) {role} predictions, got {tuple(outputs.logits.shape)}",
-                    hint="return one row of predictions per example (a single output: shape (batch, 1)).",
-                )
-        _check_same("rows", student.logits.shape[0], teacher.logits.shape[0], "give both the same batch.")
-        _check_same(
-            "outputs",
-            student.logits.shape[1],
-            teacher.logits.shape[1],
-            "make the student's last layer output one value per teacher output.",
+        check_row_outputs(
+            student,
+            teacher,
+            needs="regression needs (batch, outputs)",
+            noun="predictions",
+            columns="outputs",
+            shape_hint="return one row of predictions per example (a single output: shape (batch, 1)).",
+            width_hint="make the student's last layer output one value per teacher output.",
         )
 
     def encode_targets(self, y: Any, classes: Any = None) -> torch.Tensor:

@@ -287,18 +287,7 @@ class DistilledClassifier(ClassifierMixin, BaseEstimator):
             temperature=self.temperature,
             soft_weight=self.soft_weight,
             soft_targets=self.soft_targets,
-            epochs=self.max_epochs,
-            batch_size=self.batch_size,
-            lr=self.lr,
-            weight_decay=self.weight_decay,
-            patience=self.patience,
-            seed=seed,
-            hidden=self.hidden,
-            baseline=self.report and val is not None,
-            report=self.report,
-            profile=False,
-            num_threads=self.num_threads,
-            verbose=self.verbose,
+            **_training_arguments(self, seed, has_val=val is not None),
             unlabeled=unlabeled,
             transfer=copy.deepcopy(self.transfer),
         )
@@ -334,6 +323,25 @@ class DistilledClassifier(ClassifierMixin, BaseEstimator):
         """Predicted labels, drawn from ``classes_``."""
         logits = self._logits(X)
         return self.classes_[logits.argmax(dim=1).numpy()]
+
+
+def _training_arguments(estimator: Any, seed: int, *, has_val: bool) -> dict[str, Any]:
+    """The :func:`~kdistill.distill` arguments both estimators pass from their own parameters: training, the student's
+    widths, the report (with a baseline when there are held-out rows; no timing) and threads."""
+    return {
+        "epochs": estimator.max_epochs,
+        "batch_size": estimator.batch_size,
+        "lr": estimator.lr,
+        "weight_decay": estimator.weight_decay,
+        "patience": estimator.patience,
+        "seed": seed,
+        "hidden": estimator.hidden,
+        "baseline": estimator.report and has_val,
+        "report": estimator.report,
+        "profile": False,
+        "num_threads": estimator.num_threads,
+        "verbose": estimator.verbose,
+    }
 
 
 def _regression_targets(y: Any, rows: int) -> np.ndarray:
@@ -489,18 +497,7 @@ class DistilledRegressor(RegressorMixin, BaseEstimator):
             method=self.method,
             soft_weight=self.soft_weight,
             method_params=options,
-            epochs=self.max_epochs,
-            batch_size=self.batch_size,
-            lr=self.lr,
-            weight_decay=self.weight_decay,
-            patience=self.patience,
-            seed=seed,
-            hidden=self.hidden,
-            baseline=self.report and val is not None,
-            report=self.report,
-            profile=False,
-            num_threads=self.num_threads,
-            verbose=self.verbose,
+            **_training_arguments(self, seed, has_val=val is not None),
         )
         self.teacher_ = teacher
         self.student_ = result.student

@@ -146,6 +146,27 @@ def _check_same(what: str, student: int, teacher: int, hint: str) -> None:
         raise ShapeMismatchError(f"the student outputs {student} {what}, the teacher {teacher}", hint=hint)
 
 
+def check_row_outputs(
+    student: Outputs,
+    teacher: Outputs,
+    *,
+    needs: str,
+    columns: str,
+    shape_hint: str,
+    width_hint: str,
+    noun: str = "outputs",
+) -> None:
+    """Both outputs one row per example, (batch, width), with the same batch and width: ``needs`` opens the shape
+    error (``"embedding needs (batch, dim)"``, then the role and ``noun``), ``columns`` names the width in the
+    mismatch error."""
+    for role, outputs in (("student", student), ("teacher", teacher)):
+        if outputs.logits.ndim != 2:
+            shape = tuple(outputs.logits.shape)
+            raise ShapeMismatchError(f"{needs} {role} {noun}, got {shape}", hint=shape_hint)
+    _check_same("rows", student.logits.shape[0], teacher.logits.shape[0], "give both the same batch.")
+    _check_same(columns, student.logits.shape[1], teacher.logits.shape[1], width_hint)
+
+
 def _check_topk_fits(teacher: Outputs, positions: tuple[int, ...], classes: int, what: str) -> None:
     assert teacher.topk is not None
     topk = teacher.topk
@@ -501,18 +522,13 @@ class Embedding(TaskBase):
 
     def check_outputs(self, student: Outputs, teacher: Outputs) -> None:
         """Both (batch, dim) with the same dim."""
-        for role, outputs in (("student", student), ("teacher", teacher)):
-            if outputs.logits.ndim != 2:
-                raise ShapeMismatchError(
-                    f"embedding needs (batch, dim) {role} outputs, got {tuple(outputs.logits.shape)}",
-                    hint="pool token embeddings to one vector per example (mean over real tokens, or [CLS]).",
-                )
-        _check_same("rows", student.logits.shape[0], teacher.logits.shape[0], "give both the same batch.")
-        _check_same(
-            "dimensions",
-            student.logits.shape[1],
-            teacher.logits.shape[1],
-            "end the student with a linear layer to the teacher's embedding size.",
+        check_row_outputs(
+            student,
+            teacher,
+            needs="embedding needs (batch, dim)",
+            columns="dimensions",
+            shape_hint="pool token embeddings to one vector per example (mean over real tokens, or [CLS]).",
+            width_hint="end the student with a linear layer to the teacher's embedding size.",
         )
 
     def encode_targets(self, y: Any, classes: Any = None) -> None:
