@@ -1,8 +1,9 @@
 """How small can the student be? The searched student (``distill(teacher, "auto", budget=...)``) against the best of
 a hand-made grid of the same cost and against today's default student, on MNIST-1D and digits; docs/search.md.
 
-    python benchmarks/search.py --quick      # a few minutes: two budgets per data set, small grid and search
-    python benchmarks/search.py              # the full sizes: three budgets, the whole hand grid
+    python benchmarks/search.py --size quick    # two budgets per data set, small grid and search
+    python benchmarks/search.py --size medium   # three budgets (1x, 1/4x, 1/16x), the quick grid plus width 8
+    python benchmarks/search.py                 # the full sizes: three budgets, the whole hand grid
 
 For each data set: the demo's teacher and default student (digits: RandomForest(200) -> "mlp" sized from the data,
 T=2 and the gentle optimizer; MNIST-1D: CNN(64, 64, 64) -> CNN(16, 16, 16), today's defaults), trained fully. Its
@@ -11,9 +12,10 @@ parameter count sets the budgets (1x, 1/4x and, full size, 1/16x). Per budget:
 - hand grid: every candidate of a fixed list (MLPs [w] and [w, w/2]; on MNIST-1D also CNNs [c]*2 and [c]*3) inside
   the budget, crossed with temperature x soft weight, each a short KD run of the search's length; the best on
   validation is trained fully. Its compute: the epochs of every short run.
-- search: ``max_epochs`` = a third of the grid's epochs (its compute budget), the same short runs, median pruning,
-  warm start; the chosen student is trained fully. Its compute: the epochs its short runs spent (a run that starts
-  under the limit finishes, so it may end a little above it).
+- search: ``max_epochs`` = a third of the grid's epochs (its compute budget), the run's own settings (the demo's T,
+  lr), the short-run length left to the search (chosen from the compute budget), median pruning, warm start; the
+  chosen student is trained fully. Its compute: the epochs its short runs spent (a run that starts under the limit
+  finishes, so it may end a little above it).
 
 Accuracies are on the test rows after full training. Prints one summary line, then ONE JSON object as the last line.
 """
@@ -35,6 +37,8 @@ import kdistill
 from kdistill import defaults
 from kdistill.profile import count_parameters
 
+_SIZES = ("quick", "medium", "full")
+
 
 def _data(name: str, quick: bool) -> tuple[Any, Any, str, dict[str, Any]]:
     """(dataset, teacher, default student name, the demo's distill settings for it)."""
@@ -50,8 +54,9 @@ def _data(name: str, quick: bool) -> tuple[Any, Any, str, dict[str, Any]]:
     return data, teacher, student, settings
 
 
-def _grid_archs(name: str, quick: bool) -> list[tuple[str, dict[str, Any]]]:
-    widths = (16, 32, 64, 128) if quick else (8, 16, 32, 64, 128, 256)
+def _grid_archs(name: str, size: str) -> list[tuple[str, dict[str, Any]]]:
+    quick = size != "full"
+    widths = {"quick": (16, 32, 64, 128), "medium": (8, 16, 32, 64, 128)}.get(size, (8, 16, 32, 64, 128, 256))
     archs: list[tuple[str, dict[str, Any]]] = [("mlp", {"hidden": [w]}) for w in widths]
     archs += [("mlp", {"hidden": [w, w // 2]}) for w in widths]
     if name == "mnist1d":
@@ -116,7 +121,14 @@ def _grid(
 
 
 def _search(
-    teacher: Any, data: Any, budget: int, max_epochs: int, common: dict[str, Any], short: int, families: list[str]
+    teacher: Any,
+    data: Any,
+    budget: int,
+    max_epochs: int,
+    common: dict[str, Any],
+    own: dict[str, Any],
+    short: int,
+    families: list[str],
 ) -> dict[str, Any]:
     started = time.perf_counter()
     lr = common.get("lr", defaults.LR)
@@ -126,11 +138,11 @@ def _search(
         data,
         common,
         baseline=False,
+        **own,  # the run's own kd settings (the demo's T): the warm start's first point
         budget={"max_params": budget, "threads": 1},
         search={
             "trials": 1000,
-            "max_epochs": max_epochs,
-            "epochs": short,
+            "max_epochs": max_epochs,  # the short-run length is the search's own choice from this compute budget
             "patience": max(2, short // 3),
             "families": families,
             "lr": [lr / 10, lr * 3],
@@ -141,6 +153,7 @@ def _search(
     found = result.report.search
     return {
         "max_epochs": max_epochs,
+        "short_epochs": found["search"]["epochs"],
         "epochs": found["epochs_trained"],
         "wall_s": round(time.perf_counter() - started, 1),
         "chosen": {
@@ -162,7 +175,8 @@ def _search(
     }
 
 
-def _case(name: str, quick: bool) -> dict[str, Any]:
+def _case(name: str, size: str) -> dict[str, Any]:
+    quick = size != "full"
     data, teacher, default_student, settings = _data(name, quick)
     common = {key: value for key, value in settings.items() if key in ("lr", "weight_decay", "patience")}
     if quick:
@@ -186,12 +200,13 @@ def _case(name: str, quick: bool) -> dict[str, Any]:
     short = 15 if quick else 20
     knobs = list(itertools.product((2.0, 4.0), (0.5,) if quick else (0.5, 0.9)))
     families = ["mlp", "cnn"] if name == "mnist1d" else ["mlp"]
-    for divisor in (1, 4) if quick else (1, 4, 16):
+    own = {key: value for key, value in settings.items() if key in ("temperature", "soft_weight")}
+    for divisor in (1, 4) if size == "quick" else (1, 4, 16):
         budget = default_params // divisor
-        archs = [(f, p) for f, p in _grid_archs(name, quick) if _params(f, p, in_shape) <= budget]
+        archs = [(f, p) for f, p in _grid_archs(name, size) if _params(f, p, in_shape) <= budget]
         points = [(f, p, t, w) for (f, p), (t, w) in itertools.product(archs, knobs)]
         grid = _grid(teacher, data, points, common, short)
-        search = _search(teacher, data, budget, max(short, grid["epochs"] // 3), common, short, families)
+        search = _search(teacher, data, budget, max(short, grid["epochs"] // 3), common, own, short, families)
         print(f"{name} budget {budget:,}: {search['answer']}", file=sys.stderr, flush=True)
         case["budgets"].append({"max_params": budget, "grid": grid, "search": search})
     return case
@@ -199,12 +214,20 @@ def _case(name: str, quick: bool) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="two budgets, a small grid (a few minutes)")
+    parser.add_argument(
+        "--size",
+        choices=_SIZES,
+        default="full",
+        help="quick: two budgets, a small grid; medium: "
+        "three budgets, the quick grid plus width 8; full: the whole grid",
+    )
+    parser.add_argument("--quick", action="store_true", help="the same as --size quick")
     parser.add_argument("--datasets", nargs="+", default=["digits", "mnist1d"], choices=["digits", "mnist1d"])
     args = parser.parse_args()
     torch.set_num_threads(1)
     started = time.perf_counter()
-    cases = {name: _case(name, args.quick) for name in args.datasets}
+    size = "quick" if args.quick else args.size
+    cases = {name: _case(name, size) for name in args.datasets}
     lines = []
     for name, case in cases.items():
         for entry in case["budgets"]:
@@ -218,7 +241,7 @@ def main() -> None:
     print("; ".join(lines))
     summary = {
         "benchmark": "search",
-        "size": "quick" if args.quick else "full",
+        "size": size,
         "cases": cases,
         "wall_time_s": round(time.perf_counter() - started, 1),
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__},

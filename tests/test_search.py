@@ -51,7 +51,7 @@ def _mlp_params(in_features: int, hidden: list[int], classes: int) -> int:
 def test_candidates_over_budget_are_refused_before_training_and_the_chosen_one_is_trained_fully(
     forest: Any, digits: Data
 ) -> None:
-    result = _search(forest, digits, {"max_params": 1200}, {"trials": 3, "families": ["mlp"]})
+    result = _search(forest, digits, {"max_params": 1200}, {"trials": 3, "families": ["mlp"], "warm_start": False})
     found = result.report.search
     trials = found["trials"]
     over = [t for t in trials if t["state"] == "over_budget"]
@@ -117,23 +117,76 @@ class _PruneAt:
         return self.reported[-1][0] >= self.epoch
 
 
-def test_a_new_search_starts_from_the_largest_usual_shape_inside_the_budget(forest: Any, digits: Data) -> None:
+def test_a_new_search_starts_at_the_runs_own_settings_with_the_widest_shape_of_each_depth(
+    forest: Any, digits: Data
+) -> None:
     found = _search(
         forest,
         digits,
         {"max_params": 5000},
-        {"trials": 2, "temperature": [1.0, 4.0], "lr": [0.001, 0.1]},
+        {"trials": 3, "temperature": [1.0, 4.0], "lr": [0.001, 0.1], "families": ["mlp"]},
         baseline=False,
         lr=0.004,
+        temperature=2.5,
+        soft_weight=0.7,
     ).report.search
+    warm = [t for t in found["trials"] if t["warm_start"]]
+    # widest of each depth inside 5,000, counted by hand: [64] 4,810 ([128] 9,610 is over); [32, 16, 8] 2,834
+    # ([64, 32, 16] 6,938 is over); [32, 16] 2,778 ([64, 32] 6,570 is over); the most parameters first
+    assert [t["student"]["hidden"] for t in warm] == [[64], [32, 16, 8], [32, 16]]
+    assert [t["parameters"] for t in warm] == [_mlp_params(64, h, 10) for h in ([64], [32, 16, 8], [32, 16])]
+    for record in warm:
+        wider = [2 * width for width in record["student"]["hidden"]]
+        assert _mlp_params(64, wider, 10) > 5000  # the next rung of its ladder breaks the budget
+    # the first trial (and every warm start) runs at the run's own T, soft weight and lr, not mid-range ones
     first = found["trials"][0]
-    # mlp seeds are [w, w/2]: [64, 32] has 6,570 params, [32, 16] 2,778: the largest inside 5,000
-    assert first["warm_start"] and first["family"] == "mlp" and first["student"]["hidden"] == [32, 16]
-    assert first["temperature"] == pytest.approx(2.0) and first["soft_weight"] == 0.5 and first["lr"] == 0.004
-    second = found["trials"][1]  # then the cnn's: three equal blocks, kernel 5
-    assert second["warm_start"] and second["family"] == "cnn"
-    assert len(set(second["student"]["channels"])) == 1 and second["student"]["kernel_size"] == 5
-    assert not any(t["warm_start"] for t in found["trials"][2:])
+    assert first["number"] == 0 and first["warm_start"]
+    for record in warm:
+        assert (record["temperature"], record["soft_weight"], record["lr"]) == (2.5, 0.7, 0.004)
+
+
+def test_at_a_tiny_budget_the_warm_start_holds_the_shapes_that_fill_it(forest: Any, digits: Data) -> None:
+    from kdistill.students import STUDENTS
+
+    def cnn_params(channels: list[int]) -> int:
+        return count_parameters(STUDENTS.get("cnn").factory([1, 8, 8], 10, channels=channels, kernel_size=5))
+
+    budget = 800
+    settings = {"trials": 5, "epochs": 1, "families": ["mlp", "cnn"], "fixed": {"cnn": {"in_shape": [1, 8, 8]}}}
+    found = _search(forest, digits, {"max_params": budget}, settings, baseline=False).report.search
+    warm = [t for t in found["trials"] if t["warm_start"]]
+    assert len(warm) == 5 and all(t["state"] == "complete" for t in warm)
+    cnns = {len(t["student"]["channels"]): t["student"]["channels"] for t in warm if t["family"] == "cnn"}
+    # one per depth, each the widest of equal blocks inside 800 params (doubling it breaks the budget): [16] 618,
+    # [4, 4] 574, [2, 2, 2] 298; the old warm start tried only the three-block one, the smallest of them
+    assert cnns == {1: [16], 2: [4, 4], 3: [2, 2, 2]}
+    for channels in cnns.values():
+        assert cnn_params(channels) <= budget < cnn_params([2 * c for c in channels])
+    mlps = [t["student"]["hidden"] for t in warm if t["family"] == "mlp"]
+    # by hand: [8] 610 ([16] 1,210 is over), [8, 4] 606; the narrowest three-layer one, [16, 8, 4], has 1,262
+    assert mlps == [[8], [8, 4]] and _mlp_params(64, [16, 8, 4], 10) > budget
+    assert [t["parameters"] for t in warm] == sorted((t["parameters"] for t in warm), reverse=True)
+    # with a compute budget too small for all five, the search stops and the rest wait, named in the records
+    short = _search(forest, digits, {"max_params": budget}, settings | {"max_epochs": 2}, baseline=False)
+    states = [t["state"] for t in short.report.search["trials"]]
+    assert states[:2] == ["complete", "complete"] and set(states[2:]) == {"queued"}
+    assert {t["family"] for t in short.report.search["trials"][2:]} <= {"mlp", "cnn"}
+
+
+def test_the_short_run_length_is_chosen_from_the_compute_budget(forest: Any, digits: Data) -> None:
+    from kdistill.config import SearchConfig
+    from kdistill.search.study import short_epochs
+
+    assert short_epochs(SearchConfig(max_epochs=60)) == 10  # about six full short runs
+    assert short_epochs(SearchConfig(max_epochs=12)) == 4  # never shorter than 4 epochs
+    assert short_epochs(SearchConfig(max_epochs=1000)) == 30  # nor longer than 30
+    assert short_epochs(SearchConfig()) == 30  # no compute budget: 30
+    assert short_epochs(SearchConfig(epochs=7, max_epochs=60)) == 7  # a given length wins
+    settings = {"trials": 100, "max_epochs": 24, "epochs": None, "patience": None, "families": ["mlp"]}
+    found = _search(forest, digits, {"max_params": 5000}, settings, baseline=False).report.search
+    assert found["search"]["epochs"] == 4
+    ran = [t["epochs_run"] for t in found["trials"] if t["state"] == "complete"]
+    assert ran and set(ran) == {4} and found["epochs_trained"] == 24 and len(ran) == 6
 
 
 def test_the_pruner_is_asked_after_every_epoch_and_stops_the_run(digits: Data) -> None:
@@ -365,3 +418,23 @@ def test_kdistill_run_refuses_a_config_with_a_search_section() -> None:
     config = load_config(Path(__file__).parents[1] / "examples" / "digits_search.yaml")
     with pytest.raises(ConfigError, match=r"only a student search reads(.|\n)*kdistill search CONFIG.yaml"):
         run(config, verbose=False)
+
+
+def test_a_trial_killed_between_ask_and_its_tag_is_recovered_on_resume(monkeypatch: Any) -> None:
+    import optuna
+
+    from kdistill.search import study as study_module
+
+    monkeypatch.setattr(study_module, "_UNTAGGED_GRACE_S", 0.2)
+    study = optuna.create_study(direction="maximize")
+    study.enqueue_trial({"family": "mlp", "mlp.depth": 1}, user_attrs={"warm_start": True})
+    untagged = study.ask()  # its process died before tagging it: no "worker"
+    mine = study.ask()
+    mine.set_user_attr("worker", study_module._worker())  # this live process's own trial
+    assert study_module._recover_stale(optuna, study) == 1
+    states = {t.number: t.state.name for t in study.get_trials()}
+    assert states[untagged.number] == "FAIL" and states[mine.number] == "RUNNING"
+    rerun = next(t for t in study.get_trials() if t.user_attrs.get("rerun_of") == untagged.number)
+    # queued again with what it was queued with, not as a warm start (which would read as its own duplicate)
+    assert rerun.system_attrs["fixed_params"] == {"family": "mlp", "mlp.depth": 1}
+    assert not rerun.user_attrs.get("warm_start")

@@ -30,6 +30,7 @@ from kdistill.search.study import (
     family_shape,
     open_storage,
     run_study,
+    short_epochs,
     short_settings,
 )
 from kdistill.students import STUDENTS
@@ -102,7 +103,7 @@ def _problem(spec: RunSpec, sections: SearchSections) -> tuple[Problem, Any]:
             "soft_weight": list(search.soft_weight),
             "lr": list(search.lr),
         },
-        "short_run": {"epochs": search.epochs, "patience": search.patience, "pruner": search.pruner},
+        "short_run": {"epochs": short_epochs(search), "patience": search.patience, "pruner": search.pruner},
         "train": spec.settings.model_dump(mode="json")["train"] | {"seed": spec.settings.seed},
     }
     problem = Problem(
@@ -189,7 +190,7 @@ def search_student(spec: RunSpec, sections: SearchSections) -> tuple[SearchResul
     result = SearchResult.from_trials(
         trained.trials,
         budget=sections.budget.model_dump(mode="json"),
-        search=sections.search.model_dump(mode="json"),
+        search=sections.search.model_dump(mode="json") | {"epochs": short_epochs(sections.search)},
         storage=description,
         wall_time_s=trained.wall_time_s,
     )

@@ -2,7 +2,8 @@
 
 A trial record (one per Optuna trial, in ``trials.json`` and ``report.search["trials"]``)::
 
-    {"number", "state": "complete" | "pruned" | "over_budget" | "failed" | "running", "family", "label",
+    {"number", "state": "complete" | "pruned" | "over_budget" | "failed" | "running" | "queued" (a warm-start
+     candidate the search stopped before), "family", "label",
      "student" (the builder spec), "temperature", "soft_weight", "lr", "val_accuracy" (best epoch of the short run),
      "epochs_run", "train_seconds", "parameters", "size_bytes", "latency_ms", "over_budget" (the limits broken),
      "worker" (host:pid), "error", "warm_start" (queued first, not drawn), "params" (the trial's own)}
@@ -31,12 +32,13 @@ def _state(trial: Any) -> str:
     name = trial.state.name
     if name == "COMPLETE":
         return "complete" if trial.user_attrs.get("trained") else "over_budget"
-    return {"PRUNED": "pruned", "FAIL": "failed"}.get(name, "running")
+    return {"PRUNED": "pruned", "FAIL": "failed", "WAITING": "queued"}.get(name, "running")
 
 
 def trial_record(trial: Any) -> dict[str, Any]:
     """One Optuna frozen trial as the plain record described in the module docstring."""
-    attrs, params = trial.user_attrs, trial.params
+    attrs = trial.user_attrs
+    params = trial.params or dict(trial.system_attrs.get("fixed_params", {}))  # a queued trial: what it will try
     spec = attrs.get("student") or {}
     return {
         "number": trial.number,

@@ -9,9 +9,11 @@ A space is keyed by the registered student it builds (``"mlp"``, ``"cnn"``; a tr
 - ``grid(in_shape, num_classes)``: every candidate of the space, as builder params (the smallest one names a budget
   that nothing meets; a hand grid for the benchmark is a subset).
 
-Optional, for a warm start: ``seeds(in_shape, num_classes)``, the family's usual shapes (an MLP tapering by half,
-a CNN of equal blocks), and ``encode(params)``, the trial parameters that draw those builder params. A new search
-starts from the largest seed inside the budget of each family that has both, so it begins where a person would.
+Optional, for a warm start: ``seeds(in_shape, num_classes)``, the family's usual shapes as *ladders*, one list per
+shape (an MLP of one, two or three layers tapering by half; a CNN of one, two or three equal blocks), each from narrow
+to wide; and ``encode(params)``, the trial parameters that draw those builder params. A new search starts from the
+widest rung inside the budget of every ladder of each family that has both: the widest candidate of each depth that
+fits, so a small budget is spent on shapes that fill it (two blocks of 8 channels, not three of 4).
 
 Nothing here imports Optuna: ``trial`` is anything with ``suggest_int``.
 """
@@ -80,10 +82,14 @@ class MlpSpace:
     def grid(self, in_shape: Sequence[int], num_classes: int) -> list[dict[str, Any]]:
         return [{"hidden": widths} for widths in _all_widths(self.depth_range, self.log2_range)]
 
-    def seeds(self, in_shape: Sequence[int], num_classes: int) -> list[dict[str, Any]]:
-        """Two layers, the second half the first (the shape of ``kdistill.students.default_hidden``)."""
+    def seeds(self, in_shape: Sequence[int], num_classes: int) -> list[list[dict[str, Any]]]:
+        """One ladder per depth, each layer half the one before (``[w]``, ``[w, w/2]``, ``[w, w/2, w/4]``: the
+        shape of ``kdistill.students.default_hidden``), narrow to wide, every width inside ``log2_range``."""
         low, high = self.log2_range
-        return [{"hidden": [2**k, 2 ** (k - 1)]} for k in range(low + 1, high + 1)]
+        return [
+            [{"hidden": [2 ** (k - layer) for layer in range(depth)]} for k in range(low + depth - 1, high + 1)]
+            for depth in range(self.depth_range[0], self.depth_range[1] + 1)
+        ]
 
     def encode(self, params: dict[str, Any]) -> dict[str, Any]:
         hidden = params["hidden"]
@@ -118,11 +124,15 @@ class CnnSpace:
             for kernel in self.kernel_sizes
         ]
 
-    def seeds(self, in_shape: Sequence[int], num_classes: int) -> list[dict[str, Any]]:
-        """Three equal blocks with the largest kernel (the shape of the ``cnn`` student's default)."""
+    def seeds(self, in_shape: Sequence[int], num_classes: int) -> list[list[dict[str, Any]]]:
+        """One ladder per depth of equal blocks with the largest kernel (the ``cnn`` student's default is three),
+        narrow to wide."""
         low, high = self.log2_range
-        depth = min(3, self.depth_range[1])
-        return [{"channels": [2**k] * depth, "kernel_size": max(self.kernel_sizes)} for k in range(low, high + 1)]
+        kernel = max(self.kernel_sizes)
+        return [
+            [{"channels": [2**k] * depth, "kernel_size": kernel} for k in range(low, high + 1)]
+            for depth in range(self.depth_range[0], self.depth_range[1] + 1)
+        ]
 
     def encode(self, params: dict[str, Any]) -> dict[str, Any]:
         channels = params["channels"]

@@ -53,13 +53,34 @@ __all__ = [
     "family_shape",
     "open_storage",
     "optuna_module",
+    "run_knobs",
     "run_study",
+    "short_epochs",
     "short_settings",
+    "warm_start_candidates",
 ]
 
 _MAX_DRAWS_PER_TRIAL = 25
 """A search stops after ``25 * trials`` draws even if too few were inside the budget (a budget most candidates
 miss); the answer then says how many were trained."""
+
+
+_AUTO_SHORT_RUNS = 6
+"""With ``search.epochs`` left out and a compute budget (``max_epochs``), each short run is ``max_epochs / 6`` epochs
+(4 to 30): the budget buys about six full short runs, more when the pruner stops weak ones, so a small budget still
+tries several shapes instead of two or three long runs."""
+_SHORT_EPOCHS = (4, 30)
+
+
+def short_epochs(search: SearchConfig) -> int:
+    """The length of each short run: ``search.epochs`` when given; else chosen from the compute budget
+    (``max_epochs // 6``, clipped to 4-30); else 30."""
+    if search.epochs is not None:
+        return search.epochs
+    low, high = _SHORT_EPOCHS
+    if search.max_epochs is None:
+        return high
+    return min(high, max(low, search.max_epochs // _AUTO_SHORT_RUNS))
 
 
 def optuna_module() -> Any:
@@ -143,7 +164,7 @@ def _pruner(optuna: Any, search: SearchConfig) -> Any:
     if search.pruner == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=2)
     if search.pruner == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=2, max_resource=search.epochs, reduction_factor=3)
+        return optuna.pruners.HyperbandPruner(min_resource=2, max_resource=short_epochs(search), reduction_factor=3)
     return optuna.pruners.NopPruner()
 
 
@@ -207,53 +228,103 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _recover_stale(optuna: Any, study: Any) -> int:
-    """Mark trials left running by a dead process of this machine as failed, and queue their candidates to be drawn
-    again first (what "resume where it stopped" means for the trial that was killed). Returns how many."""
+_UNTAGGED_GRACE_S = 5.0
+"""A live worker tags its trial (``worker``) right after ``study.ask()``, which holds only the sampler's draw; a trial
+still untagged this long after it started lost its process between the two."""
+
+
+def _untagged(optuna: Any, study: Any) -> list[Any]:
+    running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+    return [trial for trial in running if "worker" not in trial.user_attrs]
+
+
+def _stale(optuna: Any, study: Any) -> list[Any]:
+    """Trials left running by a dead process: tagged with a process of this machine that no longer exists, or never
+    tagged (killed between ``ask`` and the tag) though started over ``_UNTAGGED_GRACE_S`` ago."""
     host = socket.gethostname()
-    recovered = 0
+    untagged = _untagged(optuna, study)
+    if untagged:
+        youngest = max(time.time() - trial.datetime_start.timestamp() for trial in untagged if trial.datetime_start)
+        time.sleep(max(0.0, _UNTAGGED_GRACE_S - youngest))
+        untagged = _untagged(optuna, study)
+    stale = list(untagged)
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        worker = str(trial.user_attrs.get("worker", ""))
-        name, _, pid = worker.rpartition(":")
-        if name != host or not pid.isdigit() or int(pid) == os.getpid() or _alive(int(pid)):
-            continue
+        name, _, pid = str(trial.user_attrs.get("worker", "")).rpartition(":")
+        if name == host and pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            stale.append(trial)
+    return stale
+
+
+def _recover_stale(optuna: Any, study: Any) -> int:
+    """Mark trials left running by a dead process (:func:`_stale`) as failed, and queue their candidates (what they
+    had drawn, or were queued with) to be drawn again first: what "resume where it stopped" means for the trial that
+    was killed. Returns how many."""
+    recovered = 0
+    for trial in _stale(optuna, study):
         study._storage.set_trial_user_attr(trial._trial_id, "error", "its process died (killed search)")
         study._storage.set_trial_state_values(trial._trial_id, state=optuna.trial.TrialState.FAIL)
-        study.enqueue_trial(dict(trial.params), user_attrs={"rerun_of": trial.number})
+        kept = dict(trial.system_attrs.get("fixed_params", {})) | dict(trial.params)
+        study.enqueue_trial(kept, user_attrs={"rerun_of": trial.number})
         recovered += 1
     return recovered
 
 
-def _warm_start(study: Any, problem: Problem) -> int:
-    """For a new study: queue, per family with ``seeds`` and ``encode``, its largest seed candidate inside the
-    budget, at the middle of the temperature range (log scale), soft weight 0.5 and the run's learning rate (both
-    clipped to their ranges). Returns how many were queued."""
-    if study.get_trials(deepcopy=False):
-        return 0
-    search, queued = problem.search, 0
-    low, high = search.temperature
-    knobs = {
-        "temperature": (low * high) ** 0.5,
-        "soft_weight": min(max(0.5, search.soft_weight[0]), search.soft_weight[1]),
-        "lr": min(max(problem.settings.train.optimizer.lr, search.lr[0]), search.lr[1]),
+def run_knobs(problem: Problem) -> dict[str, float]:
+    """The run's own temperature and soft weight (its ``kd`` term's params, else kd's defaults) and learning rate,
+    each clipped to its search range: the first point a warm start tries (the settings the user chose, or the
+    demo's tuned ones, before anything is drawn)."""
+    from kdistill.losses.kd import KDLoss
+
+    params = dict(problem.settings.method[0].params) if problem.settings.method else {}
+    kd = KDLoss(**{name: params[name] for name in ("temperature", "soft_weight") if name in params})
+    search = problem.search
+
+    def clip(value: float, bounds: tuple[float, float]) -> float:
+        return float(min(max(value, bounds[0]), bounds[1]))
+
+    return {
+        "temperature": clip(kd.temperature, search.temperature),
+        "soft_weight": clip(kd.soft_weight, search.soft_weight),
+        "lr": clip(problem.settings.train.optimizer.lr, search.lr),
     }
+
+
+def warm_start_candidates(problem: Problem) -> list[tuple[str, dict[str, Any], Cost]]:
+    """What a new study tries first: for each family with ``seeds`` and ``encode``, the widest rung inside the budget
+    of each of its ladders (the widest candidate of each depth that fits), all families together, the most parameters
+    first (the one that fills the budget best is trial 0)."""
+    picked = []
     for family in problem.families:
         space = SEARCH_SPACES[family]
         seeds, encode = getattr(space, "seeds", None), getattr(space, "encode", None)
         if seeds is None or encode is None:
             continue
-        shape = family_shape(problem.in_shape, search.fixed, family)
-        fitting = []
-        for params in seeds(shape, problem.num_classes):
-            module, spec = build_candidate(problem, family, params)
-            cost = candidate_cost(problem, module, spec)
-            if not over_budget(cost, problem.budget):
-                fitting.append((cost.parameters, params))
-        if fitting:
-            params = max(fitting, key=lambda item: item[0])[1]
-            fixed = {"family": family, **encode(params), **knobs}
-            study.enqueue_trial(fixed, user_attrs={"warm_start": True}, skip_if_exists=True)
-            queued += 1
+        shape = family_shape(problem.in_shape, problem.search.fixed, family)
+        for ladder in seeds(shape, problem.num_classes):
+            fitting = []
+            for params in ladder:
+                module, spec = build_candidate(problem, family, params)
+                cost = candidate_cost(problem, module, spec)
+                if not over_budget(cost, problem.budget):
+                    fitting.append((cost.parameters, params, cost))
+            if fitting:
+                _, params, cost = max(fitting, key=lambda item: item[0])
+                picked.append((family, params, cost))
+    return sorted(picked, key=lambda item: (-item[2].parameters, -item[2].size_bytes))
+
+
+def _warm_start(study: Any, problem: Problem) -> int:
+    """For a new study: queue :func:`warm_start_candidates`, each at the run's own settings (:func:`run_knobs`).
+    Returns how many were queued."""
+    if study.get_trials(deepcopy=False):
+        return 0
+    knobs = run_knobs(problem)
+    queued = 0
+    for family, params, _ in warm_start_candidates(problem):
+        encode = SEARCH_SPACES[family].encode  # type: ignore[attr-defined]
+        fixed = {"family": family, **encode(params), **knobs}
+        study.enqueue_trial(fixed, user_attrs={"warm_start": True}, skip_if_exists=True)
+        queued += 1
     return queued
 
 
@@ -382,7 +453,7 @@ def _objective(problem: Problem, optuna: Any, study: Any) -> Callable[[Any], flo
             trial.set_constraint("budget_excess", excess(cost, problem.budget))
         if broken:
             return 0.0
-        settings = short_settings(problem.settings, knobs, problem.search.epochs, problem.search.patience)
+        settings = short_settings(problem.settings, knobs, short_epochs(problem.search), problem.search.patience)
         pruning = _ReportToPruner(trial)
         started = time.perf_counter()
         state = fit(
