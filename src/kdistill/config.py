@@ -460,19 +460,18 @@ class BudgetConfig(_Section):
 
 class SearchConfig(_Section):
     """How the student search runs (:mod:`kdistill.search`, docs/search.md). ``trials``: short KD runs to train
-        (candidates over the budget are refused before training and not counted); ``timeout_s``: stop drawing new trials
-        after this long (per process); ``max_epochs``: stop once the study's short runs total this many epochs (a compute
-        budget; pruned runs count what they ran). ``epochs``/``patience``: each short run's length (``epochs`` left out:
-    ``max_epochs // 6`` clipped to 4-30 with a compute budget, else 30). ``families``: the
-        registered candidate spaces to draw from (default: every one that fits the data); ``fixed``: builder params held
-        fixed per family (``{cnn: {in_shape: [1, 8, 8]}}``). ``temperature``, ``soft_weight``, ``lr``: the ranges tuned
-        in the same study. ``pruner``: ``median``, ``hyperband`` or ``none``, on the validation accuracy after each
-        epoch.
-        ``storage``: a journal file path (several processes on one machine share it) or an RDB URL
-        (``postgresql://...``); default: ``<run folder>/search/study.journal``, in memory without a run folder.
-        ``seed``: the sampler's (default: the run's seed). ``warm_start``: a new study first tries, at the run's own
-        temperature, soft weight and lr, each family's widest usual-shaped candidate of each depth inside the budget (an
-        MLP tapering by half, a CNN of equal blocks), the largest first."""
+    (candidates over the budget are refused before training and not counted); ``timeout_s``: stop drawing new trials
+    after this long (per process); ``max_epochs``: stop once the study's short runs total this many epochs (a compute
+    budget; pruned runs count what they ran). ``epochs``/``patience``: each short run's length (``epochs`` left out:
+    ``max_epochs // 6`` clipped to 4-30 with a compute budget, else 30). ``families``: the registered candidate
+    spaces to draw from (default: every one that fits the data); ``fixed``: builder params held fixed per family
+    (``{cnn: {in_shape: [1, 8, 8]}}``). ``temperature``, ``soft_weight``, ``lr``: the ranges tuned in the same study.
+    ``pruner``: ``median``, ``hyperband`` or ``none``, on the validation accuracy after each epoch.
+    ``storage``: a journal file path (several processes on one machine share it) or an RDB URL
+    (``postgresql://...``); default: ``<run folder>/search/study.journal``, in memory without a run folder.
+    ``seed``: the sampler's (default: the run's seed). ``warm_start``: a new study first tries, at the run's own
+    temperature, soft weight and lr, each family's widest usual-shaped candidate of each depth inside the budget (an
+    MLP tapering by half, a CNN of equal blocks), the largest first."""
 
     trials: Annotated[int, Field(gt=0)] = 20
     timeout_s: Annotated[float, Field(gt=0)] | None = None
