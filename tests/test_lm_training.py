@@ -4,7 +4,9 @@ and the report."""
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -109,13 +111,15 @@ def test_evaluation_every_n_steps_adds_history_rows_with_perplexity_and_agreemen
     assert all({"val_perplexity", "val_agreement", "train_loss", "lr"} <= set(row) for row in state.history)
 
 
-def test_distill_reports_agreement_and_evaluates_every_n_steps_from_settings() -> None:
+def test_distill_reports_agreement_and_evaluates_every_n_steps_from_settings(tmp_path: Path) -> None:
     ids, val_ids = _ids(), _ids(seed=1, rows=12)
     result = kdistill.distill(
         TorchTeacher(Bigram(2)), Bigram(1), ids, val=val_ids, test=val_ids, task="token_lm", method="forward_kl",
         batch_size=8, max_steps=9, settings={"train": {"eval_every_steps": 3, "schedule": {"name": "warmup_linear",
-        "warmup_steps": 2}}}, verbose=False, profile=False, baseline=False,
+        "warmup_steps": 2}}}, verbose=False, profile=False, baseline=False, out=tmp_path / "run",
     )  # fmt: skip
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in logged if row["phase"] == "student"] == [3.0, 5.0, 6.0, 9.0]
     steps = [row["step"] for row in result.history]
     assert steps == [3.0, 5.0, 6.0, 9.0]  # every 3 steps, and each pass's end (5 steps a pass)
     assert all("val_agreement" in row and "val_perplexity" in row for row in result.history)

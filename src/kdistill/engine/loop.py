@@ -332,7 +332,7 @@ def fit(
     plain, sharded = model, config.parallel == "fsdp" and _world()[1] > 1
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), num_threads(threads):
         torch.manual_seed(config.seed)
-        model = _sharded_copy(plain).to(device) if sharded else plain.to(device)
+        model = _sharded_copy(plain, device) if sharded else plain.to(device)
         if isinstance(loss_fn, nn.Module):
             loss_fn.to(device)
         # losses with lazily built parts (projectors, embeddings) build them on a dry batch, before the optimizer
@@ -560,16 +560,16 @@ def _validated(validate: Validate, model: nn.Module, val: Any) -> dict[str, floa
     return {name: float(value) for name, value in validate(model, val).items()}
 
 
-def _sharded_copy(model: nn.Module) -> nn.Module:
-    """A copy of the student sharded by FSDP2 (``fully_shard``) over the process group: first every block of its
-    layer lists (a transformer's blocks: each all-gathers its parameters for its own forward and backward, then
-    frees them), then the whole model (the rest: embeddings, head, norms). Each rank then holds 1/N of every
-    parameter, gradient and optimizer state on the training device; the caller's module is left as it is (on the
-    CPU when ``model`` is) and receives the trained weights at the end."""
+def _sharded_copy(model: nn.Module, device: torch.device) -> nn.Module:
+    """A copy of the student on ``device``, sharded by FSDP2 (``fully_shard``) over the process group: first every
+    block of its layer lists, innermost first (a transformer's blocks: each all-gathers its parameters for its own
+    forward and backward, then frees them), then the whole model (the rest: embeddings, head, norms). Each rank then
+    holds 1/N of every parameter, gradient and optimizer state on ``device``; the caller's module is left where it
+    is and receives the trained weights at the end."""
     from torch.distributed.fsdp import fully_shard
 
-    sharded = copy.deepcopy(model)
-    for module in list(sharded.modules()):
+    sharded = copy.deepcopy(model).to(device)
+    for module in reversed(list(sharded.modules())):
         if isinstance(module, nn.ModuleList):
             for block in module:
                 fully_shard(block)
