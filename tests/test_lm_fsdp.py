@@ -1,7 +1,8 @@
 """FSDP (``torch.distributed.fsdp.fully_shard``) for the student, with 2 CPU ranks on gloo under torchrun: during
 training each rank holds half of every sharded parameter; the run ends with the same weights as one process (the
-ranks split each batch, the gradients are averaged); a run stopped mid-way and resumed from its checkpoint (whole
-tensors in the file) ends with the uninterrupted run's weights; and distill() selects it from its settings."""
+ranks split each batch, the gradients are averaged; two micro-batches a step, synchronised once); a run stopped
+mid-way and resumed from its checkpoint (whole tensors in the file) ends with the uninterrupted run's weights; and
+distill() selects it from its settings."""
 
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ target = get_task("token_lm").encode_targets(ids)
 def train(parallel, callbacks=(), resume=None):
     teacher, student = models()
     config = TrainConfig(epochs=2, batch_size=8, lr=0.01, max_steps=9, parallel=parallel, verbose=False,
-                         clip_grad_norm=1.0)
+                         clip_grad_norm=1.0, grad_accumulation=2)
     fit(student, get_loss("forward_kl"), TransferSet(ids, target, None), config=config, teacher=TorchTeacher(teacher),
         callbacks=callbacks, resume=resume)
     return student

@@ -690,10 +690,23 @@ def _logits(output: Any) -> torch.Tensor:
 
 
 def _no_sync(forward: nn.Module) -> contextlib.AbstractContextManager[Any]:
-    """DDP's ``no_sync`` for a micro-batch that does not step: its gradients accumulate locally, and the last
-    micro-batch's backward all-reduces the sum."""
+    """DDP's ``no_sync`` (FSDP2: ``set_requires_gradient_sync(False)``) for a micro-batch that does not step: its
+    gradients accumulate locally, and the last micro-batch's backward reduces the sum."""
     no_sync = getattr(forward, "no_sync", None)
-    return no_sync() if no_sync is not None else contextlib.nullcontext()
+    if no_sync is not None:
+        return no_sync()
+    if hasattr(forward, "set_requires_gradient_sync"):
+        return _fsdp_no_sync(forward)
+    return contextlib.nullcontext()
+
+
+@contextmanager
+def _fsdp_no_sync(forward: Any) -> Iterator[None]:
+    forward.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        forward.set_requires_gradient_sync(True)
 
 
 def _check_finite(
