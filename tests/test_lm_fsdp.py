@@ -35,12 +35,12 @@ def models():
 ids = torch.randint(0, 64, (36, 12), generator=torch.Generator().manual_seed(0))
 target = get_task("token_lm").encode_targets(ids)
 
-def train(parallel, callbacks=(), resume=None):
+def train(parallel, callbacks=(), resume=None, on_policy=None):
     teacher, student = models()
     config = TrainConfig(epochs=2, batch_size=8, lr=0.01, max_steps=9, parallel=parallel, verbose=False,
                          clip_grad_norm=1.0, grad_accumulation=2)
     fit(student, get_loss("forward_kl"), TransferSet(ids, target, None), config=config, teacher=TorchTeacher(teacher),
-        callbacks=callbacks, resume=resume)
+        callbacks=callbacks, resume=resume, on_policy=on_policy)
     return student
 """
 
@@ -77,6 +77,9 @@ except KeyboardInterrupt:
     pass
 dist.barrier()
 resumed = train("fsdp", callbacks=(Checkpointer(path, every_steps=2),), resume=load_checkpoint(path))
+# on-policy steps generate with the sharded student: every rank runs the same forward passes (no deadlock)
+from kdistill.engine.on_policy import OnPolicy
+generated = train("fsdp", on_policy=OnPolicy(1.0, prompt_length=8))
 # distill() with the FSDP setting, a run folder (checkpoints, early stopping on val) and the report
 teacher, student = models()
 result = kdistill.distill(teacher, student, ids[:28], val=ids[28:], task="token_lm", method="forward_kl", epochs=2,
@@ -87,6 +90,7 @@ if rank == 0:
     save_file({k: v.clone() for k, v in resumed.state_dict().items()}, os.path.join(out, "resumed.safetensors"))
     with open(os.path.join(out, "facts.json"), "w") as handle:
         json.dump({"shards": Shards.seen, "history": result.history,
+                   "on_policy_differs": not torch.equal(generated.model.lm_head.weight, whole.model.lm_head.weight),
                    "perplexity": result.report.models["student"]["perplexity"]}, handle)
 dist.destroy_process_group()
 """
@@ -108,6 +112,7 @@ def test_fsdp_two_cpu_ranks_shard_the_student_match_one_process_and_resume(tmp_p
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     facts = json.loads((tmp_path / "facts.json").read_text())
     assert facts["shards"] == {"dtensor": True, "local": [8, 48], "full": [16, 48]}  # half of the rows per rank
+    assert facts["on_policy_differs"]  # the on-policy run trained on the student's own continuations
 
     namespace: dict = {}
     exec(COMMON, namespace)  # the same models, data and settings in this one process
