@@ -205,7 +205,11 @@ def test_bad_on_policy_settings_are_clear_errors() -> None:
         OnPolicy(-0.1, prompt_length=2)
     with pytest.raises(ConfigError, match="prompt_length"):
         OnPolicy(0.5, prompt_length=0)
-    ids = _ids()[:4]
+    ids = _ids()
+    with pytest.raises(ConfigError, match="kd_topk cannot read"):
+        fit(Bigram(1), get_loss("kd_topk"), TransferSet(ids, _targets(ids), None), teacher=TorchTeacher(Bigram(2)),
+            on_policy=OnPolicy(0.5, prompt_length=2), config=TrainConfig(epochs=1, verbose=False))  # fmt: skip
+    ids = ids[:4]
     source = OnPolicySource(NoTeacher(), TorchTeacher(Bigram(2)), Bigram(1), OnPolicy(1.0, prompt_length=SEQ))
     with pytest.raises(DataError, match="leaves nothing to generate"):
         list(source.stream(iter([[Batch(inputs=ids, target=_targets(ids), index=torch.arange(4))]]), epoch=0))

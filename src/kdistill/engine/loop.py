@@ -348,9 +348,16 @@ def fit(
                 prefetch=prefetch_teacher,
             )
         if on_policy is not None:
+            from kdistill.losses.kd_topk import KDTopKLoss
+
             if teacher is None:
                 raise ConfigError("on-policy data needs the live teacher to label the student's continuations",
                                   hint="pass teacher= to fit().")  # fmt: skip
+            if isinstance(loss_fn, KDTopKLoss):
+                raise ConfigError(
+                    "on-policy batches are labelled by the live teacher with dense logits, which kd_topk cannot read",
+                    hint="use a token divergence (forward_kl, gjsd, ...): each reads a top-k cache and dense logits.",
+                )
             teacher_source = OnPolicySource(teacher_source, teacher, model, on_policy, rank=_world()[0])
         state = _fit(
             model, loss_fn, data, teacher_source, val, validate or validate_classification, config, callbacks, resume
