@@ -266,7 +266,7 @@ class TokenDivergenceLoss(BaseLoss):
             and (isinstance(chunk_size, (str, bool)) or not isinstance(chunk_size, int) or chunk_size < 1)
         ):
             raise MethodError(
-                f"chunk_size must be 'auto', None or a whole number >= 1 of tokens, got {chunk_size!r}",
+                f"chunk_size must be >= 1 tokens (a whole number), 'auto' or None; got {chunk_size!r}",
                 hint="e.g. 1024; 'auto' chunks large batches only; None never chunks.",
             )
         self.divergence = chosen
