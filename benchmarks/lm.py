@@ -16,9 +16,15 @@ Reported: held-out perplexity of the teacher and of each student (mean and sd ov
 CE-to-teacher perplexity gap closed by (b) and (c), the share of (b)'s gain that (c) keeps, cache bytes per token
 (against 2 x vocab for fp16 logits), student tokens/s for each (median step time, the three taking turns every 10
 steps so they see the same load), and the loss's peak memory at vocab 32,000: the naive full-logit loss, the
-chunked loss over logits, and the chunked loss over hidden states + head (each in its own process: peak RSS above
-the process's RSS once its inputs exist, with glibc's mmap threshold fixed at 1 MiB so that RSS follows the live
-tensors).
+chunked loss over logits at ``--chunk`` tokens, the engine's form (the registered ``forward_kl`` loss at its
+default ``chunk_size="auto"``: a sixteenth of the batch's tokens), and the chunked loss over hidden states + head
+(each in its own process: peak RSS above the process's RSS once its inputs exist, with glibc's mmap threshold fixed
+at 1 MiB so that RSS follows the live tensors).
+
+``--bytes-probe``: bytes per token of a ``topk16:K`` cache entry at a larger vocabulary (a byte-level BPE trained to
+``--vocab`` ids on the same corpus, default 8,192; an untrained GPT-2 of that vocabulary as the teacher, since the
+layout's size does not depend on the weights), measured on disk, against 2 × vocab bytes for fp16 logits.
+``--memory-only``: the memory measurement alone.
 
 Run: ``benchmarks/lm.py --quick`` (1 seed, a 4 x 128 teacher trained 1,000 steps; 33 min on a busy 2-core box),
 or without ``--quick`` for the issue's sizes (4 x 256 teacher, 2 x 128 student, 3 seeds; an hour or more on 2 CPU
@@ -44,11 +50,12 @@ import torch
 
 from kdistill import lm
 from kdistill.cache import cached_teacher_outputs
-from kdistill.losses.chunked import chunked_head_loss, chunked_token_loss
+from kdistill.losses import get_loss
+from kdistill.losses.chunked import auto_chunk_size, chunked_head_loss, chunked_token_loss
 from kdistill.losses.kd import cross_entropy
 from kdistill.losses.token import token_distill_loss
 from kdistill.tasks import get_task
-from kdistill.teachers import TopK, TorchTeacher
+from kdistill.teachers import Outputs, TopK, TorchTeacher
 
 QUICK = {
     "files": 100, "vocab": 1024, "seq": 64, "teacher_layers": 4, "teacher_width": 128, "teacher_steps": 1000,
@@ -178,12 +185,17 @@ def memory_probe(variant: str, tokens: int, vocab: int, chunk: int) -> dict[str,
     elif variant == "chunked":
         assert logits is not None
         loss = chunked_token_loss(logits, teacher, target, chunk_size=chunk)["loss"]
+    elif variant == "engine":  # what training runs: the registered loss at its default chunk_size="auto"
+        assert logits is not None
+        loss = get_loss("forward_kl")(Outputs(logits), Outputs(teacher), target)["loss"]
+        chunk = auto_chunk_size(tokens, vocab) or tokens
     else:
         loss = chunked_head_loss(hidden, weight, teacher, target, chunk_size=chunk)["loss"]
     loss.backward()
     seconds = time.perf_counter() - started
     peak = _peak_rss_bytes()
-    return {"peak_above_inputs_mb": (peak - baseline) / 2**20, "seconds": seconds, "loss": float(loss.detach())}
+    return {"peak_above_inputs_mb": (peak - baseline) / 2**20, "seconds": seconds, "loss": float(loss.detach()),
+            "chunk": chunk}  # fmt: skip
 
 
 def _probe_in_subprocess(variant: str, tokens: int, chunk: int) -> dict[str, float]:
@@ -197,6 +209,57 @@ def _probe_in_subprocess(variant: str, tokens: int, chunk: int) -> dict[str, flo
     return result
 
 
+def _memory(tokens: int, chunk: int) -> dict[str, dict[str, float]]:
+    return {variant: _probe_in_subprocess(variant, tokens, chunk) for variant in ("naive", "chunked", "engine", "head")}
+
+
+def memory_only(tokens: int, chunk: int) -> dict[str, Any]:
+    """The loss's peak memory at vocab 32,000 alone (``--memory-only``)."""
+    memory = _memory(tokens, chunk)
+    naive = memory["naive"]["peak_above_inputs_mb"]
+    result: dict[str, Any] = {"benchmark": "lm-memory", "tokens": tokens, "vocab": MEMORY_VOCAB, **memory}
+    result |= {f"{variant}_vs_naive": memory[variant]["peak_above_inputs_mb"] / naive for variant in memory}
+    print(
+        f"lm memory at vocab {MEMORY_VOCAB}, {tokens} tokens: naive {naive:.0f} MB; "
+        + ", ".join(
+            f"{variant} (chunk {memory[variant]['chunk']:.0f}) {memory[variant]['peak_above_inputs_mb']:.0f} MB "
+            f"({result[f'{variant}_vs_naive']:.2f}x)"
+            for variant in ("chunked", "engine", "head")
+        )
+    )
+    print(json.dumps(result))
+    return result
+
+
+def bytes_probe(vocab: int, k: int, files: int) -> dict[str, Any]:
+    """Bytes per token of a ``topk16:k`` entry at ``vocab`` ids (``--bytes-probe``), from the files on disk."""
+    started = time.perf_counter()
+    train_texts, _ = lm.stdlib_sources(max_files=files)
+    tokenizer = lm.train_tokenizer(train_texts, vocab)
+    size = lm.tokenizer_size(tokenizer)
+    ids = lm.encode_blocks(tokenizer, train_texts, 64, max_blocks=256)
+    teacher = lm.LMLogits(_gpt2(size, 2, 64, 64, 0).eval())
+    with tempfile.TemporaryDirectory() as folder:
+        entry = cached_teacher_outputs(TorchTeacher(teacher), ids, cache_dir=folder, kind="token_logits",
+                                       storage=f"topk16:{k}")  # fmt: skip
+        layout = entry.bytes_per_token()
+        on_disk = sum(path.stat().st_size for path in entry.folder.rglob("*.npy"))
+        tokens = entry.tokens
+    assert layout is not None and tokens
+    result = {
+        "benchmark": "lm-bytes", "vocab": size, "k": k, "tokens": tokens, "layout_bytes_per_token": layout,
+        "on_disk_bytes_per_token": on_disk / tokens, "fp16_logits_bytes_per_token": 2 * size,
+        "ratio": layout / (2 * size), "vocab_for_one_fiftieth": 25 * (4 * k + 2),
+        "seconds": time.perf_counter() - started,
+    }  # fmt: skip
+    print(
+        f"lm bytes: topk16:{k} at vocab {size}: {layout:.0f} B/token by layout, {on_disk / tokens:.1f} B/token on disk "
+        f"(.npy headers included), vs {2 * size} B fp16 logits: 1/{2 * size / layout:.0f}"
+    )
+    print(json.dumps(result))
+    return result
+
+
 def _mean_sd(values: list[float]) -> dict[str, float]:
     return {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0}
 
@@ -204,7 +267,9 @@ def _mean_sd(values: list[float]) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, one seed (a few minutes)")
-    parser.add_argument("--memory-probe", choices=["naive", "chunked", "head"], help=argparse.SUPPRESS)
+    parser.add_argument("--memory-probe", choices=["naive", "chunked", "engine", "head"], help=argparse.SUPPRESS)
+    parser.add_argument("--bytes-probe", action="store_true", help="cache bytes per token at --vocab (8,192) only")
+    parser.add_argument("--memory-only", action="store_true", help="the memory measurement only")
     parser.add_argument("--memory-tokens", type=int, default=None, help="tokens in the memory measurement")
     parser.add_argument("--chunk", type=int, default=256, help="tokens per chunk of the chunked loss")
     parser.add_argument("--threads", type=int, default=1)
@@ -217,6 +282,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(json.dumps(result))
         return result
     torch.set_num_threads(args.threads)
+    if args.bytes_probe:
+        return bytes_probe(args.vocab or 8192, args.topk or 32, args.files or 100)
+    if args.memory_only:
+        return memory_only(args.memory_tokens or 1024, args.chunk)
     settings = dict(QUICK if args.quick else FULL)
     for name in settings:
         value = getattr(args, name, None)
@@ -258,8 +327,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     kept = closed_cache / closed_live if closed_live else float("nan")
     step = {way: statistics.median(values) for way, values in step_seconds.items()}
 
-    memory = {variant: _probe_in_subprocess(variant, settings["memory_tokens"], args.chunk)
-              for variant in ("naive", "chunked", "head")}  # fmt: skip
+    memory = _memory(settings["memory_tokens"], args.chunk)
     naive_peak = memory["naive"]["peak_above_inputs_mb"]
     teacher_params = sum(p.numel() for p in teacher.parameters())
     student_params = sum(p.numel() for p in _gpt2(vocab, settings["student_layers"], settings["student_width"],
@@ -286,6 +354,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "chunk": args.chunk,
             **memory,
             "chunked_vs_naive": memory["chunked"]["peak_above_inputs_mb"] / naive_peak,
+            "engine_vs_naive": memory["engine"]["peak_above_inputs_mb"] / naive_peak,
             "head_vs_naive": memory["head"]["peak_above_inputs_mb"] / naive_peak,
         },
         "seconds": time.perf_counter() - started,

@@ -162,3 +162,46 @@ def test_a_fill_under_torchrun_is_split_across_the_ranks(tmp_path: Path) -> None
                                    storage="topk16:4")  # fmt: skip
     assert float(alone.topk()[0].float().sum()) == pytest.approx(ranks[0]["sum"], abs=0.0)
     assert np.isfinite(ranks[0]["sum"])
+
+
+@pytest.mark.parametrize("method", ["forward_kl", "reverse_kl", "gjsd", "skew_kl", "skew_reverse_kl", "tvd"])
+def test_every_token_divergence_trains_from_a_topk_cache_reading_it_exactly(tmp_path: Path, method: str) -> None:
+    """The pipeline routes each token divergence to the top-k cache; the loss the engine computes on a batch is the
+    divergence over the cached K + 1 buckets (what the same function gives on the entry's TopK)."""
+    import kdistill
+    from kdistill.config import MethodTerm
+    from kdistill.engine.sources import StaticSource
+    from kdistill.pipeline import build_loss
+    from kdistill.tasks import get_task
+
+    ids = _ids()
+    entry = cached_teacher_outputs(TorchTeacher(_TokenModel()), ids, cache_dir=tmp_path, kind="token_logits",
+                                   storage="topk16:4")  # fmt: skip
+    loss = build_loss([MethodTerm(name=method, params={"soft_weight": 0.7})], storage="topk16:4")
+    source = StaticSource.build(loss, entry.teacher_targets())
+    from kdistill.engine.batches import Batch
+
+    rows = torch.tensor([3, 0, 7])
+    served = source.outputs(Batch(inputs=ids[rows], target=None, index=rows))
+    assert served.topk is not None and served.topk.k == 4
+    student = torch.randn(3, SEQ, VOCAB, generator=torch.Generator().manual_seed(1))
+    target = get_task("token_lm").encode_targets(ids[rows])
+    values, indices, rest = entry.topk()
+    expected = token_distill_loss(student, TopK(values[rows].float(), indices[rows], rest[rows].float()), target,
+                                  kind=loss.divergence, soft_weight=0.7)  # fmt: skip
+    got = loss(Outputs(student), served, target)
+    torch.testing.assert_close(got["loss"], expected["loss"])
+    result = kdistill.distill(
+        TorchTeacher(_TokenModel()), nn.Embedding(VOCAB, VOCAB), ids, task="token_lm", method=method, epochs=1,
+        batch_size=10, cache_dir=tmp_path, cache_storage="topk16:4", verbose=False, report=False, baseline=False,
+    )  # fmt: skip
+    assert np.isfinite(result.history[-1]["train_kd"])
+
+
+def test_a_topk_cache_with_two_methods_is_a_clear_error() -> None:
+    from kdistill.config import MethodTerm
+    from kdistill.errors import ConfigError
+    from kdistill.pipeline import build_loss
+
+    with pytest.raises(ConfigError, match="one method of kd, kd_topk, forward_kl"):
+        build_loss([MethodTerm(name="forward_kl"), MethodTerm(name="ce", weight=0.5)], storage="topk:4")

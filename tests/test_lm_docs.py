@@ -18,13 +18,18 @@ def test_lm_page_examples_run_and_print_what_they_say(tmp_path: Path, monkeypatc
     monkeypatch.chdir(tmp_path)
     text = DOC.read_text()
     blocks = re.findall(r"```python\n(.*?)```", text, flags=re.DOTALL)
-    assert len(blocks) == 3
+    assert len(blocks) == 4
     namespace: dict[str, object] = {}
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         for block in blocks:
             exec(compile(block, str(DOC), "exec"), namespace)
     lines = printed.getvalue().splitlines()
-    assert lines == ["['ce', 'kd', 'loss']", "160 18.0", "['val_loss', 'val_perplexity', 'val_token_accuracy']"]
+    assert lines == [
+        "['ce', 'kd', 'loss']",
+        "160 18.0",
+        "['val_agreement', 'val_loss', 'val_perplexity', 'val_token_accuracy']",
+        "[2, 3, 4, 6] True True",
+    ]
     for line in lines:  # the page quotes each output right after its block
         assert f"prints `{line}`" in text

@@ -431,3 +431,54 @@ def test_chunked_loss_never_creates_more_than_a_chunk_of_float32_logits() -> Non
         else:
             assert seen.largest >= tokens * vocab  # the naive form: the measurement sees the full upcast
     assert chunk_size_for(32_000, budget_bytes=24 * 32_000 * 100) == 100
+
+
+@pytest.mark.parametrize("kind", DIVERGENCES)
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_every_divergence_reads_a_topk_teacher_as_its_k_plus_1_buckets(kind: str, temperature: float) -> None:
+    """k = 3 of 11 per token, under a mask: each divergence equals the reference formula between the bucket
+    distributions built by hand from the full logits (the k kept ids, and one bucket for all the others), both
+    sides at temperature T (the rest bucket's logit is the log-sum-exp of the other logits, then divided by T)."""
+    data = _padded_batch(seed=7)
+    student, teacher = data["student"].double(), torch.nan_to_num(data["teacher"]).double()
+    values, indices = teacher.topk(3, dim=-1)
+    topk = TopK(values, indices, teacher.scatter(-1, indices, -torch.inf).logsumexp(-1))
+    beta, skew = 0.3, 0.2
+    got = token_distill_loss(student, topk, data["target"], kind=kind, temperature=temperature, beta=beta,
+                             skew=skew, mask=data["mask"], soft_weight=1.0)  # fmt: skip
+    total, count = 0.0, 0
+    for b, t in zip(*np.nonzero((data["mask"].numpy() > 0) & (data["target"].numpy() != -100)), strict=True):
+        kept = indices[b, t].tolist()
+        others = [v for v in range(VOCAB) if v not in kept]
+        z_t, z_s = teacher[b, t].numpy(), student[b, t].numpy()
+
+        def buckets(z: np.ndarray, kept: list[int] = kept, others: list[int] = others) -> np.ndarray:
+            rest = np.log(np.exp(z[others] - z[others].max()).sum()) + z[others].max()
+            return _softmax(np.array([*z[kept], rest]) / temperature)
+
+        total += _reference(kind, buckets(z_t), buckets(z_s), beta, skew)
+        count += 1
+    assert float(got["kd"]) == pytest.approx(temperature**2 * total / count, rel=1e-9)
+
+
+def test_the_default_auto_chunk_leaves_small_batches_whole_and_cuts_large_ones_into_sixteenths() -> None:
+    from kdistill.losses.chunked import auto_chunk_size
+
+    assert auto_chunk_size(1024, 1024) is None  # 28 MiB naive working set: not chunked
+    assert auto_chunk_size(1024, 32_000) == 64  # a sixteenth of the tokens
+    assert auto_chunk_size(100_000, 32_000) == chunk_size_for(32_000)  # capped by the 256 MiB budget
+    tokens, vocab = 640, 4096  # 70 MiB naive: chunks of 40 tokens
+    generator = torch.Generator().manual_seed(9)
+    student = torch.randn(2, tokens // 2, vocab, generator=generator).bfloat16().requires_grad_()
+    teacher = torch.randn(2, tokens // 2, vocab, generator=generator).bfloat16()
+    target = torch.randint(0, vocab, (2, tokens // 2), generator=generator)
+    loss = get_loss("gjsd")
+    assert loss.chunk_size == "auto"
+    with _LargestFloat32() as seen:
+        terms = loss(Outputs(student), Outputs(teacher), target)
+        terms["loss"].backward()
+    assert seen.largest <= 40 * vocab
+    whole = get_loss("gjsd", chunk_size=None)(Outputs(student.detach()), Outputs(teacher), target)
+    torch.testing.assert_close(terms["loss"].detach(), whole["loss"], rtol=1e-5, atol=1e-6)
+    with pytest.raises(MethodError, match="chunk_size"):
+        get_loss("forward_kl", chunk_size="big")

@@ -42,6 +42,8 @@ _ARGUMENT_PATHS: dict[str, tuple[str, ...]] = {
     "baseline": ("report", "baseline"),
     "report": ("report", "enabled"),
     "profile": ("report", "profile"),
+    "max_steps": ("train", "max_steps"),
+    "on_policy": ("on_policy",),
 }
 """Where each of distill()'s own arguments lives in the settings (the YAML layout)."""
 
@@ -227,6 +229,8 @@ def distill(
     search: Mapping[str, Any] | None = None,
     tokenizer: Any = None,
     max_length: int | None = None,
+    max_steps: int | None = None,
+    on_policy: Mapping[str, Any] | None = None,
 ) -> DistillResult:
     """Distil ``teacher`` into ``student`` and report how it compares.
 
@@ -292,6 +296,11 @@ def distill(
             truncated to the teacher's positions, or ``max_length``, with one warning). ``student="transformer"``
             with a transformers teacher builds the student from it (``student_params``: ``layers``, ``layer_map``,
             ``hidden_size``; docs/transformers.md).
+        max_steps: train exactly that many optimizer steps instead of ``epochs`` passes (the schedule by step;
+            ``settings={"train": {"eval_every_steps": N}}`` validates every N steps; docs/lm.md).
+        on_policy: GKD's on-policy data for ``task="token_lm"``: ``{"student_share": λ, "prompt_length": P}``
+            (optionally ``temperature``, ``seed``): with probability λ a step's batch is the student's own
+            continuations of its first P tokens, labelled by the live teacher (docs/lm.md).
 
     Returns:
         A :class:`DistillResult`.
@@ -318,6 +327,8 @@ def distill(
             "baseline": baseline,
             "report": report,
             "profile": profile,
+            "max_steps": max_steps,
+            "on_policy": None if on_policy is None else dict(on_policy),
         },
     )
     validated = validate_settings(settings_dict)

@@ -303,8 +303,13 @@ class OptimizerConfig(_Section):
 
 
 class ScheduleConfig(_Section):
-    name: Literal["warmup_cosine", "constant"] = "warmup_cosine"
+    """The learning rate by optimizer step: ``warmup_cosine`` (linear warm-up, then cosine decay to 0),
+    ``warmup_linear`` (the same warm-up, then linear decay to 0) or ``constant``. The warm-up lasts ``warmup_steps``
+    steps when set, else ``warmup_fraction`` of all the steps."""
+
+    name: Literal["warmup_cosine", "warmup_linear", "constant"] = "warmup_cosine"
     warmup_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.05
+    warmup_steps: Annotated[int, Field(gt=0)] | None = None
 
 
 class TrainSection(_Section):
@@ -313,7 +318,10 @@ class TrainSection(_Section):
     without a better validation score (the task's monitor: accuracy, or loss for ``token_lm``) before stopping (null:
     never stop early, still keep the best epoch's weights). ``clip_grad_norm``: clip the total gradient norm before
     each step (null: off). ``checkpoint_every_steps``: also checkpoint inside epochs, every N steps (a run folder's
-    checkpoints are written every epoch anyway); a run killed mid-epoch then resumes at the next step."""
+    checkpoints are written every epoch anyway); a run killed mid-epoch then resumes at the next step.
+    ``max_steps``: train exactly that many optimizer steps (as many passes over the data as that takes, the last one
+    cut short; ``epochs`` is then ignored; the schedule runs over these steps). ``eval_every_steps``: also validate
+    every N steps, each evaluation a row of the history with its ``step`` (early stopping still looks at epochs)."""
 
     epochs: Annotated[int, Field(gt=0)] = defaults.EPOCHS
     batch_size: Annotated[int, Field(gt=0)] = defaults.BATCH_SIZE
@@ -321,6 +329,8 @@ class TrainSection(_Section):
     grad_accumulation: Annotated[int, Field(ge=1)] = 1
     clip_grad_norm: Annotated[float, Field(gt=0)] | None = None
     checkpoint_every_steps: Annotated[int, Field(gt=0)] | None = None
+    max_steps: Annotated[int, Field(gt=0)] | None = None
+    eval_every_steps: Annotated[int, Field(gt=0)] | None = None
     optimizer: OptimizerConfig = OptimizerConfig()
     schedule: ScheduleConfig = ScheduleConfig()
 
@@ -404,6 +414,18 @@ class TransferConfig(_Section):
         return value
 
 
+class OnPolicyConfig(_Section):
+    """GKD's on-policy data (task ``token_lm``): with probability ``student_share`` (λ) a step's batch is replaced by
+    the student's own continuations of its first ``prompt_length`` tokens, sampled at ``temperature``, and the live
+    teacher labels them; only the generated positions count in the loss (the prompt is masked). ``seed`` (null: the
+    run's seed) seeds the coins and the samples; a resumed run continues the same sequence."""
+
+    student_share: Annotated[float, Field(ge=0, le=1)]
+    prompt_length: Annotated[int, Field(ge=1)]
+    temperature: Annotated[float, Field(gt=0)] = 1.0
+    seed: int | None = None
+
+
 class ReportConfig(_Section):
     """``baseline``: also train the student on hard labels only, for the report. ``profile``: time latency and
     throughput (the slowest part of the report). ``privacy``: estimate membership inference (the AUC of loss- and
@@ -417,11 +439,14 @@ class ReportConfig(_Section):
 
 class DeviceConfig(_Section):
     """``type``: ``auto`` (a GPU when there is one, else the CPU), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
-    ``precision``: ``fp32``, or ``bf16``/``fp16`` autocast (fp16 only on CUDA). ``num_threads``: ``auto`` or a count."""
+    ``precision``: ``fp32``, or ``bf16``/``fp16`` autocast (fp16 only on CUDA). ``num_threads``: ``auto`` or a count.
+    ``parallel``: under torchrun, ``ddp`` (every rank holds the whole student) or ``fsdp`` (the student's parameters,
+    gradients and optimizer state sharded over the ranks with ``torch.distributed.fsdp.fully_shard``)."""
 
     type: str = "auto"
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     num_threads: int | Literal["auto"] = "auto"
+    parallel: Literal["ddp", "fsdp"] = "ddp"
 
     @field_validator("type")
     @classmethod
@@ -534,7 +559,8 @@ class Settings(_Section):
     student). ``task``: ``classification`` (the default), ``token_lm``, ``embedding`` or ``regression``
     (:mod:`kdistill.tasks`). The Python API validates its arguments through this same model, so a bad value gets the
     same error from ``kdistill.distill`` as from YAML. ``method``: a name, a mapping ``{name, params}``, or a list of
-    weighted terms (each name once). ``transfer``: generated rows the teacher labels (:class:`TransferConfig`)."""
+    weighted terms (each name once). ``transfer``: generated rows the teacher labels (:class:`TransferConfig`).
+    ``on_policy``: GKD's student-generated batches for ``token_lm`` (:class:`OnPolicyConfig`)."""
 
     seed: int = 0
     task: str = "classification"
@@ -543,6 +569,7 @@ class Settings(_Section):
     cache: CacheConfig = CacheConfig()
     augment: AugmentConfig | None = None
     transfer: TransferConfig | None = None
+    on_policy: OnPolicyConfig | None = None
     compression: list[CompressionStep] = Field(default_factory=list)
     report: ReportConfig = ReportConfig()
     device: DeviceConfig = DeviceConfig()

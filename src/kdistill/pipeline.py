@@ -50,6 +50,7 @@ from kdistill.engine.callbacks import Callback
 from kdistill.engine.checkpoint import Checkpointer, load_checkpoint
 from kdistill.engine.live import Augment
 from kdistill.engine.loggers import ConsoleLog, JsonlLogger, TensorBoardLogger
+from kdistill.engine.on_policy import OnPolicy
 from kdistill.errors import (
     CheckpointError,
     ConfigError,
@@ -62,6 +63,7 @@ from kdistill.errors import (
 )
 from kdistill.io import atomic_write_json
 from kdistill.losses import Loss, compose_methods, get_loss
+from kdistill.losses.token import TokenDivergenceLoss
 from kdistill.profile import count_parameters, model_size_bytes, time_inference
 from kdistill.report import Report
 from kdistill.result import DistillResult, _jsonable
@@ -208,19 +210,33 @@ def _broadcast(value: Any) -> Any:
 # ---------------------------------------------------------------------------------------------------- prepare
 
 
+TOPK_METHODS = ("kd", "kd_topk", "forward_kl", "reverse_kl", "gjsd", "skew_kl", "skew_reverse_kl", "tvd",
+                "token_divergence")  # fmt: skip
+"""The methods that read a top-k cache entry exactly: ``kd`` (as ``kd_topk``) and every token divergence, each over
+the K + 1 buckets of the stored form (the teacher's K tokens and one "rest" bucket; see
+:func:`kdistill.losses.token.token_log_probs`)."""
+
+
 def build_loss(terms: list[MethodTerm], *, storage: str = "fp32") -> Loss:
     """The loss of ``settings.method``: one term of weight 1 is that method itself; several (or a weight other than
     1) are a :class:`~kdistill.losses.Compose`, whose later methods drop their own hard-label term so that the
-    cross-entropy is counted once. With top-k cache storage, ``kd`` reads the stored form exactly (``kd_topk``)."""
+    cross-entropy is counted once. With top-k cache storage, one method of :data:`TOPK_METHODS` reads the stored
+    form exactly (``kd`` as ``kd_topk``; the token divergences take the cache's table as ``Outputs.topk``)."""
     if storage.startswith("topk"):
         names = [term.name for term in terms]
-        if names not in (["kd"], ["kd_topk"]):
+        if len(names) != 1 or names[0] not in TOPK_METHODS:
             raise ConfigError(
-                f"cache storage {storage!r} keeps only each row's top-k teacher logits, which method 'kd' alone can "
-                f"read exactly; got {names}",
-                hint="use cache storage 'fp32' or 'fp16' with other methods.",
+                f"cache storage {storage!r} keeps only each row's (or token's) top-k teacher outputs, which one method "
+                f"of {', '.join(TOPK_METHODS)} can read exactly; got {names}",
+                hint="use one of those methods, or cache storage 'fp32' or 'fp16' with other methods.",
             )
-        terms = [term.model_copy(update={"name": "kd_topk"}) for term in terms]
+        if names[0] in ("kd", "kd_topk"):
+            terms = [term.model_copy(update={"name": "kd_topk"}) for term in terms]
+        else:
+            loss = get_loss(terms[0].name, **terms[0].params)
+            assert isinstance(loss, TokenDivergenceLoss)
+            loss.reads_topk = True  # the engine serves the cache's table to it as Outputs.topk
+            return loss
     if len(terms) == 1 and terms[0].weight == 1.0:
         return get_loss(terms[0].name, **terms[0].params)
     return compose_methods({term.name: term.weight for term in terms}, {term.name: dict(term.params) for term in terms})
@@ -514,7 +530,7 @@ def prepare(spec: RunSpec) -> Prepared:
         train = splits["train"]
         assert train is not None and spec.teacher_factory is not None
         needs_live = bool(tuple(loss.teacher_features)) or spec.augment is not None or task.scored_against_teacher
-        needs_live = needs_live or _live_transfer(spec)
+        needs_live = needs_live or _live_transfer(spec) or spec.settings.on_policy is not None
         needs_live = needs_live or (spec.soft_targets == "oof" and _cache_root(spec) is None)
         if rank == 0 or needs_live:
             teacher = spec.teacher_factory(train)
@@ -562,6 +578,11 @@ def prepare(spec: RunSpec) -> Prepared:
 def _check_method(spec: RunSpec, task: Task) -> None:
     """Methods whose numbers mean nothing for the task are refused before anything runs (``kd``'s softmax over an
     embedding's dimensions would train without an error)."""
+    if spec.settings.on_policy is not None and task.name != "token_lm":
+        raise ConfigError(
+            f"on_policy generates token continuations, which task {task.name!r} does not have",
+            hint="use task 'token_lm' (rows of token ids), or drop on_policy.",
+        )
     if task.methods is None or spec.loss is not None:
         return
     wrong = [term.name for term in spec.settings.method if term.name not in task.methods]
@@ -619,6 +640,10 @@ def train_config(settings: Settings, verbose: bool) -> TrainConfig:
         precision=settings.device.precision,
         grad_accumulation=settings.train.grad_accumulation,
         clip_grad_norm=settings.train.clip_grad_norm,
+        max_steps=settings.train.max_steps,
+        warmup_steps=settings.train.schedule.warmup_steps,
+        eval_every_steps=settings.train.eval_every_steps,
+        parallel=settings.device.parallel,
     )
 
 
@@ -675,13 +700,25 @@ def _phase(
         augment=spec.augment,
         prefetch_teacher=spec.prefetch_teacher,
         teacher_source=teacher_source,
+        on_policy=_on_policy(spec) if phase == "student" else None,
     )
     return state.history
 
 
-def _val_batches(prepared: Prepared, rows: int = 1024) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+def _on_policy(spec: RunSpec) -> OnPolicy | None:
+    """The engine's on-policy settings from the run's ``on_policy`` section (its seed defaulting to the run's)."""
+    section = spec.settings.on_policy
+    if section is None:
+        return None
+    seed = spec.settings.seed if section.seed is None else section.seed
+    return OnPolicy(section.student_share, section.prompt_length, temperature=section.temperature, seed=seed)
+
+
+def _val_batches(prepared: Prepared, rows: int = 1024) -> list[Any] | None:
     """The validation rows as the task validates them, in batches of ``rows``: ``(x, labels)`` for classification,
-    ``(ids, next-token targets)`` for token_lm, ``(x, the teacher's embeddings)`` for embeddings."""
+    ``(x, the teacher's embeddings)`` for embeddings; for token_lm :class:`~kdistill.tasks.TokenValBatch` batches
+    (ids, next-token targets and the teacher's top-1 token at every position, for ``val_agreement``; without a
+    teacher on this rank, ``(ids, targets)``), in batches of at most 2^23 logits (32 MB in float32)."""
     val = prepared.splits["val"]
     if val is None:
         return None
@@ -689,7 +726,14 @@ def _val_batches(prepared: Prepared, rows: int = 1024) -> list[tuple[torch.Tenso
     target = prepared.task.validation_target(val, lambda: teacher_logits(_required(teacher), val.x))
     if target is None:
         return None
-    return [_val_batch(val.x, target, slice(start, start + rows)) for start in range(0, len(val), rows)]
+    if prepared.task.name == "token_lm":
+        rows = max(1, min(rows, 2**23 // max(1, target.shape[1] * prepared.num_classes)))
+    batches = [_val_batch(val.x, target, slice(start, start + rows)) for start in range(0, len(val), rows)]
+    if prepared.task.name != "token_lm" or teacher is None:
+        return batches
+    from kdistill.tasks import TokenValBatch
+
+    return [TokenValBatch(x, y, teacher_logits(teacher, x).argmax(dim=-1)) for x, y in batches]
 
 
 def _val_batch(x: Any, target: torch.Tensor, rows: slice) -> tuple[Any, torch.Tensor]:
@@ -909,6 +953,11 @@ def build_report(
     return built
 
 
+def _epochs_run(history: list[dict[str, float]]) -> int:
+    """How many epochs a history covers (rows of evaluations every N steps share their epoch's number)."""
+    return len({row.get("epoch", index) for index, row in enumerate(history)})
+
+
 def _run_facts(spec: RunSpec, prepared: Prepared, history: list[dict[str, float]]) -> dict[str, Any]:
     """What the diagnoses need from the spec and the history: kd's temperature and soft weight, lr, soft targets,
     the built-in student's widths and the per-epoch values of every soft (teacher) term."""
@@ -960,8 +1009,8 @@ def report(
         "soft_targets": spec.soft_targets,
         "teacher": type(getattr(teacher, "estimator", getattr(teacher, "module", teacher))).__name__,
         "student": prepared.student_spec["kind"] if prepared.student_spec else type(prepared.student).__name__,
-        "epochs_run": len(history),
-        "baseline_epochs_run": None if baseline_history is None else len(baseline_history),
+        "epochs_run": _epochs_run(history),
+        "baseline_epochs_run": None if baseline_history is None else _epochs_run(baseline_history),
         "max_epochs": settings.train.epochs,
         "batch_size": settings.train.batch_size,
         "lr": settings.train.optimizer.lr,

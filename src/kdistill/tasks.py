@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol, TypeVar, cast, runtime_checkable
 
 import numpy as np
@@ -340,6 +341,17 @@ class Classification(TaskBase):
 # ---- token-level language modelling --------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class TokenValBatch:
+    """A token_lm validation batch: ``inputs`` (ids, or a mapping with ``input_ids``/``attention_mask``), ``target``
+    (batch, seq) next-token targets and ``teacher_top1`` (batch, seq) the teacher's arg-max token at each position
+    (what ``val_agreement`` compares the model's with; int64, a fraction of the teacher's logits' size)."""
+
+    inputs: Inputs
+    target: torch.Tensor
+    teacher_top1: torch.Tensor
+
+
 class TokenLM(TaskBase):
     """Next-token prediction: (batch, seq, vocab) logits, a (batch, seq) padding mask, per-token losses.
 
@@ -351,8 +363,11 @@ class TokenLM(TaskBase):
 
     ``validate`` batches: ``(inputs, target)`` with ``inputs`` a mapping holding ``input_ids`` (and
     ``attention_mask``) or a tensor of ids, and ``target`` the (batch, seq) next-token targets, or None to derive
-    them from ``inputs`` with :meth:`encode_targets`. Gives ``val_loss`` (nats per real token), ``val_perplexity``
-    (``exp(val_loss)``) and ``val_token_accuracy``, micro-averaged over all the real tokens of all batches.
+    them from ``inputs`` with :meth:`encode_targets`; or a :class:`TokenValBatch`, which also carries the teacher's
+    top-1 token at every position. Gives ``val_loss`` (nats per real token), ``val_perplexity``
+    (``exp(val_loss)``), ``val_token_accuracy`` and, when every batch carries the teacher's top-1 tokens,
+    ``val_agreement`` (the share of real tokens where the model's arg-max is the teacher's), micro-averaged over all
+    the real tokens of all batches.
     """
 
     name = "token_lm"
@@ -465,21 +480,34 @@ class TokenLM(TaskBase):
 
     def _validate(self, model: nn.Module, batches: Iterable[Any]) -> dict[str, float]:
         totals = {"nll_sum": 0.0, "correct": 0.0, "tokens": 0.0}
+        agreed: float | None = 0.0
         for batch in batches:
             inputs, target, mask = split_batch(batch)
             if target is None:
                 target = self.encode_targets(inputs)
             logits = model_logits(model, inputs)
-            sums = evaluate.token_sums(logits, target.cpu(), None if mask is None else mask.cpu())
+            target, mask = target.cpu(), None if mask is None else mask.cpu()
+            sums = evaluate.token_sums(logits, target, mask)
             totals = {name: totals[name] + sums[name] for name in totals}
+            teacher_top1 = getattr(batch, "teacher_top1", None)
+            if teacher_top1 is None or agreed is None:
+                agreed = None
+            else:
+                counted = target != evaluate.IGNORE_INDEX
+                if mask is not None:
+                    counted &= mask.bool()
+                agreed += float((logits.argmax(dim=-1) == teacher_top1.cpu())[counted].sum())
         if not totals["tokens"]:
             raise DataError("the validation batches hold no real token with a next token", hint="check the masks.")
         loss = totals["nll_sum"] / totals["tokens"]
-        return {
+        metrics = {
             "val_loss": loss,
             "val_perplexity": math.exp(loss),
             "val_token_accuracy": totals["correct"] / totals["tokens"],
         }
+        if agreed is not None:
+            metrics["val_agreement"] = agreed / totals["tokens"]
+        return metrics
 
     def metrics(
         self,

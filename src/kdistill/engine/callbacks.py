@@ -90,14 +90,18 @@ class EarlyStopping(Callback):
             return
         score = self._score(metrics)
         if score > self._best:
+            from kdistill.engine.checkpoint import full_model_state  # whole tensors of an FSDP student too
+
             self._best, self.best_epoch = score, state.epoch
-            self._best_state = copy.deepcopy(state.model.state_dict())
+            self._best_state = copy.deepcopy(full_model_state(state.model))
         elif self.patience is not None and state.epoch - self.best_epoch >= self.patience:
             state.stop = True
 
     def on_train_end(self, state: TrainState) -> None:
         if self._best_state is not None:
-            state.model.load_state_dict(self._best_state)
+            from kdistill.engine.checkpoint import load_full_model_state
+
+            load_full_model_state(state.model, self._best_state)
             state.best_epoch = self.best_epoch
 
     def state_dict(self) -> dict[str, Any]:

@@ -37,7 +37,9 @@ __all__ = [
     "MID_EPOCH_FORMAT_VERSION",
     "Checkpoint",
     "Checkpointer",
+    "full_model_state",
     "load_checkpoint",
+    "load_full_model_state",
     "restore_state",
     "save_checkpoint",
 ]
@@ -141,9 +143,54 @@ def _gather_by_rank(state: TrainState, local: dict[str, torch.Tensor]) -> list[d
     return by_rank
 
 
-def _trainer_state(state: TrainState, rng_by_rank: list[torch.Tensor] | None) -> dict[str, Any]:
+def is_sharded(model: torch.nn.Module) -> bool:
+    """Whether ``model``'s parameters are FSDP2 shards (DTensors)."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(parameter, DTensor) for parameter in model.parameters())
+
+
+def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``model.state_dict()``; for a model sharded by FSDP2, its whole tensors gathered on every rank (a
+    collective: all ranks must call it)."""
+    if not is_sharded(model):
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    return {name: value.detach().cpu() for name, value in full.items() if isinstance(value, torch.Tensor)}
+
+
+def load_full_model_state(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """``model.load_state_dict(weights)``; for a model sharded by FSDP2, each rank keeps its shards of the whole
+    ``weights`` (a collective)."""
+    if not is_sharded(model):
+        model.load_state_dict(weights)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(model, dict(weights.items()), options=StateDictOptions(full_state_dict=True))
+
+
+def _sharded_states(state: TrainState) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+    """For an FSDP2 student, its whole weights and its optimizer's whole state (keyed by parameter name, as
+    ``torch.distributed.checkpoint.state_dict`` writes it), gathered on every rank: a collective, so the
+    checkpointer calls it on all ranks before rank 0 writes. None for an ordinary student."""
+    if not is_sharded(state.model):
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True)
+    optimizer = get_optimizer_state_dict(state.model, state.optimizer, options=options)
+    return full_model_state(state.model), optimizer
+
+
+def _trainer_state(
+    state: TrainState, rng_by_rank: list[torch.Tensor] | None, optimizer_state: dict[str, Any] | None = None
+) -> dict[str, Any]:
     trainer: dict[str, Any] = {
-        "optimizer": state.optimizer.state_dict(),
+        "optimizer": state.optimizer.state_dict() if optimizer_state is None else optimizer_state,
+        "sharded": optimizer_state is not None,
         "torch_rng": torch.get_rng_state(),
         "torch_rng_by_rank": rng_by_rank or [torch.get_rng_state()],
         "stop": state.stop,
@@ -175,15 +222,18 @@ def save_checkpoint(
     rng_by_rank: list[torch.Tensor] | None = None,
     mid_epoch: bool = False,
     rank_local: list[dict[str, torch.Tensor]] | None = None,
+    sharded: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None,
 ) -> Path:
     """Write ``state`` to ``path`` as one safetensors file, atomically (temporary file, fsync, rename).
     ``rng_by_rank``: under DDP, every rank's RNG state (from a gather), so each rank resumes its own dropout draws.
     ``mid_epoch``: a checkpoint after ``state.step_in_epoch`` steps of epoch ``state.epoch`` (resumed there);
-    ``rank_local``: every rank's mid-epoch tensors (from a gather; this process's own when None)."""
+    ``rank_local``: every rank's mid-epoch tensors (from a gather; this process's own when None). ``sharded``: an
+    FSDP2 student's gathered weights and optimizer state (:func:`_sharded_states`), saved instead of the shards."""
     tensors: dict[str, torch.Tensor] = {}
-    model = {name: t.detach().cpu().clone().contiguous() for name, t in state.model.state_dict().items()}
+    weights = state.model.state_dict() if sharded is None else sharded[0]
+    model = {name: t.detach().cpu().clone().contiguous() for name, t in weights.items()}
     tensors |= {f"model/{name}": t for name, t in model.items()}
-    trainer = _trainer_state(state, rng_by_rank)
+    trainer = _trainer_state(state, rng_by_rank, None if sharded is None else sharded[1])
     if mid_epoch:
         assert state.epoch_generator is not None, "the loop records the generator's state at each epoch's start"
         trainer["epoch_generator"] = state.epoch_generator
@@ -239,8 +289,21 @@ def restore_state(checkpoint: Checkpoint, state: TrainState) -> tuple[int, int]:
     teacher-output source); returns the epoch to start from and the number of its steps already done."""
     trainer = checkpoint.trainer
     try:
-        state.model.load_state_dict(checkpoint.model)
-        state.optimizer.load_state_dict(trainer["optimizer"])
+        if is_sharded(state.model):  # whole tensors in the file: each rank keeps its shards of them
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+            if not trainer.get("sharded"):
+                raise ValueError("it was written by an unsharded (DDP or single-process) run")
+            set_state_dict(
+                state.model,
+                state.optimizer,
+                model_state_dict=dict(checkpoint.model.items()),
+                optim_state_dict=trainer["optimizer"],
+                options=StateDictOptions(full_state_dict=True),
+            )
+        else:
+            state.model.load_state_dict(checkpoint.model)
+            state.optimizer.load_state_dict(trainer["optimizer"])
     except (RuntimeError, ValueError, KeyError) as exc:
         raise CheckpointError(
             f"the checkpoint {checkpoint.path} does not fit this model or optimizer: {exc}",
@@ -321,19 +384,28 @@ class Checkpointer(Callback):
         state.raise_if_diverged()
         rng_by_rank = _rng_by_rank(state)
         rank_local = _gather_by_rank(state, _rank_local(state))
+        sharded = _sharded_states(state)
         if state.rank == 0:
             save_checkpoint(
-                self.path, state, run=self.run, rng_by_rank=rng_by_rank, mid_epoch=True, rank_local=rank_local
+                self.path,
+                state,
+                run=self.run,
+                rng_by_rank=rng_by_rank,
+                mid_epoch=True,
+                rank_local=rank_local,
+                sharded=sharded,
             )
         state.last_checkpoint = f"{self.path} (epoch {state.epoch}, step {state.step_in_epoch})"
 
     def on_epoch_end(self, state: TrainState) -> None:
         rng_by_rank = _rng_by_rank(state)
+        sharded = _sharded_states(state)
         if state.rank == 0:
-            save_checkpoint(self.path, state, run=self.run, rng_by_rank=rng_by_rank)
+            save_checkpoint(self.path, state, run=self.run, rng_by_rank=rng_by_rank, sharded=sharded)
         state.last_checkpoint = f"{self.path} (epoch {state.epoch})"
 
     def on_train_end(self, state: TrainState) -> None:
         rng_by_rank = _rng_by_rank(state)
+        sharded = _sharded_states(state)
         if state.rank == 0:
-            save_checkpoint(self.path, state, completed=True, run=self.run, rng_by_rank=rng_by_rank)
+            save_checkpoint(self.path, state, completed=True, run=self.run, rng_by_rank=rng_by_rank, sharded=sharded)

@@ -22,7 +22,8 @@ __all__ = ["ConsoleLog", "JsonlLogger", "TensorBoardLogger"]
 
 
 class JsonlLogger(Callback):
-    """Appends each epoch's metrics to ``path`` as one JSON object per line, flushed and fsynced.
+    """Appends each epoch's metrics to ``path`` as one JSON object per line, flushed and fsynced (with evaluations
+    every N steps, their rows too, written in order at the epoch's end).
 
     Each line: ``{"phase": ..., "epoch": 0, "lr": ..., "train_loss": ..., "val_accuracy": ..., "time_s": ...}``.
     """
@@ -30,6 +31,7 @@ class JsonlLogger(Callback):
     def __init__(self, path: str | os.PathLike[str], *, phase: str = "student") -> None:
         self.path = Path(path)
         self.phase = phase
+        self._written = 0
 
     def _line(self, metrics: dict[str, float]) -> str:
         return json.dumps({"phase": self.phase, **metrics}) + "\n"
@@ -42,6 +44,7 @@ class JsonlLogger(Callback):
             kept = [line for line in self.path.read_text().splitlines(keepends=True) if not self._is_mine(line)]
         lines = kept + [self._line(metrics) for metrics in state.history]
         atomic_write_bytes(self.path, "".join(lines).encode())
+        self._written = len(state.history)
 
     def _is_mine(self, line: str) -> bool:
         try:
@@ -52,8 +55,9 @@ class JsonlLogger(Callback):
     def on_epoch_end(self, state: TrainState) -> None:
         if state.rank != 0:
             return
-        with self.path.open("a") as handle:
-            handle.write(self._line(state.history[-1]))
+        with self.path.open("a") as handle:  # the epoch's row, after any evaluation rows of its steps
+            handle.writelines(self._line(metrics) for metrics in state.history[self._written :])
+            self._written = len(state.history)
             handle.flush()
             os.fsync(handle.fileno())
 

@@ -18,6 +18,7 @@ One optimizer step, as :func:`_train_step` does it::
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import os
 import time
@@ -35,6 +36,7 @@ from kdistill import defaults
 from kdistill.engine.batches import Batch, DataSource, InMemorySource, Inputs, micro_batches, rows_of
 from kdistill.engine.callbacks import Callback
 from kdistill.engine.live import Augment
+from kdistill.engine.on_policy import OnPolicy, OnPolicySource
 from kdistill.engine.sources import Step, TeacherSource, choose_teacher_source
 from kdistill.errors import ConfigError, DataError, KdistillError, NonFiniteLossError
 from kdistill.features import capture_features
@@ -57,6 +59,9 @@ __all__ = [
     "validate_classification",
 ]
 
+SCHEDULES = ("warmup_cosine", "warmup_linear", "constant")
+"""The learning-rate schedules :class:`TrainConfig` accepts (each a multiplier of ``lr`` by optimizer step)."""
+
 Validate = Callable[[nn.Module, Any], Mapping[str, float]]
 """``validate(model, val) -> {"val_...": value}``: the epoch's validation metrics (model in eval mode is the
 callable's business; :func:`validate_classification` is the default)."""
@@ -68,8 +73,16 @@ class TrainConfig:
     4-9x faster per step for tiny models than two) and up to 4 otherwise; the caller's setting is restored after.
 
     ``optimizer``: ``"adamw"`` or ``"sgd"`` (with ``momentum``). ``schedule``: ``"warmup_cosine"`` (linear warm-up over
-    ``warmup_fraction`` of the steps, then cosine decay to 0) or ``"constant"``. ``precision``: ``"fp32"``, or
-    ``"bf16"``/``"fp16"`` autocast for the forward pass and the loss (fp16 on CUDA uses a gradient scaler).
+    ``warmup_fraction`` of the steps, or ``warmup_steps`` steps when set, then cosine decay to 0), ``"warmup_linear"``
+    (the same warm-up, then linear decay to 0) or ``"constant"``. ``max_steps``: train exactly that many optimizer
+    steps, taking as many passes over the data as needed (the last one stops mid-pass; ``epochs`` is then ignored),
+    and the schedule runs over those steps. ``eval_every_steps``: also validate every N optimizer steps (counted
+    over the run), each evaluation a row of the history with its ``step``, besides the row of each epoch's end.
+    ``parallel``: under torchrun, ``"ddp"`` (DistributedDataParallel: every rank holds the whole student) or
+    ``"fsdp"`` (``torch.distributed.fsdp.fully_shard``: the student's parameters, gradients and optimizer state
+    are sharded over the ranks, for a student that does not fit one device; see :func:`_sharded_copy`).
+    ``precision``: ``"fp32"``, or ``"bf16"``/``"fp16"`` autocast for the forward pass and the loss (fp16 on CUDA
+    uses a gradient scaler).
     ``batch_size`` is the global batch of one optimizer step: under torchrun each of the N ranks takes 1/N of every
     batch. ``grad_accumulation``: each rank's share of a batch is cut into that many micro-batches, back-propagated
     one after the other (each loss weighted by its share of the rows; for token-level batches, of the real tokens)
@@ -95,8 +108,20 @@ class TrainConfig:
     precision: str = "fp32"
     grad_accumulation: int = 1
     clip_grad_norm: float | None = None
+    max_steps: int | None = None
+    warmup_steps: int | None = None
+    eval_every_steps: int | None = None
+    parallel: str = "ddp"
 
     def __post_init__(self) -> None:
+        for name in ("max_steps", "warmup_steps", "eval_every_steps"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ConfigError(f"{name} must be a whole number >= 1 or None, got {value!r}", hint="e.g. 1000.")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"unknown schedule {self.schedule!r}", hint=f"use one of {', '.join(SCHEDULES)}.")
+        if self.parallel not in ("ddp", "fsdp"):
+            raise ConfigError(f"unknown parallel mode {self.parallel!r}", hint="use 'ddp' or 'fsdp'.")
         if isinstance(self.grad_accumulation, bool) or not isinstance(self.grad_accumulation, int):
             raise ConfigError(
                 f"grad_accumulation must be a whole number, got {self.grad_accumulation!r}", hint="use 1 for none."
@@ -189,18 +214,23 @@ def num_threads(count: int) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def _lr_lambda(total_steps: int, warmup_fraction: float, schedule: str = "warmup_cosine") -> Callable[[int], float]:
+def _lr_lambda(
+    total_steps: int, warmup_fraction: float, schedule: str = "warmup_cosine", warmup_steps: int | None = None
+) -> Callable[[int], float]:
+    """The multiplier of ``lr`` at optimizer step ``step`` (0-based): ``(step + 1) / warmup`` during the warm-up
+    (``warmup_steps``, else ``warmup_fraction`` of ``total_steps``, at least 1), then over the remaining steps
+    ``½(1 + cos(π·progress))`` (cosine) or ``1 - progress`` (linear), ``progress`` going from 0 to 1."""
     if schedule == "constant":
         return lambda step: 1.0
-    warmup = max(1, int(total_steps * warmup_fraction))
+    warmup = warmup_steps if warmup_steps is not None else max(1, int(total_steps * warmup_fraction))
 
-    def warmup_cosine(step: int) -> float:
+    def warmup_decay(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return 1.0 - progress if schedule == "warmup_linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
 
-    return warmup_cosine
+    return warmup_decay
 
 
 @torch.no_grad()
@@ -229,6 +259,7 @@ def fit(
     prefetch_teacher: bool = False,
     teacher_source: TeacherSource | None = None,
     validate: None = None,
+    on_policy: OnPolicy | None = None,
 ) -> TrainState: ...
 
 
@@ -247,6 +278,7 @@ def fit(
     prefetch_teacher: bool = False,
     teacher_source: TeacherSource | None = None,
     validate: Validate,
+    on_policy: OnPolicy | None = None,
 ) -> TrainState: ...
 
 
@@ -264,6 +296,7 @@ def fit(
     prefetch_teacher: bool = False,
     teacher_source: TeacherSource | None = None,
     validate: Validate | None = None,
+    on_policy: OnPolicy | None = None,
 ) -> TrainState:
     """Train ``model`` in place on ``train`` with ``loss_fn`` and return the final state (its history included).
 
@@ -288,13 +321,18 @@ def fit(
     epoch, so a resumed run replays the same augmentations) and the live ``teacher`` labels the augmented batch
     (precomputed teacher logits are not used); ``prefetch_teacher=True`` prepares the next batch in a background
     thread (:mod:`kdistill.engine.live`).
+
+    ``on_policy``: GKD's on-policy data (:class:`~kdistill.engine.on_policy.OnPolicy`): the teacher-output source is
+    wrapped so that with probability λ a step's batch is the student's own continuations, labelled by the live
+    ``teacher`` (:class:`~kdistill.engine.on_policy.OnPolicySource`).
     """
     device = torch.device(config.device)
     threads = auto_threads(model, config.batch_size) if config.num_threads == "auto" else int(config.num_threads)
     data, logits = _as_source(train, device)
+    plain, sharded = model, config.parallel == "fsdp" and _world()[1] > 1
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), num_threads(threads):
         torch.manual_seed(config.seed)
-        model.to(device)
+        model = _sharded_copy(plain, device) if sharded else plain.to(device)
         if isinstance(loss_fn, nn.Module):
             loss_fn.to(device)
         # losses with lazily built parts (projectors, embeddings) build them on a dry batch, before the optimizer
@@ -309,9 +347,27 @@ def fit(
                 seed=config.seed,
                 prefetch=prefetch_teacher,
             )
-        return _fit(
+        if on_policy is not None:
+            from kdistill.losses.kd_topk import KDTopKLoss
+
+            if teacher is None:
+                raise ConfigError("on-policy data needs the live teacher to label the student's continuations",
+                                  hint="pass teacher= to fit().")  # fmt: skip
+            if isinstance(loss_fn, KDTopKLoss):
+                raise ConfigError(
+                    "on-policy batches are labelled by the live teacher with dense logits, which kd_topk cannot read",
+                    hint="use a token divergence (forward_kl, gjsd, ...): each reads a top-k cache and dense logits.",
+                )
+            teacher_source = OnPolicySource(teacher_source, teacher, model, on_policy, rank=_world()[0])
+        state = _fit(
             model, loss_fn, data, teacher_source, val, validate or validate_classification, config, callbacks, resume
         )
+    if sharded:  # every rank ends with the whole trained student in the caller's module, as under DDP
+        from kdistill.engine.checkpoint import full_model_state
+
+        plain.load_state_dict(full_model_state(model))
+        state.model = plain.eval()
+    return state
 
 
 def _as_source(train: TransferSet | DataSource, device: torch.device) -> tuple[DataSource, torch.Tensor | None]:
@@ -384,15 +440,18 @@ def _fit(
 ) -> TrainState:
     device = torch.device(config.device)
     steps_per_epoch = math.ceil(len(data) / config.batch_size)
+    epochs = config.epochs if config.max_steps is None else math.ceil(config.max_steps / steps_per_epoch)
+    total_steps = steps_per_epoch * epochs if config.max_steps is None else config.max_steps
+    rank, world_size = _world()
+    sharded = world_size > 1 and config.parallel == "fsdp"
     optimizer = _optimizer(model, loss_fn, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, _lr_lambda(steps_per_epoch * config.epochs, config.warmup_fraction, config.schedule)
+        optimizer, _lr_lambda(total_steps, config.warmup_fraction, config.schedule, config.warmup_steps)
     )
-    rank, world_size = _world()
     state = TrainState(
         model=model,
         optimizer=optimizer,
-        max_epochs=config.epochs,
+        max_epochs=epochs,
         scheduler=scheduler,
         generator=torch.Generator().manual_seed(config.seed),
         scaler=torch.amp.GradScaler("cuda") if config.precision == "fp16" and device.type == "cuda" else None,
@@ -409,7 +468,7 @@ def _fit(
 
         first_epoch, first_step = restore_state(resume, state)
     forward: nn.Module = model
-    if world_size > 1:  # the same global batch as one process: rank r takes the r-th slice of every batch
+    if world_size > 1 and not sharded:  # the same global batch as one process: rank r takes the r-th slice
         from torch.nn.parallel import DistributedDataParallel
 
         forward = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -419,12 +478,12 @@ def _fit(
         callback.on_train_begin(state)
 
     start_epoch = getattr(loss_fn, "start_epoch", None)  # optional hook: warm-ups and schedules inside a loss
-    for epoch in range(first_epoch, config.epochs):
+    for epoch in range(first_epoch, epochs):
         if state.stop:  # resumed from the checkpoint of the epoch that stopped early
             break
         state.epoch = epoch
         if start_epoch is not None:
-            start_epoch(epoch, config.epochs)
+            start_epoch(epoch, epochs)
         started = time.perf_counter()
         model.train()
         if first_step == 0:  # else resumed mid-epoch: the checkpoint brought the epoch's steps so far back
@@ -448,7 +507,19 @@ def _fit(
             state.epoch_terms.append(terms)
             for callback in step_hooks:
                 callback.on_batch_end(state, terms)
-            if state.stop:
+            finished = config.max_steps is not None and state.global_step >= config.max_steps
+            every = config.eval_every_steps
+            # an evaluation row every N steps; at an epoch's end (or the last step) the epoch's row follows instead
+            if (
+                every
+                and val is not None
+                and state.global_step % every == 0
+                and not finished
+                and (state.step_in_epoch < steps_per_epoch)
+            ):
+                recent = state.epoch_terms[-min(every, len(state.epoch_terms)) :]
+                state.history.append(_metrics(state, recent, epoch, world_size) | _validated(validate, model, val))
+            if state.stop or finished:
                 break
 
         step_terms = state.epoch_terms
@@ -458,16 +529,9 @@ def _fit(
                 hint="a streaming iterable must start again on each iter(): pass an IterableDataset or a list, not "
                 "a generator (which is used up after one epoch).",
             )
-        means = {name: torch.stack([terms[name] for terms in step_terms]).float().mean() for name in step_terms[0]}
-        if world_size > 1:  # every rank sees the same epoch metrics, and the same NaN
-            for mean in means.values():
-                dist.all_reduce(mean)
-                mean /= world_size
-        _check_finite(means["loss"], [terms["loss"] for terms in step_terms], state, epoch, steps_per_epoch)
-        metrics: dict[str, float] = {"epoch": float(epoch), "lr": optimizer.param_groups[0]["lr"]}
-        metrics |= {f"train_{name}": float(mean) for name, mean in means.items()}
+        metrics = _metrics(state, step_terms, epoch, world_size)
         if val is not None:
-            metrics |= {name: float(value) for name, value in validate(model, val).items()}
+            metrics |= _validated(validate, model, val)
         metrics["time_s"] = time.perf_counter() - started
         state.history.append(metrics)
         for callback in callbacks:
@@ -479,6 +543,45 @@ def _fit(
         callback.on_train_end(state)
     model.eval()
     return state
+
+
+def _metrics(state: TrainState, step_terms: list[dict[str, torch.Tensor]], epoch: int, world_size: int) -> dict:
+    """A history row's training part: the epoch, the optimizer step, the learning rate and the mean of each loss
+    term over ``step_terms`` (averaged over the ranks: every rank sees the same numbers, and the same NaN, which
+    raises :class:`~kdistill.errors.NonFiniteLossError` here)."""
+    means = {name: torch.stack([terms[name] for terms in step_terms]).float().mean() for name in step_terms[0]}
+    if world_size > 1:
+        for mean in means.values():
+            dist.all_reduce(mean)
+            mean /= world_size
+    _check_finite(means["loss"], [terms["loss"] for terms in step_terms], state, epoch, state.steps_per_epoch)
+    metrics: dict[str, float] = {
+        "epoch": float(epoch),
+        "step": float(state.global_step),
+        "lr": state.optimizer.param_groups[0]["lr"],
+    }
+    return metrics | {f"train_{name}": float(mean) for name, mean in means.items()}
+
+
+def _validated(validate: Validate, model: nn.Module, val: Any) -> dict[str, float]:
+    return {name: float(value) for name, value in validate(model, val).items()}
+
+
+def _sharded_copy(model: nn.Module, device: torch.device) -> nn.Module:
+    """A copy of the student on ``device``, sharded by FSDP2 (``fully_shard``) over the process group: first every
+    block of its layer lists, innermost first (a transformer's blocks: each all-gathers its parameters for its own
+    forward and backward, then frees them), then the whole model (the rest: embeddings, head, norms). Each rank then
+    holds 1/N of every parameter, gradient and optimizer state on ``device``; the caller's module is left where it
+    is and receives the trained weights at the end."""
+    from torch.distributed.fsdp import fully_shard
+
+    sharded = copy.deepcopy(model).to(device)
+    for module in reversed(list(sharded.modules())):
+        if isinstance(module, nn.ModuleList):
+            for block in module:
+                fully_shard(block)
+    fully_shard(sharded)
+    return sharded
 
 
 def _steps(batches: Iterator[Batch], parts: int) -> Iterator[Step]:
@@ -594,10 +697,23 @@ def _logits(output: Any) -> torch.Tensor:
 
 
 def _no_sync(forward: nn.Module) -> contextlib.AbstractContextManager[Any]:
-    """DDP's ``no_sync`` for a micro-batch that does not step: its gradients accumulate locally, and the last
-    micro-batch's backward all-reduces the sum."""
+    """DDP's ``no_sync`` (FSDP2: ``set_requires_gradient_sync(False)``) for a micro-batch that does not step: its
+    gradients accumulate locally, and the last micro-batch's backward reduces the sum."""
     no_sync = getattr(forward, "no_sync", None)
-    return no_sync() if no_sync is not None else contextlib.nullcontext()
+    if no_sync is not None:
+        return no_sync()
+    if hasattr(forward, "set_requires_gradient_sync"):
+        return _fsdp_no_sync(forward)
+    return contextlib.nullcontext()
+
+
+@contextmanager
+def _fsdp_no_sync(forward: Any) -> Iterator[None]:
+    forward.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        forward.set_requires_gradient_sync(True)
 
 
 def _check_finite(

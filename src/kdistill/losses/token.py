@@ -235,10 +235,15 @@ class TokenDivergenceLoss(BaseLoss):
     """Class form of :func:`token_distill_loss`: reads the student's logits and mask, and the teacher's dense logits
     or its top-k (``Outputs.topk``, a ``"topk:K"`` cache). ``chunk_size`` (tokens): compute the loss a chunk of
     tokens at a time with the gradient taken chunk by chunk (:func:`kdistill.losses.chunked.chunked_token_loss`),
-    so no more than ``chunk_size × vocab`` float32 numbers are alive at once; None: all at once."""
+    so no more than ``chunk_size × vocab`` float32 numbers are alive at once; None: all at once; ``"auto"`` (the
+    default): unchunked for small batches, else a sixteenth of the batch's counted tokens
+    (:func:`kdistill.losses.chunked.auto_chunk_size`), which keeps the peak under 1/4 of the naive loss's."""
 
     kind: ClassVar[str | None] = None  # fixed by each subclass; None: the ``kind`` argument (default forward KL)
     at_equal = "zero"
+    reads_topk = False
+    """Set True by the pipeline when the teacher's outputs come from a ``topk:K`` / ``topk16:K`` cache entry: the
+    engine then serves the entry's packed table to this loss as ``Outputs.topk`` (read exactly, as K + 1 buckets)."""
 
     def __init__(
         self,
@@ -248,15 +253,22 @@ class TokenDivergenceLoss(BaseLoss):
         soft_weight: float = 0.5,
         beta: float = 0.5,
         skew: float = 0.1,
-        chunk_size: int | None = None,
+        chunk_size: int | str | None = "auto",
     ) -> None:
         chosen = kind if kind is not None else (type(self).kind or "forward_kl")
         if chosen is None or chosen not in DIVERGENCES:
             raise MethodError(f"unknown divergence {chosen!r}", hint=f"use one of {', '.join(DIVERGENCES)}.")
         if kind is not None and type(self).kind not in (None, kind):
             raise MethodError(f"{type(self).__name__} computes {type(self).kind!r}, not {kind!r}")
-        if chunk_size is not None and chunk_size < 1:
-            raise MethodError(f"chunk_size must be >= 1 tokens, got {chunk_size}", hint="e.g. 1024, or None.")
+        if (
+            chunk_size != "auto"
+            and chunk_size is not None
+            and (isinstance(chunk_size, (str, bool)) or not isinstance(chunk_size, int) or chunk_size < 1)
+        ):
+            raise MethodError(
+                f"chunk_size must be >= 1 tokens (a whole number), 'auto' or None; got {chunk_size!r}",
+                hint="e.g. 1024; 'auto' chunks large batches only; None never chunks.",
+            )
         self.divergence = chosen
         self.temperature = temperature
         self.soft_weight = soft_weight
@@ -283,11 +295,19 @@ class TokenDivergenceLoss(BaseLoss):
         teacher = require_teacher(teacher, self.divergence)
         teacher_side: torch.Tensor | TopK = teacher.topk if teacher.topk is not None else teacher.logits
         mask = output_mask(student, teacher)
-        if self.chunk_size is not None:
+        chunk_size = self.chunk_size
+        if chunk_size == "auto":
+            from kdistill.losses.chunked import auto_chunk_size
+
+            vocab = student.logits.shape[-1]
+            tokens = student.logits.numel() // max(1, vocab) if mask is None else int(mask.bool().sum())
+            chunk_size = auto_chunk_size(tokens, vocab)
+        if chunk_size is not None:
             from kdistill.losses.chunked import chunked_token_loss
 
+            assert isinstance(chunk_size, int)
             return chunked_token_loss(
-                student.logits, teacher_side, target, mask=mask, chunk_size=self.chunk_size, **self._params()
+                student.logits, teacher_side, target, mask=mask, chunk_size=chunk_size, **self._params()
             )
         return token_distill_loss(student.logits, teacher_side, target, mask=mask, **self._params())
 
