@@ -165,3 +165,29 @@ def test_a_config_names_the_hf_teacher_kind(capsys: pytest.CaptureFixture[str]) 
     ]
     with pytest.raises(Exception, match="teacher kind 'hf' needs path"):
         load_config(example, ["teacher.path=null"])
+
+
+def test_the_hf_teacher_refuses_token_ids_its_model_has_no_row_or_position_for() -> None:
+    """Rows tokenized elsewhere (a config's .npz) reach the teacher without kdistill.text's checks: ids past the
+    embeddings, or rows longer than the positions, are named there instead of failing inside the model."""
+    from kdistill.errors import ShapeMismatchError
+    from kdistill.teachers import HFTeacher
+
+    config = transformers.BertConfig(
+        vocab_size=14,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=8,
+        num_labels=2,
+    )
+    teacher = HFTeacher.from_config(config)
+    ids = torch.randint(0, 14, (3, 6), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    assert teacher({"input_ids": ids, "attention_mask": mask}).logits.shape == (3, 2)
+    with pytest.raises(ShapeMismatchError, match="token id 20 is outside BertForSequenceClassification's 14 embedding"):
+        teacher({"input_ids": ids.index_fill(1, torch.tensor([2]), 20), "attention_mask": mask})
+    long = torch.randint(0, 14, (2, 12), generator=torch.Generator().manual_seed(1))
+    with pytest.raises(ShapeMismatchError, match=r"rows of 12 tokens are longer than .* 8 positions"):
+        teacher({"input_ids": long, "attention_mask": torch.ones_like(long)})
