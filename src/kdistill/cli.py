@@ -98,7 +98,13 @@ def _cmd_export(args: argparse.Namespace) -> int:
         if args.prune_ratio is not None:
             _console.print("[yellow]--prune-ratio is ignored for a saved student: pruning needs its teacher[/yellow]")
         summary = export_saved_student(
-            args.source, args.dataset, args.out, quantize=args.quantize, tolerance=args.tolerance, seed=args.seed
+            args.source,
+            args.dataset,
+            args.out,
+            data=args.data,
+            quantize=args.quantize,
+            tolerance=args.tolerance,
+            seed=args.seed,
         )
         source = Path(args.source)
         saved = Path(args.source) if source.is_dir() else source.parent
@@ -113,6 +119,14 @@ def _cmd_export(args: argparse.Namespace) -> int:
             highlight=False,
         )
         return 0
+    if args.data is not None:
+        from kdistill.errors import ConfigError
+
+        raise ConfigError(
+            "--data without a saved student: the distil -> prune -> quantize -> export pipeline runs on a built-in "
+            "data set with its built-in teacher",
+            hint="name the student to export (kdistill export RUN_FOLDER --data rows.npz), or use --dataset.",
+        )
     result = run_pipeline(
         args.dataset,
         args.out,
@@ -138,6 +152,7 @@ def _cmd_profile(args: argparse.Namespace) -> int:
     report = profile_folder(
         args.folder,
         args.dataset,
+        data=args.data,
         threads=args.threads,
         batch_size=args.batch_size,
         with_teacher=args.teacher,
@@ -346,6 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--sentence", default=None, metavar="FOLDER", help="a sentence-transformers folder to export as ONNX (+ INT8)"
     )
     export.add_argument("--dataset", choices=["digits", "mnist1d"], default="digits", help="rows and labels to use")
+    export.add_argument(
+        "--data", default=None, metavar="FILE.npz", help="your own rows instead (x or x.input_ids, ..., and y)"
+    )
     export.add_argument("--out", default="runs/compress", help="folder for the artefacts (default: %(default)s)")
     export.add_argument("--prune-ratio", type=float, default=None, help="channels removed per layer (default 0.5)")
     export.add_argument("--quantize", choices=["auto", "dynamic", "static", "none"], default="auto")
@@ -360,6 +378,9 @@ def build_parser() -> argparse.ArgumentParser:
     profile = commands.add_parser("profile", help="size, latency (p50/p95), throughput, memory of saved artefacts")
     profile.add_argument("folder", help="a folder written by `kdistill export` (its *.onnx and student.safetensors)")
     profile.add_argument("--dataset", choices=["digits", "mnist1d"], default="digits", help="rows to time and score")
+    profile.add_argument(
+        "--data", default=None, metavar="FILE.npz", help="your own rows instead (x or x.input_ids, ..., and y)"
+    )
     profile.add_argument("--threads", type=int, default=1, help="intra-op threads for every runtime (default 1)")
     profile.add_argument("--batch-size", type=int, default=256, help="batch for the throughput figure")
     profile.add_argument("--teacher", action="store_true", help="retrain the built-in teacher and profile it too")

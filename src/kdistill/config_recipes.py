@@ -6,7 +6,7 @@ returns anything :func:`kdistill.as_teacher` accepts. ``train`` is the training 
 (resolved, or None), ``output`` and ``verbose``. The builder's keyword parameters are what ``teacher.params``
 accepts (``**params``: any, passed on; ``params_of`` names the class whose signature lists them). Built-in kinds
 (``random_forest``, ``logistic_regression``, ``cnn``) are trained here on the configured data, seeded; ``sklearn``
-and ``torch`` call the user's factory; ``saved`` loads a kdistill run folder.
+and ``torch`` call the user's factory; ``hf`` loads a transformers folder; ``saved`` loads a kdistill run folder.
 """
 
 from __future__ import annotations
@@ -223,6 +223,21 @@ def _user_torch(train: Split, context: dict[str, Any], **params: Any) -> Any:
     return TorchTeacher(module, output=output)
 
 
+@register_teacher(
+    "hf",
+    "a Hugging Face model from a local folder (path: save_pretrained output), never downloaded; serves the "
+    "attention mask and hidden states the TinyBERT losses read [hf]",
+    needs=("path",),
+)
+def _hf(train: Split, context: dict[str, Any], *, auto_class: str = "AutoModelForSequenceClassification") -> Any:
+    """:meth:`kdistill.teachers.HFTeacher.from_pretrained` of ``path`` (``local_files_only``). ``auto_class``: the
+    transformers class that loads it (any ``AutoModelFor...`` whose output has ``.logits``)."""
+    from kdistill.teachers import HFTeacher
+
+    output = "logits" if context["output"] == "auto" else context["output"]
+    return HFTeacher.from_pretrained(context["path"], auto_class=auto_class, output=output)
+
+
 @register_teacher("saved", "a student saved by an earlier kdistill run (path: its folder)", needs=("path",))
 def _saved(train: Split, context: dict[str, Any]) -> Any:
     from kdistill.api import load
@@ -284,9 +299,10 @@ COMPRESSION_STEPS: dict[str, CompressionRecipe] = {
         params=("tolerance", "opset", "check_rows"),
     ),
     "quantize": CompressionRecipe(
-        "INT8 student.int8.onnx with ONNX Runtime (params: mode auto|dynamic|static, per_channel), after onnx",
+        "INT8 student.int8.onnx with ONNX Runtime (params: mode auto|dynamic|static, per_channel, reduce_range), "
+        "after onnx",
         _quantize_step,
-        params=("mode", "per_channel", "max_calibration_rows"),
+        params=("mode", "per_channel", "reduce_range", "max_calibration_rows"),
         after="onnx",
     ),
 }

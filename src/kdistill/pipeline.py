@@ -405,7 +405,10 @@ def _build_student(
                     hint="return an nn.Module mapping a batch to (batch, classes) logits.",
                 )
         else:
-            if not isinstance(train.x, torch.Tensor):
+            params = dict(spec.student_params)
+            if not isinstance(train.x, torch.Tensor) and spec.student == "transformer":  # takes the token mapping
+                params.setdefault("in_shape", list(next(iter(train.x.values())).shape[1:]))
+            elif not isinstance(train.x, torch.Tensor):
                 raise StudentError(
                     f"student {spec.student!r} reads rows of features, but the inputs are a mapping "
                     f"({', '.join(train.x)})",
@@ -419,7 +422,7 @@ def _build_student(
                     "(batch, seq, vocab) logits).",
                 )
             try:
-                student, student_spec = build_student(spec.student, train.x, classes, **spec.student_params)
+                student, student_spec = build_student(spec.student, train.x, classes, **params)
             except KdistillError:
                 raise
             except (ValueError, TypeError, RuntimeError) as exc:

@@ -92,6 +92,8 @@ def run_spec(config: RunConfig, *, resume: bool = False, verbose: bool = True) -
     dumped = config.model_dump(mode="json")
     student: str | Any = config.student.kind
     student_params = dict(config.student.params)
+    if config.student.kind == "transformer" and isinstance(student_params.get("teacher"), str):
+        student_params["teacher"] = str(config.resolve(student_params["teacher"]))  # a folder next to the config
     if config.student.kind == "custom":
         assert config.student.factory is not None
         factory = import_reference(config.student.factory, base=config.base, field="student.factory")

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from kdistill.errors import TeacherError
+from kdistill.errors import ShapeMismatchError, TeacherError
 from kdistill.features import capture_features
 from kdistill.teachers._convert import check_output_kind, to_logits
 from kdistill.teachers.base import Outputs
@@ -124,12 +124,34 @@ class HFTeacher(TorchTeacher):
         )
         return digest.hexdigest()
 
+    def _check_ids(self, ids: torch.Tensor) -> None:
+        """Token ids the model has no embedding row or position for are a :class:`ShapeMismatchError` (rows
+        tokenized with another tokenizer, or not truncated), not an index error deep inside the model."""
+        get_embeddings = getattr(self.module, "get_input_embeddings", None)
+        embeddings = get_embeddings() if callable(get_embeddings) else None
+        rows = getattr(embeddings, "num_embeddings", None)
+        if isinstance(rows, int) and ids.numel() and (int(ids.max()) >= rows or int(ids.min()) < 0):
+            raise ShapeMismatchError(
+                f"token id {int(ids.max()) if int(ids.max()) >= rows else int(ids.min())} is outside "
+                f"{type(self.module).__name__}'s {rows} embedding rows",
+                hint="tokenize the rows with the teacher's own tokenizer (kdistill.text.tokenize(texts, folder)).",
+            )
+        positions = getattr(getattr(self.module, "config", None), "max_position_embeddings", None)
+        if isinstance(positions, int) and ids.ndim == 2 and ids.shape[1] > positions:
+            raise ShapeMismatchError(
+                f"rows of {ids.shape[1]} tokens are longer than {type(self.module).__name__}'s {positions} positions",
+                hint=f"truncate them: kdistill.text.tokenize(texts, folder, model=teacher) cuts rows to {positions}.",
+            )
+
     def _inputs(self, x: torch.Tensor | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if isinstance(x, Mapping):  # the tokenizer's mapping: passed as keywords, token ids and masks as int64
-            return {
+            inputs = {
                 name: value.to(self.device).long() if name in _MAPPING_INTEGERS else value.to(self.device)
                 for name, value in x.items()
             }
+            if "input_ids" in inputs:
+                self._check_ids(inputs["input_ids"])
+            return inputs
         x = x.to(self.device)
         if self.input_name not in _INTEGER_INPUTS:
             return {self.input_name: x}
