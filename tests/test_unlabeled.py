@@ -176,6 +176,33 @@ def test_distill_with_unlabeled_rows_reports_them_and_leaves_the_baseline_alone(
     assert more.report.settings["weight_decay"] == pytest.approx(defaults.WEIGHT_DECAY * (150 / 850) ** 0.5)
 
 
+def test_the_reported_agreements_are_the_students_and_teachers_top_classes_on_each_kind_of_row(
+    digits: dict[str, np.ndarray],
+) -> None:
+    """Issue 15, point 4: rows per kind, and on each the student's agreement with the teacher, recomputed here from
+    the returned student and the teacher (and the teacher's accuracy on the labelled rows' labels)."""
+    module = CountingTeacher()
+    common = _small(val=(digits["xv"], digits["yv"]), test=(digits["xt"], digits["yt"]))
+    pool = Transfer(Munge(), rows=300)
+    result = kdistill.distill(module, "mlp", (digits["x"], digits["y"]), unlabeled=digits["u"], transfer=pool, **common)  # type: ignore[arg-type]
+    assert result.report is not None
+    rows = result.report.settings["transfer_rows"]
+    assert (rows["labelled"]["rows"], rows["unlabeled"]["rows"], rows["generated"]["rows"]) == (150, 700, 300)
+    result.student.eval()
+    with torch.inference_mode():
+        for name, x in (("labelled", digits["x"]), ("unlabeled", digits["u"])):
+            rows_x = torch.as_tensor(x)
+            student_top = result.student(rows_x).argmax(1)
+            teacher_top = module(rows_x).argmax(1)
+            expected = float((student_top == teacher_top).float().mean())
+            assert rows[name]["student_teacher_agreement"] == pytest.approx(expected, abs=1e-6)
+        teacher_top = module(torch.as_tensor(digits["x"])).argmax(1).numpy()
+    assert rows["labelled"]["teacher_accuracy"] == pytest.approx(float(np.mean(teacher_top == digits["y"])))
+    assert 0.0 <= rows["generated"]["student_teacher_agreement"] <= 1.0
+    line = next(line for line in result.report.lines() if line.startswith("training rows:"))
+    assert "labelled 150" in line and "unlabeled 700" in line and "generated 300" in line
+
+
 def test_weight_decay_scales_with_the_labelled_share_of_the_transfer_set_unless_turned_off() -> None:
     """The engine's rule (TrainConfig.scale_weight_decay): N rows of which L labelled decay by wd * sqrt(L / N),
     fully labelled or streamed rows by wd; scale_weight_decay=False keeps wd."""
@@ -228,6 +255,9 @@ def test_bad_unlabeled_rows_are_named(digits: dict[str, np.ndarray]) -> None:
     bad = digits["u"].copy()
     bad[5, 3] = np.nan
     with pytest.raises(DataError, match=r"unlabeled has NaN or inf in 1 row\(s\), first at row 5"):
+        kdistill.distill(rf, "mlp", train, unlabeled=bad, **_small())  # type: ignore[arg-type]
+    bad[5, 3], bad[9, 0] = 0.0, np.inf
+    with pytest.raises(DataError, match=r"unlabeled has NaN or inf in 1 row\(s\), first at row 9"):
         kdistill.distill(rf, "mlp", train, unlabeled=bad, **_small())  # type: ignore[arg-type]
     with pytest.raises(DataError, match="takes the rows alone"):
         kdistill.distill(rf, "mlp", train, unlabeled=(digits["u"], None), **_small())  # type: ignore[arg-type]
