@@ -159,6 +159,8 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
         for fraction in sorted({r["fraction"] for r in results if r["dataset"] == name}):
             rows = [r for r in results if r["dataset"] == name and r["fraction"] == fraction]
             kd_rows = [r for r in rows if r["kind"] == "kd"]
+            if not kd_rows:  # a partial log (--summarise) without this group's kd runs: no ce, no table row
+                continue
             by_kind = {"ce": [100 * r["baseline_accuracy"] for r in kd_rows]}
             seconds = {"ce": None}
             for kind in KINDS[1:]:
