@@ -19,8 +19,12 @@ test split. Mean ± std over the seeds. On digits the teacher is barely above th
 is the share of that gap closed: ``(student - ce) / (teacher - ce)``. Last, the full MNIST-1D training set (teacher
 trained on all of it) plus a pool of unlabeled rows drawn from the ``mnist1d`` generator (another seed).
 
-Runs are spread over ``--workers`` processes, one torch thread each. Prints one summary line, then ONE JSON object as
-the last line (keys ``mnist1d_10pct_gain``, ``digits_10pct_gap_closed``, ``mnist1d_pool_acc`` among them).
+Runs are spread over ``--workers`` processes, one torch thread each: the two full-MNIST-1D runs (the pool, and the
+labels alone) and the 10% runs first, each group's longest first, so that the issue's three numbers come first and
+the workers end close together. ``--log runs.jsonl`` appends each run as it ends; ``--summarise runs.jsonl`` prints
+the summary of such a file without training (what a run cut short had finished). Prints one summary line, then ONE
+JSON object as the last line (keys ``mnist1d_10pct_gain``, ``digits_10pct_gap_closed``, ``mnist1d_pool_acc`` among
+them), with the load average at the start and the end.
 """
 
 from __future__ import annotations
@@ -155,6 +159,8 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
         for fraction in sorted({r["fraction"] for r in results if r["dataset"] == name}):
             rows = [r for r in results if r["dataset"] == name and r["fraction"] == fraction]
             kd_rows = [r for r in rows if r["kind"] == "kd"]
+            if not kd_rows:  # a partial log (--summarise) without this group's kd runs: no ce, no table row
+                continue
             by_kind = {"ce": [100 * r["baseline_accuracy"] for r in kd_rows]}
             seconds = {"ce": None}
             for kind in KINDS[1:]:
@@ -193,49 +199,86 @@ def _transfer_seconds(rows: list[dict[str, Any]], kind: str) -> dict[str, float]
     return {key: statistics.fmean(run[key] for run in runs) for key in runs[0]}
 
 
-def _pool_run(pool_rows: int, epochs: int) -> dict[str, Any]:
-    """The full MNIST-1D training set, its teacher, and ``pool_rows`` unlabeled rows from the mnist1d generator."""
-    import kdistill
-    from kdistill.demo import builtin_teacher
-
-    torch.set_num_threads(1)
+def _pool_data(pool_rows: int) -> dict[str, Any]:
+    """The full MNIST-1D training set's teacher and ``pool_rows`` unlabeled rows from the mnist1d generator (its
+    other seed), built before the workers fork."""
     from mnist1d.data import get_dataset_args, make_dataset
 
-    dataset = _STATE["datasets"]["mnist1d"]
-    teacher = builtin_teacher(dataset, seed=0)
+    from kdistill.demo import builtin_teacher
+
+    started = time.perf_counter()
+    teacher = builtin_teacher(_STATE["datasets"]["mnist1d"], seed=0)
+    teacher_s = time.perf_counter() - started
     args = get_dataset_args()
     args.num_samples = int(pool_rows / 0.8) + 1  # the generator keeps 80% as its own train split
     args.seed = 1000  # the benchmark's data sets use 42 + seed
     started = time.perf_counter()
     generated = make_dataset(args)
     pool = np.concatenate([generated["x"], generated["x_test"]]).astype(np.float32)[:pool_rows]
-    generate_s = time.perf_counter() - started
+    return {"teacher": teacher, "pool": pool, "generate_s": time.perf_counter() - started, "teacher_s": teacher_s}
+
+
+def pool_job(label: str) -> dict[str, Any]:
+    """One student on the full MNIST-1D training set: ``labels_only`` (KD, and the CE-only baseline) or
+    ``with_pool`` (KD plus the pool as unlabeled rows)."""
+    import kdistill
+
+    torch.set_num_threads(1)
+    dataset, data = _STATE["datasets"]["mnist1d"], _STATE["pool"]
     x, _ = dataset.train
-    out: dict[str, Any] = {"pool_rows": len(pool), "generate_s": generate_s}
-    for label, extra in (("labels_only", {}), ("with_pool", {"unlabeled": pool})):
-        student, _ = _student("mnist1d", x, 0)
-        started = time.perf_counter()
-        result = kdistill.distill(
-            teacher,
-            student,
-            dataset.train,
-            val=dataset.val,
-            test=dataset.test,
-            seed=0,
-            epochs=epochs,
-            baseline=label == "labels_only",
-            profile=False,
-            verbose=False,
-            settings={"report": {"privacy": False}},
-            **extra,
-        )
-        assert result.report is not None
-        models = result.report.models
-        out[label] = {"student": models["student"]["accuracy"], "seconds": time.perf_counter() - started}
-        out["teacher"] = models["teacher"]["accuracy"]
-        if "baseline" in models:
-            out["ce"] = models["baseline"]["accuracy"]
+    student, _ = _student("mnist1d", x, 0)
+    extra = {"unlabeled": data["pool"]} if label == "with_pool" else {}
+    started = time.perf_counter()
+    result = kdistill.distill(
+        data["teacher"],
+        student,
+        dataset.train,
+        val=dataset.val,
+        test=dataset.test,
+        seed=0,
+        epochs=_STATE["settings"]["epochs"],
+        baseline=label == "labels_only",
+        profile=False,
+        verbose=False,
+        settings={"report": {"privacy": False}},
+        **extra,
+    )
+    assert result.report is not None
+    models = result.report.models
+    out = {
+        "job": label,
+        "student": models["student"]["accuracy"],
+        "teacher": models["teacher"]["accuracy"],
+        "seconds": time.perf_counter() - started,
+        "epochs": len(result.history),
+        "transfer_rows": result.report.settings.get("transfer_rows", {}),
+    }
+    if "baseline" in models:
+        out["ce"] = models["baseline"]["accuracy"]
+    out["generate_s"], out["pool_teacher_s"] = data["generate_s"], data["teacher_s"]
     return out
+
+
+def _logged(result: dict[str, Any], path: str | None) -> dict[str, Any]:
+    if path is not None:
+        with open(path, "a") as log:
+            log.write(json.dumps(result, default=float) + "\n")
+    return result
+
+
+def _any_job(job: tuple[Any, ...]) -> dict[str, Any]:
+    return pool_job(job[1]) if job[0] == "pool" else run_job(job)
+
+
+def _job_rows(job: tuple[Any, ...]) -> float:
+    """A job's training rows (student and baseline), to start the longest first."""
+    if job[0] == "pool":
+        return float(_STATE["settings"]["pool_rows"] if job[1] == "with_pool" else 0)
+    name, fraction, _, kind = job
+    rows = len(_STATE["datasets"][name].train[1])
+    labelled = fraction * rows
+    extra = {"kd": labelled, "kd+unlabeled": rows}.get(kind, (1 + _STATE["settings"]["pool_factor"]) * labelled)
+    return extra * (100 if name == "mnist1d" else 10)  # MNIST-1D steps cost ~10x digits' (teacher-free, wider)
 
 
 def _best(entry: dict[str, Any], key: str) -> tuple[str, float | None]:
@@ -260,18 +303,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--no-pool", action="store_true", help="skip the full MNIST-1D + pool run")
     parser.add_argument("--pool-only", action="store_true", help="only the full MNIST-1D + pool run")
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--log", default=None, help="append each finished run to this JSONL file as it ends")
+    parser.add_argument(
+        "--summarise", default=None, help="no training: the summary of the runs in this JSONL file (--log's)"
+    )
     args = parser.parse_args(argv)
     fractions = args.fractions or ([0.10] if args.quick else [0.05, 0.10, 0.25])
     epochs = args.epochs
     pool_rows = args.pool_rows or (10_000 if args.quick else 50_000)
     kinds = ["kd", *[kind for kind in args.kinds if kind != "kd"]]
     started = time.perf_counter()
+    load_start = os.getloadavg()
 
     _STATE["datasets"] = _datasets()
-    _STATE["settings"] = {"epochs": epochs, "pool_factor": args.pool_factor}
+    _STATE["settings"] = {"epochs": epochs, "pool_factor": args.pool_factor, "pool_rows": pool_rows}
     _STATE["teachers"] = {}
     teacher_started = time.perf_counter()
-    for name in [] if args.pool_only else args.datasets:
+    for name in [] if args.pool_only or args.summarise else args.datasets:
         x, y = _STATE["datasets"][name].train
         for fraction in fractions:
             for seed in range(args.seeds):
@@ -280,20 +328,41 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     name, _STATE["datasets"][name], (x[part], y[part]), seed
                 )
     teacher_s = time.perf_counter() - teacher_started
-    jobs = [
+    with_pool = not args.no_pool and "mnist1d" in args.datasets
+    if with_pool and not args.summarise:
+        _STATE["pool"] = _pool_data(pool_rows)
+    jobs: list[tuple[Any, ...]] = [("pool", "with_pool"), ("pool", "labels_only")] if with_pool else []
+    jobs += [
         (name, fraction, seed, kind)
         for name in ([] if args.pool_only else args.datasets)
         for fraction in fractions
         for seed in range(args.seeds)
         for kind in kinds
     ]
-    if args.workers > 1 and jobs:
+    # the pool and the 10% runs first (the issue's three numbers), each group's longest first
+    jobs.sort(key=lambda job: (job[0] != "pool" and job[1] != 0.10, -_job_rows(job)))
+    if args.summarise:
+        with open(args.summarise) as lines:
+            done = [json.loads(line) for line in lines if line.strip()]
+    elif args.workers > 1 and jobs:
         with multiprocessing.get_context("fork").Pool(args.workers) as pool:
-            results = pool.map(run_job, jobs, chunksize=1)
+            done = [_logged(result, args.log) for result in pool.imap_unordered(_any_job, jobs, chunksize=1)]
     else:
-        results = [run_job(job) for job in jobs]
-    table = summarise(results)
-    pool_result = None if args.no_pool or "mnist1d" not in args.datasets else _pool_run(pool_rows, epochs)
+        done = [_logged(_any_job(job), args.log) for job in jobs]
+    results = [r for r in done if "job" not in r]
+    table = summarise(results) if results else {}
+    pool_result = None
+    pooled = {r["job"]: r for r in done if "job" in r}
+    if "with_pool" in pooled and "labels_only" in pooled:
+        pool_result = {
+            "pool_rows": pooled["with_pool"]["transfer_rows"]["unlabeled"]["rows"],
+            "generate_s": pooled["with_pool"]["generate_s"],
+            "teacher_s": pooled["with_pool"]["pool_teacher_s"],
+            "teacher": pooled["labels_only"]["teacher"],
+            "ce": pooled["labels_only"]["ce"],
+            "labels_only": pooled["labels_only"],
+            "with_pool": pooled["with_pool"],
+        }
 
     summary: dict[str, Any] = {
         "benchmark": "scarce_labels",
@@ -306,6 +375,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "pool": pool_result,
         "teachers_s": teacher_s,
         "wall_s": time.perf_counter() - started,
+        "load_average_start": load_start,
+        "load_average_end": os.getloadavg(),
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__},
     }
     mnist = table.get("mnist1d@0.1")

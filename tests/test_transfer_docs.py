@@ -29,7 +29,7 @@ def test_scarce_labels_python_examples_print_what_they_say() -> None:
         for block in blocks:
             exec(compile(block, str(DOC), "exec"), namespace)
     assert printed.getvalue().splitlines() == [
-        "180 1020",
+        "180 1020 0.0387",
         "2000 munge",
         "live, rows per epoch; agreement on a fresh draw",
         "1020 False",

@@ -296,10 +296,14 @@ class MethodTerm(_Section):
 
 
 class OptimizerConfig(_Section):
+    """``scale_weight_decay``: with unlabeled or generated rows (L labelled of N training rows), decay by
+    ``weight_decay * sqrt(L / N)`` (the engine's ``TrainConfig.scale_weight_decay``; false: as given)."""
+
     name: Literal["adamw", "sgd"] = "adamw"
     lr: Annotated[float, Field(gt=0)] = defaults.LR
     weight_decay: Annotated[float, Field(ge=0)] = defaults.WEIGHT_DECAY
     momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
+    scale_weight_decay: bool = True
 
 
 class ScheduleConfig(_Section):

@@ -50,6 +50,7 @@ from kdistill.engine.callbacks import Callback
 from kdistill.engine.checkpoint import Checkpointer, load_checkpoint
 from kdistill.engine.live import Augment
 from kdistill.engine.loggers import ConsoleLog, JsonlLogger, TensorBoardLogger
+from kdistill.engine.loop import effective_weight_decay
 from kdistill.engine.on_policy import OnPolicy
 from kdistill.errors import (
     CheckpointError,
@@ -631,6 +632,7 @@ def train_config(settings: Settings, verbose: bool) -> TrainConfig:
         batch_size=settings.train.batch_size,
         lr=settings.train.optimizer.lr,
         weight_decay=settings.train.optimizer.weight_decay,
+        scale_weight_decay=settings.train.optimizer.scale_weight_decay,
         warmup_fraction=settings.train.schedule.warmup_fraction,
         patience=settings.train.patience,
         seed=settings.seed,
@@ -1067,7 +1069,16 @@ def _transfer_report(spec: RunSpec, prepared: Prepared, train: Split) -> dict[st
             extra.live.ratio * (len(train) + (0 if extra.unlabeled is None else len(extra.unlabeled)))
         )
         summary["generated"] |= {"rows": per_epoch, "mode": "live, rows per epoch; agreement on a fresh draw"}
-    return {"transfer_rows": summary, "transfer": extra.transfer, "transfer_seconds": dict(extra.seconds)}
+    rows = len(train) + sum(len(group[0]) for name, group in groups.items() if name != "labelled")
+    if extra.live is not None:  # live rows ride along in each batch: they add no steps, the decay is as given
+        rows -= len(groups["generated"][0])
+    decay = effective_weight_decay(train_config(spec.settings, False), len(train), rows)
+    return {
+        "transfer_rows": summary,
+        "transfer": extra.transfer,
+        "transfer_seconds": dict(extra.seconds),
+        "weight_decay": decay,  # what the student's optimizer used (scale_weight_decay)
+    }
 
 
 def _train_teacher_logits(spec: RunSpec, prepared: Prepared) -> torch.Tensor | None:

@@ -53,6 +53,7 @@ __all__ = [
     "TransferSet",
     "Validate",
     "auto_threads",
+    "effective_weight_decay",
     "fit",
     "num_threads",
     "predict_logits",
@@ -90,7 +91,15 @@ class TrainConfig:
     gradient is the whole batch's mean gradient with a fraction of the activations' memory; the schedule counts
     optimizer steps, as without it. ``clip_grad_norm``: the largest total gradient norm (over the student and the
     loss's learned parts, after unscaling fp16) before each step, None for no clipping. The optimizer defaults are
-    :mod:`kdistill.defaults` (a strongly regularised AdamW, measured there)."""
+    :mod:`kdistill.defaults` (a strongly regularised AdamW, measured there).
+
+    ``scale_weight_decay``: ``weight_decay`` is the decay for the labelled rows. A partly labelled transfer set (a
+    ``label_mask``: unlabeled or generated rows that the teacher labels) of N rows, L of them labelled, has N/L times
+    the optimizer steps per epoch, and AdamW's decoupled decay acts on every step; the engine then decays by
+    ``weight_decay * sqrt(L / N)`` (:func:`effective_weight_decay`), Loshchilov & Hutter's normalised weight decay
+    (ICLR 2019, ``lambda = lambda_norm * sqrt(b / (B * T))``) with the labelled rows as the reference. On MNIST-1D
+    with 50k unlabeled rows beside 3.6k labelled ones it lifted the MLP student from 87.9% to 93.3% at 20 epochs
+    (docs/scarce_labels.md). False: ``weight_decay`` as given."""
 
     epochs: int = defaults.EPOCHS
     batch_size: int = defaults.BATCH_SIZE
@@ -112,6 +121,7 @@ class TrainConfig:
     warmup_steps: int | None = None
     eval_every_steps: int | None = None
     parallel: str = "ddp"
+    scale_weight_decay: bool = True
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "warmup_steps", "eval_every_steps"):
@@ -402,14 +412,33 @@ def _prepare_loss(
         )
 
 
-def _optimizer(model: nn.Module, loss_fn: Loss, config: TrainConfig) -> torch.optim.Optimizer:
+def effective_weight_decay(config: TrainConfig, labelled: int, rows: int) -> float:
+    """The decay the optimizer uses for a transfer set of ``rows`` rows, ``labelled`` of them with labels:
+    ``config.weight_decay * sqrt(labelled / rows)`` when ``config.scale_weight_decay`` (see :class:`TrainConfig`),
+    else ``config.weight_decay``. No labelled row (a teacher-only set) or no row: unchanged."""
+    if not config.scale_weight_decay or labelled <= 0 or rows <= 0:
+        return config.weight_decay
+    return config.weight_decay * math.sqrt(min(labelled, rows) / rows)
+
+
+def _labelled_rows(data: DataSource) -> tuple[int, int]:
+    """(labelled rows, rows) of a source: its ``label_mask``'s count, else every row (streamed sources too)."""
+    mask = getattr(data, "label_mask", None)
+    rows = len(data)
+    return (rows, rows) if mask is None else (int(mask.sum()), rows)
+
+
+def _optimizer(
+    model: nn.Module, loss_fn: Loss, config: TrainConfig, weight_decay: float | None = None
+) -> torch.optim.Optimizer:
     params = list(model.parameters())
     if isinstance(loss_fn, nn.Module):  # methods with trainable parts (projectors) learn with the student
         params += [p for p in loss_fn.parameters() if p.requires_grad]
+    decay = config.weight_decay if weight_decay is None else weight_decay
     if config.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        return torch.optim.AdamW(params, lr=config.lr, weight_decay=decay)
     if config.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=config.lr, weight_decay=config.weight_decay, momentum=config.momentum)
+        return torch.optim.SGD(params, lr=config.lr, weight_decay=decay, momentum=config.momentum)
     raise ConfigError(f"unknown optimizer {config.optimizer!r}", hint="use 'adamw' or 'sgd'.")
 
 
@@ -444,7 +473,7 @@ def _fit(
     total_steps = steps_per_epoch * epochs if config.max_steps is None else config.max_steps
     rank, world_size = _world()
     sharded = world_size > 1 and config.parallel == "fsdp"
-    optimizer = _optimizer(model, loss_fn, config)
+    optimizer = _optimizer(model, loss_fn, config, effective_weight_decay(config, *_labelled_rows(data)))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _lr_lambda(total_steps, config.warmup_fraction, config.schedule, config.warmup_steps)
     )

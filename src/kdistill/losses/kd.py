@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from kdistill.errors import ShapeMismatchError
 from kdistill.losses.base import BaseLoss, register_loss
 from kdistill.losses.common import (
+    IGNORE_INDEX,
     check_token_shapes,
     counted_positions,
     labelled_cross_entropy,
@@ -73,7 +74,7 @@ def mix_soft_and_hard(
     soft = F.kl_div(student_log_probs, teacher_log_probs, reduction="batchmean", log_target=True) * temperature**2
     if target is None:
         return {"loss": soft, "kd": soft}
-    hard = labelled_cross_entropy(student_logits, target)  # rows with target -100 (unlabeled) are left out
+    hard = labelled_cross_entropy(student_logits, target)  # unlabeled rows (target -100) count 0 in it, not 1/L
     return {"loss": (1.0 - soft_weight) * hard + soft_weight * soft, "ce": hard, "kd": soft}
 
 
@@ -188,15 +189,17 @@ def pack_kd_targets(
 
     A (rows, 2·classes + 1) float32 table: ``-2·classes·[(1 - w)·one-hot(y) | w·T²·p_t]`` and a last column
     ``w·T²·Σ_c p_t log p_t``, with
-    :math:`p_t = \mathrm{softmax}(z_t / T)`. For a teacher whose outputs never change (a cache, precomputed or
-    out-of-fold targets, no augmentation) the engine packs the transfer set once (:meth:`KDLoss.precompute`) and
-    :func:`kd_loss_packed` reads each batch's rows. Needs ``0 < soft_weight < 1``."""
+    :math:`p_t = \mathrm{softmax}(z_t / T)`. An unlabeled row (target -100) gets a one-hot of zeros, so its hard part
+    is 0, the rule of :func:`~kdistill.losses.common.labelled_cross_entropy`. For a teacher whose outputs never
+    change (a cache, precomputed or out-of-fold targets, no augmentation) the engine packs the transfer set once
+    (:meth:`KDLoss.precompute`) and :func:`kd_loss_packed` reads each batch's rows. Needs ``0 < soft_weight < 1``."""
     if not 0.0 < soft_weight < 1.0:
         raise ValueError(f"packed KD targets need 0 < soft_weight < 1, got {soft_weight}")
     classes = teacher_logits.shape[1]
     teacher_log_probs = F.log_softmax(teacher_logits.float() / temperature, dim=1)
     teacher_probs = teacher_log_probs.exp()
-    one_hot = F.one_hot(target.long(), classes).float()
+    labelled = (target != IGNORE_INDEX).unsqueeze(1)
+    one_hot = F.one_hot(target.long().clamp_min(0), classes).float() * labelled  # unlabeled rows: no hard part
     soft_scale = soft_weight * temperature**2
     neg_entropy = (teacher_probs * teacher_log_probs).sum(dim=1, keepdim=True)
     weights = torch.cat([(1.0 - soft_weight) * one_hot, soft_scale * teacher_probs], dim=1) * (-2.0 * classes)
@@ -264,16 +267,15 @@ class KDLoss(BaseLoss):
         """Optional engine hook for a teacher whose outputs never change: the rows of :func:`pack_kd_targets`, which
         the engine indexes per batch into ``Outputs.precomputed``. None (the textbook form runs) without labels,
         with ``soft_weight`` 0 or 1, for another loss function (``kd_topk``), for token-level (rows, seq, vocab)
-        logits, for partly labelled rows (a target of -100: the packed CE would average over every row), or when
-        the table would exceed :data:`PACK_MAX_NUMBERS`. Changing ``temperature`` or
+        logits, or when the table would exceed :data:`PACK_MAX_NUMBERS`. Partly labelled rows (target -100) are
+        packed too: the packed CE sums the labelled rows over all the batch's rows, as the textbook form does
+        (:func:`~kdistill.losses.common.labelled_cross_entropy`). Changing ``temperature`` or
         ``soft_weight`` afterwards falls back to the textbook form."""
         if teacher_logits.ndim != 2:
             return None
         rows, classes = teacher_logits.shape
         too_large = rows * (2 * classes + 1) > PACK_MAX_NUMBERS
         if target is None or self.loss_function is not kd_loss or not 0.0 < self.soft_weight < 1.0 or too_large:
-            return None
-        if bool((target < 0).any()):  # unlabeled rows: the textbook form leaves them out of the CE
             return None
         self._packed_for = (self.temperature, self.soft_weight)
         return pack_kd_targets(teacher_logits, target, temperature=self.temperature, soft_weight=self.soft_weight)

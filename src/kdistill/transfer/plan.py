@@ -11,11 +11,14 @@ The pipeline asks this module for three things:
 
 The per-batch mix. The labelled, unlabeled and pooled rows are one transfer set, shuffled together each epoch (the
 engine's one permutation), so a batch of B rows holds B·L/N labelled rows in expectation (L labelled of N rows).
-The soft (teacher) term is averaged over every row of the batch; the hard term over the batch's labelled rows only
-(their targets are real labels, the others :data:`~kdistill.engine.batches.UNLABELLED`, which cross-entropy
-ignores); a batch without a labelled row has a hard term of 0. For ``kd``:
-``loss = (1 - w)·mean_{labelled} CE + w·T²·mean_{all} KL``. In live mode each batch of B training rows gets
-``ceil(ratio·B)`` generated rows appended (unlabeled), and the teacher labels all of them.
+Every row of a batch of B rows weighs 1/B in both terms: the soft (teacher) term is averaged over
+every row; the hard term sums the labelled rows (their targets are real labels, the others
+:data:`~kdistill.engine.batches.UNLABELLED`, which count 0) and divides by B, so a labelled row weighs what it
+weighs in a fully labelled batch however many unlabeled rows share it
+(:func:`~kdistill.losses.common.labelled_cross_entropy`); a batch without a labelled row has a hard term of 0. For
+``kd``: ``loss = (1 - w)·(1/B)·Σ_{labelled} CE + w·T²·mean_{all} KL``. In live mode each batch of B training rows gets
+``ceil(ratio·B)`` generated rows appended (unlabeled), and the teacher labels all of them. With unlabeled or pooled
+rows the engine decays the weights by ``weight_decay·sqrt(L/N)`` (``TrainConfig.scale_weight_decay``).
 """
 
 from __future__ import annotations
