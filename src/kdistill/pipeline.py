@@ -734,14 +734,15 @@ def _val_batches(prepared: Prepared, rows: int = 1024) -> list[tuple[torch.Tenso
         return None
     if prepared.teacher_map is not None:
         target = prepared.teacher_map(target.float())
-    return [_val_batch(val.x, target, slice(start, start + rows)) for start in range(0, len(val), rows)]
+    per_position = prepared.task.name == "token_lm"  # embeddings and regression: one target row per input row
+    return [_val_batch(val.x, target, slice(start, start + rows), per_position) for start in range(0, len(val), rows)]
 
 
-def _val_batch(x: Any, target: torch.Tensor, rows: slice) -> tuple[Any, torch.Tensor]:
+def _val_batch(x: Any, target: torch.Tensor, rows: slice, per_position: bool = True) -> tuple[Any, torch.Tensor]:
     """One validation batch; a mapping is cut to its longest row, and per-position targets with it."""
     inputs, batch_target = take_rows(x, rows), target[rows]
     trimmed = trim_padding(inputs)
-    if isinstance(trimmed, Mapping) and trimmed is not inputs and batch_target.ndim >= 2:
+    if isinstance(trimmed, Mapping) and trimmed is not inputs and batch_target.ndim >= 2 and per_position:
         batch_target = batch_target[:, : trimmed["attention_mask"].shape[1]]
     return trimmed, batch_target
 
