@@ -222,3 +222,14 @@ def test_token_vectors_through_the_cache_are_the_same(teacher: SentenceTeacher, 
     torch.testing.assert_close(cached.vectors.weight, direct.vectors.weight, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(again.vectors.weight, cached.vectors.weight, rtol=0, atol=0)
     assert any((tmp_path / "sets").iterdir())
+
+
+def test_a_tokenizer_that_pads_every_text_does_not_change_the_token_vectors(
+    teacher: SentenceTeacher, tmp_path: Path
+) -> None:
+    padded = tiny_tokenizer(tmp_path / "padded")  # MiniLM's tokenizer.json pads every text to 128 tokens
+    padded.backend_tokenizer.enable_padding(length=16, pad_id=0, pad_token="[PAD]")
+    padding_teacher = SentenceTeacher(teacher.encoder, padded, max_length=32)
+    plain = StaticEmbedding.from_teacher(teacher, pca_dims=None, normalize=False)
+    from_padded = StaticEmbedding.from_teacher(padding_teacher, pca_dims=None, normalize=False)
+    torch.testing.assert_close(from_padded.vectors.weight, plain.vectors.weight, rtol=1e-5, atol=1e-6)

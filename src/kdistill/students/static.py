@@ -94,7 +94,12 @@ def _backend_of(tokenizer: Any) -> Any:
             f"{type(tokenizer).__name__}",
             hint="load the teacher's tokenizer with use_fast=True (AutoTokenizer does by default).",
         )
-    return backend
+    # a copy without padding or truncation: a saved tokenizer.json may pad every text to a fixed length (MiniLM's
+    # pads to 128), which would put 125 [PAD] tokens, attended to, into every "[CLS] token [SEP]" the teacher embeds
+    plain = tokenizers.Tokenizer.from_str(backend.to_str())
+    plain.no_padding()
+    plain.no_truncation()
+    return plain
 
 
 def _words(backend: Any, sentences: Sequence[str]) -> list[str]:
