@@ -134,7 +134,7 @@ CASES = [
         overrides=("device.precision=fp8",),
     ),
     Case("fp16-on-cpu", ConfigError, "fp16 needs CUDA", overrides=("device.type=cpu", "device.precision=fp16")),
-    Case("dataset-and-files", ConfigError, "give either dataset", overrides=("data.dataset=digits",)),
+    Case("dataset-and-files", ConfigError, "give one of dataset", overrides=("data.dataset=digits",)),
     # ---- references to the user's code and files
     Case(
         "factory-missing-module",

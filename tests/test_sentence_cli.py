@@ -1,5 +1,6 @@
-"""``kdistill sentence`` runs the YAML examples' pipeline (with a tiny teacher and corpus swapped in by --set, as a
-user would), and ``kdistill export --sentence`` turns the transformer student it saved into ONNX + INT8."""
+"""``kdistill run`` trains both sentence students from the YAML examples through the one pipeline (with a tiny
+teacher and corpus swapped in by --set, as a user would), and ``kdistill export --sentence`` turns the transformer
+student the run saved into ONNX + INT8."""
 
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from kdistill.config import load_config
 from kdistill.errors import ConfigError
+from kdistill.run import validate
 from kdistill.sentence_export import save_sentence_transformer
-from kdistill.sentence_run import load_sentence_config
 from kdistill.teachers import SentenceEncoder
 from sentence_cases import SENTENCES, tiny_bert, tiny_tokenizer
 
@@ -41,22 +43,24 @@ def _kdistill(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 
 def test_the_examples_validate_and_bad_keys_are_named() -> None:
     assert [path.name for path in EXAMPLES] == ["static.yaml", "transformer.yaml"]
-    kinds = [load_sentence_config(path).student.kind for path in EXAMPLES]
-    assert kinds == ["static", "transformer"]
-    with pytest.raises(ConfigError, match=r"train\.los: unknown key; did you mean 'loss'"):
-        load_sentence_config(EXAMPLES[0], ["train.los=mse"])
-    with pytest.raises(ConfigError, match=r"train\.loss: 'kd' is not allowed"):
-        load_sentence_config(EXAMPLES[0], ["train.loss=kd"])
+    configs = [validate(path) for path in EXAMPLES]
+    assert [(config.task, config.teacher.kind, config.student.kind) for config in configs] == [
+        ("embedding", "sentence", "static"),
+        ("embedding", "sentence", "transformer"),
+    ]
+    with pytest.raises(ConfigError, match=r"data\.sentences\.trian: unknown key; did you mean 'train'"):
+        load_config(EXAMPLES[0], ["data.sentences.trian=5"])
+    with pytest.raises(ConfigError, match="give one of dataset"):
+        load_config(EXAMPLES[0], ["data.dataset=digits"])
 
 
 def _overrides(workspace: Path, out: Path) -> list[str]:
     return [
-        "--set", f"teacher={workspace / 'teacher'}",
-        "--set", f"corpus.source={workspace / 'sentences.txt'}",
+        "--set", f"teacher.path={workspace / 'teacher'}",
+        "--set", f"data.sentences.source={workspace / 'sentences.txt'}",
         "--set", f"out={out}",
-        "--set", f"cache_dir={workspace / 'cache'}",
+        "--set", f"cache.dir={workspace / 'cache'}",
         "--set", "train.epochs=3",
-        "--set", "throughput_seconds=0.05",
     ]  # fmt: skip
 
 
@@ -64,14 +68,15 @@ def test_static_example_runs_and_saves_a_model2vec_folder(workspace: Path) -> No
     model2vec = pytest.importorskip("model2vec")
     out = workspace / "static"
     result = _kdistill(
-        "sentence", str(EXAMPLES[0]), *_overrides(workspace, out), "--set", "student.pca_dims=8", "--quiet",
+        "run", str(EXAMPLES[0]), *_overrides(workspace, out), "--set", "student.params.pca_dims=8", "--quiet",
         cwd=workspace,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "trained: spearman" in result.stdout and "(model2vec)" in result.stdout
+    assert "Spearman" in result.stdout and "sent/s @64" in result.stdout
     report = json.loads((out / "report.json").read_text())
-    assert report["sentences"] == {"train": 29, "test": 3} and report["epochs"] == 3
-    assert set(report["trained"]) == {"spearman_random", "spearman_hard", "recall_at_10"}
+    assert report["rows"] == 3 and report["settings"]["epochs_run"] == 3
+    student = report["models"]["student"]
+    assert {"spearman", "spearman_hard", "recall_at_10", "sentences_per_s_batch_1", "speedup_batch_64"} <= set(student)
     loaded = model2vec.StaticModel.from_pretrained(out / "model")
     assert loaded.encode(SENTENCES[:2], use_multiprocessing=False).shape == (2, 8)
 
@@ -80,11 +85,12 @@ def test_transformer_example_runs_and_exports_to_onnx(workspace: Path) -> None:
     pytest.importorskip("onnxruntime")
     out = workspace / "transformer"
     result = _kdistill(
-        "sentence", str(EXAMPLES[1]), *_overrides(workspace, out), "--set", "student.layers=[1]",
-        "--set", "train.batch_size=8", cwd=workspace,
+        "run", str(EXAMPLES[1]), *_overrides(workspace, out), "--set", "student.params.layer_map=[1]",
+        "--set", "train.batch_size=8", "--set", "report.profile=false", cwd=workspace,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "[train]" in result.stdout and "(sentence-transformers)" in result.stdout
+    assert "recall@10" in result.stdout
+    assert (out / "model" / "modules.json").exists() and (out / "cache").exists() is False
     exported = _kdistill("export", "--sentence", str(out / "model"), "--out", str(out / "onnx"), cwd=workspace)
     assert exported.returncode == 0, exported.stdout + exported.stderr
     summary = json.loads((out / "onnx" / "export.json").read_text())
@@ -94,8 +100,8 @@ def test_transformer_example_runs_and_exports_to_onnx(workspace: Path) -> None:
 
 def test_a_missing_corpus_file_is_a_clear_error(workspace: Path) -> None:
     result = _kdistill(
-        "sentence", str(EXAMPLES[0]), "--set", f"teacher={workspace / 'teacher'}", "--set", "corpus.source=nope.txt",
-        cwd=workspace,
+        "run", str(EXAMPLES[0]), "--set", f"teacher.path={workspace / 'teacher'}",
+        "--set", "data.sentences.source=nope.txt", cwd=workspace,
     )  # fmt: skip
     assert result.returncode == 2
-    assert "corpus.source 'nope.txt' is neither 'docstrings' nor a file" in result.stdout
+    assert "data.sentences.source: 'nope.txt' is neither 'docstrings' nor a file" in result.stdout

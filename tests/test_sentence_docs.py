@@ -19,5 +19,5 @@ def test_sentence_page_examples_run(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     namespace: dict[str, object] = {"__name__": "__doc_example__"}
     for position, block in enumerate(blocks):
         exec(compile(block, f"{DOC.name} block {position}", "exec"), namespace)
-    assert (tmp_path / "runs" / "doc-static" / "model.safetensors").exists()
-    assert (tmp_path / "runs" / "doc-transformer" / "modules.json").exists()
+    assert (tmp_path / "runs" / "doc-static" / "model" / "model.safetensors").exists()
+    assert (tmp_path / "runs" / "doc-transformer" / "model" / "modules.json").exists()

@@ -1,6 +1,7 @@
 """The transformer sentence student: initialised from chosen teacher layers, trained on the teacher's embeddings
-through the engine, saved as a sentence-transformers folder that ``SentenceTransformer(path)`` loads with the same
-embeddings, and exported to ONNX (fp32 checked against PyTorch, and INT8)."""
+through the one pipeline (``distill``), saved by the run as a sentence-transformers folder that
+``SentenceTransformer(path)`` loads with the same embeddings, and exported to ONNX (fp32 checked against PyTorch, and
+INT8)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
+import kdistill
 from kdistill.embedding_eval import similarity_report
-from kdistill.errors import DataError, ExportError
+from kdistill.errors import ConfigError, ExportError, StudentError
 from kdistill.sentence_export import export_sentence_onnx, save_sentence_transformer
-from kdistill.sentence_fit import fit_embeddings
 from kdistill.students.transformer import FreshWeightsWarning
 from kdistill.teachers import SentenceEncoder, SentenceTeacher
 from sentence_cases import SENTENCES, tiny_bert, tiny_tokenizer
@@ -42,17 +43,24 @@ def test_trained_student_saves_as_a_sentence_transformer_with_the_same_embedding
 ) -> None:
     sentence_transformers = pytest.importorskip("sentence_transformers")
     with pytest.warns(FreshWeightsWarning):  # narrower than the teacher: fresh weights, 16-d embeddings
-        student = teacher.transformer_student(layer_map=[2], hidden_size=16)
+        untrained = teacher.transformer_student(layer_map=[2], hidden_size=16)
     tokens, targets = teacher.tokenize(SENTENCES), teacher.encode(SENTENCES)
-    before = similarity_report(targets, student.eval()(**tokens).detach(), pairs=500)["spearman_random"]
+    before = similarity_report(targets, untrained.eval()(**tokens).detach(), pairs=500)["spearman_random"]
     # 16-d student, 32-d teacher: the contrastive loss compares similarities, so the widths may differ
-    history = fit_embeddings(student.train(), tokens, targets, loss="contrastive", epochs=40, batch_size=8, lr=3e-3)
-    student.eval()
+    with pytest.warns(FreshWeightsWarning):
+        result = kdistill.distill(
+            teacher, "transformer", SENTENCES, task="embedding", method="contrastive",
+            student_params={"layer_map": [2], "hidden_size": 16}, epochs=40, batch_size=8, lr=3e-3,
+            weight_decay=0.0, report=False, verbose=False, out=tmp_path / "run",
+        )  # fmt: skip
+    student = result.student
+    assert isinstance(student, SentenceEncoder)
     ours = student(**tokens).detach()
     after = similarity_report(targets, ours, pairs=500)["spearman_random"]
-    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
     assert after > before + 0.2, (before, after)  # measured: 0.2-0.3 before, 0.74 after
-    folder = save_sentence_transformer(student, teacher.tokenizer, tmp_path / "st", max_length=32)
+    torch.testing.assert_close(student.encode(SENTENCES), ours, rtol=1e-5, atol=1e-6)
+    folder = tmp_path / "run" / "model"  # the run saved it as a sentence-transformers folder
     theirs = sentence_transformers.SentenceTransformer(str(folder), device="cpu").encode(SENTENCES, batch_size=5)
     np.testing.assert_allclose(ours.numpy(), theirs, rtol=1e-5, atol=1e-5)
     reloaded = SentenceTeacher.from_pretrained(folder).encode(SENTENCES)  # and kdistill reads it back as a teacher
@@ -79,10 +87,10 @@ def test_onnx_export_matches_pytorch_and_int8_stays_close(
     np.testing.assert_allclose(got, student(**tokens).detach().numpy(), rtol=1e-4, atol=1e-5)
 
 
-def test_fit_embeddings_refuses_misaligned_targets_and_unknown_losses(teacher: SentenceTeacher) -> None:
-    student = teacher.transformer_student(layer_map=[0])
-    tokens = teacher.tokenize(SENTENCES)
-    with pytest.raises(DataError, match="one row per sentence"):
-        fit_embeddings(student, tokens, torch.zeros(3, 32))
-    with pytest.raises(Exception, match="unknown sentence-student loss 'kd'"):
-        fit_embeddings(student, tokens, torch.zeros(len(SENTENCES), 32), loss="kd")
+def test_a_run_refuses_methods_and_params_that_do_not_fit(teacher: SentenceTeacher) -> None:
+    with pytest.raises(ConfigError, match="method 'rkd' does not fit task 'embedding'"):
+        kdistill.distill(teacher, "transformer", SENTENCES, task="embedding", method="rkd", verbose=False)
+    with pytest.raises(StudentError, match="has no param 'hidden'"):
+        kdistill.distill(teacher, "transformer", SENTENCES, task="embedding", student_params={"hidden": [4]})
+    with pytest.raises(StudentError, match="builds student 'static' or 'transformer', got 'mlp'"):
+        kdistill.distill(teacher, "mlp", SENTENCES, task="embedding", verbose=False)

@@ -1,6 +1,7 @@
 """The static-embedding student: its initialisation against an independent transcription of Model2Vec's recipe
 (teacher on [CLS] token [SEP], centred PCA, SIF weights), Model2Vec's tokenisation, the saved folder loading in
-Model2Vec with the same embeddings, the corpus vocabulary, fine-tuning, and bad input."""
+Model2Vec with the same embeddings, the corpus vocabulary, fine-tuning through the one pipeline (``distill``, the
+teacher's token ids mapped to the student's rows, a narrower student trained in its PCA space), and bad input."""
 
 from __future__ import annotations
 
@@ -11,16 +12,14 @@ import pytest
 import torch
 from sklearn.decomposition import PCA
 
+import kdistill
+from kdistill.config import validate_settings
 from kdistill.embedding_eval import similarity_report
 from kdistill.errors import DataError, StudentError
+from kdistill.pipeline import RunSpec, prepare
 from kdistill.sentence_export import save_model2vec
-from kdistill.students.static import (
-    StaticEmbedding,
-    corpus_vocabulary,
-    finetune_static,
-    sif_weights,
-    zipf_probabilities,
-)
+from kdistill.sentences import sentence_split, sentence_student
+from kdistill.students.static import StaticEmbedding, corpus_vocabulary, sif_weights, zipf_probabilities
 from kdistill.teachers import SentenceEncoder, SentenceTeacher
 from sentence_cases import SENTENCES, tiny_bert, tiny_tokenizer
 
@@ -29,6 +28,11 @@ from sentence_cases import SENTENCES, tiny_bert, tiny_tokenizer
 def teacher(tmp_path_factory: pytest.TempPathFactory) -> SentenceTeacher:
     tokenizer = tiny_tokenizer(tmp_path_factory.mktemp("vocab"))
     return SentenceTeacher(SentenceEncoder(tiny_bert(tokenizer.vocab_size)), tokenizer, max_length=32)
+
+
+def _distill(teacher: SentenceTeacher, params: dict, **kwargs: object) -> kdistill.DistillResult:
+    options: dict = {"epochs": 2, "batch_size": 8, "lr": 1e-2, "weight_decay": 0.0, "verbose": False} | kwargs
+    return kdistill.distill(teacher, "static", SENTENCES, task="embedding", student_params=params, **options)
 
 
 def test_zipf_and_sif_weights_follow_the_formulas() -> None:
@@ -72,9 +76,10 @@ def test_a_sentence_is_the_normalised_mean_of_its_known_tokens(teacher: Sentence
 
 def test_model2vec_loads_the_saved_student_with_the_same_embeddings(teacher: SentenceTeacher, tmp_path: Path) -> None:
     model2vec = pytest.importorskip("model2vec")
-    student = StaticEmbedding.from_teacher(teacher, corpus=SENTENCES, pca_dims=16)
-    finetune_static(student, SENTENCES, teacher.encode(SENTENCES), epochs=2, batch_size=8, lr=1e-2)
-    folder = save_model2vec(student, tmp_path / "static")
+    result = _distill(teacher, {"pca_dims": 16}, test=SENTENCES[:5], out=tmp_path / "run")
+    student = result.student
+    assert isinstance(student, StaticEmbedding)
+    folder = tmp_path / "run" / "model"  # the run saves the student in Model2Vec's format
     loaded = model2vec.StaticModel.from_pretrained(folder)
     sentences = [*SENTENCES, "zzq qqz", "THE ARRAY, sorted; the matrix!"]  # one with no known token: zeros
     theirs = loaded.encode(sentences, use_multiprocessing=False)
@@ -127,13 +132,45 @@ def test_corpus_weighting_uses_token_counts(teacher: SentenceTeacher) -> None:
 
 def test_fine_tuning_brings_the_similarities_closer_to_the_teacher(teacher: SentenceTeacher) -> None:
     targets = teacher.encode(SENTENCES)
+    before = StaticEmbedding.from_teacher(teacher, corpus=SENTENCES, pca_dims=None).encode(SENTENCES)
+    before_score = similarity_report(targets, before, pairs=500)["spearman_random"]
     for loss in ("cosine", "contrastive", "mse"):
-        student = StaticEmbedding.from_teacher(teacher, corpus=SENTENCES, pca_dims=None)
-        before = similarity_report(targets, student.encode(SENTENCES), pairs=500)["spearman_random"]
-        history = finetune_static(student, SENTENCES, targets, loss=loss, epochs=40, batch_size=8, lr=1e-3)
-        after = similarity_report(targets, student.encode(SENTENCES), pairs=500)["spearman_random"]
-        assert history[-1]["train_loss"] < history[0]["train_loss"], loss
-        assert after > before + 0.2, (loss, before, after)  # measured: 0.53 before, 0.96-0.99 after
+        result = _distill(teacher, {"pca_dims": None}, method=loss, epochs=40, lr=1e-3, report=False)
+        after = similarity_report(targets, result.student.encode(SENTENCES), pairs=500)["spearman_random"]
+        assert result.history[-1]["train_loss"] < result.history[0]["train_loss"], loss
+        assert after > before_score + 0.2, (loss, before_score, after)  # measured: 0.53 before, 0.96-0.99 after
+
+
+def test_the_teacher_token_ids_give_what_model2vec_tokenisation_gives(teacher: SentenceTeacher) -> None:
+    for prune in (False, True):  # the run feeds the teacher's ids; encode() is Model2Vec's own tokenisation
+        student = StaticEmbedding.from_teacher(teacher, corpus=SENTENCES, prune_to_corpus=prune, pca_dims=8)
+        sentences = [*SENTENCES[:4], "THE ARRAY, sorted; the matrix!"]
+        from_teacher_ids = student(**teacher.tokenize(sentences, fixed_width=True))
+        torch.testing.assert_close(from_teacher_ids, student.encode(sentences), rtol=1e-5, atol=1e-6)
+    words = StaticEmbedding.from_teacher(teacher, vocabulary=["distillation"], pca_dims=None)
+    with pytest.raises(StudentError, match="whole words beyond the teacher's tokens"):
+        words(**teacher.tokenize(SENTENCES[:2]))
+
+
+def test_a_narrower_student_trains_on_the_teacher_embeddings_in_its_pca_space(teacher: SentenceTeacher) -> None:
+    train = sentence_split(teacher, SENTENCES, "train")
+    for method, projected in (("cosine", True), ("mse", True), ("contrastive", False)):
+        spec = RunSpec(
+            settings=validate_settings({"task": "embedding", "method": method, "report": {"baseline": False}}),
+            train=train,
+            teacher=teacher,
+            student=sentence_student("static", teacher, SENTENCES, {"pca_dims": 8}),
+        )
+        prepared = prepare(spec)
+        raw = teacher.encode(SENTENCES)
+        assert isinstance(prepared.student, StaticEmbedding) and prepared.targets is not None
+        expected = prepared.student.project(raw) if projected else raw  # (t - mu) V^T, normalised
+        assert prepared.targets.shape == expected.shape, method
+        torch.testing.assert_close(prepared.targets, expected, rtol=1e-4, atol=1e-5)
+    result = _distill(teacher, {"pca_dims": 8}, test=SENTENCES[:6], method="cosine", epochs=20, lr=1e-2)
+    student_metrics = result.report.models["student"]
+    assert np.isnan(student_metrics["cosine"])  # 8 against 32 dimensions: no cosine to the teacher's embeddings
+    assert 0 < student_metrics["spearman"] <= 1 and result.history[-1]["train_loss"] < result.history[0]["train_loss"]
 
 
 def test_project_maps_teacher_vectors_with_the_pca(teacher: SentenceTeacher) -> None:
@@ -160,14 +197,22 @@ def test_a_vocabulary_the_teacher_cannot_encode_is_refused(teacher: SentenceTeac
         StaticEmbedding.from_teacher(teacher, vocabulary=[""], pca_dims=None)
 
 
-def test_empty_sentences_and_misaligned_targets_are_refused(teacher: SentenceTeacher) -> None:
+def test_empty_sentences_small_corpora_and_bad_params_are_refused(teacher: SentenceTeacher) -> None:
     student = StaticEmbedding.from_teacher(teacher, pca_dims=8)
     with pytest.raises(DataError, match=r"corpus\[2\] is empty"):
         StaticEmbedding.from_teacher(teacher, corpus=["a b", "c", " "], pca_dims=8)
     with pytest.raises(DataError, match=r"sentences\[0\] is empty"):
         student.encode([""])
-    with pytest.raises(DataError, match="one row per sentence"):
-        finetune_static(student, SENTENCES, torch.zeros(3, 32))
+    with pytest.raises(DataError, match=r"train sentences\[1\] is empty or whitespace only"):
+        kdistill.distill(teacher, "static", ["a b", "   ", "c"], task="embedding", verbose=False)
+    with pytest.raises(DataError, match=r"test sentences\[0\] is empty"):
+        kdistill.distill(teacher, "static", SENTENCES, test=["", "a"], task="embedding", verbose=False)
+    with pytest.raises(DataError, match=r"PCA to 32 dimensions needs at least 32 token vectors"):
+        kdistill.distill(  # two sentences use fewer than 32 tokens
+            teacher, "static", SENTENCES[:2], task="embedding", student_params={"pca_dims": 32, "vocabulary": "corpus"}
+        )
+    with pytest.raises(StudentError, match="has no param 'pca'"):
+        _distill(teacher, {"pca": 8})
 
 
 def test_token_vectors_through_the_cache_are_the_same(teacher: SentenceTeacher, tmp_path: Path) -> None:
@@ -177,3 +222,14 @@ def test_token_vectors_through_the_cache_are_the_same(teacher: SentenceTeacher, 
     torch.testing.assert_close(cached.vectors.weight, direct.vectors.weight, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(again.vectors.weight, cached.vectors.weight, rtol=0, atol=0)
     assert any((tmp_path / "sets").iterdir())
+
+
+def test_a_tokenizer_that_pads_every_text_does_not_change_the_token_vectors(
+    teacher: SentenceTeacher, tmp_path: Path
+) -> None:
+    padded = tiny_tokenizer(tmp_path / "padded")  # MiniLM's tokenizer.json pads every text to 128 tokens
+    padded.backend_tokenizer.enable_padding(length=16, pad_id=0, pad_token="[PAD]")
+    padding_teacher = SentenceTeacher(teacher.encoder, padded, max_length=32)
+    plain = StaticEmbedding.from_teacher(teacher, pca_dims=None, normalize=False)
+    from_padded = StaticEmbedding.from_teacher(padding_teacher, pca_dims=None, normalize=False)
+    torch.testing.assert_close(from_padded.vectors.weight, plain.vectors.weight, rtol=1e-5, atol=1e-6)

@@ -306,6 +306,7 @@ def distill(
         A :class:`DistillResult`.
     """
     task, method = _regression_defaults(teacher, task, method, settings)
+    teacher, method = _sentence_defaults(teacher, task, method, settings)
     settings_dict = _settings_from_arguments(
         settings,
         method=method,
@@ -347,6 +348,11 @@ def distill(
     train, val, test, student, student_params = _transformer_inputs(
         adapter, student, student_params, (train, val, test), tokenizer, max_length
     )
+    if _is_sentence_teacher(adapter):
+        cache_root = validated.cache.dir if validated.cache.dir is not None else (folder and folder / "cache")
+        train, val, test, student, student_params = _sentence_inputs(
+            adapter, student, student_params, (train, val, test), cache_root
+        )
     spec = RunSpec(
         settings=validated,
         train=train,
@@ -381,6 +387,63 @@ def distill(
             hint="pass student='auto' to search under the budget, or drop budget= and search=.",
         )
     return execute(spec)  # under torchrun: on every rank, the report and the run folder's files on rank 0 only
+
+
+def _is_sentence_teacher(teacher: Any) -> bool:
+    from kdistill.teachers.sentence import SentenceTeacher
+
+    return isinstance(teacher, SentenceTeacher)
+
+
+def _sentence_defaults(teacher: Any, task: str, method: Any, settings: Mapping[str, Any] | None) -> tuple[Any, Any]:
+    """A sentence-encoder teacher given as a folder (or ``"minilm"``) with ``task="embedding"`` is loaded; its
+    default method is ``"cosine"`` (``"kd"`` means nothing for embeddings) unless ``settings`` names one."""
+    from kdistill.sentences import load_sentence_teacher
+
+    if task != "embedding":
+        return teacher, method
+    if isinstance(teacher, (str, os.PathLike)):
+        teacher = load_sentence_teacher(teacher)
+    if _is_sentence_teacher(teacher) and method == "kd" and "method" not in (settings or {}):
+        method = "cosine"
+    return teacher, method
+
+
+def _sentence_inputs(
+    teacher: Any,
+    student: Any,
+    student_params: dict[str, Any],
+    splits: tuple[Any, Any, Any],
+    cache_dir: Any,
+) -> tuple[Any, Any, Any, Any, dict[str, Any]]:
+    """Sentences as the teacher's token ids, and ``student="static"``/``"transformer"`` as its builder
+    (:mod:`kdistill.sentences`); inputs that are not text, and your own student module, come back as they are."""
+    from kdistill.sentences import is_sentences, sentence_split, sentence_student
+
+    names = ("train", "val", "test")
+    texts = [value[0] if _is_text_pair(value) else value for value in splits]
+    converted = [
+        sentence_split(teacher, value, name) if value is not None and is_sentences(value) else original
+        for name, value, original in zip(names, texts, splits, strict=True)
+    ]
+    if isinstance(student, str):  # a registered name: only the two a sentence teacher builds
+        if not is_sentences(texts[0]):
+            from kdistill.errors import DataError
+
+            raise DataError(
+                f"student {student!r} of a sentence teacher is built from the training sentences, but train is a "
+                f"{type(splits[0]).__name__}",
+                hint="pass train as a list of sentences (strings).",
+            )
+        built = sentence_student(student, teacher, list(texts[0]), student_params, cache_dir=cache_dir)
+        return converted[0], converted[1], converted[2], built, {}
+    return converted[0], converted[1], converted[2], student, student_params
+
+
+def _is_text_pair(value: Any) -> bool:
+    from kdistill.sentences import is_sentences
+
+    return isinstance(value, tuple) and len(value) == 2 and is_sentences(value[0]) and value[1] is None
 
 
 def _transformer_inputs(

@@ -56,28 +56,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_sentence(args: argparse.Namespace) -> int:
-    from kdistill.sentence_run import load_sentence_config, run_sentence
-
-    report = run_sentence(load_sentence_config(args.config, args.set), verbose=not args.quiet)
-    for name in ("untrained", "trained"):
-        metrics = report[name]
-        _console.print(
-            f"{name:>9}: spearman {metrics['spearman_random']:.3f} (hard pairs {metrics['spearman_hard']:.3f}), "
-            f"recall@10 {metrics['recall_at_10']:.3f}",
-            highlight=False,
-        )
-    speeds = report["sentences_per_s"]
-    _console.print(
-        f"sentences/s, 1 thread, batch 1 / 64: teacher {speeds['teacher']['batch_1']:.0f} / "
-        f"{speeds['teacher']['batch_64']:.0f}, student {speeds['student']['batch_1']:.0f} / "
-        f"{speeds['student']['batch_64']:.0f} ({report['speedup_batch_64']:.1f}x); saved {report['model']} "
-        f"({report['format']}) and report.json",
-        highlight=False,
-    )
-    return 0
-
-
 def _cmd_export(args: argparse.Namespace) -> int:
     from kdistill.compress.commands import export_saved_student, run_pipeline
 
@@ -247,8 +225,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if int(os.environ.get("RANK", "0")) != 0:  # a rank other than 0 under torchrun: rank 0 reports
         return 0
     if outcome.result.report is not None:
-        _console.print(outcome.result.report.table())
-        _console.print(f"retention {outcome.result.report.retention:.1%} of the teacher's accuracy", highlight=False)
+        built = outcome.result.report
+        _console.print(built.table())
+        student = built.models["student"]
+        if "spearman" in student:  # an embedding run: how much similarity structure the student kept
+            _console.print(
+                f"the student's pairwise cosines rank like the teacher's: Spearman {student['spearman']:.3f} "
+                f"(hard pairs {student['spearman_hard']:.3f}), recall@10 {student['recall_at_10']:.3f}",
+                highlight=False,
+            )
+        else:
+            _console.print(f"retention {built.retention:.1%} of the teacher's accuracy", highlight=False)
     resumed = " (resumed)" if outcome.resumed else ""
     _console.print(f"run{resumed} saved to {outcome.folder}/", highlight=False)
     return 0
@@ -387,16 +374,6 @@ def build_parser() -> argparse.ArgumentParser:
     profile.add_argument("--seed", type=int, default=0)
     profile.add_argument("--json", default=None, help="where to write the results (default: FOLDER/profile.json)")
     profile.set_defaults(handler=_cmd_profile)
-
-    sentence = commands.add_parser(
-        "sentence", help="distil a sentence encoder into a static or transformer student from a YAML config"
-    )
-    sentence.add_argument("config", help="the YAML config (see examples/sentence/ and docs/sentence_encoders.md)")
-    sentence.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a field, e.g. train.epochs=5"
-    )
-    sentence.add_argument("--quiet", action="store_true", help="no stage timings")
-    sentence.set_defaults(handler=_cmd_sentence)
 
     run = commands.add_parser("run", help="run a distillation from a YAML config (checkpointed, resumable)")
     run.add_argument("config", help="the YAML config file (see examples/ and docs/config.md)")

@@ -133,6 +133,20 @@ class FileSplit(_Section):
         return self
 
 
+class SentenceData(_Section):
+    """Text for a sentence-encoder run (task ``embedding``, teacher kind ``sentence``): ``source`` is
+    ``docstrings`` (:func:`kdistill.corpus.docstring_sentences`: its train / val / test splits by module) or a
+    text file with one sentence a line (relative to the config file's folder; blank lines dropped; a seeded shuffle
+    holds out a tenth, at least 3, for test). ``train``/``val``/``test``: how many sentences of each split to use
+    (None: all of train and test; ``val`` 0: no validation set), the same ones for a given ``seed``."""
+
+    source: str = "docstrings"
+    train: Annotated[int, Field(ge=2)] | None = None
+    val: Annotated[int, Field(ge=0)] = 0
+    test: Annotated[int, Field(ge=3)] | None = None
+    seed: int = 0
+
+
 class DataConfig(_Section):
     """A built-in data set (``kdistill list datasets``), or files for ``train`` and optionally ``val``/``test``.
 
@@ -142,6 +156,8 @@ class DataConfig(_Section):
     train: FileSplit | None = None
     val: FileSplit | None = None
     test: FileSplit | None = None
+    sentences: SentenceData | None = None
+    """Text for a sentence encoder (:class:`SentenceData`), instead of ``dataset`` or files."""
     unlabeled: str | None = None
     """Rows without labels for the teacher to label: a .npy file of (rows, *features), or a .npz with array ``x``
     (relative to the config file's folder); the student learns from them, the baseline does not."""
@@ -164,8 +180,12 @@ class DataConfig(_Section):
 
     @model_validator(mode="after")
     def _one_source(self) -> DataConfig:
-        if (self.dataset is None) == (self.train is None):
-            raise ValueError("give either dataset (a built-in name) or train (files), not both or neither")
+        sources = [name for name in ("dataset", "train", "sentences") if getattr(self, name) is not None]
+        if len(sources) != 1:
+            raise ValueError(
+                "give one of dataset (a built-in name), train (files) or sentences (text for a sentence encoder), "
+                f"not {' and '.join(sources) if sources else 'none'}"
+            )
         for name in ("val", "test"):
             split = getattr(self, name)
             if split is not None and split.stream:
@@ -335,6 +355,8 @@ class TrainSection(_Section):
     checkpoint_every_steps: Annotated[int, Field(gt=0)] | None = None
     max_steps: Annotated[int, Field(gt=0)] | None = None
     eval_every_steps: Annotated[int, Field(gt=0)] | None = None
+    max_minutes: Annotated[float, Field(gt=0)] | None = None
+    """A wall-time budget: training stops at the first step past it (null: none)."""
     optimizer: OptimizerConfig = OptimizerConfig()
     schedule: ScheduleConfig = ScheduleConfig()
 
@@ -849,6 +871,13 @@ def check_references(config: RunConfig) -> None:
     exists when asked for, compression steps are registered. Imports the user's modules (their own code)."""
     from kdistill.config_recipes import TEACHER_RECIPES, import_reference, signature_params
 
+    sentences = config.data.sentences
+    if sentences is not None and sentences.source != "docstrings" and not config.resolve(sentences.source).is_file():
+        raise ConfigError(
+            f"data.sentences.source: {sentences.source!r} is neither 'docstrings' nor a file (looked at "
+            f"{config.resolve(sentences.source)})",
+            hint="a text file with one sentence a line, relative to the config file's folder.",
+        )
     for split_name in ("train", "val", "test"):
         split: FileSplit | None = getattr(config.data, split_name)
         if split is None:

@@ -238,6 +238,16 @@ def _hf(train: Split, context: dict[str, Any], *, auto_class: str = "AutoModelFo
     return HFTeacher.from_pretrained(context["path"], auto_class=auto_class, output=output)
 
 
+@register_teacher(
+    "sentence",
+    "a sentence encoder (task embedding): path a local sentence-transformers folder, none the bundled MiniLM [text]",
+)
+def _sentence(train: Split, context: dict[str, Any]) -> Any:
+    from kdistill.sentences import BUNDLED_TEACHER, load_sentence_teacher
+
+    return load_sentence_teacher(context["path"] if context["path"] is not None else BUNDLED_TEACHER)
+
+
 @register_teacher("saved", "a student saved by an earlier kdistill run (path: its folder)", needs=("path",))
 def _saved(train: Split, context: dict[str, Any]) -> Any:
     from kdistill.api import load

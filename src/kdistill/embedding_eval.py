@@ -14,7 +14,7 @@ On held-out sentences, with ``teacher`` (rows, D_t) and ``student`` (rows, D_s) 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -29,6 +29,7 @@ __all__ = [
     "nearest_neighbours",
     "random_pairs",
     "recall_at_k",
+    "sentence_speeds",
     "similarity_report",
     "spearman_on_pairs",
     "throughput",
@@ -137,3 +138,31 @@ def throughput(
                 return done / elapsed
     finally:
         torch.set_num_threads(previous)
+
+
+SPEED_SECONDS = 3.0
+"""How long :func:`sentence_speeds` times each model at each batch size."""
+
+
+def sentence_speeds(
+    encoders: Mapping[str, Callable[[list[str]], Any]],
+    sentences: Sequence[str],
+    *,
+    seconds: float = SPEED_SECONDS,
+    batch_sizes: Sequence[int] = (1, 64),
+    reference: str = "teacher",
+) -> dict[str, dict[str, float]]:
+    """Per model: ``sentences_per_s_batch_<b>`` (:func:`throughput`, one thread) for each batch size, and
+    ``speedup_batch_<last>``, its sentences/s at the last batch size over ``reference``'s."""
+    speeds = {
+        name: {
+            f"sentences_per_s_batch_{size}": throughput(encode, sentences, batch_size=size, seconds=seconds)
+            for size in batch_sizes
+        }
+        for name, encode in encoders.items()
+    }
+    key = f"sentences_per_s_batch_{batch_sizes[-1]}"
+    if reference in speeds:
+        for entry in speeds.values():
+            entry[f"speedup_batch_{batch_sizes[-1]}"] = entry[key] / speeds[reference][key]
+    return speeds

@@ -46,7 +46,7 @@ from kdistill.data import (
     trim_padding,
 )
 from kdistill.engine import EarlyStopping, ProgressBar, StreamingSource, TrainConfig, TransferSet, fit
-from kdistill.engine.callbacks import Callback
+from kdistill.engine.callbacks import Callback, TimeBudget
 from kdistill.engine.checkpoint import Checkpointer, load_checkpoint
 from kdistill.engine.live import Augment
 from kdistill.engine.loggers import ConsoleLog, JsonlLogger, TensorBoardLogger
@@ -164,6 +164,9 @@ class Prepared:
     data_fingerprint: str
     task: Task = field(default_factory=lambda: get_task("classification"))
     extra: ExtraRows | None = None
+    teacher_map: Callable[[torch.Tensor], torch.Tensor] | None = None
+    """The teacher's outputs as the student's loss and validation read them: a narrower embedding student's own
+    space (``student.project_teacher_outputs``, see :func:`_teacher_map`); None: as they are."""
 
 
 # ---------------------------------------------------------------------------------------------------- distributed
@@ -347,9 +350,10 @@ def _check_classes(declared: int | None, width: int, splits: Mapping[str, Split 
     return width
 
 
-def _check_student(student: nn.Module, x: Any, row_shape: tuple[int, ...], task: Task) -> None:
+def _check_student(student: nn.Module, x: Any, row_shape: tuple[int, ...], task: Task, any_width: bool = False) -> None:
     """The student runs on two rows and gives outputs of the teacher's shape per row (a mapping of inputs goes in
-    as keywords; an output object's ``.logits`` counts)."""
+    as keywords; an output object's ``.logits`` counts); ``any_width``: (rows, any width) embeddings, for a method
+    that compares in-batch similarities."""
     was_training = student.training
     student.eval()
     rows = take_rows(x, slice(0, 2))
@@ -364,6 +368,8 @@ def _check_student(student: nn.Module, x: Any, row_shape: tuple[int, ...], task:
     finally:
         student.train(was_training)
     expected = (len(rows) if isinstance(rows, torch.Tensor) else len(next(iter(rows.values()))), *row_shape)
+    if any_width and isinstance(out, torch.Tensor) and out.ndim == 2 and len(out) == expected[0]:
+        return
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != expected:
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         if task.name == "classification":
@@ -372,9 +378,12 @@ def _check_student(student: nn.Module, x: Any, row_shape: tuple[int, ...], task:
                 f"the student outputs {shape} for 2 rows, but the teacher has {classes} classes: expected {expected}",
                 hint=f"make the student's last layer output {classes} logits.",
             )
+        hint = "make the student's outputs the teacher's shape per row."
+        if task.name == "embedding":
+            hint = "give the student the teacher's embedding size, or train it with method 'contrastive' (width-free)."
         raise ShapeMismatchError(
             f"the student outputs {shape} for 2 rows, but the teacher outputs {expected} (task {task.name!r})",
-            hint="make the student's outputs the teacher's shape per row.",
+            hint=hint,
         )
 
 
@@ -431,8 +440,35 @@ def _build_student(
                     f"student {spec.student!r} with params {spec.student_params} cannot be built: {exc}",
                     hint="check the student's params: hidden and channels are lists of positive widths.",
                 ) from exc
-    _check_student(student, train.x, row_shape, task)
+    width_free = task.name == "embedding" and spec.loss is None
+    width_free = width_free and {term.name for term in spec.settings.method} <= _WIDTH_FREE_METHODS
+    _check_student(student, train.x, _student_row_shape(student, row_shape, task), task, any_width=width_free)
     return student, student_spec
+
+
+_WIDTH_FREE_METHODS = frozenset({"contrastive"})
+"""Embedding methods that compare in-batch similarities, so the student's width may differ from the teacher's."""
+
+
+def _student_row_shape(student: nn.Module, row_shape: tuple[int, ...], task: Task) -> tuple[int, ...]:
+    """The student's outputs' shape per row: the teacher's, or, for an embedding student that maps the teacher's
+    embeddings into its own narrower space (``project_teacher_outputs``), that space's width."""
+    project = getattr(student, "project_teacher_outputs", None)
+    if task.name != "embedding" or not callable(project):
+        return row_shape
+    return tuple(project(torch.zeros((1, *row_shape))).shape[1:])
+
+
+def _teacher_map(spec: RunSpec, student: nn.Module, row_shape: tuple[int, ...], task: Task) -> Any:
+    """``student.project_teacher_outputs`` when the run trains on the teacher's embeddings in the student's space: an
+    embedding student narrower than the teacher (a static student after PCA), with a method that compares the two
+    embeddings directly (``cosine``, ``mse``). A width-free method (``contrastive``) reads them as they are."""
+    if _student_row_shape(student, row_shape, task) == row_shape:
+        return None
+    names = {term.name for term in spec.settings.method}
+    if spec.loss is None and names <= _WIDTH_FREE_METHODS:
+        return None
+    return student.project_teacher_outputs
 
 
 def _cache_root(spec: RunSpec) -> Path | None:
@@ -563,10 +599,14 @@ def prepare(spec: RunSpec) -> Prepared:
     if extra is not None:  # the unlabeled and pooled rows change the weights too
         described = json.dumps(extra.transfer, sort_keys=True, default=str)
         data_fingerprint = fingerprint_arrays(train.x, train.y, extra.inputs(), extra=(described,))
+    teacher_map = _teacher_map(spec, student, tuple(row_shape), task)
+    targets = _teacher_targets(spec, teacher, train)
+    if teacher_map is not None and targets is not None:
+        targets = teacher_map(torch.as_tensor(np.asarray(targets)).float())
     return Prepared(
         splits=splits,
         teacher=teacher,
-        targets=_teacher_targets(spec, teacher, train),
+        targets=targets,
         classes=classes,
         num_classes=int(row_shape[-1]),
         loss=loss,
@@ -576,6 +616,7 @@ def prepare(spec: RunSpec) -> Prepared:
         data_fingerprint=data_fingerprint,
         task=task,
         extra=extra,
+        teacher_map=teacher_map,
     )
 
 
@@ -660,6 +701,8 @@ def _callbacks(
     if has_val:  # the task's monitor: val_accuracy (ties: lower val_nll), val_loss for token_lm, val_cosine
         mode = "max" if task.higher_is_better else "min"
         callbacks.append(EarlyStopping(monitor=task.monitor, patience=spec.settings.train.patience, mode=mode))
+    if spec.settings.train.max_minutes is not None:
+        callbacks.append(TimeBudget(spec.settings.train.max_minutes * 60))
     if spec.verbose and logging.progress:
         callbacks.append(ProgressBar(phase))
     if spec.verbose and logging.console:
@@ -731,21 +774,25 @@ def _val_batches(prepared: Prepared, rows: int = 1024) -> list[Any] | None:
     target = prepared.task.validation_target(val, lambda: teacher_logits(_required(teacher), val.x))
     if target is None:
         return None
-    if prepared.task.name == "token_lm":
+    if prepared.teacher_map is not None:
+        target = prepared.teacher_map(target.float())
+    per_position = prepared.task.name == "token_lm"  # embeddings and regression: one target row per input row
+    if per_position:
         rows = max(1, min(rows, 2**23 // max(1, target.shape[1] * prepared.num_classes)))
-    batches = [_val_batch(val.x, target, slice(start, start + rows)) for start in range(0, len(val), rows)]
-    if prepared.task.name != "token_lm" or teacher is None:
+    starts = range(0, len(val), rows)
+    batches = [_val_batch(val.x, target, slice(start, start + rows), per_position) for start in starts]
+    if not per_position or teacher is None:
         return batches
     from kdistill.tasks import TokenValBatch
 
     return [TokenValBatch(x, y, teacher_logits(teacher, x).argmax(dim=-1)) for x, y in batches]
 
 
-def _val_batch(x: Any, target: torch.Tensor, rows: slice) -> tuple[Any, torch.Tensor]:
+def _val_batch(x: Any, target: torch.Tensor, rows: slice, per_position: bool = True) -> tuple[Any, torch.Tensor]:
     """One validation batch; a mapping is cut to its longest row, and per-position targets with it."""
     inputs, batch_target = take_rows(x, rows), target[rows]
     trimmed = trim_padding(inputs)
-    if isinstance(trimmed, Mapping) and trimmed is not inputs and batch_target.ndim >= 2:
+    if isinstance(trimmed, Mapping) and trimmed is not inputs and batch_target.ndim >= 2 and per_position:
         batch_target = batch_target[:, : trimmed["attention_mask"].shape[1]]
     return trimmed, batch_target
 
@@ -1030,7 +1077,7 @@ def report(
     }
     if prepared.extra is not None:
         described |= _transfer_report(spec, prepared, train_split)
-    return build_report(
+    built = build_report(
         teacher,
         prepared.student,
         prepared.baseline,
@@ -1045,6 +1092,23 @@ def report(
         seed=settings.seed,
         train_teacher_logits=_train_teacher_logits(spec, prepared),
     )
+    if prepared.task.name == "embedding" and settings.report.profile:
+        _sentence_speeds(built, {"teacher": teacher, "student": prepared.student}, eval_split.raw_x)
+    return built
+
+
+def _sentence_speeds(built: Report, models: Mapping[str, Any], sentences: Any) -> None:
+    """Sentences/s at batch 1 and 64 on one thread, tokenisation included, of every model that encodes text
+    (``encode(sentences)``: sentence teachers and students), when the report's rows are sentences; added to each
+    model's entry with ``speedup_batch_64`` over the teacher's (:func:`kdistill.embedding_eval.sentence_speeds`)."""
+    from kdistill.embedding_eval import sentence_speeds
+    from kdistill.sentences import is_sentences
+
+    encoders = {name: model.encode for name, model in models.items() if callable(getattr(model, "encode", None))}
+    if not is_sentences(sentences) or "teacher" not in encoders:
+        return
+    for name, speeds in sentence_speeds(encoders, list(sentences)).items():
+        built.models[name] |= speeds
 
 
 def _transfer_report(spec: RunSpec, prepared: Prepared, train: Split) -> dict[str, Any]:

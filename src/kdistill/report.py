@@ -42,6 +42,21 @@ _REGRESSION_COLUMNS = (
 """The table of a regression report (task ``regression``: its models have ``r2``); RMSE and MAE in the targets'
 units, retention as the ratio of R² and of RMSE (teacher's over the model's)."""
 
+_EMBEDDING_COLUMNS = (
+    ("spearman", "Spearman", "{:.3f}"),
+    ("spearman_hard", "Spearman hard", "{:.3f}"),
+    ("recall_at_10", "recall@10", "{:.3f}"),
+    ("cosine", "cosine", "{:.3f}"),
+    ("parameters", "params", "{:,.0f}"),
+    ("size_bytes", "size", None),
+    ("sentences_per_s_batch_1", "sent/s @1", "{:,.0f}"),
+    ("sentences_per_s_batch_64", "sent/s @64", "{:,.0f}"),
+    ("speedup_batch_64", "× teacher @64", "{:.1f}"),
+)
+"""The table of an embedding report (its models have ``spearman``): Spearman of pairwise cosines against the
+teacher's on random and on hard pairs, recall@10, cosine to the teacher's embeddings (NaN for a narrower student),
+and sentences/s on one thread (with ``report.profile``)."""
+
 
 def _human_bytes(size: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
@@ -161,7 +176,11 @@ class Report:
         title = "\n".join([f"kdistill report — {self.split} split, {self.rows} rows", *self.lines()])
         table = Table(title=title, title_justify="left")
         table.add_column("model")
-        columns = _REGRESSION_COLUMNS if any("r2" in metrics for metrics in self.models.values()) else _COLUMNS
+        columns: tuple[tuple[str, str, str | None], ...] = _COLUMNS
+        if any("r2" in metrics for metrics in self.models.values()):
+            columns = _REGRESSION_COLUMNS
+        elif any("spearman" in metrics for metrics in self.models.values()):
+            columns = _EMBEDDING_COLUMNS
         for _, header, _ in columns:
             table.add_column(header, justify="right")
         for name, metrics in self.models.items():

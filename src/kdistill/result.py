@@ -25,6 +25,8 @@ from kdistill.students import student_from_spec
 __all__ = ["WEIGHTS_FILE", "DistillResult", "load", "save_student"]
 
 WEIGHTS_FILE = "student.safetensors"
+NATIVE_FOLDER = "model"
+"""Where a student with its own saved form (a sentence encoder's) is written inside a run folder."""
 
 
 @dataclass
@@ -58,9 +60,13 @@ class DistillResult:
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Save into folder ``path``: ``student.safetensors`` (weights, with the spec and classes as metadata),
-        ``history.json`` and ``report.json``. Every file is written atomically."""
+        ``history.json`` and ``report.json``; a student with a format of its own (``save_native(folder)``: a
+        sentence-transformers or Model2Vec folder) also in ``model/``. Every file is written atomically."""
         folder = Path(path)
         save_student(self.student, folder / WEIGHTS_FILE, spec=self.spec, classes=self.classes)
+        native = getattr(self.student, "save_native", None)
+        if callable(native):  # a sentence student's own format: sentence-transformers or Model2Vec
+            native(folder / NATIVE_FOLDER)
         atomic_write_json(folder / "history.json", {"student": self.history, "baseline": self.baseline_history})
         if self.report is not None:
             self.report.save(folder / "report.json")

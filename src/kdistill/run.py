@@ -88,6 +88,8 @@ def run(
 def run_spec(config: RunConfig, *, resume: bool = False, verbose: bool = True) -> RunSpec:
     """The :class:`~kdistill.pipeline.RunSpec` of a validated config: its data read, its teacher recipe and student
     named, its user references imported."""
+    if config.teacher.kind == "sentence" or config.data.sentences is not None:
+        return _sentence_spec(config, resume=resume, verbose=verbose)
     splits = _load_data(config)
     dumped = config.model_dump(mode="json")
     student: str | Any = config.student.kind
@@ -121,6 +123,60 @@ def run_spec(config: RunConfig, *, resume: bool = False, verbose: bool = True) -
         identity={section: dumped[section] for section in ("data", "teacher", "student")},
         report_settings={"config": config.name, "teacher": config.teacher.kind, "student": config.student.kind},
         unlabeled=_read_unlabeled(config),
+    )
+
+
+def _sentence_spec(config: RunConfig, *, resume: bool, verbose: bool) -> RunSpec:
+    """The spec of a sentence-encoder run (teacher kind ``sentence``, ``data.sentences``, task ``embedding``): the
+    teacher loaded, the sentences as its token ids, the student's builder (:mod:`kdistill.sentences`)."""
+    from kdistill.sentences import (
+        BUNDLED_TEACHER,
+        load_sentence_teacher,
+        read_sentences,
+        sentence_split,
+        sentence_student,
+    )
+
+    sentences = config.data.sentences
+    if config.teacher.kind != "sentence" or sentences is None or config.task != "embedding":
+        raise ConfigError(
+            f"{config.name}: a sentence-encoder run needs teacher kind 'sentence', data.sentences and task "
+            f"'embedding' together; got teacher kind {config.teacher.kind!r}, "
+            f"data.sentences {'set' if sentences is not None else 'missing'}, task {config.task!r}",
+            hint="see examples/sentence/static.yaml.",
+        )
+    path = config.teacher.path
+    teacher = load_sentence_teacher(config.resolve(path) if path is not None else BUNDLED_TEACHER)
+    train, val, test = read_sentences(
+        sentences.source,
+        train=sentences.train,
+        val=sentences.val,
+        test=sentences.test,
+        seed=sentences.seed,
+        base=config.base,
+    )
+    folder = config.run_folder
+    cache_dir = config.cache.dir if config.cache.dir is not None else folder / "cache"
+    student: Any = config.student.kind
+    if student == "custom":
+        assert config.student.factory is not None
+        factory = import_reference(config.student.factory, base=config.base, field="student.factory")
+        student = _custom_student(factory, dict(config.student.params))
+    else:
+        student = sentence_student(student, teacher, train, config.student.params, cache_dir=cache_dir)
+    dumped = config.model_dump(mode="json")
+    return RunSpec(
+        settings=config,
+        train=sentence_split(teacher, train, "train"),
+        val=None if val is None else sentence_split(teacher, val, "val"),
+        test=sentence_split(teacher, test, "test"),
+        teacher=teacher,
+        student=student,
+        out=folder,
+        resume=resume,
+        verbose=verbose,
+        identity={section: dumped[section] for section in ("data", "teacher", "student")},
+        report_settings={"config": config.name, "teacher": config.teacher.kind, "student": config.student.kind},
     )
 
 

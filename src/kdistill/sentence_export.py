@@ -232,9 +232,9 @@ def export_sentence_folder(
     int8: bool = True,
     tolerance: float = 1e-4,
 ) -> dict[str, Any]:
-    """:func:`export_sentence_onnx` for a saved sentence-transformers ``folder`` (what ``kdistill sentence`` writes
-    for a transformer student): checked on ``sentences`` (default: a few built-in ones of several lengths); the
-    summary is also written to ``out/export.json``."""
+    """:func:`export_sentence_onnx` for a saved sentence-transformers ``folder`` (what a run writes in
+    ``<out>/model`` for a transformer student): checked on ``sentences`` (default: a few built-in ones of several
+    lengths); the summary is also written to ``out/export.json``."""
     from kdistill.teachers.sentence import SentenceTeacher
 
     loaded = SentenceTeacher.from_pretrained(folder)

@@ -599,10 +599,15 @@ class Embedding(TaskBase):
         """One model's report entry: :func:`kdistill.evaluate.embedding_metrics` against the teacher's embeddings
         (``teacher_outputs``, or ``target`` when that holds them), and how much of their similarity structure the
         outputs keep (:func:`kdistill.embedding_eval.similarity_report`: ``spearman`` of pairwise cosines on random
-        pairs, ``spearman_hard`` on each row's nearest teacher neighbours, ``recall_at_10``; NaN below 3 rows)."""
+        pairs, ``spearman_hard`` on each row's nearest teacher neighbours, ``recall_at_10``; NaN below 3 rows).
+        A student narrower than the teacher (a static student after PCA) has no cosine or MSE to the teacher's
+        embeddings (NaN); the similarity metrics compare each model's own cosines, so they hold for any width."""
         reference = teacher_outputs if teacher_outputs is not None else target
         if reference is None:
             raise DataError("embedding metrics need the teacher's embeddings", hint="pass teacher_outputs.")
+        same_rows = outputs.ndim == 2 and reference.ndim == 2 and outputs.shape[0] == reference.shape[0]
+        if same_rows and outputs.shape[1] != reference.shape[1]:
+            return {"cosine": math.nan, "mse": math.nan} | _similarity_metrics(outputs, reference)
         return evaluate.embedding_metrics(outputs, reference) | _similarity_metrics(outputs, reference)
 
     def retention(self, student: Mapping[str, float], teacher: Mapping[str, float]) -> float:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 from typing import TYPE_CHECKING, Any
 
 from kdistill.errors import ConfigError
@@ -21,7 +22,7 @@ if TYPE_CHECKING:
 
     from kdistill.engine.loop import TrainState
 
-__all__ = ["Callback", "EarlyStopping", "ProgressBar"]
+__all__ = ["Callback", "EarlyStopping", "ProgressBar", "TimeBudget"]
 
 
 class Callback:
@@ -47,6 +48,25 @@ class Callback:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Take back what :meth:`state_dict` returned."""
+
+
+class TimeBudget(Callback):
+    """Stops training at the first optimizer step after ``seconds`` of wall time since training began (the run's
+    ``train.max_minutes``): the same budget for students of different cost. The epoch it stops in is validated and
+    logged like any other."""
+
+    def __init__(self, seconds: float) -> None:
+        if not seconds > 0:
+            raise ConfigError(f"a time budget must be > 0 seconds, got {seconds}", hint="e.g. max_minutes: 15.")
+        self.seconds = seconds
+        self._started = 0.0
+
+    def on_train_begin(self, state: TrainState) -> None:
+        self._started = time.perf_counter()
+
+    def on_batch_end(self, state: TrainState, terms: dict[str, torch.Tensor]) -> None:
+        if time.perf_counter() - self._started >= self.seconds:
+            state.stop = True
 
 
 class EarlyStopping(Callback):

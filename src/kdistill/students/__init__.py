@@ -23,6 +23,7 @@ from kdistill.students.base import (
 from kdistill.students.cnn import CNN
 from kdistill.students.layers import Standardize
 from kdistill.students.mlp import MLP, default_hidden
+from kdistill.students.static import StaticEmbedding  # registers "static"
 from kdistill.students.transformer import fresh_transformer, from_teacher, layer_map  # registers "transformer"
 from kdistill.students.vision import build_vision_model  # registers the timm: and torchvision: families
 
@@ -30,6 +31,7 @@ __all__ = [
     "CNN",
     "MLP",
     "STUDENTS",
+    "StaticEmbedding",
     "StudentEntry",
     "UnknownStudentError",
     "build_student",

@@ -15,7 +15,8 @@ embeddings of the user's corpus:
    :math:`v_w = \\frac{a}{a + p(w)} \\tilde e_w`, ``a`` = ``sif_coefficient`` (1e-4). :math:`p(w)` is the token's
    frequency in the corpus when one is given (``weighting="corpus"``), else Zipf's law on the token's rank as
    Model2Vec estimates it (``weighting="zipf"``: :math:`p(r) \\propto 1/(r + 2)` for ids :math:`r = 0, 1, ...`).
-5. **Fine-tuning** (:func:`finetune_static`): the vectors are trained so that the sentence embedding
+5. **Fine-tuning** (a run: ``kdistill.distill(teacher, "static", sentences, task="embedding")``, or
+   ``kdistill run`` with ``student: {kind: static}``): the vectors are trained so that the sentence embedding
    :math:`s = \\frac{1}{n}\\sum_{i} v_{w_i}` (L2-normalised when ``normalize``) matches the teacher's, with the
    ``cosine``, ``mse`` or ``contrastive`` loss. The teacher's (batch, D) targets are first mapped into the
    student's space with the same centring and PCA (:meth:`StaticEmbedding.project`), so the cosine and MSE losses
@@ -41,9 +42,10 @@ from torch import nn
 
 from kdistill._deps import require
 from kdistill.errors import DataError, StudentError
+from kdistill.students.base import register_student
 from kdistill.teachers.sentence import SentenceTeacher, check_sentences
 
-__all__ = ["StaticEmbedding", "corpus_vocabulary", "finetune_static", "sif_weights", "zipf_probabilities"]
+__all__ = ["StaticEmbedding", "corpus_vocabulary", "sif_weights", "zipf_probabilities"]
 
 SIF_COEFFICIENT = 1e-4
 """Model2Vec's default ``a`` in the SIF weight :math:`a / (a + p(w))`."""
@@ -92,7 +94,12 @@ def _backend_of(tokenizer: Any) -> Any:
             f"{type(tokenizer).__name__}",
             hint="load the teacher's tokenizer with use_fast=True (AutoTokenizer does by default).",
         )
-    return backend
+    # a copy without padding or truncation: a saved tokenizer.json may pad every text to a fixed length (MiniLM's
+    # pads to 128), which would put 125 [PAD] tokens, attended to, into every "[CLS] token [SEP]" the teacher embeds
+    plain = tokenizers.Tokenizer.from_str(backend.to_str())
+    plain.no_padding()
+    plain.no_truncation()
+    return plain
 
 
 def _words(backend: Any, sentences: Sequence[str]) -> list[str]:
@@ -137,6 +144,7 @@ class StaticEmbedding(nn.Module):
         pca_mean: torch.Tensor | None = None,
         pca_components: torch.Tensor | None = None,
         config: dict[str, Any] | None = None,
+        teacher_index: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         if vectors.ndim != 2:
@@ -154,6 +162,8 @@ class StaticEmbedding(nn.Module):
         self.register_buffer("pca_mean", torch.zeros(dim) if pca_mean is None else pca_mean.float().clone())
         self.register_buffer("pca_components", torch.eye(dim) if pca_components is None else pca_components.float())
         self.config: dict[str, Any] = dict(config or {})
+        self.teacher_index: torch.Tensor | None
+        self.register_buffer("teacher_index", None if teacher_index is None else teacher_index.long().clone())
         self._padded = require("tokenizers", "static students").Tokenizer.from_str(
             tokenizer.to_str()
         )  # pads each batch to its longest row
@@ -232,6 +242,7 @@ class StaticEmbedding(nn.Module):
             pca_mean=torch.from_numpy(mean).float(),
             pca_components=torch.from_numpy(np.ascontiguousarray(components)).float(),
             config=config,
+            teacher_index=_teacher_index(backend, tokenizer),
         )
 
     # ---- text ------------------------------------------------------------------------------------------------------
@@ -254,6 +265,26 @@ class StaticEmbedding(nn.Module):
         return {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(batch, dim) embeddings from the **teacher's** tokenisation (``teacher.tokenize``: what a run feeds both
+        models): each teacher id is mapped to this student's row (``teacher_index``), the teacher's special tokens
+        ([CLS], [SEP], padding) and the tokens the student lacks are masked out, so the result is what
+        :meth:`encode` (Model2Vec's tokenisation) gives for the same sentence, up to the teacher's truncation."""
+        if self.teacher_index is None:
+            raise StudentError(
+                "this static student has whole words beyond the teacher's tokens (vocabulary=...), so the teacher's "
+                "token ids cannot address them",
+                hint="embed text with student.encode(sentences), or build it without extra words for a run "
+                "(vocabulary: corpus keeps the teacher tokens the corpus uses).",
+            )
+        ids = input_ids.long()
+        mask = torch.ones_like(ids) if attention_mask is None else attention_mask.long()
+        rows = self.teacher_index[ids.clamp(0, len(self.teacher_index) - 1)]
+        mask = mask * (rows >= 0).long() * (ids < len(self.teacher_index)).long()
+        return self.embed(rows.clamp_min(0), mask)
+
+    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(batch, dim) from this student's own token ids (:meth:`tokenize`): the mean of the real tokens' vectors,
+        L2-normalised when ``normalize``."""
         ids = input_ids.long()
         mask = torch.ones_like(ids) if attention_mask is None else attention_mask
         weights = mask.to(self.vectors.weight.dtype).unsqueeze(-1)
@@ -265,8 +296,22 @@ class StaticEmbedding(nn.Module):
     def encode(self, sentences: Sequence[str], *, batch_size: int = 1024) -> torch.Tensor:
         """(rows, dim) float32 embeddings of ``sentences`` (what ``StaticModel.encode`` returns for the saved model)."""
         texts = check_sentences(sentences)
-        parts = [self(**self.tokenize(texts[start : start + batch_size])) for start in range(0, len(texts), batch_size)]
+        parts = [
+            self.embed(**self.tokenize(texts[start : start + batch_size])) for start in range(0, len(texts), batch_size)
+        ]
         return torch.cat(parts)
+
+    def save_native(self, folder: str | os.PathLike[str]) -> Any:
+        """Write the student in Model2Vec's format (:func:`kdistill.sentence_export.save_model2vec`); a run saves
+        it as ``<out>/model``."""
+        from kdistill.sentence_export import save_model2vec
+
+        return save_model2vec(self, folder, overwrite=True)
+
+    def project_teacher_outputs(self, teacher_embeddings: torch.Tensor) -> torch.Tensor:
+        """The run's hook for a student narrower than its teacher: the teacher's (rows, D) embeddings in this
+        student's (rows, dim) space, :meth:`project` (a run trains the cosine and MSE losses on them)."""
+        return self.project(teacher_embeddings)
 
     @torch.no_grad()
     def project(self, teacher_embeddings: torch.Tensor) -> torch.Tensor:
@@ -280,6 +325,21 @@ class StaticEmbedding(nn.Module):
         value = getattr(self, name)
         assert isinstance(value, torch.Tensor)
         return value
+
+
+def _teacher_index(backend: Any, tokenizer: Any) -> torch.Tensor | None:
+    """(teacher vocabulary,) int64: each teacher token id's row in the student's ``tokenizer`` (-1: a special token,
+    or one the student dropped); None when the student holds words the teacher's tokenizer has no id for."""
+    teacher_vocab: dict[str, int] = backend.get_vocab()
+    student_vocab: dict[str, int] = tokenizer.get_vocab()
+    if any(token not in teacher_vocab for token in student_vocab):
+        return None
+    special = {entry["content"] for entry in json.loads(backend.to_str()).get("added_tokens", []) if entry["special"]}
+    index = torch.full((max(teacher_vocab.values()) + 1,), -1, dtype=torch.long)
+    for token, teacher_id in teacher_vocab.items():
+        if token not in special and token in student_vocab:
+            index[teacher_id] = student_vocab[token]
+    return index
 
 
 def _unk_of(tokenizer: Any) -> str | None:
@@ -420,44 +480,24 @@ def _checked_words(
     return words
 
 
-def finetune_static(
-    student: StaticEmbedding,
-    sentences: Sequence[str],
-    teacher_embeddings: torch.Tensor,
+@register_student(
+    "static",
+    "static token vectors of a sentence teacher (Model2Vec-style: teacher on each token, PCA, SIF) [text]",
+)
+def static(
+    in_shape: Sequence[int],
+    num_classes: int,
     *,
-    loss: str = "cosine",
-    epochs: int = 10,
-    batch_size: int = 256,
-    lr: float = 1e-3,
-    seed: int = 0,
-    max_seconds: float | None = None,
-    **loss_params: Any,
-) -> list[dict[str, float]]:
-    """Step 5: train ``student``'s vectors in place (:func:`kdistill.sentence_fit.fit_embeddings`: AdamW, no
-    weight decay) so its embeddings of ``sentences`` match ``teacher_embeddings`` (rows, D), with loss ``"cosine"``,
-    ``"mse"`` (on the teacher's embeddings mapped by :meth:`StaticEmbedding.project`) or ``"contrastive"`` (on the
-    raw ones). Returns the per-epoch history."""
-    from kdistill.sentence_fit import EMBEDDING_LOSSES, fit_embeddings
-
-    texts = check_sentences(sentences)
-    if teacher_embeddings.ndim != 2 or len(teacher_embeddings) != len(texts):
-        raise DataError(
-            f"teacher_embeddings must be (rows, dim) with one row per sentence; got {tuple(teacher_embeddings.shape)} "
-            f"for {len(texts)} sentences",
-            hint="embed the same sentences with the teacher: teacher.encode(sentences).",
-        )
-    if loss not in EMBEDDING_LOSSES:
-        raise StudentError(f"unknown static-student loss {loss!r}", hint=f"use one of {EMBEDDING_LOSSES}.")
-    targets = teacher_embeddings.float() if loss == "contrastive" else student.project(teacher_embeddings)
-    return fit_embeddings(
-        student,
-        student.tokenize(texts),
-        targets,
-        loss=loss,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        seed=seed,
-        max_seconds=max_seconds,
-        **loss_params,
+    pca_dims: int | None = 256,
+    sif_coefficient: float | None = SIF_COEFFICIENT,
+    weighting: str | None = None,
+    vocabulary: str = "teacher",
+    normalize: bool = True,
+) -> nn.Module:
+    """The registry's entry, so that configs validate ``student: {kind: static, params: ...}``. A static student is
+    built from a sentence teacher and its corpus (:func:`kdistill.sentences.sentence_student`), which a run does when
+    the teacher is a sentence encoder; from rows of features it cannot be built."""
+    raise StudentError(
+        "a static student is built from a sentence-encoder teacher and sentences, not from rows of features",
+        hint="use task 'embedding' with a sentence teacher (teacher kind 'sentence', or a SentenceTeacher) and text.",
     )

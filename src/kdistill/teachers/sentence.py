@@ -100,13 +100,24 @@ class SentenceEncoder(nn.Module):
     by :func:`pool` and, when ``normalize``, L2 normalisation. ``forward(input_ids, attention_mask)`` -> (batch, dim).
     Trainable: the same module around a smaller encoder is a transformer student."""
 
-    def __init__(self, model: nn.Module, *, pooling: Pooling = "mean", normalize: bool = True) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        pooling: Pooling = "mean",
+        normalize: bool = True,
+        tokenizer: Any = None,
+        max_length: int | None = 256,
+    ) -> None:
         super().__init__()
         if isinstance(pooling, str) and pooling not in POOLING_MODES:
             raise TeacherError(f"unknown pooling {pooling!r}", hint=f"use one of {POOLING_MODES} or a function.")
         self.model = model
         self.pooling = pooling
         self.normalize = normalize
+        self.tokenizer = tokenizer
+        """The transformers tokenizer that :meth:`encode` and :meth:`save_native` use (a student: its teacher's)."""
+        self.max_length = max_length
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         if attention_mask is None:
@@ -122,6 +133,45 @@ class SentenceEncoder(nn.Module):
         hidden = result.last_hidden_state if hasattr(result, "last_hidden_state") else result[0]
         pooled = pool(hidden, attention_mask, self.pooling)
         return F.normalize(pooled, dim=1, eps=1e-12) if self.normalize else pooled
+
+    def _tokenizer(self, what: str) -> Any:
+        if self.tokenizer is None:
+            raise TeacherError(
+                f"this SentenceEncoder has no tokenizer, which {what} needs",
+                hint="build it with SentenceEncoder(model, tokenizer=...), or teacher.transformer_student(...).",
+            )
+        return self.tokenizer
+
+    @torch.no_grad()
+    def encode(self, sentences: Sequence[str], *, batch_size: int = 64) -> torch.Tensor:
+        """(rows, dim) float32 embeddings of ``sentences`` in eval mode (tokenised by :attr:`tokenizer`, truncated
+        to ``max_length``), in order; the module's training mode is restored."""
+        tokenizer = self._tokenizer("encode()")
+        texts = check_sentences(sentences)
+        was_training = self.training
+        self.eval()
+        try:
+            parts = []
+            for start in range(0, len(texts), batch_size):
+                encoded = tokenizer(
+                    texts[start : start + batch_size],
+                    padding=True,
+                    truncation=self.max_length is not None,
+                    max_length=self.max_length,
+                    return_tensors="pt",
+                )
+                parts.append(self(encoded["input_ids"], encoded["attention_mask"]).float())
+            return torch.cat(parts)
+        finally:
+            self.train(was_training)
+
+    def save_native(self, folder: str | os.PathLike[str]) -> Any:
+        """Write a sentence-transformers folder (:func:`kdistill.sentence_export.save_sentence_transformer`) that
+        ``SentenceTransformer(folder)`` loads with the same embeddings; a run saves it as ``<out>/model``."""
+        from kdistill.sentence_export import save_sentence_transformer
+
+        tokenizer = self._tokenizer("saving as sentence-transformers")
+        return save_sentence_transformer(self, tokenizer, folder, max_length=self.max_length or 256, overwrite=True)
 
 
 def _pooling_of_folder(path: Path) -> tuple[str, bool, int | None]:
@@ -173,10 +223,14 @@ class SentenceTeacher(TeacherBase):
         self.encoder = model if isinstance(model, SentenceEncoder) else SentenceEncoder(model, pooling=pooling)
         if not isinstance(model, SentenceEncoder):
             self.encoder.normalize = normalize
+        if self.encoder.tokenizer is None:
+            self.encoder.tokenizer, self.encoder.max_length = tokenizer, max_length
         self.device = torch.device(device)
         self.encoder.to(self.device).eval()
         self.tokenizer = tokenizer
         self.max_length = max_length
+        self.sub_batch = 64
+        """Rows per forward pass inside one call (sorted by length, so little padding is computed)."""
         self._dim: int | None = None
 
     @classmethod
@@ -247,20 +301,32 @@ class SentenceTeacher(TeacherBase):
                 hint="use the embedding losses (cosine, mse, contrastive).",
             )
         ids, mask = self._ids_and_mask(x)
+        # rows sorted by length and run in sub-batches, each cut to its own longest row: a cache fill over rows in
+        # any order (padded to max_length) costs what a length-sorted one does; the outputs come back in row order
+        lengths = mask.sum(dim=1)
+        order = torch.argsort(lengths, stable=True)
+        parts: list[torch.Tensor] = []
         with torch.inference_mode():
-            embeddings = self.encoder(ids.to(self.device), mask.to(self.device)).float().cpu()
+            for start in range(0, len(order), self.sub_batch):
+                rows = order[start : start + self.sub_batch]
+                width = max(1, int(lengths[rows].max()))
+                sub_ids, sub_mask = ids[rows, :width].to(self.device), mask[rows, :width].to(self.device)
+                parts.append(self.encoder(sub_ids, sub_mask).float().cpu())
+        embeddings = torch.empty((len(order), parts[0].shape[1]), dtype=torch.float32)
+        embeddings[order] = torch.cat(parts)
         self._dim = int(embeddings.shape[1])
         return Outputs(logits=embeddings)
 
     # ---- text ------------------------------------------------------------------------------------------------------
 
-    def tokenize(self, sentences: Sequence[str]) -> dict[str, torch.Tensor]:
-        """``{"input_ids", "attention_mask"}``: int64 (rows, seq), padded to the longest, truncated to
+    def tokenize(self, sentences: Sequence[str], *, fixed_width: bool = False) -> dict[str, torch.Tensor]:
+        """``{"input_ids", "attention_mask"}``: int64 (rows, seq), padded to the longest (``fixed_width``: to
+        ``max_length``, so a sentence's row is the same in any corpus and the cache reuses it), truncated to
         ``max_length``. Empty or whitespace-only sentences are a :class:`~kdistill.errors.DataError`."""
         texts = check_sentences(sentences)
         encoded = self.tokenizer(
             texts,
-            padding=True,
+            padding="max_length" if fixed_width and self.max_length is not None else True,
             truncation=self.max_length is not None,
             max_length=self.max_length,
             return_tensors="pt",
@@ -319,7 +385,14 @@ class SentenceTeacher(TeacherBase):
         from kdistill.students.transformer import from_teacher
 
         model = from_teacher(self.encoder.model, layers=layers, layer_map=layer_map, hidden_size=hidden_size)
-        return SentenceEncoder(model, pooling=self.encoder.pooling, normalize=self.encoder.normalize).train()
+        student = SentenceEncoder(
+            model,
+            pooling=self.encoder.pooling,
+            normalize=self.encoder.normalize,
+            tokenizer=self.tokenizer,
+            max_length=self.max_length,
+        )
+        return student.train()
 
     @property
     def pad_token_id(self) -> int:
