@@ -76,12 +76,15 @@ def test_a_time_budget_stops_training_at_the_next_step() -> None:
         TimeBudget(0)
 
 
-def test_a_run_with_a_time_budget_stops_early(teacher: SentenceTeacher) -> None:
+def test_a_run_with_a_time_budget_stops_early(teacher: SentenceTeacher, monkeypatch: pytest.MonkeyPatch) -> None:
+    ticks = iter(range(10**6))  # a fake clock: each reading is one second later, whatever the machine's load
+    monkeypatch.setattr(TimeBudget, "clock", staticmethod(lambda: float(next(ticks))))
     result = kdistill.distill(
         teacher, "static", SENTENCES, task="embedding", student_params={"pca_dims": None}, epochs=500,
-        batch_size=2, settings={"train": {"max_minutes": 1e-4}}, report=False, verbose=False,
+        batch_size=2, settings={"train": {"max_minutes": 2.5 / 60}}, report=False, verbose=False,
     )  # fmt: skip
-    assert len(result.history) == 1  # the first step ran past 6 ms: that epoch ended the run
+    # read at the start (0 s) and after each step (1, 2, 3 s): the third step is past 2.5 s and ends the run there
+    assert len(result.history) == 1 and result.history[-1]["step"] == 3
 
 
 def test_a_pooling_rule_that_is_not_two_dimensional_fails_before_training(teacher: SentenceTeacher) -> None:
