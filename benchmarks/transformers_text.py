@@ -19,6 +19,13 @@ trained without a teacher by more than the spread over 3 seeds, and INT8 keeps >
     python benchmarks/transformers_text.py --quick --teacher-only  # the teacher alone: 1,536 rows (11 min under load)
     python benchmarks/transformers_text.py --quick   # 1,536 training rows, 3 seeds (40 min on the loaded 2-core box)
     python benchmarks/transformers_text.py           # every row, 3 seeds (many hours on a CPU)
+    # 3 student epochs, the 3-layer KD and no-teacher students only; KD's temperature:soft_weight chosen among three
+    # on validation accuracy at seed 0; teacher and students timed interleaved 7 times (median); no ONNX part
+    python benchmarks/transformers_text.py --quick --student-epochs 3 --students kd_L3,ce_L3 \
+        --kd 4:0.5,2:0.9,1:0.9 --speed-repeats 7 --no-onnx
+
+Finished (student, seed) runs are kept next to the teacher (one folder per student epochs and lr; a KD setting other
+than 4:0.5 in the record's name), so a rerun with other options trains only what is missing.
 
 Prints a table, one summary line, and ONE JSON object as the last line.
 """
@@ -190,15 +197,26 @@ def transformers_model(folder: Path) -> nn.Module:
 
 
 def _distill(
-    teacher: nn.Module, student: nn.Module, data: Any, method: Any, params: Any, seed: int, setting: dict[str, Any]
+    teacher: nn.Module,
+    student: nn.Module,
+    data: Any,
+    method: Any,
+    params: Any,
+    kd: tuple[float, float],
+    seed: int,
+    setting: dict[str, Any],
 ) -> Any:
-    return kdistill.distill(
+    """Train ``student``; ``kd``: KD's (temperature, soft_weight) (unused by method ``ce``). The student (best
+    validation epoch's weights) and the validation accuracy after each epoch."""
+    result = kdistill.distill(
         teacher,
         student,
         data["train_inputs"],
         val=data["val_inputs"],
         method=method,
         method_params=params,
+        temperature=kd[0],
+        soft_weight=kd[1],
         epochs=setting["epochs"],
         batch_size=32,
         lr=setting["lr"],
@@ -211,11 +229,30 @@ def _distill(
         num_threads=1,
         cache_dir=data["cache"],
         verbose=False,
-    ).student
+    )
+    return result.student, [row.get("val_accuracy") for row in result.history]
 
 
-def run(size: str, cache_root: Path, teacher_only: bool = False) -> dict[str, Any]:
-    setting = SIZES[size]
+def run(
+    size: str,
+    cache_root: Path,
+    teacher_only: bool = False,
+    *,
+    student_epochs: int | None = None,
+    students: list[str] | None = None,
+    kd_settings: list[tuple[float, float]] | None = None,
+    speed_repeats: int = 1,
+    onnx: bool = True,
+) -> dict[str, Any]:
+    """One benchmark run. ``student_epochs`` overrides the size's student epochs; ``students`` keeps only those
+    recipes (e.g. ``["kd_L3", "ce_L3"]``); ``kd_settings`` are the (temperature, soft_weight) pairs KD may use: with
+    more than one, each trains the KD students at the first seed and the one with the best validation accuracy (not
+    test) serves every seed; ``speed_repeats`` times the models interleaved that many times (0: no timing) and keeps
+    the median; ``onnx=False`` skips the ONNX/INT8 part."""
+    setting = dict(SIZES[size])
+    if student_epochs is not None:
+        setting["epochs"] = student_epochs
+    kd_settings = kd_settings or [(4.0, 0.5)]  # KDLoss's defaults
     corpus = docstring_classification()
     data: dict[str, Any] = {
         "train": _subset(corpus.train, setting["train"]),
@@ -239,6 +276,9 @@ def run(size: str, cache_root: Path, teacher_only: bool = False) -> dict[str, An
     test_y = torch.tensor(data["test"][1])
     teacher_logits = _logits(teacher, data["test_mapping"])
     teacher_accuracy = float((teacher_logits.argmax(1) == test_y).float().mean())
+    teacher_val_accuracy = float(
+        (_logits(teacher, data["val_mapping"]).argmax(1) == torch.tensor(data["val"][1])).float().mean()
+    )
     if teacher_only:
         return {
             "benchmark": "transformers_text",
@@ -246,6 +286,7 @@ def run(size: str, cache_root: Path, teacher_only: bool = False) -> dict[str, An
             "teacher_only": True,
             "rows": {name: len(data[name][0]) for name in ("train", "val", "test")},
             "teacher_accuracy": teacher_accuracy,
+            "teacher_val_accuracy": teacher_val_accuracy,
             "teacher_fine_tune_seconds": teacher_seconds,
             "teacher_folder": str(teacher_folder),
             "machine": {"cpus": os.cpu_count(), "load_1min": os.getloadavg()[0], "torch": torch.__version__},
@@ -258,21 +299,59 @@ def run(size: str, cache_root: Path, teacher_only: bool = False) -> dict[str, An
     # each (student, seed) run is kept under runs/ next to the teacher (its measurements, and the first seed's model),
     # so that a rerun of the same size reuses it and only measures what is missing (speeds, ONNX)
     done = teacher_folder / f"runs-{setting['epochs']}ep-lr{setting['lr']:g}"
-    for seed in setting["seeds"]:
-        recipes: dict[str, tuple[Any, Any, Any]] = {}
+
+    def one(recipe: tuple[Any, ...], seed: int, keep: bool) -> Any:
+        """Train (or reuse) one student recipe (record name, builder, method, method params, KD setting) at one
+        seed; its measurements, and the model when ``keep``."""
+        record_name, build, method, params, kd = recipe
+        record = done / f"{record_name}-seed{seed}.json"
+        model_folder = done / f"{record_name}-seed{seed}"
+        if record.exists() and (not keep or (model_folder / "config.json").exists()):
+            measured = json.loads(record.read_text())
+            print(f"  {record_name} seed {seed}: accuracy {measured['accuracy']:.4f} (kept)", file=sys.stderr)
+            return measured, transformers_model(model_folder) if keep else None
+        begun = time.perf_counter()
+        student, val_history = _distill(teacher, build(), data, method, params, kd, seed, setting)
+        measured = _measure(student, data, test_y, teacher_logits, time.perf_counter() - begun)
+        measured["val_accuracy_per_epoch"] = val_history
+        if keep:
+            student.save_pretrained(model_folder)
+        record.parent.mkdir(parents=True, exist_ok=True)
+        record.write_text(json.dumps(measured))
+        print(
+            f"  {record_name} seed {seed}: accuracy {measured['accuracy']:.4f}, val {measured['val_accuracy']:.4f} "
+            f"({measured['train_seconds']:.0f} s, load {os.getloadavg()[0]:.1f})",
+            file=sys.stderr,
+        )
+        return measured, student if keep else None
+
+    def kd_name(temperature: float, soft_weight: float) -> str:
+        return "" if (temperature, soft_weight) == (4.0, 0.5) else f"-T{temperature:g}-w{soft_weight:g}"
+
+    def recipes_for(seed: int, kd_params: dict[int, tuple[float, float]]) -> dict[str, tuple[Any, ...]]:
+        recipes: dict[str, tuple[Any, ...]] = {}
         for layers in (2, 3):
             chosen = layer_map(teacher_layers, layers)
             common = {"student_layers": layers, "teacher_layers": teacher_layers, "layer_map": chosen}
+            kd = kd_params.get(layers, kd_settings[0])
+            suffix = kd_name(*kd)
             tiny = {
                 "tinybert_hidden": common,
                 "tinybert_attention": {**common, "heads": heads},
             }
             build = lambda layers=layers: from_teacher(teacher, layers=layers)  # noqa: E731
-            recipes[f"kd_L{layers}"] = (build, "kd", None)
-            recipes[f"tiny_L{layers}"] = (build, {"kd": 1.0, "tinybert_hidden": 1.0, "tinybert_attention": 1.0}, tiny)
-            recipes[f"ce_L{layers}"] = (build, "ce", None)
+            recipes[f"kd_L{layers}"] = (f"kd_L{layers}{suffix}", build, "kd", None, kd)
+            recipes[f"tiny_L{layers}"] = (
+                f"tiny_L{layers}{suffix}",
+                build,
+                {"kd": 1.0, "tinybert_hidden": 1.0, "tinybert_attention": 1.0},
+                tiny,
+                kd,
+            )
+            recipes[f"ce_L{layers}"] = (f"ce_L{layers}", build, "ce", None, kd)
         if seed == setting["seeds"][0]:  # the fresh transformer: one seed (it is the reference, not a target)
             recipes["fresh_L3"] = (
+                f"fresh_L3{kd_name(*kd_settings[0])}",
                 lambda seed=seed: fresh_transformer(
                     teacher.config,
                     seed=seed,
@@ -283,38 +362,84 @@ def run(size: str, cache_root: Path, teacher_only: bool = False) -> dict[str, An
                 ),
                 "kd",
                 None,
+                kd_settings[0],
             )
-        for name, (build, method, params) in recipes.items():
-            record = done / f"{name}-seed{seed}.json"
-            model_folder = done / f"{name}-seed{seed}"
-            keep = name not in trained
-            if record.exists() and (not keep or (model_folder / "config.json").exists()):
-                runs.setdefault(name, []).append(json.loads(record.read_text()))
-                if keep:
-                    trained[name] = transformers_model(model_folder)
-                print(f"  {name} seed {seed}: accuracy {runs[name][-1]['accuracy']:.4f} (kept)", file=sys.stderr)
+        return {name: recipe for name, recipe in recipes.items() if students is None or name in students}
+
+    # KD's temperature and soft weight: with several candidates, chosen per student depth on validation accuracy
+    # at the first seed (the test rows are never looked at for the choice)
+    kd_params: dict[int, tuple[float, float]] = {}
+    kd_choice: dict[str, Any] = {}
+    first = setting["seeds"][0]
+    if len(kd_settings) > 1:
+        for layers in (2, 3):
+            if students is not None and f"kd_L{layers}" not in students:
                 continue
-            begun = time.perf_counter()
-            student = _distill(teacher, build(), data, method, params, seed, setting)
-            measured = _measure(student, data, test_y, teacher_logits, time.perf_counter() - begun)
+            scores = {}
+            for candidate in kd_settings:
+                recipe = recipes_for(first, {layers: candidate})[f"kd_L{layers}"]
+                measured, _ = one(recipe, seed=first, keep=True)
+                scores[candidate] = measured
+            best = max(kd_settings, key=lambda candidate: scores[candidate]["val_accuracy"])
+            kd_params[layers] = best
+            kd_choice[f"kd_L{layers}"] = {
+                "chosen": {"temperature": best[0], "soft_weight": best[1]},
+                "candidates": [
+                    {
+                        "temperature": t,
+                        "soft_weight": w,
+                        "val_accuracy": scores[(t, w)]["val_accuracy"],
+                        "test_accuracy": scores[(t, w)]["accuracy"],
+                    }
+                    for t, w in kd_settings
+                ],
+            }
+            print(f"  kd_L{layers}: temperature {best[0]:g}, soft weight {best[1]:g} (best val)", file=sys.stderr)
+    for seed in setting["seeds"]:
+        for name, recipe in recipes_for(seed, kd_params).items():
+            keep = name not in trained
+            measured, model = one(recipe, seed=seed, keep=keep)
             runs.setdefault(name, []).append(measured)
             if keep:
-                trained[name] = student
-                student.save_pretrained(model_folder)
-            record.parent.mkdir(parents=True, exist_ok=True)
-            record.write_text(json.dumps(measured))
-            print(f"  {name} seed {seed}: accuracy {measured['accuracy']:.4f}", file=sys.stderr)
+                trained[name] = model
 
     timed = setting["timed"]
-    speed = {
-        name: {
-            "batch1": _sentences_per_s(model, data["test_mapping"], 1, timed),
-            "batch32": _sentences_per_s(model, data["test_mapping"], 32, timed),
-        }
-        for name, model in {"teacher": teacher, **trained}.items()
+    speed = _speeds({"teacher": teacher, **trained}, data["test_mapping"], timed, speed_repeats)
+    onnx_result = _onnx(trained["kd_L3"], data, test_y, timed) if onnx and "kd_L3" in trained else None
+    result = _summary(
+        size, setting, teacher, teacher_accuracy, teacher_seconds, runs, trained, speed, onnx_result, data, timed
+    )
+    result["teacher_val_accuracy"] = teacher_val_accuracy
+    result["kd_settings"] = {
+        f"kd_L{layers}": {"temperature": t, "soft_weight": w}
+        for layers, (t, w) in {2: kd_params.get(2, kd_settings[0]), 3: kd_params.get(3, kd_settings[0])}.items()
     }
-    onnx = _onnx(trained["kd_L3"], data, test_y, timed)
-    return _summary(size, teacher, teacher_accuracy, teacher_seconds, runs, trained, speed, onnx, data, timed)
+    result["kd_choice"] = kd_choice
+    result["speed_repeats"] = speed_repeats
+    return result
+
+
+def _speeds(
+    models: dict[str, Any], inputs: dict[str, torch.Tensor], timed: int, repeats: int
+) -> dict[str, dict[str, Any]]:
+    """Sentences/s of each model at batch 1 and 32, the models timed in turn (interleaved) ``repeats`` times so that
+    a change of the box's load touches them all alike; the median of the repeats, and every repeat."""
+    if repeats < 1:
+        return {}
+    seen: dict[str, dict[str, list[float]]] = {name: {"batch1": [], "batch32": []} for name in models}
+    for _ in range(repeats):
+        for name, model in models.items():
+            for batch in (1, 32):
+                seen[name][f"batch{batch}"].append(_sentences_per_s(model, inputs, batch, timed))
+    return {
+        name: {
+            "batch1": statistics.median(values["batch1"]),
+            "batch32": statistics.median(values["batch32"]),
+            "batch1_repeats": values["batch1"],
+            "batch32_repeats": values["batch32"],
+        }
+        for name, values in seen.items()
+    }
 
 
 def _measure(
@@ -322,8 +447,10 @@ def _measure(
 ) -> dict[str, Any]:
     logits = _logits(student, data["test_mapping"])
     predicted = logits.argmax(1)
+    val_predicted = _logits(student, data["val_mapping"]).argmax(1)
     return {
         "accuracy": float((predicted == test_y).float().mean()),
+        "val_accuracy": float((val_predicted == torch.tensor(data["val"][1])).float().mean()),
         "agreement": float((predicted == teacher_logits.argmax(1)).float().mean()),
         "train_seconds": seconds,
     }
@@ -408,6 +535,7 @@ def _int8_variants(
 
 def _summary(
     size: str,
+    setting: dict[str, Any],
     teacher: nn.Module,
     teacher_accuracy: float,
     teacher_seconds: float,
@@ -418,6 +546,8 @@ def _summary(
     data: Any,
     timed: int,
 ) -> dict[str, Any]:
+    """The table and the targets; a target whose inputs this run did not measure (a student left out, no timing,
+    no ONNX) is None."""
     params, nbytes = _size(teacher)
     table: dict[str, Any] = {
         "teacher": {
@@ -426,7 +556,7 @@ def _summary(
             "agreement": 1.0,
             "parameters": params,
             "size_bytes": nbytes,
-            **speed["teacher"],
+            **speed.get("teacher", {}),
         }
     }
     for name, results in runs.items():
@@ -436,40 +566,49 @@ def _summary(
             "accuracy": statistics.mean(accuracies),
             "accuracy_spread": max(accuracies) - min(accuracies),
             "accuracies": accuracies,
+            "val_accuracy": statistics.mean(r.get("val_accuracy", float("nan")) for r in results),
             "retention": statistics.mean(accuracies) / teacher_accuracy,
             "agreement": statistics.mean(r["agreement"] for r in results),
             "parameters": params,
             "size_bytes": nbytes,
             "train_seconds": statistics.mean(r["train_seconds"] for r in results),
-            **speed[name],
+            **speed.get(name, {}),
         }
-    best3 = max(("kd_L3", "tiny_L3"), key=lambda name: table[name]["accuracy"])
-    margin = table[best3]["accuracy"] - table["ce_L3"]["accuracy"]
-    spread = max(table[best3]["accuracy_spread"], table["ce_L3"]["accuracy_spread"])
+    found: list[str] = [model for model in ("kd_L3", "tiny_L3") if model in table]
+    best3 = max(found, key=lambda model: table[model]["accuracy"]) if found else None
+    margin = spread = speedup1 = speedup32 = None
+    if best3 is not None and "ce_L3" in table:
+        margin = table[best3]["accuracy"] - table["ce_L3"]["accuracy"]
+        spread = max(table[best3]["accuracy_spread"], table["ce_L3"]["accuracy_spread"])
+    if best3 is not None and "batch32" in table[best3] and "batch32" in table["teacher"]:
+        speedup1 = table[best3]["batch1"] / table["teacher"]["batch1"]
+        speedup32 = table[best3]["batch32"] / table["teacher"]["batch32"]
     targets = {
-        "retention_3_layer_ge_0.97": table[best3]["retention"] >= 0.97,
-        "speedup_3_layer_batch32_ge_2x": table[best3]["batch32"] / table["teacher"]["batch32"] >= 2.0,
-        "beats_no_teacher_by_more_than_seed_spread": margin > spread if len(table["ce_L3"]["accuracies"]) > 1 else None,
-        "int8_keeps_ge_0.99": onnx["onnx_int8"]["accuracy_kept"] >= 0.99,
+        "retention_3_layer_ge_0.97": table[best3]["retention"] >= 0.97 if best3 is not None else None,
+        "speedup_3_layer_batch32_ge_2x": speedup32 >= 2.0 if speedup32 is not None else None,
+        "beats_no_teacher_by_more_than_seed_spread": margin > spread
+        if margin is not None and spread is not None and len(table["ce_L3"]["accuracies"]) > 1
+        else None,
+        "int8_keeps_ge_0.99": onnx["onnx_int8"]["accuracy_kept"] >= 0.99 if onnx else None,
     }
     return {
         "benchmark": "transformers_text",
         "size": size,
         "rows": {name: len(data[name][0]) for name in ("train", "val", "test")},
-        "max_length": SIZES[size]["max_length"],
-        "student_epochs": SIZES[size]["epochs"],
-        "student_lr": SIZES[size]["lr"],
-        "teacher_epochs": SIZES[size]["teacher_epochs"],
-        "teacher_lr": SIZES[size]["teacher_lr"],
-        "seeds": SIZES[size]["seeds"],
+        "max_length": setting["max_length"],
+        "student_epochs": setting["epochs"],
+        "student_lr": setting["lr"],
+        "teacher_epochs": setting["teacher_epochs"],
+        "teacher_lr": setting["teacher_lr"],
+        "seeds": setting["seeds"],
         "timed_sentences": timed,
         "teacher_fine_tune_seconds": teacher_seconds,
         "models": table,
         "best_3_layer": best3,
         "margin_over_no_teacher": margin,
         "seed_spread": spread,
-        "speedup_3_layer_batch1": table[best3]["batch1"] / table["teacher"]["batch1"],
-        "speedup_3_layer_batch32": table[best3]["batch32"] / table["teacher"]["batch32"],
+        "speedup_3_layer_batch1": speedup1,
+        "speedup_3_layer_batch32": speedup32,
         "onnx": onnx,
         "targets": targets,
         "machine": {
@@ -479,6 +618,15 @@ def _summary(
             "torch": torch.__version__,
         },
     }
+
+
+def _pairs(text: str) -> list[tuple[float, float]]:
+    """``"4:0.5,8:0.9"`` -> [(4.0, 0.5), (8.0, 0.9)] (temperature:soft_weight pairs)."""
+    pairs = []
+    for part in text.split(","):
+        temperature, _, soft_weight = part.partition(":")
+        pairs.append((float(temperature), float(soft_weight or 0.5)))
+    return pairs
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -495,6 +643,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         action="store_true",
         help="fine-tune (or load) the teacher and print its accuracy only: a probe of how strong it gets",
     )
+    parser.add_argument("--student-epochs", type=int, help="student epochs instead of the size's (quick: 1)")
+    parser.add_argument(
+        "--students",
+        help="comma-separated recipes to run (kd_L2,kd_L3,tiny_L2,tiny_L3,ce_L2,ce_L3,fresh_L3; default: all)",
+    )
+    parser.add_argument(
+        "--kd",
+        default="4:0.5",
+        help="KD temperature:soft_weight pairs, comma-separated; with several, the best on validation at the first "
+        "seed serves every seed (default 4:0.5, KDLoss's)",
+    )
+    parser.add_argument(
+        "--speed-repeats", type=int, default=1, help="time the models interleaved this many times, median (0: none)"
+    )
+    parser.add_argument("--no-onnx", action="store_true", help="skip the ONNX fp32/INT8 export and its timings")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # the shared box: one thread for training too (the timings always use 1)
     started = time.perf_counter()
@@ -502,6 +665,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "smoke" if args.smoke else "quick" if args.quick else "full",
         Path(args.cache) / "benchmarks" / "transformers_text",
         teacher_only=args.teacher_only,
+        student_epochs=args.student_epochs,
+        students=args.students.split(",") if args.students else None,
+        kd_settings=_pairs(args.kd),
+        speed_repeats=args.speed_repeats,
+        onnx=not args.no_onnx,
     )
     result["seconds"] = time.perf_counter() - started
     if args.teacher_only:
@@ -509,27 +677,38 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(json.dumps(result))
         return result
     print(
-        f"{'model':10} {'acc':>7} {'retain':>7} {'agree':>7} {'params':>11} {'MB':>7} {'sent/s@1':>9} {'sent/s@32':>10}"
+        f"{'model':10} {'acc':>7} {'spread':>7} {'val':>7} {'retain':>7} {'agree':>7} {'params':>11} {'MB':>7} "
+        f"{'sent/s@1':>9} {'sent/s@32':>10}"
     )
     for name, row in result["models"].items():
         print(
-            f"{name:10} {row['accuracy']:7.4f} {row['retention']:7.1%} {row['agreement']:7.4f} {row['parameters']:11,} "
-            f"{row['size_bytes'] / 1e6:7.1f} {row['batch1']:9.1f} {row['batch32']:10.1f}"
+            f"{name:10} {row['accuracy']:7.4f} {row.get('accuracy_spread', 0.0):7.4f} "
+            f"{row.get('val_accuracy', result['teacher_val_accuracy']):7.4f} {row['retention']:7.1%} "
+            f"{row['agreement']:7.4f} {row['parameters']:11,} {row['size_bytes'] / 1e6:7.1f} "
+            f"{row.get('batch1', float('nan')):9.1f} {row.get('batch32', float('nan')):10.1f}"
         )
-    for name in ("onnx_fp32", "onnx_int8"):
+    for name in ("onnx_fp32", "onnx_int8") if result["onnx"] else ():
         row = result["onnx"][name]
         print(
             f"kd_L3 {name}: accuracy {row['accuracy']:.4f} ({row['accuracy_kept']:.1%} of PyTorch), "
             f"{row['size_bytes'] / 1e6:.1f} MB, {row['batch1']:.1f} sent/s @1, {row['batch32']:.1f} @32"
         )
     best = result["best_3_layer"]
-    retention = result["models"][best]["retention"]
-    kept = result["onnx"]["onnx_int8"]["accuracy_kept"]
-    print(
-        f"summary: {best} keeps {retention:.1%} of the teacher at {result['speedup_3_layer_batch32']:.2f}x its speed "
-        f"(batch 32, 1 thread), {result['margin_over_no_teacher']:+.4f} over no teacher; INT8 keeps {kept:.1%}; "
-        f"{result['seconds']:.0f} s ({result['size']}, measured under load)"
-    )
+    parts = [f"{result['student_epochs']} student epochs"]
+    if best:
+        parts.append(f"{best} keeps {result['models'][best]['retention']:.1%} of the teacher")
+    if result["speedup_3_layer_batch32"] is not None:
+        parts.append(
+            f"{result['speedup_3_layer_batch1']:.2f}x / {result['speedup_3_layer_batch32']:.2f}x its speed at batch "
+            f"1 / 32 (1 thread, median of {result['speed_repeats']})"
+        )
+    if result["margin_over_no_teacher"] is not None:
+        parts.append(
+            f"{result['margin_over_no_teacher']:+.4f} over no teacher (seed spread {result['seed_spread']:.4f})"
+        )
+    if result["onnx"]:
+        parts.append(f"INT8 keeps {result['onnx']['onnx_int8']['accuracy_kept']:.1%}")
+    print(f"summary: {', '.join(parts)}; {result['seconds']:.0f} s ({result['size']}, measured under load)")
     print(json.dumps(result))
     return result
 
