@@ -172,9 +172,10 @@ def _check_fits(student: nn.Module, rows: Any, source: str | os.PathLike[str], d
                 hint="pass the tokenized rows: an .npz with x.input_ids, x.attention_mask (and y).",
             ) from exc
         expected = getattr(student, "in_shape", "?")
+        seen = f"has {_describe(rows)}" if isinstance(rows, Mapping) else f"rows have shape {tuple(rows.shape[1:])}"
         raise ShapeMismatchError(
             f"the student in {source} takes rows of shape {tuple(expected) if expected != '?' else '?'}, "
-            f"but {data_name} has {_describe(rows)} ({exc})",
+            f"but {data_name} {seen} ({exc})",
             hint="pass the --dataset (or --data) the student was trained on.",
         ) from exc
 
