@@ -22,21 +22,9 @@ from kdistill.errors import ConfigError, DataError
 from kdistill.losses import get_loss
 from kdistill.tasks import get_task
 from kdistill.teachers import TorchTeacher
+from test_lm_training import VOCAB, Bigram  # the same next-token table model and its vocabulary
 
-VOCAB, ROWS, SEQ, PROMPT = 11, 40, 8, 3
-
-
-class Bigram(nn.Module):
-    """(batch, seq) ids -> (batch, seq, vocab) logits from a table: the next-token distribution given the current."""
-
-    def __init__(self, seed: int) -> None:
-        super().__init__()
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            self.table = nn.Embedding(VOCAB, VOCAB)
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.table(input_ids)
+ROWS, SEQ, PROMPT = 40, 8, 3
 
 
 class Successor(nn.Module):
