@@ -28,7 +28,7 @@ from kdistill.api import load
 from kdistill.compress.export import OnnxPredictor, export_onnx
 from kdistill.compress.pipeline import CompressResult, compress
 from kdistill.compress.quantize import quantize_onnx
-from kdistill.data import Split, as_split, run_trimmed, take_rows, trim_padding
+from kdistill.data import Split, as_split, rows_in, run_trimmed, take_rows, trim_padding
 from kdistill.datasets import load_dataset
 from kdistill.demo import builtin_teacher, demo_recipe
 from kdistill.errors import CheckpointError, ConfigError, DataError, ExportError, ShapeMismatchError
@@ -139,9 +139,8 @@ def _splits(dataset_name: str, data: str | os.PathLike[str] | None, seed: int) -
 
 def _logits(predict: Any, x: Any, batch: int = 256) -> torch.Tensor:
     """``predict``'s logits on every row of ``x``, in batches each cut to its longest row (a token mapping)."""
-    rows = len(x) if isinstance(x, torch.Tensor) else len(next(iter(x.values())))
     with torch.inference_mode():
-        return torch.cat([run_trimmed(predict, take_rows(x, slice(i, i + batch))) for i in range(0, rows, batch)])
+        return torch.cat([run_trimmed(predict, take_rows(x, slice(i, i + batch))) for i in range(0, rows_in(x), batch)])
 
 
 def _describe(x: Any) -> str:
