@@ -83,17 +83,9 @@ def _word_student(folder: Path) -> tuple[torch.nn.Module, Path]:
     from kdistill.students.transformer import from_teacher
     from kdistill.text import tokenize
     from test_text import save_word_tokenizer
-    from test_transformer_student import _texts
+    from test_transformer_student import _texts, word_bert_config
 
-    config = transformers.BertConfig(
-        vocab_size=14,
-        hidden_size=16,
-        num_hidden_layers=4,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=16,
-        num_labels=2,
-    )
+    config = word_bert_config()
     torch.manual_seed(0)
     student = from_teacher(transformers.BertForSequenceClassification(config).eval(), layers=2)
     student.save_pretrained(folder)

@@ -282,6 +282,19 @@ def test_kdistill_list_students_shows_the_transformer(capsys: pytest.CaptureFixt
 # ---------------------------------------------------------------------------------------------------- end to end
 
 
+def word_bert_config() -> transformers.BertConfig:
+    """A tiny 4-layer, 16-wide BERT classifier (2 classes) over test_text's 14-id word tokenizer."""
+    return transformers.BertConfig(
+        vocab_size=14,
+        hidden_size=16,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=16,
+        num_labels=2,
+    )
+
+
 def _texts(rows: int, seed: int) -> tuple[list[str], list[int]]:
     """Two classes of word-level texts: class 0 uses the first five words, class 1 the last five."""
     from test_text import WORDS
@@ -302,15 +315,7 @@ def test_distill_takes_raw_strings_a_tokenizer_and_a_transformer_student(tmp_pat
     from test_text import save_word_tokenizer
 
     folder = save_word_tokenizer(tmp_path / "tok")
-    config = transformers.BertConfig(
-        vocab_size=14,
-        hidden_size=16,
-        num_hidden_layers=4,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=16,
-        num_labels=2,
-    )
+    config = word_bert_config()
     torch.manual_seed(0)
     teacher = transformers.BertForSequenceClassification(config).eval()
     result = kdistill.distill(
