@@ -428,13 +428,12 @@ def _labelled_rows(data: DataSource) -> tuple[int, int]:
     return (rows, rows) if mask is None else (int(mask.sum()), rows)
 
 
-def _optimizer(
-    model: nn.Module, loss_fn: Loss, config: TrainConfig, weight_decay: float | None = None
-) -> torch.optim.Optimizer:
+def _optimizer(model: nn.Module, loss_fn: Loss, config: TrainConfig, decay: float) -> torch.optim.Optimizer:
+    """The run's optimizer over the student and the loss's trainable parts, with weight decay ``decay``
+    (:func:`effective_weight_decay`)."""
     params = list(model.parameters())
     if isinstance(loss_fn, nn.Module):  # methods with trainable parts (projectors) learn with the student
         params += [p for p in loss_fn.parameters() if p.requires_grad]
-    decay = config.weight_decay if weight_decay is None else weight_decay
     if config.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=config.lr, weight_decay=decay)
     if config.optimizer == "sgd":
