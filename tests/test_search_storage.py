@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -54,21 +53,40 @@ def _trained(journal: Path) -> list[Any]:
     return [t for t in study.trials if t.state.name == "COMPLETE" and t.user_attrs.get("trained")]
 
 
+_DIE_IN_THE_THIRD_TRAINING = """
+import os, signal, sys
+from kdistill.search import study
+from kdistill.cli import main
+
+short_settings, started = study.short_settings, []
+
+
+def dying(*args, **kwargs):  # called once per trained trial, after its draw is tagged with this process
+    started.append(1)
+    if len(started) == 3:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return short_settings(*args, **kwargs)
+
+
+study.short_settings = dying
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 def test_a_killed_search_resumes_where_it_stopped(tmp_path: Path) -> None:
     out = tmp_path / "run"
     journal = out / "search" / "study.journal"
-    worker = subprocess.Popen(
-        _command(out, "--set", "search.trials=4"), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    # the process kills itself as the third trained trial starts: a kill at a known point, however fast the machine
+    command = _command(out, "--set", "search.trials=4")
+    killed_run = subprocess.run(
+        [sys.executable, "-c", _DIE_IN_THE_THIRD_TRAINING, *command[3:]], env=_env(), capture_output=True, timeout=600
     )
-    deadline = time.monotonic() + 400
-    while len(_trained(journal)) < 2 and time.monotonic() < deadline and worker.poll() is None:
-        time.sleep(0.2)
-    worker.send_signal(signal.SIGKILL)
-    worker.wait()
+    assert killed_run.returncode == -signal.SIGKILL, killed_run.stdout + killed_run.stderr
     before = {t.number: (t.params, t.value) for t in _trained(journal)}
-    assert 2 <= len(before) < 4, "killed after two trained trials, before the fourth"
+    assert len(before) == 2, "killed after two trained trials"
     assert not (out / "student.safetensors").exists()
     killed = [t for t in _study(journal).trials if t.state.name == "RUNNING"]
+    assert len(killed) == 1
 
     done = subprocess.run(
         _command(out, "--set", "search.trials=4", "--resume"), env=_env(), capture_output=True, text=True, timeout=600
@@ -76,7 +94,7 @@ def test_a_killed_search_resumes_where_it_stopped(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout + done.stderr
     study = _study(journal)
     trained = [t for t in study.trials if t.state.name == "COMPLETE" and t.user_attrs.get("trained")]
-    assert len(trained) == 4  # the 2-3 from before and only the rest: nothing trained twice
+    assert len(trained) == 4  # the 2 from before and only the rest: nothing trained twice
     for number, (params, value) in before.items():  # the finished trials are kept as they were
         assert (study.trials[number].params, study.trials[number].value) == (params, value)
     pids = {t.user_attrs["worker"] for t in trained}
@@ -125,3 +143,26 @@ def test_two_processes_share_one_study_through_a_journal_file(tmp_path: Path) ->
     )
     assert len(last["trials"]) == len(study.trials)
     assert all("chosen student:" in output for output in outputs)
+
+
+def test_a_worker_that_raced_another_for_a_seed_draws_again(tmp_path: Path) -> None:
+    """Both workers count the trials, then ask: the same count seeds the same sampler, so the same draw; the one
+    whose trial was numbered past its count drops its draw (the race the shared-study test can hit under load)."""
+    from kdistill.search.study import _check_not_raced, _Duplicate, _sampler
+
+    storage = optuna.storages.journal.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(tmp_path / "shared.journal"))
+    )
+    first, second = (optuna.create_study(storage=storage, study_name="s", load_if_exists=True) for _ in range(2))
+    seen = [len(study.get_trials()) for study in (first, second)]  # both count 0
+    trials = []
+    for study, count in zip((first, second), seen, strict=True):
+        study.sampler = _sampler(optuna, 0, count)
+        trials.append(study.ask())
+    draws = [trial.suggest_float("x", 0.0, 1.0) for trial in trials]
+    assert draws[0] == draws[1]  # the race is real: the same seed, the same candidate
+    _check_not_raced(trials[0], seen[0])
+    with pytest.raises(_Duplicate, match="another worker"):
+        _check_not_raced(trials[1], seen[1])
+    third = second.ask()
+    _check_not_raced(third, len(second.get_trials()) - 1)  # counted after the others: not a race

@@ -430,6 +430,19 @@ def _check_not_a_twin(study: Any, trial: Any) -> None:
             raise _Duplicate(f"a duplicate of warm-start trial {other.number}")
 
 
+def _check_not_raced(trial: Any, seen: int) -> None:
+    """The sampler is seeded by the number of trials the study held (``seen``), so that one worker's search is the
+    same every time it runs. A new trial numbered above ``seen`` means another worker of a shared study created one
+    between the count and ``ask``: it may have counted the same and drawn the same candidate, so this draw is
+    dropped and the next one, seeded by the new count, is made instead. Queued trials (warm starts, reruns) carry
+    their own parameters and are checked by :func:`_check_not_a_twin`."""
+    queued = trial.user_attrs.get("warm_start") or "rerun_of" in trial.user_attrs
+    if trial.number != seen and not queued:
+        raise _Duplicate(
+            f"drawn with the seed of trial {seen} while another worker made that trial; drawn again with a fresh seed"
+        )
+
+
 def _objective(problem: Problem, optuna: Any, study: Any) -> Callable[[Any], float]:
     def objective(trial: Any) -> float:
         trial.set_user_attr("worker", _worker())
@@ -509,10 +522,12 @@ def run_study(problem: Problem, storage: Any, description: str) -> Trained:
             break
         if search.max_epochs is not None and _epochs_spent(study) >= search.max_epochs:
             break
-        study.sampler = _sampler(optuna, seed, len(study.get_trials(deepcopy=False)))
+        seen = len(study.get_trials(deepcopy=False))
+        study.sampler = _sampler(optuna, seed, seen)
         trial = study.ask()
         draws += 1
         try:
+            _check_not_raced(trial, seen)
             value = objective(trial)
         except optuna.TrialPruned:
             study.tell(trial, state=optuna.trial.TrialState.PRUNED)
