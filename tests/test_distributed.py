@@ -225,7 +225,9 @@ result = kdistill.distill(
 )
 rank = os.environ.get("RANK", "0")
 save_file({k: v.contiguous() for k, v in result.student.state_dict().items()}, sys.argv[2] + f"-rank{rank}.safetensors")
-print("report" if result.report is not None else "no report", rank)
+# one write per rank (print writes its parts one by one, and the two ranks share the pipe)
+sys.stdout.write(f"{'report' if result.report is not None else 'no report'} {rank}\\n")
+sys.stdout.flush()
 """
 
 
