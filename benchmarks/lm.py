@@ -24,7 +24,9 @@ at 1 MiB so that RSS follows the live tensors).
 ``--bytes-probe``: bytes per token of a ``topk16:K`` cache entry at a larger vocabulary (a byte-level BPE trained to
 ``--vocab`` ids on the same corpus, default 8,192; an untrained GPT-2 of that vocabulary as the teacher, since the
 layout's size does not depend on the weights), measured on disk, against 2 × vocab bytes for fp16 logits.
-``--memory-only``: the memory measurement alone.
+``--memory-only``: the memory measurement alone. ``--generation-only``: on-policy generation
+(``lm.sample_continuations``) of the student and teacher shapes, with the KV cache and with the whole prefix each
+step, and whether both drew the same tokens.
 
 Run: ``benchmarks/lm.py --quick`` (1 seed, a 4 x 128 teacher trained 1,000 steps; 33 min on a busy 2-core box),
 or without ``--quick`` for the issue's sizes (4 x 256 teacher, 2 x 128 student, 3 seeds; an hour or more on 2 CPU
@@ -260,6 +262,41 @@ def bytes_probe(vocab: int, k: int, files: int) -> dict[str, Any]:
     return result
 
 
+def generation_only(settings: dict[str, Any], prompt: int, rounds: int = 5) -> dict[str, Any]:
+    """On-policy generation's cost with and without the KV cache: ``lm.sample_continuations`` on a batch of
+    ``--batch`` rows of ``--seq`` tokens (random ids; the speed does not depend on them), the prompt ``prompt``
+    tokens, for an untrained student and teacher of the run's shapes; the two ways take turns, ``rounds`` rounds,
+    median. Checks that both drew the same tokens from the same generator."""
+    shapes = {"student": ("student_layers", "student_width"), "teacher": ("teacher_layers", "teacher_width")}
+    ids = torch.randint(0, settings["vocab"], (settings["batch"], settings["seq"]), generator=torch.Generator())
+    result: dict[str, Any] = {"prompt": prompt, "rows": settings["batch"], "seq": settings["seq"], "rounds": rounds}
+    for name, (layers, width) in shapes.items():
+        model = _gpt2(settings["vocab"], settings[layers], settings[width], settings["seq"], 0)
+        seconds: dict[str, list[float]] = {"cached": [], "whole_prefix": []}
+        drawn: dict[str, torch.Tensor] = {}
+        for _ in range(rounds):
+            for way in seconds:
+                started = time.perf_counter()
+                drawn[way] = lm.sample_continuations(
+                    model, ids, prompt_length=prompt, generator=torch.Generator().manual_seed(0),
+                    kv_cache=way == "cached",
+                )  # fmt: skip
+                seconds[way].append(time.perf_counter() - started)
+        median = {way: statistics.median(values) for way, values in seconds.items()}
+        result[name] = {
+            "params": sum(p.numel() for p in model.parameters()),
+            "seconds": median,
+            "speedup": median["whole_prefix"] / median["cached"],
+            "same_tokens": bool(torch.equal(drawn["cached"], drawn["whole_prefix"])),
+        }
+    print(
+        "lm generation (" + ", ".join(f"{name}: KV cache {result[name]['speedup']:.1f}x faster, same tokens "
+                                      f"{result[name]['same_tokens']}" for name in shapes) + ")"
+    )  # fmt: skip
+    print(json.dumps(result))
+    return result
+
+
 def _mean_sd(values: list[float]) -> dict[str, float]:
     return {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0}
 
@@ -270,6 +307,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--memory-probe", choices=["naive", "chunked", "engine", "head"], help=argparse.SUPPRESS)
     parser.add_argument("--bytes-probe", action="store_true", help="cache bytes per token at --vocab (8,192) only")
     parser.add_argument("--memory-only", action="store_true", help="the memory measurement only")
+    parser.add_argument("--generation-only", action="store_true", help="on-policy generation, KV cache vs none")
+    parser.add_argument("--prompt", type=int, default=8, help="prompt tokens in --generation-only")
     parser.add_argument("--memory-tokens", type=int, default=None, help="tokens in the memory measurement")
     parser.add_argument("--chunk", type=int, default=256, help="tokens per chunk of the chunked loss")
     parser.add_argument("--threads", type=int, default=1)
@@ -293,6 +332,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             settings[name] = value
     if args.memory_tokens is not None:
         settings["memory_tokens"] = args.memory_tokens
+    if args.generation_only:
+        return generation_only(settings, args.prompt)
     started = time.perf_counter()
 
     train_texts, val_texts = lm.stdlib_sources(max_files=settings["files"])

@@ -5,6 +5,7 @@ run of a causal LM through distill()."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -153,3 +154,36 @@ def test_on_policy_mixer_is_seeded_resumable_and_samples_only_continuations() ->
     assert 8 < sum(flips) < 32  # lambda = 0.5: about half the batches are the student's
     with pytest.raises(kdistill.DataError, match="prompt_length must be in"):
         lm.sample_continuations(student, ids, prompt_length=10, generator=torch.Generator())
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_generation_with_the_kv_cache_draws_what_the_whole_prefix_draws(family: str) -> None:
+    student = lm.causal_lm(family, VOCAB, layers=2, width=16, heads=2, positions=16, seed=0)
+    ids = torch.randint(0, VOCAB, (3, 12), generator=torch.Generator().manual_seed(1))
+    lengths: list[int] = []
+
+    def record(_: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        lengths.append((args[0] if args else kwargs["input_ids"]).shape[1])
+
+    hook = student.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        cached = lm.sample_continuations(student, ids, prompt_length=5, generator=torch.Generator().manual_seed(2))
+        calls_cached, lengths[:] = list(lengths), []
+        plain = lm.sample_continuations(
+            student, ids, prompt_length=5, generator=torch.Generator().manual_seed(2), kv_cache=False
+        )
+        calls_plain = list(lengths)
+    finally:
+        hook.remove()
+    assert torch.equal(cached, plain) and not torch.equal(cached[:, 5:], ids[:, 5:])
+    assert calls_cached == [5] + [1] * 6  # the prompt once, then one new position per token
+    assert calls_plain == list(range(5, 12))  # the whole prefix every time
+    # through the pipeline's wrapper, with its vocabulary cut: the cut is applied to the cached logits too
+    wrapped = lm.LMLogits(student, vocab=VOCAB - 3)
+    cut = lm.sample_continuations(wrapped, ids, prompt_length=5, generator=torch.Generator().manual_seed(2))
+    cut_plain = lm.sample_continuations(
+        wrapped, ids, prompt_length=5, generator=torch.Generator().manual_seed(2), kv_cache=False
+    )
+    assert torch.equal(cut, cut_plain) and int(cut[:, 5:].max()) < VOCAB - 3
+    with pytest.raises(kdistill.ConfigError, match="kv_cache=True needs a Hugging Face causal LM"):
+        lm.sample_continuations(torch.nn.Sequential(), ids, prompt_length=5, generator=torch.Generator(), kv_cache=True)

@@ -16,6 +16,7 @@ models' logits to it (the softmax is then over the real vocabulary, and the padd
 from __future__ import annotations
 
 import hashlib
+import inspect
 import sysconfig
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -25,7 +26,7 @@ import torch
 from torch import nn
 
 from kdistill._deps import require
-from kdistill.errors import DataError, ShapeMismatchError, StudentError
+from kdistill.errors import ConfigError, DataError, ShapeMismatchError, StudentError
 
 __all__ = [
     "LMLogits",
@@ -254,9 +255,17 @@ class LMLogits(nn.Module):
         self.model = model
         self.vocab = vocab
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        logits: torch.Tensor = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
-        return logits if self.vocab is None else logits[..., : self.vocab]
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **generation: Any) -> Any:
+        """The logits tensor; with ``generation`` arguments (``use_cache=True`` and the cache from the last call, as
+        :func:`sample_continuations` passes them) the wrapped model's whole output, its ``logits`` cut the same way.
+        Generation goes through this call (not the wrapped model's), so hooks on this module still run: FSDP's
+        gathering of sharded weights."""
+        result = self.model(input_ids=input_ids, attention_mask=attention_mask, **generation)
+        logits: torch.Tensor = result.logits if self.vocab is None else result.logits[..., : self.vocab]
+        if not generation:
+            return logits
+        result.logits = logits
+        return result
 
     def save_pretrained(self, folder: str | Path, **kwargs: Any) -> None:
         """The wrapped model's ``save_pretrained(folder)``."""
@@ -278,6 +287,13 @@ def lm_student(
 
 
 # ---- on-policy data (GKD) ------------------------------------------------------------------------------------------
+def _keeps_a_kv_cache(model: nn.Module) -> bool:
+    """Whether ``model`` is a Hugging Face causal LM that keeps a cache of attention keys and values (GPT-2, Llama
+    and the rest: their configs carry ``use_cache``)."""
+    config = getattr(model, "config", None)
+    return bool(getattr(config, "use_cache", False)) and hasattr(model, "prepare_inputs_for_generation")
+
+
 @torch.no_grad()
 def sample_continuations(
     model: nn.Module,
@@ -286,11 +302,20 @@ def sample_continuations(
     prompt_length: int,
     generator: torch.Generator,
     temperature: float = 1.0,
+    kv_cache: bool | None = None,
 ) -> torch.Tensor:
     """``ids`` (rows, seq) with every position from ``prompt_length`` on replaced by tokens sampled from ``model``
     (a causal LM returning ``.logits`` or a logits tensor) one at a time, at ``temperature``, drawn from
     ``generator`` only (the same generator state gives the same tokens). The model runs in eval mode; its mode is
-    restored."""
+    restored.
+
+    ``kv_cache``: reuse the attention keys and values of the positions already seen (the model's cache), so each
+    new token costs one position's forward pass instead of the whole prefix's: seq − P passes of one token after
+    one of the prompt, against seq − P passes of a growing prefix. None (the default) uses it for a Hugging Face
+    causal LM (:func:`_keeps_a_kv_cache`, also inside :class:`LMLogits`) and not for a plain module (which gets
+    the whole prefix each time); True for a model without one is an error. Both give the same distribution at
+    each step (the logits agree to float rounding), so with the same generator they draw the same tokens unless
+    two are tied to the last bit."""
     if not 1 <= prompt_length < ids.shape[1]:
         raise DataError(
             f"prompt_length must be in [1, {ids.shape[1] - 1}] for sequences of {ids.shape[1]}, got {prompt_length}",
@@ -298,13 +323,29 @@ def sample_continuations(
         )
     if temperature <= 0:
         raise DataError(f"temperature must be > 0, got {temperature}")
+    inner = model.model if isinstance(model, LMLogits) else model
+    cached = _keeps_a_kv_cache(inner) if kv_cache is None else kv_cache
+    if cached and not _keeps_a_kv_cache(inner):
+        raise ConfigError(
+            f"kv_cache=True needs a Hugging Face causal LM that returns past_key_values, not a {type(model).__name__}",
+            hint="leave kv_cache at None (the default) to use the cache only where the model has one.",
+        )
     was_training = model.training
     model.eval()
     try:
         out = ids.clone()
+        past = None
+        # transformers 5 names the cache argument and output `cache`; 4.x named both `past_key_values`
+        name = "cache" if cached and "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
         for position in range(prompt_length, ids.shape[1]):
-            result = model(out[:, :position])
+            if not cached:
+                result = model(out[:, :position])
+            elif past is None:
+                result = model(out[:, :position], use_cache=True)
+            else:
+                result = model(out[:, position - 1 : position], **{name: past}, use_cache=True)
             logits = result if isinstance(result, torch.Tensor) else result.logits
+            past = getattr(result, name) if cached else None
             probs = torch.softmax(logits[:, -1].float() / temperature, dim=-1).cpu()
             out[:, position] = torch.multinomial(probs, 1, generator=generator).squeeze(1).to(out.device)
         return out
