@@ -250,3 +250,28 @@ def test_every_entry_point_shares_the_training_defaults() -> None:
     section = TrainSection()
     assert (OptimizerConfig().lr, OptimizerConfig().weight_decay, section.patience) == tuple(expected.values())
     assert (section.epochs, section.batch_size) == (defaults.EPOCHS, defaults.BATCH_SIZE) == (100, 64)
+
+
+def test_temperature_and_soft_weight_reach_the_method_that_takes_them(tmp_path: Path, digits, forest) -> None:
+    """distill(temperature=, soft_weight=) configure whichever method takes them, and are refused (not ignored) by
+    one that does not: a silently ignored temperature would train something other than what was asked."""
+    quick = {"epochs": 1, "verbose": False, "profile": False, "baseline": False}
+    train, val = digits["train"], digits["val"]
+    dkd = kdistill.distill(forest, "mlp", train, val=val, method="dkd", temperature=2.0, out=tmp_path, **quick)
+    assert dkd.report is not None and dkd.report.settings["temperature"] == 2.0
+    run = json.loads((tmp_path / "config.json").read_text())  # what the run was built from
+    assert [(term["name"], term["params"]) for term in run["config"]["method"]] == [("dkd", {"temperature": 2.0})]
+    kd = kdistill.distill(forest, "mlp", train, val=val, **quick)
+    assert kd.report is not None and (kd.report.settings["temperature"], kd.report.settings["soft_weight"]) == (
+        4.0,
+        0.5,
+    )
+    with pytest.raises(kdistill.ConfigError, match="method 'ce' has no temperature, but distill"):
+        kdistill.distill(forest, "mlp", train, val=val, method="ce", temperature=2.0, **quick)
+    with pytest.raises(kdistill.ConfigError, match="configure the 'kd' term"):
+        kdistill.distill(forest, "mlp", train, val=val, method=["ce", "logit_std"], soft_weight=0.9, **quick)
+    # the estimator passes them only when set, so a method without them fits with the defaults
+    model = kdistill.DistilledClassifier(forest, method="ce", hidden=(16,), max_epochs=1, report=False).fit(*train)
+    assert model.score(*val) > 0.5
+    with pytest.raises(kdistill.ConfigError, match="has no temperature"):
+        kdistill.DistilledClassifier(forest, method="ce", temperature=3.0, max_epochs=1, report=False).fit(*train)

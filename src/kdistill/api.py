@@ -75,19 +75,45 @@ def _lookup(tree: Mapping[str, Any], path: tuple[str, ...]) -> tuple[bool, Any]:
     return True, node
 
 
+_KD_DEFAULTS = {"temperature": 4.0, "soft_weight": 0.5}
+"""``kd``'s (and ``kd_topk``'s) temperature and soft weight when distill() is not given them."""
+
+
+def _accepts(method: str, name: str) -> bool:
+    """Whether the registered method ``method`` takes the hyper-parameter ``name`` (an unknown method is left to the
+    settings' validation, which names the closest one)."""
+    from kdistill.losses.base import LOSSES
+
+    if method not in LOSSES:
+        return True
+    params = LOSSES.params(method)
+    return params is None or name in params
+
+
 def _method_terms(
-    method: Any, temperature: float, soft_weight: float, method_params: Mapping[str, Any] | None
+    method: Any, temperature: float | None, soft_weight: float | None, method_params: Mapping[str, Any] | None
 ) -> list[dict[str, Any]] | None:
-    """``method`` as the list of terms a config holds (None for a Loss object)."""
-    kd_params = {"temperature": temperature, "soft_weight": soft_weight}
+    """``method`` as the list of terms a config holds (None for a Loss object). ``temperature`` and
+    ``soft_weight`` (None: not given) go to ``kd``/``kd_topk`` (defaults 4 and 0.5), to ``regression_kd`` (the soft
+    weight) and to any other single method that takes them (the token divergences, dkd, the multi-teacher methods:
+    each with its own defaults); given to a method that does not take them, they are an error rather than ignored.
+    In a composition they configure its ``kd`` term."""
+    given = {
+        name: value for name, value in (("temperature", temperature), ("soft_weight", soft_weight)) if value is not None
+    }
     if isinstance(method, str):
-        own = (
-            kd_params
-            if method in ("kd", "kd_topk")
-            else {"soft_weight": soft_weight}
-            if method == REGRESSION_KD
-            else {}
-        )
+        if method in ("kd", "kd_topk"):
+            own = _KD_DEFAULTS | given
+        else:
+            refused = [name for name in given if not _accepts(method, name)]
+            if refused:
+                raise ConfigError(
+                    f"method {method!r} has no {' or '.join(refused)}, but distill() was given "
+                    + ", ".join(f"{name}={given[name]}" for name in refused),
+                    hint=f"drop {'= and '.join(refused)}=, or pass what {method!r} takes as method_params={{...}} "
+                    "(`kdistill list methods` shows each method's settings).",
+                )
+            own = given
         return [{"name": method, "params": own | dict(method_params or {})}]
     if isinstance(method, (list, tuple, dict)):
         per_method = {name: dict(values) for name, values in (method_params or {}).items()}
@@ -98,7 +124,13 @@ def _method_terms(
                 hint="key method_params by the method names you compose.",
             )
         if "kd" in method:
-            per_method["kd"] = kd_params | per_method.get("kd", {})
+            per_method["kd"] = _KD_DEFAULTS | given | per_method.get("kd", {})
+        elif given:
+            raise ConfigError(
+                f"{', '.join(f'{name}={value}' for name, value in given.items())} configure the 'kd' term, but the "
+                f"composed methods {sorted(method)} have none",
+                hint="give each method its settings as method_params={name: {...}}.",
+            )
         weights = dict(method) if isinstance(method, dict) else dict.fromkeys(method, 1.0)
         return [
             {"name": name, "weight": weight, "params": per_method.get(name, {})} for name, weight in weights.items()
@@ -106,12 +138,22 @@ def _method_terms(
     return None
 
 
+def _given_knobs(terms: Any) -> dict[str, Any]:
+    """The report's ``temperature`` and ``soft_weight``: those of the run's first method term that sets them."""
+    for term in terms if isinstance(terms, list) else []:
+        params = term.get("params") or {} if isinstance(term, Mapping) else {}
+        knobs = {name: params[name] for name in ("temperature", "soft_weight") if name in params}
+        if knobs:
+            return knobs
+    return {}
+
+
 def _settings_from_arguments(
     settings: Mapping[str, Any] | None,
     *,
     method: Any,
-    temperature: float,
-    soft_weight: float,
+    temperature: float | None,
+    soft_weight: float | None,
     method_params: Mapping[str, Any] | None,
     flat: Mapping[str, Any],
 ) -> dict[str, Any]:
@@ -134,7 +176,7 @@ def _settings_from_arguments(
             )
         merged = _merge(merged, _nested(path, value))
     terms = _method_terms(method, temperature, soft_weight, method_params)
-    default_method = method == "kd" and temperature == 4.0 and soft_weight == 0.5 and not method_params
+    default_method = method == "kd" and temperature is None and soft_weight is None and not method_params
     if terms is not None and not ("method" in given and default_method):
         if "method" in given:
             raise ConfigError(
@@ -195,8 +237,8 @@ def distill(
     test: Any = None,
     method: str | list[str] | tuple[str, ...] | dict[str, float] | Loss = "kd",
     task: str = "classification",
-    temperature: float = 4.0,
-    soft_weight: float = 0.5,
+    temperature: float | None = None,
+    soft_weight: float | None = None,
     method_params: dict[str, Any] | None = None,
     epochs: int = defaults.EPOCHS,
     batch_size: int = defaults.BATCH_SIZE,
@@ -254,7 +296,9 @@ def distill(
             standardised inside the run; chosen by itself when ``teacher`` is a scikit-learn regressor; method
             ``"regression_kd"``, ``soft_weight`` its teacher term's weight; docs/regression.md).
         method: a registered method name (``kdistill list methods``) or a Loss object. ``temperature`` and
-            ``soft_weight`` configure ``"kd"``; other methods take ``method_params``. Several methods at once: a list
+            ``soft_weight``, when given, configure the method if it takes them (``"kd"`` defaults to 4 and 0.5, the
+            token divergences to 1 and 0.5, each method to its own); one that does not take them is an error, not
+            an ignored argument. Other settings go in ``method_params``. Several methods at once: a list
             ``["kd", "fitnet"]`` or weights ``{"kd": 1.0, "fitnet": 0.5}``, with ``method_params`` keyed by method
             (``{"fitnet": {"student_layers": "layers.3"}}``); each term is logged as ``train_<method>/<term>``.
         epochs, batch_size, lr, weight_decay, patience: AdamW with warm-up and cosine decay; the defaults are
@@ -372,7 +416,7 @@ def distill(
         stream_rows=stream_rows,
         verbose=verbose,
         identity=identity,
-        report_settings={"temperature": temperature, "soft_weight": soft_weight},
+        report_settings=_given_knobs(settings_dict.get("method")),
         unlabeled=unlabeled,
         transfer=transfer,
     )
