@@ -51,7 +51,7 @@ def test_regression_kd_matches_its_formula_in_float64(teacher_loss: str) -> None
     weight, delta = 0.3, 0.7
     soft = np.mean((s - t) ** 2) if teacher_loss == "mse" else np.mean(_numpy_huber(s - t, delta))
     observed = ~np.isnan(y)
-    hard = np.sum((s - np.nan_to_num(y))[observed] ** 2) / observed.sum()
+    hard = np.sum((s - np.nan_to_num(y))[observed] ** 2) / y.size  # every entry weighs 1/(B*outputs); NaN ones 0
     terms = regression_kd_loss(
         torch.tensor(s),
         torch.tensor(t),
@@ -63,6 +63,25 @@ def test_regression_kd_matches_its_formula_in_float64(teacher_loss: str) -> None
     assert math.isclose(float(terms["teacher"]), soft, rel_tol=1e-12)
     assert math.isclose(float(terms["labels"]), hard, rel_tol=1e-12)
     assert math.isclose(float(terms["loss"]), weight * soft + (1 - weight) * hard, rel_tol=1e-12)
+
+
+def test_unlabeled_rows_dilute_the_label_term_instead_of_reweighting_it() -> None:
+    """L labelled rows beside U unlabeled ones: each labelled entry keeps its 1/(B*outputs) share of a full batch,
+    so the label term (and its gradient) is the labelled batch's times L/(L+U); the mean over the present labels
+    alone would make it independent of U, each labelled row weighing (L+U)/L times more."""
+    rng = np.random.default_rng(1)
+    s, y = rng.normal(size=(4, 2)), rng.normal(size=(4, 2))
+    labelled = torch.tensor(s, requires_grad=True)
+    label_mse(labelled, torch.tensor(y)).backward()
+    padded = torch.tensor(np.concatenate([s, rng.normal(size=(12, 2))]), requires_grad=True)
+    term = label_mse(padded, torch.tensor(np.concatenate([y, np.full((12, 2), np.nan)])))
+    term.backward()
+    assert math.isclose(float(term), float(np.mean((s - y) ** 2)) * 4 / 16, rel_tol=1e-12)
+    assert labelled.grad is not None and padded.grad is not None
+    assert torch.allclose(padded.grad[:4], labelled.grad * 4 / 16, rtol=1e-12)
+    assert float(padded.grad[4:].abs().max()) == 0.0
+    nothing = label_mse(padded, torch.full((16, 2), float("nan"), dtype=torch.float64))
+    assert float(nothing) == 0.0 and nothing.requires_grad
 
 
 def test_huber_is_half_the_mse_inside_delta_and_linear_outside() -> None:

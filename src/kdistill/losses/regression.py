@@ -13,10 +13,13 @@ all (batch, outputs) in the task's standardised units (:mod:`kdistill.regression
   ``mean_{i,j} h(s_ij - t_ij)``, ``h(r) = r^2 / 2`` for ``|r| <= delta`` else ``delta * (|r| - delta / 2)``, which
   caps the pull of rows where the teacher is far off (a tree ensemble's step). Note ``h`` is half the squared error
   near zero, as in torch and scikit-learn's ``HuberRegressor``; ``2 * huber`` equals ``mse`` for ``|r| <= delta``.
-- ``MSE_observed`` averages over the label entries that are present: a NaN label (a row without targets, or one
-  missing output) counts in no term but the teacher's. A batch with no label at all has a label term of 0, so
-  unlabeled rows (``label_mask`` False: the engine fills their targets with NaN) learn from the teacher only. This
-  is the regression form of cross-entropy's ``ignore_index`` mean.
+- ``MSE_observed`` sums the squared errors of the label entries that are present and divides by **every** entry
+  of the batch (rows x outputs): a NaN label (a row without targets, or one missing output) counts 0 in it and
+  every present one weighs 1 / (B x outputs), as in a fully labelled batch (which gives the plain MSE exactly).
+  Unlabeled rows (``label_mask`` False: the engine fills their targets with NaN) learn from the teacher only. This
+  is the rule of :func:`kdistill.losses.common.labelled_cross_entropy`, for the same reason: the mean over the
+  present labels alone would weigh each of a batch's few labelled rows B / L times a row of a labelled batch when
+  many unlabeled rows sit beside them (docs/scarce_labels.md).
 
 Both terms are means over every number (rows x outputs), so the weights do not depend on the number of outputs.
 """
@@ -55,15 +58,13 @@ def observed_labels(student: torch.Tensor, target: torch.Tensor) -> torch.Tensor
 
 
 def label_mse(student: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """``mean over observed entries of (s - y)^2`` (0 when none is observed). ``student``: (batch, outputs);
-    ``target``: the same shape (or (batch,) for one output), NaN where there is no label."""
+    """``sum over observed entries of (s - y)^2``, divided by all the batch's entries (rows x outputs): 0 when none
+    is observed, the plain MSE when all are. ``student``: (batch, outputs); ``target``: the same shape (or (batch,)
+    for one output), NaN where there is no label."""
     observed = observed_labels(student, target)
     target = target.reshape(student.shape)
-    count = observed.sum()
-    if not bool(count):
-        return student.sum() * 0.0  # keeps the graph (and the device) for a batch of unlabeled rows
     squared = torch.where(observed, student - torch.where(observed, target, 0.0), 0.0).pow(2)
-    return squared.sum() / count
+    return squared.sum() / max(1, student.numel())  # still on the graph for a batch of unlabeled rows
 
 
 def teacher_distance(
