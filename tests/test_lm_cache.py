@@ -81,6 +81,31 @@ def test_topk16_stores_float16_log_probs_at_4k_plus_2_bytes_a_token(tmp_path: Pa
     assert dense.bytes_per_token() == 2 * VOCAB
 
 
+def test_a_fill_holds_one_batch_of_dense_logits_not_a_chunk(tmp_path: Path, monkeypatch) -> None:
+    """Dense (rows, seq, vocab) logits are reduced to the stored form batch by batch: a chunk of 4,096 blocks of 64
+    tokens at vocabulary 8,192 would otherwise be 8.6 GB of float32 at once (twice that while concatenated). The
+    chunk written is the same bytes as the whole chunk encoded at once."""
+    import kdistill.cache as cache
+
+    seen: list[int] = []
+    encode = cache._encode
+
+    def recording(outputs: torch.Tensor, storage: str) -> dict[str, np.ndarray]:
+        seen.append(len(outputs))
+        return encode(outputs, storage)
+
+    monkeypatch.setattr(cache, "_encode", recording)
+    model, ids = _TokenModel(), _ids()
+    entry = cached_teacher_outputs(TorchTeacher(model), ids, cache_dir=tmp_path, kind="token_logits",
+                                   storage="topk16:8", chunk_rows=ROWS, batch_size=7)  # fmt: skip
+    assert seen == [7, 7, 7, 7, 2]  # one chunk of 30 rows, encoded 7 rows at a time
+    with torch.no_grad():
+        whole = encode(model(ids), "topk16:8")
+    stored = entry.topk()
+    for name, array in zip(("values", "indices", "rest"), stored, strict=True):
+        assert np.array_equal(np.asarray(array), whole[name]), name
+
+
 def test_cache_ls_shows_token_entries_with_tokens_and_bytes_per_token(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
