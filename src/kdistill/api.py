@@ -138,11 +138,11 @@ def _method_terms(
     return None
 
 
-def _given_knobs(terms: Any) -> dict[str, Any]:
-    """The report's ``temperature`` and ``soft_weight``: those of the run's first method term that sets them."""
-    for term in terms if isinstance(terms, list) else []:
-        params = term.get("params") or {} if isinstance(term, Mapping) else {}
-        knobs = {name: params[name] for name in ("temperature", "soft_weight") if name in params}
+def _method_knobs(terms: Sequence[Any]) -> dict[str, Any]:
+    """The report's ``temperature`` and ``soft_weight``: those of the first of the validated method ``terms`` that
+    sets them."""
+    for term in terms:
+        knobs = {name: term.params[name] for name in ("temperature", "soft_weight") if name in term.params}
         if knobs:
             return knobs
     return {}
@@ -416,7 +416,7 @@ def distill(
         stream_rows=stream_rows,
         verbose=verbose,
         identity=identity,
-        report_settings=_given_knobs(settings_dict.get("method")),
+        report_settings=_method_knobs(validated.method),
         unlabeled=unlabeled,
         transfer=transfer,
     )

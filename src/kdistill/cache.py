@@ -641,8 +641,8 @@ def _compute_missing(
                 f"the teacher returned {count} rows of outputs for {len(chunk)} input rows",
                 hint="return one row of outputs per input row.",
             )
-        arrays = {name: np.concatenate([part[name] for part in parts]) for name in parts[0]} if parts else {}
-        assert shape is not None
+        assert shape is not None  # a chunk holds at least one batch
+        arrays = {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
         written.append(_write_chunk(store, rows[chunk], arrays, shape))
     return shape or (), written
 
