@@ -93,3 +93,24 @@ def test_a_pooling_rule_that_is_not_two_dimensional_fails_before_training(teache
         kdistill.distill(flat, "transformer", SENTENCES, task="embedding", verbose=False)
     with pytest.raises(DataError, match=r"train sentences\[2\] is empty or whitespace only"):
         kdistill.distill(teacher, "transformer", [*SENTENCES[:2], "\t"], task="embedding", verbose=False)
+
+
+def test_a_transformer_student_with_fewer_feed_forward_units_keeps_the_teachers_pooling(
+    teacher: SentenceTeacher,
+) -> None:
+    from kdistill.errors import StudentError
+    from kdistill.sentences import sentence_student
+    from kdistill.students.transformer import from_teacher
+
+    student = sentence_student("transformer", teacher, SENTENCES, {"layers": 1, "intermediate_size": 16})()
+    assert isinstance(student, SentenceEncoder) and student.model.config.intermediate_size == 16
+    expected = from_teacher(teacher.encoder.model, layers=1, intermediate_size=16)
+    assert all(torch.equal(a, b) for a, b in zip(student.model.parameters(), expected.parameters(), strict=True))
+    batch = teacher.tokenize(SENTENCES[:3])
+    with torch.no_grad():
+        hidden = expected.eval()(**batch).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).float()
+        pooled = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=1)
+        torch.testing.assert_close(student.eval()(**batch), pooled, rtol=1e-5, atol=1e-6)
+    with pytest.raises(StudentError, match="has no param 'ffn'"):
+        sentence_student("transformer", teacher, SENTENCES, {"ffn": 16})

@@ -230,7 +230,8 @@ def test_a_fresh_transformer_from_a_config_dict_is_seeded() -> None:
 
 def test_the_transformer_student_is_registered_with_its_params() -> None:
     assert "transformer" in STUDENTS
-    assert STUDENTS.params("transformer") == ["teacher", "layers", "layer_map", "hidden_size", "config", "in_shape"]
+    expected = ["teacher", "layers", "layer_map", "hidden_size", "intermediate_size", "config", "in_shape"]
+    assert STUDENTS.params("transformer") == expected
     assert "teacher" in STUDENTS["transformer"].description
 
 
@@ -274,6 +275,7 @@ def test_kdistill_list_students_shows_the_transformer(capsys: pytest.CaptureFixt
         "layers,",
         "layer_map,",
         "hidden_size,",
+        "intermediate_size,",
         "config,",
         "in_shape",
     ]
@@ -419,6 +421,7 @@ def test_the_docs_page_runs_as_written_at_a_tiny_size(tmp_path: Path, monkeypatc
     assert printed.getvalue().splitlines() == [
         "[0, 2, 4, 7, 9, 11] [0, 3, 5] [0, 5]",
         "BertForSequenceClassification 3",
+        "True True",
         "3 ['baseline', 'student', 'teacher']",
         "True True",
     ]

@@ -55,7 +55,7 @@ BUNDLED_TEACHER = "minilm"
 
 SENTENCE_STUDENTS: dict[str, tuple[str, ...]] = {
     "static": ("pca_dims", "pca_center", "sif_coefficient", "weighting", "vocabulary", "normalize"),
-    "transformer": ("layers", "layer_map", "hidden_size"),
+    "transformer": ("layers", "layer_map", "hidden_size", "intermediate_size"),
 }
 """The students a sentence teacher builds, with the params each takes."""
 
@@ -126,13 +126,12 @@ def sentence_student(
     cosines), ``sif_coefficient`` (1e-4), ``weighting`` (``"corpus"`` token counts, or ``"zipf"``), ``vocabulary``
     (``"teacher"``: every teacher token; ``"corpus"``: the teacher tokens the training sentences use, a smaller
     model), ``normalize`` (True). Transformer params: ``layers``, ``layer_map`` (teacher layers to copy),
-    ``hidden_size`` (fresh and narrower). Params are checked now; the student is built when the run calls it."""
+    ``hidden_size`` (fresh and narrower), ``intermediate_size`` (feed-forward units kept). Params are checked now;
+    the student is built when the run calls it."""
     chosen = _checked_params(kind, params)
     texts = list(sentences)
     if kind == "transformer":
-        return lambda: teacher.transformer_student(
-            layers=chosen.get("layers"), layer_map=chosen.get("layer_map"), hidden_size=chosen.get("hidden_size")
-        )
+        return lambda: teacher.transformer_student(**chosen)
     vocabulary = chosen.pop("vocabulary", "teacher")
     if vocabulary not in ("teacher", "corpus"):
         raise StudentError(

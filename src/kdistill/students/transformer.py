@@ -37,6 +37,7 @@ __all__ = [
     "layer_list",
     "layer_map",
     "load_classifier",
+    "prune_feed_forward",
     "student_from_teacher_factory",
     "transformer",
 ]
@@ -170,6 +171,7 @@ def from_teacher(
     layers: int | None = None,
     layer_map: Sequence[int] | None = None,
     hidden_size: int | None = None,
+    intermediate_size: int | None = None,
 ) -> nn.Module:
     """A student of the teacher's own class, from a copy of its config with fewer layers.
 
@@ -183,7 +185,14 @@ def from_teacher(
 
     ``hidden_size`` narrower than the teacher's: no weight can be copied, so the student is a *fresh* model of the
     teacher's class and config at that width (attention heads: the largest count up to the teacher's that divides
-    it; feed-forward width scaled by the same ratio), and a :class:`FreshWeightsWarning` says so.
+    it; feed-forward width scaled by the same ratio, or ``intermediate_size``), and a :class:`FreshWeightsWarning`
+    says so.
+
+    ``intermediate_size`` narrower than the teacher's feed-forward width (at the teacher's ``hidden_size``): each
+    chosen layer keeps the ``intermediate_size`` feed-forward units that matter most by weight magnitude, their
+    rows of the input projection(s) and columns of the output projection copied (:func:`prune_feed_forward`); the
+    rest of the model is copied as above. Fewer units make every layer cheaper, so a student can be faster than its
+    layer count alone allows (the embeddings, the pooler and the call cost the same in any student).
     """
     teacher_layers = _layer_count(model)
     if layer_map is not None:
@@ -199,15 +208,18 @@ def from_teacher(
     reference = next(iter(model.parameters()), None)
     width = int(getattr(model.config, "hidden_size", 0))
     if hidden_size is not None and hidden_size != width:
-        student = _fresh_of_width(type(model), config, width, hidden_size)
+        student = _fresh_of_width(type(model), config, width, hidden_size, intermediate_size)
     else:
+        if intermediate_size is not None:
+            _set_inner(config, intermediate_size, _inner_size(model.config, width))
         student = type(model)(config)
         prefix, _ = layer_list(student)
         source = model.state_dict()
+        copied = {key: source[_source_key(key, prefix, chosen)] for key in student.state_dict()}
+        if intermediate_size is not None:
+            copied = prune_feed_forward(copied, student.state_dict(), prefix)
         with torch.no_grad():
-            student.load_state_dict(
-                {key: source[_source_key(key, prefix, chosen)] for key in student.state_dict()}, strict=True
-            )
+            student.load_state_dict(copied, strict=True)
     if reference is not None:
         student.to(device=reference.device, dtype=reference.dtype)
     student.train(model.training)
@@ -218,7 +230,9 @@ def _default_map(teacher_layers: int, layers: int | None) -> list[int]:
     return list(range(teacher_layers)) if layers is None else layer_map(teacher_layers, layers)
 
 
-def _fresh_of_width(model_class: type[nn.Module], config: Any, width: int, hidden_size: int) -> nn.Module:
+def _fresh_of_width(
+    model_class: type[nn.Module], config: Any, width: int, hidden_size: int, intermediate_size: int | None = None
+) -> nn.Module:
     _check_count("hidden_size", hidden_size)
     if hidden_size > width:
         raise StudentError(
@@ -235,12 +249,11 @@ def _fresh_of_width(model_class: type[nn.Module], config: Any, width: int, hidde
         )
     if isinstance(getattr(config, "head_dim", None), int):
         overrides["head_dim"] = hidden_size // heads
-    for name in ("intermediate_size", "n_inner"):
-        inner = getattr(config, name, None)
-        if isinstance(inner, int):
-            overrides[name] = max(1, round(inner * hidden_size / width))
+    inner = _inner_size(config, width)
     for name, value in overrides.items():
         setattr(config, name, value)
+    if intermediate_size is not None or inner is not None:  # a family without a known field keeps its default
+        _set_inner(config, intermediate_size or max(1, round((inner or 0) * hidden_size / width)), inner)
     warnings.warn(
         f"hidden_size={hidden_size} is narrower than the teacher's {width}: the student is a fresh "
         f"{model_class.__name__} of that width (random weights, {heads} heads), nothing is copied from the teacher",
@@ -248,6 +261,88 @@ def _fresh_of_width(model_class: type[nn.Module], config: Any, width: int, hidde
         stacklevel=3,
     )
     return model_class(config)
+
+
+_INNER_FIELDS = ("intermediate_size", "n_inner", "hidden_dim", "ffn_dim")
+"""Where a transformers config keeps its feed-forward width: BERT and Llama ``intermediate_size``, GPT-2
+``n_inner`` (None: 4 × ``n_embd``), DistilBERT ``hidden_dim``, OPT ``ffn_dim``."""
+
+
+def _inner_field(config: Any) -> str | None:
+    """The name of ``config``'s feed-forward width field (None when it has none of :data:`_INNER_FIELDS`)."""
+    fields = config.to_dict() if hasattr(config, "to_dict") else vars(config)
+    for name in _INNER_FIELDS:
+        if name in fields and (isinstance(fields[name], int) or (name == "n_inner" and fields[name] is None)):
+            return name
+    return None
+
+
+def _inner_size(config: Any, width: int) -> int | None:
+    """The feed-forward width of ``config`` (GPT-2's ``n_inner=None`` is 4 × the width); None when unknown."""
+    name = _inner_field(config)
+    if name is None:
+        return None
+    value = getattr(config, name)
+    return 4 * width if value is None else int(value)
+
+
+def _set_inner(config: Any, intermediate_size: int, teacher_inner: int | None) -> None:
+    _check_count("intermediate_size", intermediate_size)
+    name = _inner_field(config)
+    if name is None or teacher_inner is None:
+        raise StudentError(
+            f"{type(config).__name__} has no feed-forward width this student can set ({', '.join(_INNER_FIELDS)})",
+            hint="leave intermediate_size out for this model family.",
+        )
+    if intermediate_size > teacher_inner:
+        raise StudentError(
+            f"intermediate_size={intermediate_size} is wider than the teacher's feed-forward width {teacher_inner}",
+            hint=f"use intermediate_size <= {teacher_inner}, or leave it out to keep every unit.",
+        )
+    setattr(config, name, intermediate_size)
+
+
+def prune_feed_forward(
+    teacher_tensors: Mapping[str, torch.Tensor], student_tensors: Mapping[str, torch.Tensor], prefix: str
+) -> dict[str, torch.Tensor]:
+    """``teacher_tensors`` (the student's keys, the teacher's values) cut to the student's narrower feed-forward
+    layers. A tensor whose shape differs from the student's differs along the feed-forward units: one dimension
+    where the teacher has U units and the student u < U. Per layer (keys under ``{prefix}.{j}.``), unit ``i``'s
+    importance is the product over the layer's 2-D feed-forward weights of the L2 norm of its slice (the row of an
+    input projection, the column of the output projection: how strongly the unit can read its input and write its
+    output); the u most important units are kept, in their original order, in every tensor of that layer (weights
+    and biases). Weight magnitude, not activations: it needs no data, and the student is then trained anyway.
+    Returns the tensors with the kept units."""
+    out = dict(teacher_tensors)
+    by_layer: dict[str, list[tuple[str, int]]] = {}
+    for key, value in teacher_tensors.items():
+        target = tuple(student_tensors[key].shape)
+        if tuple(value.shape) == target:
+            continue
+        dims = [d for d, (a, b) in enumerate(zip(value.shape, target, strict=True)) if a != b]
+        head = f"{prefix}."
+        if len(value.shape) != len(target) or len(dims) != 1 or not key.startswith(head):
+            raise StudentError(
+                f"cannot narrow {key} from {tuple(value.shape)} to {target}: not one feed-forward dimension of a layer",
+                hint="intermediate_size narrows the feed-forward layers of BERT-family, GPT-2 and Llama models.",
+            )
+        layer = key[len(head) :].partition(".")[0]
+        by_layer.setdefault(layer, []).append((key, dims[0]))
+    for entries in by_layer.values():
+        importance: torch.Tensor | None = None
+        for key, dim in entries:
+            weight = teacher_tensors[key].detach().double()
+            if weight.dim() < 2:
+                continue
+            norms = weight.movedim(dim, 0).flatten(1).norm(dim=1)
+            importance = norms if importance is None else importance * norms
+        assert importance is not None, "a feed-forward layer has at least one weight matrix"
+        key, dim = entries[0]
+        units = int(student_tensors[key].shape[dim])
+        kept = torch.sort(torch.topk(importance, units).indices).values
+        for key, dim in entries:
+            out[key] = teacher_tensors[key].index_select(dim, kept.to(teacher_tensors[key].device)).clone()
+    return out
 
 
 def fresh_transformer(
@@ -299,13 +394,15 @@ def transformer(
     layers: int | None = None,
     layer_map: Sequence[int] | None = None,
     hidden_size: int | None = None,
+    intermediate_size: int | None = None,
     config: dict[str, Any] | None = None,
 ) -> nn.Module:
     """A sequence classifier with ``num_classes`` outputs, mapping ``input_ids`` (batch, seq) [and
     ``attention_mask``] to (batch, classes) ``.logits``; ``in_shape`` (one row's token count) is not used.
 
     ``teacher``: a local folder (``save_pretrained`` output) of a sequence classifier; the student is
-    :func:`from_teacher` of it with ``layers`` / ``layer_map`` / ``hidden_size``. Without a teacher folder:
+    :func:`from_teacher` of it with ``layers`` / ``layer_map`` / ``hidden_size`` / ``intermediate_size``. Without a
+    teacher folder:
     a fresh model from ``config`` (a transformers config as a dict with ``model_type`` and ``vocab_size``; see
     :func:`fresh_transformer`). A run given a transformers teacher object builds the student from that object.
     """
@@ -325,17 +422,20 @@ def transformer(
                 f"the teacher folder {teacher} has {labels} labels but the run has {num_classes} classes",
                 hint="point teacher= at the fine-tuned classifier whose outputs the student learns.",
             )
-        return from_teacher(model, layers=layers, layer_map=layer_map, hidden_size=hidden_size)
+        return from_teacher(
+            model, layers=layers, layer_map=layer_map, hidden_size=hidden_size, intermediate_size=intermediate_size
+        )
     if config is None or "vocab_size" not in config:
         raise StudentError(
             f"the transformer student needs a teacher folder or a config with a vocab_size, got config={config!r}",
             hint='pass teacher="path/to/saved/model", or config={"model_type": "bert", "vocab_size": 30522, ...}.',
         )
-    unused = {name: value for name, value in (("layers", layers), ("layer_map", layer_map)) if value is not None}
+    chosen = (("layers", layers), ("layer_map", layer_map), ("intermediate_size", intermediate_size))
+    unused = {name: value for name, value in chosen if value is not None}
     if unused:
         raise StudentError(
             f"{sorted(unused)} choose layers of a teacher, but no teacher was given",
-            hint="set num_hidden_layers (and hidden_size) inside config= for a fresh transformer.",
+            hint="set num_hidden_layers (and hidden_size, intermediate_size) inside config= for a fresh transformer.",
         )
     fields = dict(config)
     fields.setdefault("model_type", "bert")
@@ -346,7 +446,8 @@ def transformer(
 
 def student_from_teacher_factory(teacher_model: nn.Module, params: Mapping[str, Any]) -> Callable[[], nn.Module]:
     """The factory a run uses for ``student="transformer"`` given a transformers teacher object (not a folder):
-    ``from_teacher(teacher_model, **params)`` (``layers``, ``layer_map``, ``hidden_size``), or a fresh model from
+    ``from_teacher(teacher_model, **params)`` (``layers``, ``layer_map``, ``hidden_size``, ``intermediate_size``), or
+    a fresh model from
     ``params["config"]`` with the teacher's ``num_labels``. Parameter names are checked now, against the registered
     builder's (``kdistill list students``)."""
     from kdistill.students.base import STUDENTS
@@ -382,7 +483,14 @@ def from_folder(
     layers: int | None = None,
     layer_map: Sequence[int] | None = None,
     hidden_size: int | None = None,
+    intermediate_size: int | None = None,
 ) -> nn.Module:
     """:func:`from_teacher` of the classifier saved in ``folder``: a ``student.factory`` for config files
     (``kind: custom``, ``params: {folder: ..., layers: 3}``)."""
-    return from_teacher(load_classifier(folder), layers=layers, layer_map=layer_map, hidden_size=hidden_size)
+    return from_teacher(
+        load_classifier(folder),
+        layers=layers,
+        layer_map=layer_map,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+    )

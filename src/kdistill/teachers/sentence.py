@@ -377,14 +377,26 @@ class SentenceTeacher(TeacherBase):
         return torch.cat(parts)
 
     def transformer_student(
-        self, *, layers: int | None = None, layer_map: Sequence[int] | None = None, hidden_size: int | None = None
+        self,
+        *,
+        layers: int | None = None,
+        layer_map: Sequence[int] | None = None,
+        hidden_size: int | None = None,
+        intermediate_size: int | None = None,
     ) -> SentenceEncoder:
         """A transformer student with this teacher's pooling and normalisation: the teacher's encoder cut to
-        ``layers`` (or the teacher layers ``layer_map``), copied exactly, or fresh and narrower with ``hidden_size``
+        ``layers`` (or the teacher layers ``layer_map``), copied exactly, or fresh and narrower with ``hidden_size``;
+        ``intermediate_size`` keeps that many of each layer's feed-forward units
         (:func:`kdistill.students.transformer.from_teacher`). It takes the teacher's tokenisation."""
         from kdistill.students.transformer import from_teacher
 
-        model = from_teacher(self.encoder.model, layers=layers, layer_map=layer_map, hidden_size=hidden_size)
+        model = from_teacher(
+            self.encoder.model,
+            layers=layers,
+            layer_map=layer_map,
+            hidden_size=hidden_size,
+            intermediate_size=intermediate_size,
+        )
         student = SentenceEncoder(
             model,
             pooling=self.encoder.pooling,
