@@ -12,7 +12,8 @@ Stages (each one's wall time is printed and kept in the JSON):
 3. static student: ``distill(teacher, "static", ...)``: the teacher on every vocabulary token (cached too), PCA to
    ``--pca-dims``, SIF weights from the corpus's token counts (scored untrained), then fine-tuned on the teacher's
    embeddings (``--static-loss``, ``--static-epochs``); the run's report scores teacher and student;
-4. transformer student: ``distill(teacher, "transformer", ...)``: teacher layers ``--layers`` copied, trained on the
+4. transformer student: ``distill(teacher, "transformer", ...)``: teacher layers ``--layers`` copied (each keeping
+   ``--intermediate-size`` of its feed-forward units when given), trained on the
    teacher's embeddings for ``--transformer-minutes`` of wall time (``train.max_minutes``);
 5. ONNX: the transformer student's saved folder exported (fp32, checked against PyTorch, and dynamic INT8), and
    both files' sentences/s at batch 1 and 64 on one thread (ONNX Runtime, tokenisation included);
@@ -67,11 +68,15 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--static-lr", type=float, default=1e-3)
     parser.add_argument("--static-batch", type=int, default=256)
     parser.add_argument("--layers", default="4,5", help="teacher layers the transformer student starts from")
+    parser.add_argument(
+        "--intermediate-size", type=int, default=None, help="feed-forward units each student layer keeps (all)"
+    )
     parser.add_argument("--transformer-loss", default="cosine", choices=["cosine", "mse", "contrastive"])
     parser.add_argument("--transformer-minutes", type=float, default=None, help="default 15 (quick 5)")
     parser.add_argument("--transformer-epochs", type=int, default=2, help="planned epochs (the lr schedule's length)")
     parser.add_argument("--transformer-lr", type=float, default=1e-4)
     parser.add_argument("--skip-transformer", action="store_true", help="the static student only")
+    parser.add_argument("--skip-static", action="store_true", help="the transformer student only")
     parser.add_argument("--cache-dir", default=".kdistill-cache", help="teacher-output cache (default: %(default)s)")
     parser.add_argument("--out", default=None, help="folder for the runs and exports (default: a temporary one)")
     parser.add_argument("--seed", type=int, default=0)
@@ -128,7 +133,7 @@ def main() -> None:
     args = _parse()
     train_size = args.train or (3000 if args.quick else 45_000)
     test_size = args.test or (500 if args.quick else 1000)
-    static_epochs = args.static_epochs or (30 if args.quick else 20)
+    args.static_epochs = args.static_epochs or (30 if args.quick else 20)
     minutes = args.transformer_minutes if args.transformer_minutes is not None else (5.0 if args.quick else 15.0)
     layers = [int(part) for part in args.layers.split(",")]
     torch.manual_seed(args.seed)
@@ -145,31 +150,21 @@ def main() -> None:
     stages.run("teacher_train_embeddings", _embed, teacher, train, args.cache_dir)
     test_targets = stages.run("teacher_test_embeddings", _embed, teacher, test, args.cache_dir)
 
-    params = {"pca_dims": args.pca_dims, "pca_center": args.pca_center}
-    build = sentence_student("static", teacher, train, params, cache_dir=args.cache_dir)
-    untrained = stages.run("static_init", build)
     results: dict[str, dict[str, float]] = {}
-    raw = similarity_report(test_targets, untrained.encode(test), seed=args.seed)
-    results["static_untrained"] = {"spearman": raw["spearman_random"], "spearman_hard": raw["spearman_hard"]}
-    results["static_untrained"]["recall_at_10"] = raw["recall_at_10"]
     common: dict[str, Any] = {"test": test, "task": "embedding", "patience": None, "cache_dir": args.cache_dir}
     common |= {"seed": args.seed, "num_threads": 1, "verbose": False, "profile": True}
-    static = stages.run(
-        "static_run", kdistill.distill, teacher, "static", train, method=args.static_loss, student_params=params,
-        epochs=static_epochs, batch_size=args.static_batch, lr=args.static_lr, weight_decay=0.0,
-        out=out / "static", **common,
-    )  # fmt: skip
-    stages.seconds["static_finetune"] = round(sum(epoch["time_s"] for epoch in static.history), 1)
-    results["teacher"] = _row(static.report.models["teacher"])
-    results["static"] = _row(static.report.models["student"])
-    first, last = static.history[0]["train_loss"], static.history[-1]["train_loss"]
-    print(f"static: {len(static.history)} epochs, train loss {first:.4f} -> {last:.4f}", flush=True)
+    static = None if args.skip_static else _static_stage(args, teacher, train, test_targets, stages, out, common)
+    if static is not None:
+        static_run, results["static_untrained"] = static
+        results["teacher"] = _row(static_run.report.models["teacher"])
+        results["static"] = _row(static_run.report.models["student"])
 
     transformer_info: dict[str, Any] = {}
     if not args.skip_transformer:
         transformer = stages.run(
             "transformer_run", kdistill.distill, teacher, "transformer", train, method=args.transformer_loss,
-            student_params={"layer_map": layers}, epochs=args.transformer_epochs, batch_size=32,
+            student_params={"layer_map": layers, "intermediate_size": args.intermediate_size},
+            epochs=args.transformer_epochs, batch_size=32,
             lr=args.transformer_lr, weight_decay=0.01, settings={"train": {"max_minutes": minutes}},
             out=out / "transformer", **common,
         )  # fmt: skip
@@ -190,13 +185,14 @@ def main() -> None:
         transformer_info["int8_vs_teacher_batch_64"] = onnx_speeds["transformer_int8"]["sentences_per_s_batch_64"]
         transformer_info["int8_vs_teacher_batch_64"] /= teacher_b64
 
-    reload_check = stages.run("reload_check", _reload, out, test[:64], static.student, args.skip_transformer)
+    static_student = None if static is None else static[0].student
+    reload_check = stages.run("reload_check", _reload, out, test[:64], static_student, args.skip_transformer)
 
-    speedups = {  # each student against the teacher of its own run (the static run's, or the transformer run's)
-        name: metrics["sentences_per_s_batch_64"]
-        / results["teacher_in_transformer_run" if name.startswith("transformer") else "teacher"][
-            "sentences_per_s_batch_64"
-        ]
+    def own_teacher(name: str) -> str:  # the static run's teacher, or the transformer run's
+        return "teacher_in_transformer_run" if name.startswith(("transformer", "teacher_in")) else "teacher"
+
+    speedups = {  # each student against the teacher of its own run: two numbers taken under the same load
+        name: metrics["sentences_per_s_batch_64"] / results[own_teacher(name)]["sentences_per_s_batch_64"]
         for name, metrics in results.items()
         if "sentences_per_s_batch_64" in metrics
     }
@@ -215,9 +211,10 @@ def main() -> None:
         "pca_dims": args.pca_dims,
         "pca_center": args.pca_center,
         "static_loss": args.static_loss,
-        "static_epochs": len(static.history),
+        "static_epochs": None if static is None else len(static[0].history),
         "static_lr": args.static_lr,
         "transformer_layers": layers,
+        "transformer_intermediate_size": args.intermediate_size,
         "transformer_loss": args.transformer_loss,
         "transformer_minutes": minutes,
         "transformer": transformer_info,
@@ -227,25 +224,57 @@ def main() -> None:
         "stage_seconds": stages.seconds,
         "threads": 1,
     }
-    line = (
-        f"\nsummary: static spearman {results['static']['spearman']:.3f} (untrained "
-        f"{results['static_untrained']['spearman']:.3f}) at {speedups['static']:.0f}x the teacher"
-    )
+    parts = []
+    if "static" in results:
+        parts.append(
+            f"static spearman {results['static']['spearman']:.3f} (untrained "
+            f"{results['static_untrained']['spearman']:.3f}) at {speedups['static']:.0f}x the teacher"
+        )
     if "transformer" in results:
-        line += (
-            f"; transformer {results['transformer']['spearman']:.3f} at {speedups['transformer']:.1f}x, INT8 ONNX "
+        parts.append(
+            f"transformer {results['transformer']['spearman']:.3f} at {speedups['transformer']:.1f}x, INT8 ONNX "
             f"{speedups['transformer_int8']:.1f}x (batch 64, 1 thread)"
         )
-    print(line)
+    print("\nsummary: " + "; ".join(parts))
     print(json.dumps(summary, default=str))
+
+
+def _static_stage(
+    args: argparse.Namespace,
+    teacher: Any,
+    train: list[str],
+    test_targets: Any,
+    stages: Any,
+    out: Path,
+    common: dict[str, Any],
+) -> tuple[Any, dict[str, float]]:
+    """The static student: built (scored untrained), then fine-tuned through ``distill``; (its run, the untrained
+    scores)."""
+    params = {"pca_dims": args.pca_dims, "pca_center": args.pca_center}
+    build = sentence_student("static", teacher, train, params, cache_dir=args.cache_dir)
+    untrained = stages.run("static_init", build)
+    raw = similarity_report(test_targets, untrained.encode(common["test"]), seed=args.seed)
+    scores = {"spearman": raw["spearman_random"], "spearman_hard": raw["spearman_hard"]}
+    scores["recall_at_10"] = raw["recall_at_10"]
+    static = stages.run(
+        "static_run", kdistill.distill, teacher, "static", train, method=args.static_loss, student_params=params,
+        epochs=args.static_epochs, batch_size=args.static_batch, lr=args.static_lr, weight_decay=0.0,
+        out=out / "static", **common,
+    )  # fmt: skip
+    stages.seconds["static_finetune"] = round(sum(epoch["time_s"] for epoch in static.history), 1)
+    first, last = static.history[0]["train_loss"], static.history[-1]["train_loss"]
+    print(f"static: {len(static.history)} epochs, train loss {first:.4f} -> {last:.4f}", flush=True)
+    return static, scores
 
 
 def _reload(out: Path, sentences: list[str], static: Any, skip_transformer: bool) -> dict[str, float]:
     """The run folders' ``model/`` loaded by Model2Vec and sentence-transformers: max |difference| to kdistill's."""
-    from model2vec import StaticModel
+    found: dict[str, float] = {}
+    if static is not None:
+        from model2vec import StaticModel
 
-    theirs = StaticModel.from_pretrained(out / "static" / "model").encode(sentences, use_multiprocessing=False)
-    found = {"model2vec_max_abs_diff": float(np.abs(static.encode(sentences).numpy() - theirs).max())}
+        theirs = StaticModel.from_pretrained(out / "static" / "model").encode(sentences, use_multiprocessing=False)
+        found["model2vec_max_abs_diff"] = float(np.abs(static.encode(sentences).numpy() - theirs).max())
     if not skip_transformer:
         from sentence_transformers import SentenceTransformer
 
