@@ -278,9 +278,12 @@ def _config(tmp_path: Path, folder: Path, unlabeled: str) -> Path:
     return config
 
 
-def test_a_config_reads_unlabeled_token_rows_from_named_npz_arrays(tmp_path: Path, folder: Path) -> None:
+def test_a_config_reads_unlabeled_token_rows_from_named_npz_arrays(
+    tmp_path: Path, folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from kdistill.run import run
 
+    monkeypatch.chdir(tmp_path)  # the run folder, runs/<name>, is made here
     config = _config(tmp_path, folder, "unlabeled.npz")
     _save(tmp_path / "unlabeled.npz", tokenize(["a dog ran far", "the cat", "sat on the mat"], folder), None)
     with warnings.catch_warnings():
@@ -291,9 +294,12 @@ def test_a_config_reads_unlabeled_token_rows_from_named_npz_arrays(tmp_path: Pat
     assert rows["labelled"]["rows"] == 12 and rows["unlabeled"]["rows"] == 3
 
 
-def test_a_config_unlabeled_npz_without_x_arrays_is_a_clear_error(tmp_path: Path, folder: Path) -> None:
+def test_a_config_unlabeled_npz_without_x_arrays_is_a_clear_error(
+    tmp_path: Path, folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from kdistill.run import run
 
+    monkeypatch.chdir(tmp_path)
     config = _config(tmp_path, folder, "unlabeled.npz")
     np.savez(tmp_path / "unlabeled.npz", ids=np.zeros((2, 3), dtype=np.int64))
     with pytest.raises(DataError, match=r"has neither an array 'x' nor named inputs 'x.<name>' \(it holds \['ids'\]\)"):
