@@ -24,8 +24,13 @@ trained without a teacher by more than the spread over 3 seeds, and INT8 keeps >
     python benchmarks/transformers_text.py --quick --student-epochs 3 --students kd_L3,ce_L3 \
         --kd 4:0.5,2:0.9,1:0.9 --speed-repeats 7 --no-onnx
 
+    # the same students with unlabeled texts (kdistill.corpus.docstring_transfer) that the teacher labels: the KD
+    # student trains on the 1,536 labelled rows and these; ce_L3 (no teacher) on the labelled rows alone
+    python benchmarks/transformers_text.py --quick --student-epochs 3 --students kd_L3,ce_L3 --unlabeled 4290
+
 Finished (student, seed) runs are kept next to the teacher (one folder per student epochs and lr; a KD setting other
-than 4:0.5 in the record's name), so a rerun with other options trains only what is missing.
+than 4:0.5 in the record's name, and ``-u<N>`` for a run that trained on N unlabeled texts), so a rerun with other
+options trains only what is missing.
 
 Prints a table, one summary line, and ONE JSON object as the last line.
 """
@@ -50,7 +55,7 @@ from torch import nn
 import kdistill
 from kdistill.compress import OnnxPredictor, export_onnx
 from kdistill.compress.quantize import quantize_onnx
-from kdistill.corpus import docstring_classification
+from kdistill.corpus import docstring_classification, docstring_transfer
 from kdistill.students.transformer import fresh_transformer, from_teacher, layer_map
 from kdistill.text import load_tokenizer, tokenize
 
@@ -205,9 +210,11 @@ def _distill(
     kd: tuple[float, float],
     seed: int,
     setting: dict[str, Any],
+    unlabeled: Any = None,
 ) -> Any:
-    """Train ``student``; ``kd``: KD's (temperature, soft_weight) (unused by method ``ce``). The student (best
-    validation epoch's weights) and the validation accuracy after each epoch."""
+    """Train ``student``; ``kd``: KD's (temperature, soft_weight) (unused by method ``ce``); ``unlabeled``: token
+    rows the teacher labels and the student also learns from (None: the labelled rows only). The student (best
+    validation epoch's weights), the validation accuracy after each epoch, and the optimizer steps it took."""
     result = kdistill.distill(
         teacher,
         student,
@@ -215,8 +222,8 @@ def _distill(
         val=data["val_inputs"],
         method=method,
         method_params=params,
-        temperature=kd[0],
-        soft_weight=kd[1],
+        temperature=None if method == "ce" else kd[0],  # ce takes neither (distill() refuses them)
+        soft_weight=None if method == "ce" else kd[1],
         epochs=setting["epochs"],
         batch_size=32,
         lr=setting["lr"],
@@ -229,8 +236,10 @@ def _distill(
         num_threads=1,
         cache_dir=data["cache"],
         verbose=False,
+        unlabeled=unlabeled,
     )
-    return result.student, [row.get("val_accuracy") for row in result.history]
+    steps = int(result.history[-1]["step"]) if result.history and "step" in result.history[-1] else None
+    return result.student, [row.get("val_accuracy") for row in result.history], steps
 
 
 def run(
@@ -243,12 +252,15 @@ def run(
     kd_settings: list[tuple[float, float]] | None = None,
     speed_repeats: int = 1,
     onnx: bool = True,
+    unlabeled: int = 0,
 ) -> dict[str, Any]:
     """One benchmark run. ``student_epochs`` overrides the size's student epochs; ``students`` keeps only those
     recipes (e.g. ``["kd_L3", "ce_L3"]``); ``kd_settings`` are the (temperature, soft_weight) pairs KD may use: with
     more than one, each trains the KD students at the first seed and the one with the best validation accuracy (not
     test) serves every seed; ``speed_repeats`` times the models interleaved that many times (0: no timing) and keeps
-    the median; ``onnx=False`` skips the ONNX/INT8 part."""
+    the median; ``onnx=False`` skips the ONNX/INT8 part; ``unlabeled``: the first N texts of
+    :func:`kdistill.corpus.docstring_transfer` (a fixed subset; all of them when it has fewer) join the training rows
+    of every student that learns from the teacher (labelled by it, through the cache), never of ``ce_*``."""
     setting = dict(SIZES[size])
     if student_epochs is not None:
         setting["epochs"] = student_epochs
@@ -273,6 +285,18 @@ def run(
         inputs = tokenize(data[name][0], tokenizer, model=teacher, max_length=setting["max_length"])
         data[f"{name}_mapping"] = inputs
         data[f"{name}_inputs"] = (inputs, data[name][1])
+    unlabeled_texts = docstring_transfer()[:unlabeled] if unlabeled > 0 else []
+    if unlabeled > len(unlabeled_texts):
+        print(
+            f"  --unlabeled {unlabeled}: docstring_transfer() holds {len(unlabeled_texts)} texts; using all of them",
+            file=sys.stderr,
+        )
+    data["unlabeled_inputs"] = (
+        tokenize(unlabeled_texts, tokenizer, model=teacher, max_length=setting["max_length"])
+        if unlabeled_texts
+        else None
+    )
+    unlabeled_rows = len(unlabeled_texts)
     test_y = torch.tensor(data["test"][1])
     teacher_logits = _logits(teacher, data["test_mapping"])
     teacher_accuracy = float((teacher_logits.argmax(1) == test_y).float().mean())
@@ -304,6 +328,12 @@ def run(
         """Train (or reuse) one student recipe (record name, builder, method, method params, KD setting) at one
         seed; its measurements, and the model when ``keep``."""
         record_name, build, method, params, kd = recipe
+        extra = (
+            None if method == "ce" else data["unlabeled_inputs"]
+        )  # "the same student without a teacher": labels only
+        rows_of_extra = 0 if extra is None else unlabeled_rows
+        if rows_of_extra:  # a run on unlabeled texts is never confused with one without
+            record_name = f"{record_name}-u{rows_of_extra}"
         record = done / f"{record_name}-seed{seed}.json"
         model_folder = done / f"{record_name}-seed{seed}"
         if record.exists() and (not keep or (model_folder / "config.json").exists()):
@@ -311,9 +341,12 @@ def run(
             print(f"  {record_name} seed {seed}: accuracy {measured['accuracy']:.4f} (kept)", file=sys.stderr)
             return measured, transformers_model(model_folder) if keep else None
         begun = time.perf_counter()
-        student, val_history = _distill(teacher, build(), data, method, params, kd, seed, setting)
+        student, val_history, steps = _distill(teacher, build(), data, method, params, kd, seed, setting, extra)
         measured = _measure(student, data, test_y, teacher_logits, time.perf_counter() - begun)
         measured["val_accuracy_per_epoch"] = val_history
+        measured["unlabeled_rows"] = rows_of_extra
+        measured["labelled_rows"] = len(data["train"][0])
+        measured["steps"] = steps
         if keep:
             student.save_pretrained(model_folder)
         record.parent.mkdir(parents=True, exist_ok=True)
@@ -416,6 +449,7 @@ def run(
     }
     result["kd_choice"] = kd_choice
     result["speed_repeats"] = speed_repeats
+    result["unlabeled"] = {"requested": unlabeled, "rows": unlabeled_rows, "source": "docstring_transfer()"}
     return result
 
 
@@ -572,6 +606,8 @@ def _summary(
             "parameters": params,
             "size_bytes": nbytes,
             "train_seconds": statistics.mean(r["train_seconds"] for r in results),
+            "unlabeled_rows": results[0].get("unlabeled_rows", 0),
+            "steps": [r.get("steps") for r in results],
             **speed.get(name, {}),
         }
     found: list[str] = [model for model in ("kd_L3", "tiny_L3") if model in table]
@@ -658,6 +694,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--speed-repeats", type=int, default=1, help="time the models interleaved this many times, median (0: none)"
     )
     parser.add_argument("--no-onnx", action="store_true", help="skip the ONNX fp32/INT8 export and its timings")
+    parser.add_argument(
+        "--unlabeled",
+        type=int,
+        default=0,
+        help="N unlabeled texts (the first N of kdistill.corpus.docstring_transfer()) that the teacher labels, for "
+        "every student that learns from it (not ce_*); 0: none (the default)",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # the shared box: one thread for training too (the timings always use 1)
     started = time.perf_counter()
@@ -670,6 +713,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         kd_settings=_pairs(args.kd),
         speed_repeats=args.speed_repeats,
         onnx=not args.no_onnx,
+        unlabeled=args.unlabeled,
     )
     result["seconds"] = time.perf_counter() - started
     if args.teacher_only:
@@ -695,6 +739,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
     best = result["best_3_layer"]
     parts = [f"{result['student_epochs']} student epochs"]
+    if result["unlabeled"]["rows"]:
+        parts.append(f"{result['unlabeled']['rows']} unlabeled texts")
     if best:
         parts.append(f"{best} keeps {result['models'][best]['retention']:.1%} of the teacher")
     if result["speedup_3_layer_batch32"] is not None:

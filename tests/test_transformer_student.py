@@ -7,6 +7,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -407,9 +408,14 @@ def test_the_docs_page_runs_as_written_at_a_tiny_size(tmp_path: Path, monkeypatc
     pytest.importorskip("onnxruntime")
     text = DOC.read_text()
     blocks = re.findall(r"```python\n(.*?)```", text, flags=re.DOTALL)
-    assert len(blocks) == 5
+    assert len(blocks) == 6
     assert 'teacher_folder = "minilm-docstrings"' in blocks[0]
+    assert "docstring_transfer()" in blocks[5]
     monkeypatch.chdir(tmp_path)
+    import kdistill.corpus
+
+    unlabeled = _texts(20, 4)[0]  # the tiny stand-in for docstring_transfer()'s texts
+    monkeypatch.setattr(kdistill.corpus, "docstring_transfer", lambda *args, **kwargs: list(unlabeled))
     _doc_teacher(tmp_path / "minilm-docstrings")
     data = SimpleNamespace(train=_texts(64, 0), val=_texts(32, 1), test=_texts(64, 2), classes=["a", "b"])
     namespace: dict[str, Any] = {"data": data, "teacher_folder": "minilm-docstrings"}
@@ -424,7 +430,11 @@ def test_the_docs_page_runs_as_written_at_a_tiny_size(tmp_path: Path, monkeypatc
         "True True",
         "3 ['baseline', 'student', 'teacher']",
         "True True",
+        "True True",
     ]
+    with np.load(tmp_path / "unlabeled.npz") as saved:  # what a config's data.unlabeled reads
+        assert {"x.input_ids", "x.attention_mask"} <= set(saved.files)
+        assert saved["x.input_ids"].shape[0] == 20
     reloaded = transformers.AutoModelForSequenceClassification.from_pretrained("student-3-layers")
     assert reloaded.config.num_hidden_layers == 3
     # the config file, as written in the docs and in configs/

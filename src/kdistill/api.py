@@ -318,6 +318,9 @@ def distill(
         unlabeled: rows without labels (rows, *features), the training rows' columns: the teacher labels them
             (through the cache), and the student learns from them with the labelled rows; the soft term uses every
             row, the hard term only the labelled ones (``docs/scarce_labels.md``). The baseline sees only ``train``.
+            For a transformer teacher: a list of raw strings (tokenized with ``tokenizer=`` and ``max_length`` as
+            the splits are) or a mapping with the training rows' keys (``input_ids``, ``attention_mask``);
+            docs/transformers.md, "Unlabeled texts".
         transfer: generated rows for the teacher to label (:mod:`kdistill.transfer`): a ``Transfer(generator,
             mode="pool", rows=50_000)``, a generator (``Munge()``, ``Mixup()``, ``Jitter()``, ``ClassGaussian()``:
             a pool of 10x the training rows), a registered name, or the mapping a config's ``transfer:`` holds.
@@ -389,8 +392,8 @@ def distill(
         identity = {"teacher": adapter.fingerprint(), "student": {"kind": student_id, "params": repr(student_params)}}
         if unlabeled is not None:
             identity["unlabeled"] = True  # its rows are in the data fingerprint
-    train, val, test, student, student_params = _transformer_inputs(
-        adapter, student, student_params, (train, val, test), tokenizer, max_length
+    train, val, test, student, student_params, unlabeled = _transformer_inputs(
+        adapter, student, student_params, (train, val, test), tokenizer, max_length, unlabeled
     )
     if _is_sentence_teacher(adapter):
         cache_root = validated.cache.dir if validated.cache.dir is not None else (folder and folder / "cache")
@@ -497,17 +500,32 @@ def _transformer_inputs(
     splits: tuple[Any, Any, Any],
     tokenizer: Any,
     max_length: int | None,
-) -> tuple[Any, Any, Any, Any, dict[str, Any]]:
+    unlabeled: Any = None,
+) -> tuple[Any, Any, Any, Any, dict[str, Any], Any]:
     """Raw strings tokenized (with ``tokenizer``), and ``student="transformer"`` built from a transformers
-    teacher's own model (docs/transformers.md); anything else comes back as it is."""
+    teacher's own model (docs/transformers.md); anything else comes back as it is. ``unlabeled`` raw strings are
+    tokenized with the splits, in the same call (same tokenizer and ``max_length``; errors name the split
+    ``unlabeled``); without a tokenizer they are an error, not rows of features."""
+    from kdistill.text import _is_texts
+
     model = getattr(adapter, "module", None)
     if tokenizer is not None:
         from kdistill.text import tokenize_splits
 
-        prepared = tokenize_splits(list(splits), tokenizer, model=model, max_length=max_length)
-        splits = (prepared[0], prepared[1], prepared[2])
+        names = ("train", "val", "test", "unlabeled")
+        prepared = tokenize_splits([*splits, unlabeled], tokenizer, model=model, max_length=max_length, names=names)
+        splits, unlabeled = (prepared[0], prepared[1], prepared[2]), prepared[3]
+    elif _is_texts(unlabeled) and not _is_sentence_teacher(adapter):
+        from kdistill.errors import DataError
+
+        raise DataError(
+            f"unlabeled= holds {len(unlabeled)} raw strings, but no tokenizer= was given to turn them into token ids",
+            hint="pass tokenizer= (the teacher's folder, with its tokenizer files) so the unlabeled texts are "
+            "tokenized like the training rows, or pass them already tokenized: unlabeled={'input_ids': ..., "
+            "'attention_mask': ...}.",
+        )
     if student == "transformer" and model is not None and student_params.get("teacher") is None:
         from kdistill.students.transformer import student_from_teacher_factory
 
-        return (*splits, student_from_teacher_factory(model, student_params), {})
-    return (*splits, student, student_params)
+        return (*splits, student_from_teacher_factory(model, student_params), {}, unlabeled)
+    return (*splits, student, student_params, unlabeled)

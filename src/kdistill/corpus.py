@@ -6,6 +6,8 @@ No hub, no download: the text is the docstrings of modules, classes and function
 - :func:`docstring_classification`: the first paragraph of each docstring, labelled by its package (``"numpy"``,
   ``"torch"``, ...): a text-classification set for transformer students.
 - :func:`docstring_sentences`: the sentences of every docstring, unlabeled: a corpus for sentence encoders.
+- :func:`docstring_transfer`: unlabeled texts for a classification student's transfer set: other prose paragraphs
+  of the docstrings of :func:`docstring_classification`'s *training* modules, none of them one of its rows.
 
 Both are deterministic for a given set of installed package versions: files are read in sorted order, duplicate texts
 are dropped (a text found in two packages is dropped from both), and rows go to train/val/test by a hash of their
@@ -37,6 +39,7 @@ __all__ = [
     "docstring_classification",
     "docstring_records",
     "docstring_sentences",
+    "docstring_transfer",
 ]
 
 #: Packages every kdistill install has (scikit-learn brings scipy): six classes.
@@ -44,6 +47,10 @@ DEFAULT_PACKAGES: tuple[str, ...] = ("numpy", "scipy", "sklearn", "torch", "pyda
 _FORMAT = 1
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z`(\"'])")
 _SECTION = re.compile(r"^\s*(Parameters|Returns|Examples?|Notes|See Also|Raises|Yields|Attributes|References)\s*$")
+_GOOGLE_SECTION = re.compile(
+    r"^(Args|Arguments|Keyword [Aa]rgs|Kwargs|Parameters|Params|Returns?|Yields?|Raises|Examples?|Example usage|"
+    r"Notes?|Attributes|Warnings?|See [Aa]lso|References|Shape|Inputs|Outputs|Todo)\s*:"
+)
 
 
 @dataclass(frozen=True)
@@ -259,3 +266,96 @@ def docstring_sentences(
     by module hash. A corpus for sentence encoders: tens of thousands of sentences with the default packages."""
     settings = {"min_chars": min_chars, "max_chars": max_chars, "val": val, "test": test}
     return _build("sentences", packages, settings, cache, _sentences)
+
+
+def _prose_paragraphs(text: str) -> list[str]:
+    """The paragraphs of a docstring before its first section (``Parameters``, ``Returns``, ..., a numpydoc
+    underlined header or a Google-style ``Args:``), without code examples, directives and lists."""
+    out: list[str] = []
+    for paragraph in re.split(r"\n\s*\n", text.strip()):
+        lines = [line.strip() for line in paragraph.splitlines() if line.strip()]
+        if not lines:
+            continue
+        if (
+            _SECTION.match(lines[0])
+            or _GOOGLE_SECTION.match(lines[0])
+            or (len(lines) > 1 and set(lines[1]) <= set("-=~"))
+        ):
+            break  # the prose part ends at the first section (numpydoc's or Google's)
+        if lines[0].startswith((">>>", "..", "-", "*", "|", ":")):
+            continue
+        out.append(" ".join(lines))
+    return out
+
+
+def _hash_order(text: str) -> bytes:
+    return hashlib.blake2b(text.encode(), digest_size=8).digest()
+
+
+def docstring_transfer(
+    packages: Sequence[str] = DEFAULT_PACKAGES,
+    *,
+    max_per_package: int | None = 1000,
+    min_chars: int = 40,
+    max_chars: int = 400,
+    max_per_class: int | None = 2000,
+    val: float = 0.1,
+    test: float = 0.2,
+    cache: bool = True,
+) -> list[str]:
+    """Unlabeled texts for a transfer set (the teacher labels them): no labels, disjoint from the classification rows.
+
+    Built from the same packages' docstrings as ``docstring_classification(packages, min_chars=..., max_chars=...,
+    max_per_class=..., val=..., test=...)`` (pass the settings that built your rows), in three steps:
+
+    1. only the modules that it puts in its **train** split (the same module hash), so no text shares a module with
+       a validation or test row;
+    2. every prose paragraph before a docstring's first section (the first paragraph and the ones after it; code
+       examples, directives and lists dropped), cleaned as the classification rows are (``min_chars`` to
+       ``max_chars`` long, mostly letters); first paragraphs that the classification set dropped (by its
+       ``max_per_class`` cap, or because two packages share them) are in;
+    3. minus every text of its train, val and test rows, duplicates dropped; at most ``max_per_package`` texts of
+       each package (a fixed subset by text hash; None: all), so that torch does not swamp the rest.
+
+    The texts come in a fixed pseudo-random order (by a hash of the text): the first N are a fixed subset that mixes
+    the packages. Cached as the other corpora are. With the defaults: about 4,800 texts."""
+    settings = {
+        "max_per_package": max_per_package,
+        "min_chars": min_chars,
+        "max_chars": max_chars,
+        "max_per_class": max_per_class,
+        "val": val,
+        "test": test,
+    }
+    packages = list(dict.fromkeys(packages))
+    path = _cache_file("transfer", packages, settings)
+    if cache:
+        try:
+            return [str(text) for text in json.loads(path.read_text())]
+        except (OSError, ValueError):
+            pass
+    rows = docstring_classification(
+        packages, min_chars=min_chars, max_chars=max_chars, max_per_class=max_per_class, val=val, test=test, cache=cache
+    )
+    taken = {text for split in (rows.train, rows.val, rows.test) for text in split[0]}
+    kept: list[str] = []
+    for package in packages:
+        found: set[str] = set()
+        for module, text in docstring_records(package, cache=cache):
+            if _split_of(module, val, test) != "train":
+                continue
+            for paragraph in _prose_paragraphs(text):
+                clean = _clean(paragraph, min_chars, max_chars)
+                if clean is not None and clean not in taken:
+                    found.add(clean)
+        ordered = sorted(found - set(kept), key=_hash_order)
+        kept.extend(ordered if max_per_package is None else ordered[:max_per_package])
+    if not kept:
+        raise DataError(
+            f"no unlabeled docstrings left in {packages} besides the classification rows",
+            hint="name packages with more docstrings, or raise max_per_package.",
+        )
+    texts = sorted(kept, key=_hash_order)
+    if cache:
+        atomic_write_json(path, texts)
+    return texts

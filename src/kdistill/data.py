@@ -30,6 +30,7 @@ __all__ = [
     "as_inputs",
     "as_split",
     "check_stream_classes",
+    "concat_rows",
     "encode_labels",
     "fingerprint_arrays",
     "input_keys",
@@ -98,6 +99,46 @@ def trim_padding(inputs: Inputs) -> Inputs:
         name: value[:, :length] if value.ndim >= 2 and value.shape[1] == seq else value
         for name, value in inputs.items()
     }
+
+
+SEQUENCE_KEYS = ("input_ids", "attention_mask", "token_type_ids")
+"""The per-token inputs of a tokenized mapping, padded on the right by :func:`concat_rows`."""
+
+
+def concat_rows(parts: Sequence[Inputs], *, pad_token_id: int = 0) -> Inputs:
+    """The rows of ``parts`` one after the other: tensors by ``torch.cat``; mappings (the same keys in every part)
+    key by key, each (rows, seq) entry of :data:`SEQUENCE_KEYS` padded on the right to the longest ``seq`` of the
+    parts first: ``input_ids`` with ``pad_token_id`` (the tokenizer's / model config's ``pad_token_id``),
+    ``attention_mask`` and ``token_type_ids`` with 0, so a padded position is never attended to. Other entries are
+    concatenated as they are (their shapes past the rows must agree). A mix of tensors and mappings, or mappings with
+    different keys, is a :class:`DataError`."""
+    if not parts:
+        raise DataError("no rows to concatenate", hint="pass at least one tensor or mapping of rows.")
+    if all(isinstance(part, torch.Tensor) for part in parts):
+        return torch.cat(list(parts))  # type: ignore[arg-type]
+    if not all(isinstance(part, Mapping) for part in parts):
+        kinds = sorted({"tensor" if isinstance(part, torch.Tensor) else "mapping" for part in parts})
+        raise DataError(
+            f"cannot concatenate rows of different kinds ({' and '.join(kinds)})",
+            hint="give every part the same form: one tensor each, or the same mapping of inputs.",
+        )
+    mappings = [part for part in parts if isinstance(part, Mapping)]
+    keys = sorted(mappings[0])
+    for part in mappings[1:]:
+        if sorted(part) != keys:
+            raise DataError(
+                f"cannot concatenate mappings with different keys: {keys} and {sorted(part)}",
+                hint="tokenize every part with the same tokenizer, so they hold the same inputs.",
+            )
+    joined: dict[str, torch.Tensor] = {}
+    for key in keys:
+        values = [part[key] for part in mappings]
+        if key in SEQUENCE_KEYS and all(value.ndim == 2 for value in values):
+            length = max(int(value.shape[1]) for value in values)
+            fill = pad_token_id if key == "input_ids" else 0
+            values = [torch.nn.functional.pad(value, (0, length - int(value.shape[1])), value=fill) for value in values]
+        joined[key] = torch.cat(values)
+    return joined
 
 
 def run_trimmed(function: Any, batch: Inputs) -> torch.Tensor:

@@ -37,9 +37,11 @@ from kdistill.config import MethodTerm, Settings
 from kdistill.data import (
     Split,
     check_stream_classes,
+    concat_rows,
     encode_labels,
     fingerprint_arrays,
     input_keys,
+    rows_in,
     run_trimmed,
     stream_split,
     take_rows,
@@ -114,9 +116,10 @@ class RunSpec:
     items per epoch when it has no ``len()``); the teacher then runs live on each batch.
     ``identity``: what a resumed run must match besides the settings (the YAML data/teacher/student sections, or
     the API's teacher and data fingerprints). ``report_settings``: extra entries for the report's settings.
-    ``unlabeled``: rows without targets (rows, *features), labelled by the teacher and appended to the student's
-    training rows; ``transfer``: a generated transfer set (:func:`kdistill.transfer.as_transfer`: a Transfer, a
-    generator, a name or a mapping; None: ``settings.transfer``). Both only feed the student, never the baseline;
+    ``unlabeled``: rows without targets (rows, *features), or a token mapping with the training rows' keys,
+    labelled by the teacher and appended to the student's training rows (token rows padded to the longer sequence);
+    ``transfer``: a generated transfer set (:func:`kdistill.transfer.as_transfer`: a Transfer, a generator, a name
+    or a mapping; None: ``settings.transfer``). Both only feed the student, never the baseline;
     see :mod:`kdistill.transfer.plan` for the per-batch mix.
     """
 
@@ -828,10 +831,12 @@ def _student_rows(spec: RunSpec, prepared: Prepared, train: Split) -> tuple[Tran
         features = tuple(prepared.loss.teacher_features)
         assert prepared.teacher is not None, "a live transfer set runs the teacher on every rank"
         source = LiveTransfer(extra.live, prepared.teacher, features, seed=spec.settings.seed)
-    rows = extra.inputs()
+    pad_token_id = _pad_token_id(prepared)
+    rows = extra.inputs(pad_token_id=pad_token_id)
     if rows is None:
         return TransferSet(train.x, train.y, prepared.targets), source
-    x = torch.cat([train.x, rows])
+    x = concat_rows([train.x, rows], pad_token_id=pad_token_id)  # token rows: padded to the longer sequence
+    count = rows_in(rows)
     targets = extra.targets()
     logits = (
         None
@@ -840,9 +845,19 @@ def _student_rows(spec: RunSpec, prepared: Prepared, train: Split) -> tuple[Tran
     )
     if train.y is None:
         return TransferSet(x, None, logits), source
-    filler = torch.zeros((len(rows), *train.y.shape[1:]), dtype=train.y.dtype)
-    mask = torch.cat([torch.ones(len(train), dtype=torch.bool), torch.zeros(len(rows), dtype=torch.bool)])
+    filler = torch.zeros((count, *train.y.shape[1:]), dtype=train.y.dtype)
+    mask = torch.cat([torch.ones(len(train), dtype=torch.bool), torch.zeros(count, dtype=torch.bool)])
     return TransferSet(x, torch.cat([train.y, filler]), logits, label_mask=mask), source
+
+
+def _pad_token_id(prepared: Prepared) -> int:
+    """The id that pads token rows joined to a longer sequence: the student's (else the teacher model's) config
+    ``pad_token_id``; 0 when neither has one (the attention mask is 0 there either way)."""
+    for model in (prepared.student, getattr(prepared.teacher, "module", None)):
+        value = getattr(getattr(model, "config", None), "pad_token_id", None)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------------- report
@@ -1117,7 +1132,7 @@ def _transfer_report(spec: RunSpec, prepared: Prepared, train: Split) -> dict[st
     cost (fit, generate, label)."""
     extra = prepared.extra
     assert extra is not None and prepared.teacher is not None
-    groups: dict[str, tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]] = {
+    groups: dict[str, tuple[Any, torch.Tensor | None, torch.Tensor | None]] = {
         "labelled": (train.x, _train_teacher_logits(spec, prepared), train.y)  # not out-of-fold targets
     }
     if extra.unlabeled is not None:
@@ -1130,12 +1145,12 @@ def _transfer_report(spec: RunSpec, prepared: Prepared, train: Split) -> dict[st
     summary = row_summary(_eval_predict(prepared.student), prepared.teacher, groups)
     if extra.live is not None:  # live rows are new every epoch: rows per epoch, agreement on a fresh draw
         per_epoch = math.ceil(
-            extra.live.ratio * (len(train) + (0 if extra.unlabeled is None else len(extra.unlabeled)))
+            extra.live.ratio * (len(train) + (0 if extra.unlabeled is None else rows_in(extra.unlabeled)))
         )
         summary["generated"] |= {"rows": per_epoch, "mode": "live, rows per epoch; agreement on a fresh draw"}
-    rows = len(train) + sum(len(group[0]) for name, group in groups.items() if name != "labelled")
+    rows = len(train) + sum(rows_in(group[0]) for name, group in groups.items() if name != "labelled")
     if extra.live is not None:  # live rows ride along in each batch: they add no steps, the decay is as given
-        rows -= len(groups["generated"][0])
+        rows -= rows_in(groups["generated"][0])
     decay = effective_weight_decay(train_config(spec.settings, False), len(train), rows)
     return {
         "transfer_rows": summary,

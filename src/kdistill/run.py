@@ -281,8 +281,9 @@ def _read_archive(path: Path, archive: Any) -> tuple[Any, Any]:
     return (archive["x"] if "x" in archive.files else named), archive["y"]
 
 
-def _read_unlabeled(config: RunConfig) -> np.ndarray | None:
-    """``data.unlabeled``: a .npy of rows, or a .npz whose array ``x`` holds them (None when not set)."""
+def _read_unlabeled(config: RunConfig) -> Any:
+    """``data.unlabeled``: a .npy of rows, or a .npz whose array ``x`` holds them, or whose arrays ``x.<name>``
+    (``x.input_ids``, ``x.attention_mask``) hold token rows as the splits' .npz do (None when not set)."""
     if config.data.unlabeled is None:
         return None
     path = config.resolve(config.data.unlabeled)
@@ -290,12 +291,18 @@ def _read_unlabeled(config: RunConfig) -> np.ndarray | None:
         return _read_npy(path, "unlabeled rows")
     try:
         with np.load(path, allow_pickle=False) as archive:
-            if "x" not in archive.files:
+            named = {key.removeprefix("x."): archive[key] for key in archive.files if key.startswith("x.")}
+            if "x" not in archive.files and not named:
                 raise DataError(
-                    f"{path} has no array 'x' (it holds {archive.files})",
-                    hint="save the unlabeled rows with np.savez(path, x=features).",
+                    f"{path} has neither an array 'x' nor named inputs 'x.<name>' (it holds {archive.files})",
+                    hint="save the unlabeled rows with np.savez(path, x=features), or token rows with "
+                    "np.savez(path, **{'x.input_ids': ids, 'x.attention_mask': mask}).",
                 )
-            return archive["x"]
+            if "x" in archive.files and named:
+                raise DataError(
+                    f"{path} holds both 'x' and named inputs {sorted(named)}", hint="keep one: x, or x.<name> arrays."
+                )
+            return archive["x"] if "x" in archive.files else named
     except (ValueError, OSError) as exc:
         raise DataError(
             f"{path} is not a readable .npz of plain arrays ({exc})", hint="np.savez(path, x=rows)."

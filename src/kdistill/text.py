@@ -131,7 +131,21 @@ def tokenize(
     length. ``max_length``: a shorter bound of your own (``64`` for speed). Rows longer than the bound are truncated,
     special tokens kept, and one :class:`TruncationWarning` names how many.
     """
-    rows = _check_texts(texts)
+    return _encode(_check_texts(texts), tokenizer, model, max_length)
+
+
+def _encode(
+    rows: list[str],
+    tokenizer: Any,
+    model: nn.Module | None,
+    max_length: int | None,
+    *,
+    spans: Sequence[tuple[str, int, int]] = (),
+    stacklevel: int = 3,
+) -> dict[str, torch.Tensor]:
+    """:func:`tokenize` of checked ``rows``; ``spans`` (name, start, end) name the splits the rows come from, for
+    the truncation warning's per-split counts; ``stacklevel``: the warning points at the caller of the public
+    function (``tokenize`` or ``tokenize_splits``) that called this one."""
     if isinstance(tokenizer, (str, os.PathLike)):
         tokenizer = load_tokenizer(tokenizer)
     if model is not None:
@@ -139,12 +153,15 @@ def tokenize(
     limit = _limit(max_length, max_positions(model, tokenizer))
     if limit is not None:
         lengths = tokenizer(rows, truncation=False, verbose=False, return_attention_mask=False)["input_ids"]
-        cut = sum(len(ids) > limit for ids in lengths)
+        long = [len(ids) > limit for ids in lengths]
+        cut = sum(long)
         if cut:
+            where = [f"{name} {sum(long[start:end])}" for name, start, end in spans if any(long[start:end])]
             warnings.warn(
-                f"{cut} of {len(rows)} texts were longer than {limit} tokens and were truncated to {limit}",
+                f"{cut} of {len(rows)} texts were longer than {limit} tokens and were truncated to {limit}"
+                + (f" ({', '.join(where)})" if where else ""),
                 TruncationWarning,
-                stacklevel=2,
+                stacklevel=stacklevel,
             )
     encoded = tokenizer(
         rows,
@@ -184,15 +201,22 @@ def tokenize_splits(
     *,
     model: nn.Module | None = None,
     max_length: int | None = None,
+    names: Sequence[str] | None = None,
 ) -> list[Any]:
     """Each ``(texts, y)`` pair (or bare ``texts``) of ``splits`` with its strings replaced by the token mapping of
     :func:`tokenize`; None and splits whose X is not strings (already a mapping, say) are returned as they are.
 
-    All splits are tokenized in one call, so a truncation is said once, with the count over all of them; an empty
-    string's error names its split and row."""
+    All splits are tokenized in one call (one tokenizer, one ``max_length``), so a truncation is said once, with the
+    count over all of them and per split; an empty string's error names its split and row. ``names``: the splits'
+    names in those messages (default ``train``, ``val``, ``test``, then ``split 3``, ...), e.g. ``("train", "val",
+    "test", "unlabeled")``."""
+    names = list(names) if names is not None else ["train", "val", "test"]
+    if len(names) < len(splits):
+        names += [f"split {position}" for position in range(len(names), len(splits))]
     tokenizer = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else tokenizer
     texts: list[str] = []
     spans: list[tuple[int, int] | None] = []
+    named: list[tuple[str, int, int]] = []
     for position, split in enumerate(splits):
         x = split[0] if isinstance(split, tuple) and len(split) == 2 else split
         if split is None or not _is_texts(x):
@@ -201,16 +225,16 @@ def tokenize_splits(
         rows = [str(item) for item in x]
         for row, text in enumerate(rows):
             if not text.strip():
-                name = ("train", "val", "test")[position] if position < 3 else f"split {position}"
                 raise DataError(
-                    f"{name} text row {row} is {'empty' if not text else 'whitespace only'} ({text!r})",
+                    f"{names[position]} text row {row} is {'empty' if not text else 'whitespace only'} ({text!r})",
                     hint="drop empty rows before distilling: they hold nothing to classify.",
                 )
         spans.append((len(texts), len(texts) + len(rows)))
+        named.append((names[position], len(texts), len(texts) + len(rows)))
         texts.extend(rows)
     if not texts:
         return list(splits)
-    encoded = tokenize(texts, tokenizer, model=model, max_length=max_length)
+    encoded = _encode(texts, tokenizer, model, max_length, spans=named)
     result: list[Any] = []
     for split, span in zip(splits, spans, strict=True):
         if span is None:

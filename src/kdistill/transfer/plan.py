@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from kdistill.data import as_inputs
+from kdistill.data import Inputs, as_inputs, concat_rows, rows_in, take_rows
 from kdistill.engine.batches import UNLABELLED, Batch
 from kdistill.engine.live import AugmentedTeacher
 from kdistill.errors import ConfigError, DataError
@@ -130,9 +130,14 @@ def as_transfer(value: Any) -> Transfer | None:
     )
 
 
-def read_unlabeled(value: Any, train_x: torch.Tensor) -> torch.Tensor | None:
-    """The unlabeled rows as a float tensor (rows, *features) checked against the training rows ``train_x``: the
-    same per-row shape, no NaN or inf (:func:`kdistill.data.as_inputs`'s checks and messages). None stays None."""
+def read_unlabeled(value: Any, train_x: Inputs) -> Inputs | None:
+    """The unlabeled rows checked against the training rows ``train_x``, None staying None.
+
+    Rows of features: a float tensor (rows, *features) with the training rows' per-row shape, no NaN or inf
+    (:func:`kdistill.data.as_inputs`'s checks and messages). Token mappings (when the training rows are one, as for a
+    transformer teacher): the same keys as the training rows (``input_ids``, ``attention_mask``, ...), each with the
+    training entry's dtype and shape past (rows, seq); the sequence length may differ (:func:`kdistill.data.
+    concat_rows` pads the shorter one when the rows are joined)."""
     if value is None:
         return None
     if isinstance(value, tuple):
@@ -141,6 +146,8 @@ def read_unlabeled(value: Any, train_x: torch.Tensor) -> torch.Tensor | None:
             hint="pass the array itself: unlabeled=X_u, without labels.",
         )
     rows = as_inputs(value, name="unlabeled")
+    if isinstance(train_x, Mapping):
+        return _unlabeled_mapping(rows, train_x)
     if not isinstance(rows, torch.Tensor):
         raise DataError(
             "unlabeled rows must be one array of features, got a mapping",
@@ -155,12 +162,40 @@ def read_unlabeled(value: Any, train_x: torch.Tensor) -> torch.Tensor | None:
     return rows.to(train_x.dtype)
 
 
+def _unlabeled_mapping(rows: Inputs, train_x: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Unlabeled token rows against a mapping of training rows: the same keys, dtypes and shapes past (rows, seq)."""
+    keys = sorted(train_x)
+    if not isinstance(rows, Mapping):
+        raise DataError(
+            f"the training rows are a mapping of inputs {keys}, but the unlabeled rows are one array",
+            hint="pass unlabeled texts with tokenizer=, or a mapping with the same keys: "
+            "unlabeled={'input_ids': ..., 'attention_mask': ...}.",
+        )
+    if sorted(rows) != keys:
+        raise DataError(
+            f"the unlabeled rows have the inputs {sorted(rows)} but the training rows have {keys}",
+            hint="tokenize the unlabeled texts with the training rows' tokenizer (or pass them as strings with "
+            "tokenizer=), so both hold the same inputs.",
+        )
+    checked: dict[str, torch.Tensor] = {}
+    for key in keys:
+        value, train = rows[key], train_x[key]
+        if value.ndim != train.ndim or tuple(value.shape[2:]) != tuple(train.shape[2:]):
+            raise DataError(
+                f"unlabeled[{key!r}] has shape {tuple(value.shape)} but the training rows' has {tuple(train.shape)}",
+                hint="each input needs the training rows' shape per row (the sequence length may differ).",
+            )
+        checked[key] = value.to(train.dtype)
+    return checked
+
+
 @dataclass
 class ExtraRows:
     """The rows appended to the training split, with the teacher's outputs on them ((rows, *outputs), None in live
-    mode). ``live``: the live transfer (None for a pool or none)."""
+    mode). ``unlabeled``: a tensor of rows, or a token mapping for a transformer teacher. ``live``: the live transfer
+    (None for a pool or none)."""
 
-    unlabeled: torch.Tensor | None = None
+    unlabeled: Inputs | None = None
     unlabeled_targets: torch.Tensor | None = None
     generated: torch.Tensor | None = None
     generated_targets: torch.Tensor | None = None
@@ -168,10 +203,10 @@ class ExtraRows:
     transfer: dict[str, Any] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
 
-    def inputs(self) -> torch.Tensor | None:
-        """The unlabeled then generated rows, (rows, *features), or None when there are none."""
-        parts = [part for part in (self.unlabeled, self.generated) if part is not None]
-        return torch.cat(parts) if parts else None
+    def inputs(self, *, pad_token_id: int = 0) -> Inputs | None:
+        """The unlabeled then generated rows (:func:`kdistill.data.concat_rows`), or None when there are none."""
+        parts: list[Inputs] = [part for part in (self.unlabeled, self.generated) if part is not None]
+        return concat_rows(parts, pad_token_id=pad_token_id) if parts else None
 
     def targets(self) -> torch.Tensor | None:
         """The teacher's outputs on :meth:`inputs`, in the same order (None in live mode)."""
@@ -186,7 +221,7 @@ def _feature_names(split: Split) -> list[str] | None:
 
 def extra_rows(
     transfer: Transfer | None,
-    unlabeled: torch.Tensor | None,
+    unlabeled: Inputs | None,
     train: Split,
     *,
     seed: int,
@@ -207,6 +242,12 @@ def extra_rows(
         extra.seconds["label_unlabeled"] = time.perf_counter() - started
     if transfer is None:
         return extra
+    if not isinstance(train.x, torch.Tensor) or not (unlabeled is None or isinstance(unlabeled, torch.Tensor)):
+        raise ConfigError(
+            f"transfer generator {transfer.generator.name!r} makes rows of features, but the training rows are a "
+            "mapping of inputs (token ids)",
+            hint="for text, give the teacher unlabeled texts instead: unlabeled=[...] with tokenizer=.",
+        )
     extra.transfer = transfer.describe()
     fit_rows = train.x if unlabeled is None else torch.cat([train.x, unlabeled])
     started = time.perf_counter()
@@ -291,7 +332,7 @@ def _agreement(student: torch.Tensor, teacher: torch.Tensor) -> float | None:
 def row_summary(
     predict: Any,
     teacher: Any,
-    groups: Mapping[str, tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]],
+    groups: Mapping[str, tuple[Inputs, torch.Tensor | None, torch.Tensor | None]],
     *,
     sample_rows: int = 2000,
 ) -> dict[str, dict[str, Any]]:
@@ -302,10 +343,13 @@ def row_summary(
     ``predict(x)`` gives the student's outputs."""
     summary: dict[str, dict[str, Any]] = {}
     for name, (rows, outputs, labels) in groups.items():
-        entry: dict[str, Any] = {"rows": len(rows)}
-        x = rows[:sample_rows]
+        entry: dict[str, Any] = {"rows": rows_in(rows)}
+        x = take_rows(rows, slice(0, sample_rows))
+        measured = rows_in(x)
         with torch.inference_mode():
-            student = torch.cat([predict(x[i : i + 1024]) for i in range(0, len(x), 1024)]).float().cpu()
+            student = (
+                torch.cat([predict(take_rows(x, slice(i, i + 1024))) for i in range(0, measured, 1024)]).float().cpu()
+            )
             stored = None if outputs is None else outputs[:sample_rows].float().cpu()
             if stored is not None and stored.shape == student.shape:
                 reference = stored
@@ -316,7 +360,7 @@ def row_summary(
             entry["student_teacher_agreement"] = agreement
             if labels is not None and not labels.is_floating_point():
                 entry["teacher_accuracy"] = float((reference.argmax(1) == labels[:sample_rows].cpu()).float().mean())
-        entry["measured_rows"] = len(x)
+        entry["measured_rows"] = measured
         summary[name] = entry
     return summary
 
