@@ -253,6 +253,7 @@ def run(
     speed_repeats: int = 1,
     onnx: bool = True,
     unlabeled: int = 0,
+    intermediate_size: int | None = None,
 ) -> dict[str, Any]:
     """One benchmark run. ``student_epochs`` overrides the size's student epochs; ``students`` keeps only those
     recipes (e.g. ``["kd_L3", "ce_L3"]``); ``kd_settings`` are the (temperature, soft_weight) pairs KD may use: with
@@ -260,7 +261,9 @@ def run(
     test) serves every seed; ``speed_repeats`` times the models interleaved that many times (0: no timing) and keeps
     the median; ``onnx=False`` skips the ONNX/INT8 part; ``unlabeled``: the first N texts of
     :func:`kdistill.corpus.docstring_transfer` (a fixed subset; all of them when it has fewer) join the training rows
-    of every student that learns from the teacher (labelled by it, through the cache), never of ``ce_*``."""
+    of every student that learns from the teacher (labelled by it, through the cache), never of ``ce_*``;
+    ``intermediate_size``: also ``kd_L3_ffn`` and ``ce_L3_ffn``, 3-layer students whose layers keep that many of
+    their feed-forward units (``from_teacher(intermediate_size=)``)."""
     setting = dict(SIZES[size])
     if student_epochs is not None:
         setting["epochs"] = student_epochs
@@ -382,6 +385,11 @@ def run(
                 kd,
             )
             recipes[f"ce_L{layers}"] = (f"ce_L{layers}", build, "ce", None, kd)
+        if intermediate_size is not None:  # 3 layers, each keeping that many feed-forward units (both ways)
+            kd = kd_params.get(3, kd_settings[0])
+            narrow = lambda: from_teacher(teacher, layers=3, intermediate_size=intermediate_size)  # noqa: E731
+            recipes["kd_L3_ffn"] = (f"kd_L3-ffn{intermediate_size}{kd_name(*kd)}", narrow, "kd", None, kd)
+            recipes["ce_L3_ffn"] = (f"ce_L3-ffn{intermediate_size}", narrow, "ce", None, kd)
         if seed == setting["seeds"][0]:  # the fresh transformer: one seed (it is the reference, not a target)
             recipes["fresh_L3"] = (
                 f"fresh_L3{kd_name(*kd_settings[0])}",
@@ -619,6 +627,13 @@ def _summary(
     if best3 is not None and "batch32" in table[best3] and "batch32" in table["teacher"]:
         speedup1 = table[best3]["batch1"] / table["teacher"]["batch1"]
         speedup32 = table[best3]["batch32"] / table["teacher"]["batch32"]
+    if "kd_L3_ffn" in table and "ce_L3_ffn" in table:
+        narrow, narrow_ce = table["kd_L3_ffn"], table["ce_L3_ffn"]
+        narrow["vs_no_teacher"] = narrow["accuracy"] - narrow_ce["accuracy"]
+        narrow["spread_max"] = max(narrow["accuracy_spread"], narrow_ce["accuracy_spread"])
+        if "batch32" in narrow and "batch32" in table["teacher"]:
+            narrow["speedup_batch1"] = narrow["batch1"] / table["teacher"]["batch1"]
+            narrow["speedup_batch32"] = narrow["batch32"] / table["teacher"]["batch32"]
     targets = {
         "retention_3_layer_ge_0.97": table[best3]["retention"] >= 0.97 if best3 is not None else None,
         "speedup_3_layer_batch32_ge_2x": speedup32 >= 2.0 if speedup32 is not None else None,
@@ -682,7 +697,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--student-epochs", type=int, help="student epochs instead of the size's (quick: 1)")
     parser.add_argument(
         "--students",
-        help="comma-separated recipes to run (kd_L2,kd_L3,tiny_L2,tiny_L3,ce_L2,ce_L3,fresh_L3; default: all)",
+        help="comma-separated recipes to run (kd_L2,kd_L3,tiny_L2,tiny_L3,ce_L2,ce_L3,fresh_L3, and with "
+        "--intermediate-size kd_L3_ffn,ce_L3_ffn; default: all)",
     )
     parser.add_argument(
         "--kd",
@@ -701,6 +717,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help="N unlabeled texts (the first N of kdistill.corpus.docstring_transfer()) that the teacher labels, for "
         "every student that learns from it (not ce_*); 0: none (the default)",
     )
+    parser.add_argument(
+        "--intermediate-size",
+        type=int,
+        help="also kd_L3_ffn and ce_L3_ffn: 3-layer students keeping this many feed-forward units per layer",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # the shared box: one thread for training too (the timings always use 1)
     started = time.perf_counter()
@@ -714,6 +735,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         speed_repeats=args.speed_repeats,
         onnx=not args.no_onnx,
         unlabeled=args.unlabeled,
+        intermediate_size=args.intermediate_size,
     )
     result["seconds"] = time.perf_counter() - started
     if args.teacher_only:
