@@ -22,6 +22,19 @@ WORDS = ["the", "a", "cat", "dog", "sat", "on", "mat", "ran", "far", "away"]
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
 
 
+def word_texts(rows: int, seed: int) -> tuple[list[str], list[int]]:
+    """Two classes of word-level texts: class 0 uses the first five words, class 1 the last five."""
+    generator = torch.Generator().manual_seed(seed)
+    texts, labels = [], []
+    for row in range(rows):
+        label = row % 2
+        count = int(torch.randint(2, 6, (1,), generator=generator))
+        picks = torch.randint(0, 5, (count,), generator=generator) + 5 * label
+        texts.append(" ".join(WORDS[int(i)] for i in picks))
+        labels.append(label)
+    return texts, labels
+
+
 def save_word_tokenizer(folder: Path) -> Path:
     """A word-level tokenizer with BERT's specials ([CLS] text [SEP], [PAD] = 0) saved with save_pretrained."""
     vocab = {token: index for index, token in enumerate([*SPECIALS, *WORDS])}

@@ -299,18 +299,9 @@ def word_bert_config() -> transformers.BertConfig:
 
 
 def _texts(rows: int, seed: int) -> tuple[list[str], list[int]]:
-    """Two classes of word-level texts: class 0 uses the first five words, class 1 the last five."""
-    from test_text import WORDS
+    from test_text import word_texts
 
-    generator = torch.Generator().manual_seed(seed)
-    texts, labels = [], []
-    for row in range(rows):
-        label = row % 2
-        count = int(torch.randint(2, 6, (1,), generator=generator))
-        picks = torch.randint(0, 5, (count,), generator=generator) + 5 * label
-        texts.append(" ".join(WORDS[int(i)] for i in picks))
-        labels.append(label)
-    return texts, labels
+    return word_texts(rows, seed)
 
 
 def test_distill_takes_raw_strings_a_tokenizer_and_a_transformer_student(tmp_path: Path) -> None:

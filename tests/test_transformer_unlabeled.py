@@ -22,20 +22,8 @@ from kdistill.text import TruncationWarning, tokenize, tokenize_splits
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
-from test_text import WORDS, save_word_tokenizer  # noqa: E402
-
-
-def _texts(rows: int, seed: int) -> tuple[list[str], list[int]]:
-    """Two classes of word-level texts: class 0 uses the first five words, class 1 the last five."""
-    generator = torch.Generator().manual_seed(seed)
-    texts, labels = [], []
-    for row in range(rows):
-        label = row % 2
-        count = int(torch.randint(2, 6, (1,), generator=generator))
-        picks = torch.randint(0, 5, (count,), generator=generator) + 5 * label
-        texts.append(" ".join(WORDS[int(i)] for i in picks))
-        labels.append(label)
-    return texts, labels
+from test_text import save_word_tokenizer  # noqa: E402
+from test_text import word_texts as _texts  # noqa: E402
 
 
 def _teacher(positions: int = 16) -> Any:

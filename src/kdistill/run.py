@@ -263,22 +263,28 @@ def _read_split(config: RunConfig, name: str) -> tuple[Any, Any] | None:
         ) from exc
 
 
-def _read_archive(path: Path, archive: Any) -> tuple[Any, Any]:
-    """``x`` and ``y`` of an .npz; inputs named ``x.<name>`` (``x.input_ids``, ``x.attention_mask``) are a mapping
-    that the model takes as keywords."""
+def _archive_inputs(path: Path, archive: Any) -> Any:
+    """The inputs of an .npz: its array ``x``, or its arrays ``x.<name>`` as a mapping (``x.input_ids``,
+    ``x.attention_mask``: what the model takes as keywords); None when it has neither; both is an error."""
     named = {key.removeprefix("x."): archive[key] for key in archive.files if key.startswith("x.")}
-    for key in ("x", "y"):
-        if key not in archive.files and not (key == "x" and named):
+    if "x" in archive.files and named:
+        raise DataError(
+            f"{path} holds both 'x' and named inputs {sorted(named)}", hint="keep one: x, or x.<name> arrays."
+        )
+    return archive["x"] if "x" in archive.files else (named or None)
+
+
+def _read_archive(path: Path, archive: Any) -> tuple[Any, Any]:
+    """``x`` (or the ``x.<name>`` mapping, :func:`_archive_inputs`) and ``y`` of an .npz."""
+    inputs = _archive_inputs(path, archive)
+    for key, missing in (("x", inputs is None), ("y", "y" not in archive.files)):
+        if missing:
             raise DataError(
                 f"{path} has no array {key!r} (it holds {archive.files})",
                 hint="save it with np.savez(path, x=features, y=labels), or a mapping of inputs as "
                 "np.savez(path, **{'x.input_ids': ids, 'x.attention_mask': mask}, y=labels).",
             )
-    if "x" in archive.files and named:
-        raise DataError(
-            f"{path} holds both 'x' and named inputs {sorted(named)}", hint="keep one: x, or x.<name> arrays."
-        )
-    return (archive["x"] if "x" in archive.files else named), archive["y"]
+    return inputs, archive["y"]
 
 
 def _read_unlabeled(config: RunConfig) -> Any:
@@ -291,18 +297,14 @@ def _read_unlabeled(config: RunConfig) -> Any:
         return _read_npy(path, "unlabeled rows")
     try:
         with np.load(path, allow_pickle=False) as archive:
-            named = {key.removeprefix("x."): archive[key] for key in archive.files if key.startswith("x.")}
-            if "x" not in archive.files and not named:
+            inputs = _archive_inputs(path, archive)
+            if inputs is None:
                 raise DataError(
                     f"{path} has neither an array 'x' nor named inputs 'x.<name>' (it holds {archive.files})",
                     hint="save the unlabeled rows with np.savez(path, x=features), or token rows with "
                     "np.savez(path, **{'x.input_ids': ids, 'x.attention_mask': mask}).",
                 )
-            if "x" in archive.files and named:
-                raise DataError(
-                    f"{path} holds both 'x' and named inputs {sorted(named)}", hint="keep one: x, or x.<name> arrays."
-                )
-            return archive["x"] if "x" in archive.files else named
+            return inputs
     except (ValueError, OSError) as exc:
         raise DataError(
             f"{path} is not a readable .npz of plain arrays ({exc})", hint="np.savez(path, x=rows)."
