@@ -251,7 +251,7 @@ def run(
     students: list[str] | None = None,
     kd_settings: list[tuple[float, float]] | None = None,
     speed_repeats: int = 1,
-    onnx: bool = True,
+    onnx: bool | str = True,
     unlabeled: int = 0,
     intermediate_size: int | None = None,
 ) -> dict[str, Any]:
@@ -446,7 +446,10 @@ def run(
 
     timed = setting["timed"]
     speed = _speeds({"teacher": teacher, **trained}, data["test_mapping"], timed, speed_repeats)
-    onnx_result = _onnx(trained["kd_L3"], data, test_y, timed) if onnx and "kd_L3" in trained else None
+    onnx_name = onnx if isinstance(onnx, str) else "kd_L3"  # the student exported and quantized
+    onnx_result = _onnx(trained[onnx_name], data, test_y, timed) if onnx and onnx_name in trained else None
+    if onnx_result is not None:
+        onnx_result["student"] = onnx_name
     result = _summary(
         size, setting, teacher, teacher_accuracy, teacher_seconds, runs, trained, speed, onnx_result, data, timed
     )
@@ -711,6 +714,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("--no-onnx", action="store_true", help="skip the ONNX fp32/INT8 export and its timings")
     parser.add_argument(
+        "--onnx-student", default="kd_L3", help="the student exported to ONNX and quantized (default kd_L3)"
+    )
+    parser.add_argument(
         "--unlabeled",
         type=int,
         default=0,
@@ -733,7 +739,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         students=args.students.split(",") if args.students else None,
         kd_settings=_pairs(args.kd),
         speed_repeats=args.speed_repeats,
-        onnx=not args.no_onnx,
+        onnx=False if args.no_onnx else args.onnx_student,
         unlabeled=args.unlabeled,
         intermediate_size=args.intermediate_size,
     )
@@ -756,7 +762,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for name in ("onnx_fp32", "onnx_int8") if result["onnx"] else ():
         row = result["onnx"][name]
         print(
-            f"kd_L3 {name}: accuracy {row['accuracy']:.4f} ({row['accuracy_kept']:.1%} of PyTorch), "
+            f"{result['onnx']['student']} {name}: accuracy {row['accuracy']:.4f} "
+            f"({row['accuracy_kept']:.1%} of PyTorch), "
             f"{row['size_bytes'] / 1e6:.1f} MB, {row['batch1']:.1f} sent/s @1, {row['batch32']:.1f} @32"
         )
     best = result["best_3_layer"]
