@@ -118,7 +118,8 @@ def train_students(
         way: _gpt2(settings["vocab"], settings["student_layers"], settings["student_width"], settings["seq"], seed + 1)
         for way in ways
     }
-    optimizers = {way: torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01) for way, model in
+    peak = settings.get("student_lr", 3e-3)
+    optimizers = {way: torch.optim.AdamW(model.parameters(), lr=peak, weight_decay=0.01) for way, model in
                   students.items()}  # fmt: skip
     generator = torch.Generator().manual_seed(seed)
     steps = settings["student_steps"]
@@ -135,7 +136,7 @@ def train_students(
                 target = task.encode_targets(x)
                 started = time.perf_counter()
                 for group in optimizers[way].param_groups:
-                    group["lr"] = _lr(step, steps, 3e-3)
+                    group["lr"] = _lr(step, steps, peak)
                 logits = students[way](x).logits
                 if way == "ce":
                     loss = cross_entropy(logits, target)
@@ -312,6 +313,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--memory-tokens", type=int, default=None, help="tokens in the memory measurement")
     parser.add_argument("--chunk", type=int, default=256, help="tokens per chunk of the chunked loss")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--student-lr", type=float, default=3e-3, help="the students' peak lr (default 3e-3)")
     for name in ("files", "vocab", "seq", "teacher-layers", "teacher-width", "teacher-steps", "student-layers",
                  "student-width", "student-steps", "batch", "seeds", "topk", "blocks"):  # fmt: skip
         parser.add_argument(f"--{name}", type=int, default=None)
@@ -332,6 +334,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             settings[name] = value
     if args.memory_tokens is not None:
         settings["memory_tokens"] = args.memory_tokens
+    settings["student_lr"] = args.student_lr
     if args.generation_only:
         return generation_only(settings, args.prompt)
     started = time.perf_counter()
