@@ -5,6 +5,7 @@ GPT-2 and Llama."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -151,3 +152,14 @@ def test_a_narrower_hidden_size_takes_the_given_feed_forward_width() -> None:
 def test_a_bad_intermediate_size_is_a_clear_error(size: int, message: str) -> None:
     with pytest.raises(StudentError, match=message):
         from_teacher(_bert(), layers=2, intermediate_size=size)
+
+
+def test_a_tensor_that_is_not_one_narrower_dimension_is_a_clear_error() -> None:
+    from kdistill.students.transformer import prune_feed_forward
+
+    teacher = {"layers.0.w": torch.zeros(2, 3)}
+    for shape in ((2, 3, 1), (1, 2)):  # another rank; two dimensions that differ
+        with pytest.raises(StudentError, match=rf"cannot narrow layers.0.w from \(2, 3\) to {re.escape(str(shape))}"):
+            prune_feed_forward(teacher, {"layers.0.w": torch.zeros(shape)}, "layers")
+    with pytest.raises(StudentError, match="not one feed-forward dimension of a layer"):  # outside the layer stack
+        prune_feed_forward({"embeddings.w": torch.zeros(2, 3)}, {"embeddings.w": torch.zeros(2, 1)}, "layers")

@@ -314,14 +314,15 @@ def prune_feed_forward(
     and biases). Weight magnitude, not activations: it needs no data, and the student is then trained anyway.
     Returns the tensors with the kept units."""
     out = dict(teacher_tensors)
+    head = f"{prefix}."
     by_layer: dict[str, list[tuple[str, int]]] = {}
     for key, value in teacher_tensors.items():
         target = tuple(student_tensors[key].shape)
         if tuple(value.shape) == target:
             continue
-        dims = [d for d, (a, b) in enumerate(zip(value.shape, target, strict=True)) if a != b]
-        head = f"{prefix}."
-        if len(value.shape) != len(target) or len(dims) != 1 or not key.startswith(head):
+        same_rank = len(value.shape) == len(target)
+        dims = [d for d, (a, b) in enumerate(zip(value.shape, target, strict=True)) if a != b] if same_rank else []
+        if len(dims) != 1 or not key.startswith(head):
             raise StudentError(
                 f"cannot narrow {key} from {tuple(value.shape)} to {target}: not one feed-forward dimension of a layer",
                 hint="intermediate_size narrows the feed-forward layers of BERT-family, GPT-2 and Llama models.",
