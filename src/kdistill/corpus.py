@@ -160,8 +160,13 @@ def _clean(text: str, min_chars: int, max_chars: int) -> str | None:
     return text
 
 
+def _hash_order(text: str) -> bytes:
+    """A fixed pseudo-random sort key of ``text`` (8 bytes of its BLAKE2b digest)."""
+    return hashlib.blake2b(text.encode(), digest_size=8).digest()
+
+
 def _split_of(module: str, val: float, test: float) -> str:
-    draw = int.from_bytes(hashlib.blake2b(module.encode(), digest_size=8).digest(), "big") / 2**64
+    draw = int.from_bytes(_hash_order(module), "big") / 2**64
     return "test" if draw < test else "val" if draw < test + val else "train"
 
 
@@ -171,7 +176,7 @@ def _subset(texts: list[str], labels: dict[str, set[int]], per_class: int | None
         return texts
     taken: dict[int, int] = {}
     kept: list[str] = []
-    for text in sorted(texts, key=lambda t: hashlib.blake2b(t.encode(), digest_size=8).digest()):
+    for text in sorted(texts, key=_hash_order):
         label = next(iter(labels[text]))
         if taken.get(label, 0) < per_class:
             taken[label] = taken.get(label, 0) + 1
@@ -288,10 +293,6 @@ def _prose_paragraphs(text: str) -> list[str]:
     return out
 
 
-def _hash_order(text: str) -> bytes:
-    return hashlib.blake2b(text.encode(), digest_size=8).digest()
-
-
 def docstring_transfer(
     packages: Sequence[str] = DEFAULT_PACKAGES,
     *,
@@ -318,7 +319,8 @@ def docstring_transfer(
        each package (a fixed subset by text hash; None: all), so that torch does not swamp the rest.
 
     The texts come in a fixed pseudo-random order (by a hash of the text): the first N are a fixed subset that mixes
-    the packages. Cached as the other corpora are. With the defaults: about 4,800 texts."""
+    the packages. Cached as the other corpora are. With the defaults: 4,162 texts on the versions measured in
+    docs/transformers.md."""
     settings = {
         "max_per_package": max_per_package,
         "min_chars": min_chars,

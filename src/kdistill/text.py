@@ -215,8 +215,7 @@ def tokenize_splits(
         names += [f"split {position}" for position in range(len(names), len(splits))]
     tokenizer = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else tokenizer
     texts: list[str] = []
-    spans: list[tuple[int, int] | None] = []
-    named: list[tuple[str, int, int]] = []
+    spans: list[tuple[str, int, int] | None] = []  # per split: (its name, first row, end row), None if not text
     for position, split in enumerate(splits):
         x = split[0] if isinstance(split, tuple) and len(split) == 2 else split
         if split is None or not _is_texts(x):
@@ -229,18 +228,18 @@ def tokenize_splits(
                     f"{names[position]} text row {row} is {'empty' if not text else 'whitespace only'} ({text!r})",
                     hint="drop empty rows before distilling: they hold nothing to classify.",
                 )
-        spans.append((len(texts), len(texts) + len(rows)))
-        named.append((names[position], len(texts), len(texts) + len(rows)))
+        spans.append((names[position], len(texts), len(texts) + len(rows)))
         texts.extend(rows)
     if not texts:
         return list(splits)
-    encoded = _encode(texts, tokenizer, model, max_length, spans=named)
+    encoded = _encode(texts, tokenizer, model, max_length, spans=[span for span in spans if span is not None])
     result: list[Any] = []
     for split, span in zip(splits, spans, strict=True):
         if span is None:
             result.append(split)
             continue
-        part = {name: value[span[0] : span[1]] for name, value in encoded.items()}
+        _, start, end = span
+        part = {name: value[start:end] for name, value in encoded.items()}
         mapping = _trimmed(part)
         result.append((mapping, split[1]) if isinstance(split, tuple) and len(split) == 2 else mapping)
     return result
