@@ -56,7 +56,9 @@ def _parse() -> argparse.Namespace:
     parser.add_argument(
         "--train-from", type=int, default=0, help="skip the first N train sentences of the seeded order (default 0)"
     )
-    parser.add_argument("--pca-dims", type=int, default=256)
+    parser.add_argument(
+        "--pca-dims", type=int, default=256, help="static student width (default 256); 0 keeps the teacher's width"
+    )
     parser.add_argument(
         "--pca-center",
         action=argparse.BooleanOptionalAction,
@@ -75,6 +77,11 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--transformer-minutes", type=float, default=None, help="default 15 (quick 5)")
     parser.add_argument("--transformer-epochs", type=int, default=2, help="planned epochs (the lr schedule's length)")
     parser.add_argument("--transformer-lr", type=float, default=1e-4)
+    parser.add_argument(
+        "--schedule-to-budget",
+        action="store_true",
+        help="end the transformer's lr schedule at the time budget's end (train.schedule.to_budget), not the epochs'",
+    )
     parser.add_argument("--skip-transformer", action="store_true", help="the static student only")
     parser.add_argument("--skip-static", action="store_true", help="the transformer student only")
     parser.add_argument("--cache-dir", default=".kdistill-cache", help="teacher-output cache (default: %(default)s)")
@@ -165,7 +172,8 @@ def main() -> None:
             "transformer_run", kdistill.distill, teacher, "transformer", train, method=args.transformer_loss,
             student_params={"layer_map": layers, "intermediate_size": args.intermediate_size},
             epochs=args.transformer_epochs, batch_size=32,
-            lr=args.transformer_lr, weight_decay=0.01, settings={"train": {"max_minutes": minutes}},
+            lr=args.transformer_lr, weight_decay=0.01,
+            settings={"train": {"max_minutes": minutes, "schedule": {"to_budget": args.schedule_to_budget}}},
             out=out / "transformer", **common,
         )  # fmt: skip
         history = transformer.history
@@ -174,6 +182,7 @@ def main() -> None:
         results["teacher_in_transformer_run"] = _row(transformer.report.models["teacher"])
         results["transformer"] = _row(transformer.report.models["student"])
         transformer_info = {"epochs_run": len(history), "last_train_loss": history[-1]["train_loss"]}
+        transformer_info |= {"steps": history[-1]["step"], "last_lr": history[-1]["lr"]}
         print(f"transformer: {len(history)} epoch(s) in the budget, loss {history[-1]['train_loss']:.4f}", flush=True)
         export = stages.run("onnx_export", export_sentence_folder, out / "transformer" / "model", out / "onnx")
         onnx_speeds = stages.run("onnx_throughput", _onnx_speeds, out / "onnx", teacher, test, export)
@@ -217,6 +226,7 @@ def main() -> None:
         "transformer_intermediate_size": args.intermediate_size,
         "transformer_loss": args.transformer_loss,
         "transformer_minutes": minutes,
+        "schedule_to_budget": args.schedule_to_budget,
         "transformer": transformer_info,
         "results": results,
         "speedup_vs_teacher_batch_64": speedups,
@@ -250,7 +260,7 @@ def _static_stage(
 ) -> tuple[Any, dict[str, float]]:
     """The static student: built (scored untrained), then fine-tuned through ``distill``; (its run, the untrained
     scores)."""
-    params = {"pca_dims": args.pca_dims, "pca_center": args.pca_center}
+    params = {"pca_dims": args.pca_dims or None, "pca_center": args.pca_center}
     build = sentence_student("static", teacher, train, params, cache_dir=args.cache_dir)
     untrained = stages.run("static_init", build)
     raw = similarity_report(test_targets, untrained.encode(common["test"]), seed=args.seed)

@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 import kdistill
-from kdistill.engine import TrainConfig, TransferSet, fit
-from kdistill.engine.callbacks import Callback
+from kdistill.engine import TrainConfig, TrainState, TransferSet, fit
+from kdistill.engine.callbacks import Callback, TimeBudget
 from kdistill.engine.loop import _lr_lambda
 from kdistill.errors import ConfigError
 from kdistill.losses import get_loss
@@ -80,6 +80,81 @@ def test_max_steps_stops_mid_pass_and_the_schedule_runs_over_those_steps() -> No
     schedule = _lr_lambda(12, 0.0, "warmup_linear", warmup_steps=3)
     assert rates.rates == pytest.approx([0.1 * schedule(step + 1) for step in range(12)])
     assert rates.rates[-1] == pytest.approx(0.0)
+
+
+class Clock(Callback):
+    """A fake wall clock that moves one second at the end of every optimizer step, however often it is read."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def read(self) -> float:
+        return self.now
+
+    def on_batch_end(self, state, terms) -> None:  # type: ignore[no-untyped-def]
+        self.now += 1.0
+
+
+def _budgeted_rates(monkeypatch: pytest.MonkeyPatch, seconds: float, schedule: bool) -> tuple[list[float], int]:
+    clock = Clock()
+    monkeypatch.setattr(TimeBudget, "clock", staticmethod(clock.read))
+    rates = LearningRates()
+    config = TrainConfig(batch_size=8, lr=0.1, epochs=99, warmup_steps=3, schedule="warmup_linear", verbose=False)
+    budget = TimeBudget(seconds, schedule=schedule)
+    ids = _ids()
+    data = TransferSet(ids, get_task("token_lm").encode_targets(ids), None)
+    state = fit(Bigram(1), get_loss("ce"), data, config=config, callbacks=(clock, budget, rates))
+    return rates.rates, state.global_step
+
+
+def test_a_schedule_on_the_budget_decays_with_the_clock_and_a_long_budget_changes_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    planned = 99 * 5  # 99 epochs of 5 steps
+    schedule = _lr_lambda(planned, 0.0, "warmup_linear", warmup_steps=3)
+    cut, steps = _budgeted_rates(monkeypatch, 10.0, schedule=False)
+    assert steps == 10 and cut == pytest.approx([0.1 * schedule(step) for step in range(1, 11)])
+    assert cut[-1] > 0.09  # cut short near the peak: what a budget did before to_budget
+    on_clock, steps = _budgeted_rates(monkeypatch, 10.0, schedule=True)
+    # after step k the clock reads k - 1 seconds: the schedule stands at the larger of k and (k - 1) / 10 of its steps
+    expected = [0.1 * (1 - (int((k - 1) / 10 * planned) - 3) / (planned - 3)) for k in range(2, 11)]
+    assert steps == 10 and on_clock[1:] == pytest.approx(expected)
+    assert on_clock[0] == pytest.approx(0.1 * 2 / 3)  # step 1 at 0 s: the warm-up's first step (the steps lead)
+    assert on_clock[-1] < 0.011  # at 90% of the budget, 10% of the peak rate is left; linear to 0 at its end
+    long, steps = _budgeted_rates(monkeypatch, 10_000.0, schedule=True)
+    assert steps == planned and long == pytest.approx([0.1 * schedule(step) for step in range(1, planned + 1)])
+
+
+def test_a_resumed_time_budget_continues_from_the_seconds_already_spent(monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [0.0]
+    monkeypatch.setattr(TimeBudget, "clock", staticmethod(lambda: now[0]))
+    first = TimeBudget(10.0)
+    state = TrainState.__new__(TrainState)
+    state.stop, state.scheduler = False, None
+    first.on_train_begin(state)
+    now[0] = 4.0
+    saved = first.state_dict()
+    resumed = TimeBudget(10.0)
+    resumed.load_state_dict(saved)
+    now[0] = 100.0
+    resumed.on_train_begin(state)
+    now[0] = 105.5  # 4 + 5.5 seconds spent: inside the budget
+    resumed.on_batch_end(state, {})
+    assert not state.stop
+    now[0] = 106.0  # 10 spent
+    resumed.on_batch_end(state, {})
+    assert state.stop
+    legacy = TimeBudget(10.0)
+    legacy.load_state_dict({})  # a checkpoint written before the budget kept its seconds: a whole budget
+    assert legacy._spent_before == 0.0
+
+
+def test_a_schedule_to_the_budget_needs_a_budget() -> None:
+    with pytest.raises(ConfigError, match=r"to_budget.*max_minutes is not set"):
+        kdistill.distill(
+            Bigram(0), Bigram(1), _ids(), task="token_lm", epochs=1, verbose=False, report=False,
+            settings={"train": {"schedule": {"to_budget": True}}},
+        )  # fmt: skip
 
 
 def test_evaluation_every_n_steps_adds_history_rows_with_perplexity_and_agreement() -> None:

@@ -329,11 +329,15 @@ class OptimizerConfig(_Section):
 class ScheduleConfig(_Section):
     """The learning rate by optimizer step: ``warmup_cosine`` (linear warm-up, then cosine decay to 0),
     ``warmup_linear`` (the same warm-up, then linear decay to 0) or ``constant``. The warm-up lasts ``warmup_steps``
-    steps when set, else ``warmup_fraction`` of all the steps."""
+    steps when set, else ``warmup_fraction`` of all the steps. ``to_budget: true`` (with ``train.max_minutes``) runs
+    the schedule on the clock as well: its progress at each step is the larger of the steps' share and the time
+    budget's share spent, so a budget that stops training before the planned epochs still ends at a learning rate
+    of 0 instead of being cut at a high one (off by default: a budget longer than the schedule changes nothing)."""
 
     name: Literal["warmup_cosine", "warmup_linear", "constant"] = "warmup_cosine"
     warmup_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.05
     warmup_steps: Annotated[int, Field(gt=0)] | None = None
+    to_budget: bool = False
 
 
 class TrainSection(_Section):
@@ -359,6 +363,15 @@ class TrainSection(_Section):
     """A wall-time budget: training stops at the first step past it (null: none)."""
     optimizer: OptimizerConfig = OptimizerConfig()
     schedule: ScheduleConfig = ScheduleConfig()
+
+    @model_validator(mode="after")
+    def _budget_for_the_schedule(self) -> TrainSection:
+        if self.schedule.to_budget and self.max_minutes is None:
+            raise ValueError(
+                "schedule.to_budget: true runs the schedule to the time budget's end, but train.max_minutes is not "
+                "set; set max_minutes (e.g. 15) or drop to_budget"
+            )
+        return self
 
 
 class CacheConfig(_Section):

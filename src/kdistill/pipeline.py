@@ -704,8 +704,9 @@ def _callbacks(
     if has_val:  # the task's monitor: val_accuracy (ties: lower val_nll), val_loss for token_lm, val_cosine
         mode = "max" if task.higher_is_better else "min"
         callbacks.append(EarlyStopping(monitor=task.monitor, patience=spec.settings.train.patience, mode=mode))
-    if spec.settings.train.max_minutes is not None:
-        callbacks.append(TimeBudget(spec.settings.train.max_minutes * 60))
+    train = spec.settings.train
+    if train.max_minutes is not None:
+        callbacks.append(TimeBudget(train.max_minutes * 60, schedule=train.schedule.to_budget))
     if spec.verbose and logging.progress:
         callbacks.append(ProgressBar(phase))
     if spec.verbose and logging.console:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from kdistill.engine.batches import UNLABELLED, Batch, DataSource, InMemorySource, StreamingSource, micro_batches
-from kdistill.engine.callbacks import Callback, EarlyStopping, ProgressBar
+from kdistill.engine.callbacks import Callback, EarlyStopping, ProgressBar, TimeBudget
 from kdistill.engine.checkpoint import Checkpoint, Checkpointer, load_checkpoint, save_checkpoint
 from kdistill.engine.live import AugmentedTeacher, LiveTeacher
 from kdistill.engine.loggers import ConsoleLog, JsonlLogger, TensorBoardLogger
@@ -40,6 +40,7 @@ __all__ = [
     "StreamingSource",
     "TeacherSource",
     "TensorBoardLogger",
+    "TimeBudget",
     "TrainConfig",
     "TrainState",
     "TransferSet",

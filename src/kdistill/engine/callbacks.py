@@ -53,22 +53,49 @@ class Callback:
 class TimeBudget(Callback):
     """Stops training at the first optimizer step after ``seconds`` of wall time since training began (the run's
     ``train.max_minutes``): the same budget for students of different cost. The epoch it stops in is validated and
-    logged like any other. ``clock``: where the seconds come from (a test swaps in a fake one)."""
+    logged like any other. A resumed run continues the budget where its checkpoint left it (the seconds spent are in
+    :meth:`state_dict`), so a run killed and resumed trains as long in all as one that was not.
+
+    ``schedule=True`` (``train.schedule.to_budget``) puts the learning-rate schedule on the clock too: at every step
+    its progress is the larger of the steps' share of the planned steps and the budget's share spent, so a budget
+    that ends before the planned epochs still gets the whole schedule (warm-up, then decay to 0 at the budget's end)
+    instead of being cut at a high learning rate; a budget longer than the planned schedule leaves it as it is. The
+    steps' lr then depends on the machine's speed, as the stopping step already does (Li et al., "Budgeted Training",
+    ICLR 2020: a schedule that decays to 0 within the budget beats a longer one cut short). ``clock``: where the
+    seconds come from (a test swaps in a fake one)."""
 
     clock = staticmethod(time.perf_counter)
 
-    def __init__(self, seconds: float) -> None:
+    def __init__(self, seconds: float, *, schedule: bool = False) -> None:
         if not seconds > 0:
             raise ConfigError(f"a time budget must be > 0 seconds, got {seconds}", hint="e.g. max_minutes: 15.")
         self.seconds = seconds
+        self.schedule = schedule
         self._started = 0.0
+        self._spent_before = 0.0  # seconds of the budget a resumed run's checkpoint had already spent
 
     def on_train_begin(self, state: TrainState) -> None:
-        self._started = self.clock()
+        self._started = self.clock() - self._spent_before
+        if self.schedule and state.scheduler is not None:
+            scheduler = state.scheduler
+            scheduler.lr_lambdas = [self._on_the_clock(rule, state.total_steps) for rule in scheduler.lr_lambdas]
+
+    def _on_the_clock(self, rule: Any, total_steps: int) -> Any:
+        def budgeted(step: int) -> float:  # a plain function: LambdaLR's state_dict stores no state for it
+            spent = min(1.0, (self.clock() - self._started) / self.seconds)
+            return float(rule(max(step, int(spent * total_steps))))
+
+        return budgeted
 
     def on_batch_end(self, state: TrainState, terms: dict[str, torch.Tensor]) -> None:
         if self.clock() - self._started >= self.seconds:
             state.stop = True
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"spent_s": self.clock() - self._started}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._spent_before = float(state.get("spent_s", 0.0))  # a checkpoint from before kdistill kept it: none
 
 
 class EarlyStopping(Callback):

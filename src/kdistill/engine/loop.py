@@ -169,9 +169,10 @@ class TrainState:
     """What callbacks see: the model, the epoch (0-based), every epoch's metrics so far, and a stop flag; and what a
     checkpoint saves (optimizer, scheduler, shuffling generator, gradient scaler, loss, callbacks, teacher-output
     source). ``model`` is the plain module, never the DistributedDataParallel wrapper. ``last_checkpoint`` is set by
-    the checkpoint callback. ``global_step`` counts optimizer steps over the run, ``step_in_epoch`` within the epoch
-    (of ``steps_per_epoch``); ``epoch_terms`` holds the epoch's step terms so far (detached), ``epoch_generator`` the
-    shuffling generator's state at the epoch's start (what a mid-epoch checkpoint resumes from)."""
+    the checkpoint callback. ``global_step`` counts optimizer steps over the run (the schedule plans ``total_steps``),
+    ``step_in_epoch`` within the epoch (of ``steps_per_epoch``); ``epoch_terms`` holds the epoch's step terms so far
+    (detached), ``epoch_generator`` the shuffling generator's state at the epoch's start (what a mid-epoch checkpoint
+    resumes from)."""
 
     model: nn.Module
     optimizer: torch.optim.Optimizer
@@ -190,6 +191,7 @@ class TrainState:
     world_size: int = 1
     last_checkpoint: str | None = None
     steps_per_epoch: int = 0
+    total_steps: int = 0
     step_in_epoch: int = 0
     epoch_terms: list[dict[str, torch.Tensor]] = field(default_factory=list)
     epoch_generator: torch.Tensor | None = None
@@ -488,6 +490,7 @@ def _fit(
         rank=rank,
         world_size=world_size,
         steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
         teacher_source=teacher_source,
     )
     first_epoch, first_step = 0, 0
