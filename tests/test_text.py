@@ -7,13 +7,14 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
 from kdistill.data import trim_padding
 from kdistill.engine.batches import InMemorySource
 from kdistill.errors import DataError, ShapeMismatchError
-from kdistill.text import TruncationWarning, check_vocabulary, load_tokenizer, max_positions, tokenize
+from kdistill.text import TruncationWarning, check_vocabulary, is_texts, load_tokenizer, max_positions, tokenize
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
@@ -192,3 +193,9 @@ def test_the_hf_teacher_takes_a_mapping_and_serves_its_attention_mask() -> None:
     assert torch.allclose(out.logits, expected)
     assert torch.equal(out.features[MASK_FEATURE], inputs["attention_mask"])
     assert out.features["bert.encoder.layer.0"].shape == (3, 6, 8)
+
+
+def test_is_texts_tells_raw_text_from_token_rows() -> None:
+    assert is_texts(["a b", "c"]) and is_texts(("a",)) and is_texts(np.array(["a", "b c"]))
+    assert not is_texts([]) and not is_texts(["a", 3]) and not is_texts(np.array([["a"], ["b"]]))
+    assert not is_texts(np.zeros((2, 3), dtype=np.int64)) and not is_texts({"input_ids": [[1, 2]]})

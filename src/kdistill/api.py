@@ -506,7 +506,7 @@ def _transformer_inputs(
     teacher's own model (docs/transformers.md); anything else comes back as it is. ``unlabeled`` raw strings are
     tokenized with the splits, in the same call (same tokenizer and ``max_length``; errors name the split
     ``unlabeled``); without a tokenizer they are an error, not rows of features."""
-    from kdistill.text import _is_texts
+    from kdistill.text import is_texts
 
     model = getattr(adapter, "module", None)
     if tokenizer is not None:
@@ -515,7 +515,7 @@ def _transformer_inputs(
         names = ("train", "val", "test", "unlabeled")
         prepared = tokenize_splits([*splits, unlabeled], tokenizer, model=model, max_length=max_length, names=names)
         splits, unlabeled = (prepared[0], prepared[1], prepared[2]), prepared[3]
-    elif _is_texts(unlabeled) and not _is_sentence_teacher(adapter):
+    elif is_texts(unlabeled) and not _is_sentence_teacher(adapter):
         from kdistill.errors import DataError
 
         raise DataError(

@@ -32,7 +32,15 @@ from torch import nn
 
 from kdistill.errors import DataError, DependencyError, ShapeMismatchError
 
-__all__ = ["TruncationWarning", "check_vocabulary", "load_tokenizer", "max_positions", "tokenize", "tokenize_splits"]
+__all__ = [
+    "TruncationWarning",
+    "check_vocabulary",
+    "is_texts",
+    "load_tokenizer",
+    "max_positions",
+    "tokenize",
+    "tokenize_splits",
+]
 
 _SANE_LENGTH = 1_000_000  # tokenizers without a limit report model_max_length as ~1e30
 
@@ -185,7 +193,7 @@ def _as_int64(encoded: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     return {name: torch.as_tensor(encoded[name]).long() for name in keep if name in encoded}
 
 
-def _is_texts(x: Any) -> bool:
+def is_texts(x: Any) -> bool:
     """A list/tuple of strings, or a 1-D numpy array of them (what a user passes as raw text)."""
     if isinstance(x, (list, tuple)):
         return bool(x) and all(isinstance(item, str) for item in x)
@@ -218,7 +226,7 @@ def tokenize_splits(
     spans: list[tuple[str, int, int] | None] = []  # per split: (its name, first row, end row), None if not text
     for position, split in enumerate(splits):
         x = split[0] if isinstance(split, tuple) and len(split) == 2 else split
-        if split is None or not _is_texts(x):
+        if split is None or not is_texts(x):
             spans.append(None)
             continue
         rows = [str(item) for item in x]
