@@ -86,11 +86,12 @@ def test_transformer_example_runs_and_exports_to_onnx(workspace: Path) -> None:
     out = workspace / "transformer"
     result = _kdistill(
         "run", str(EXAMPLES[1]), *_overrides(workspace, out), "--set", "student.params.layer_map=[1]",
-        "--set", "train.batch_size=8", "--set", "report.profile=false", cwd=workspace,
+        "--set", "student.params.intermediate_size=32", "--set", "train.batch_size=8", "--set", "report.profile=false", cwd=workspace,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     assert "recall@10" in result.stdout
     assert (out / "model" / "modules.json").exists() and (out / "cache").exists() is False
+    assert json.loads((out / "model" / "config.json").read_text())["intermediate_size"] == 32  # of the tiny's 64
     exported = _kdistill("export", "--sentence", str(out / "model"), "--out", str(out / "onnx"), cwd=workspace)
     assert exported.returncode == 0, exported.stdout + exported.stderr
     summary = json.loads((out / "onnx" / "export.json").read_text())
