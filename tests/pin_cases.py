@@ -20,6 +20,21 @@ from sklearn.ensemble import RandomForestClassifier
 import kdistill
 from kdistill.run import run
 
+
+def machine_key() -> str:
+    """Which CPU kernels this machine's floats come from: the CPU vendor and the instruction set torch dispatches
+    to (``GenuineIntel-AVX512``, ...). Two machines with the same key give the same bits for the same code; the
+    pins of a vendor and instruction set other than the one kdistill 0.1 was pinned on are kept per key."""
+    vendor = "unknown"
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("vendor_id"):
+                vendor = line.split(":", 1)[1].strip()
+                break
+    return f"{vendor}-{torch.backends.cpu.get_cpu_capability()}"
+
+
 _COMMON = {"epochs": 4, "verbose": False, "profile": False, "report": False, "baseline": False, "seed": 3}
 
 

@@ -1,5 +1,7 @@
 """Classification runs give bit-identical weights to kdistill 0.1's (tests/golden/pins.safetensors, made by
-tests/golden/make_pins.py before the one-pipeline redesign): a refactor of the pipeline must not change the floats."""
+tests/golden/make_pins.py before the one-pipeline redesign): a refactor of the pipeline must not change the floats.
+The bits also depend on the CPU's kernels, so a machine whose vendor and instruction set have their own pins
+(``pins-<key>.safetensors``, ``make_pins.py --machine``) is checked against those."""
 
 from __future__ import annotations
 
@@ -9,9 +11,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pin_cases import CASES
+from pin_cases import CASES, machine_key
 
-PINS = load_file(str(Path(__file__).with_name("golden") / "pins.safetensors"))
+GOLDEN = Path(__file__).with_name("golden")
+_OWN = GOLDEN / f"pins-{machine_key()}.safetensors"
+PINS = load_file(str(_OWN if _OWN.exists() else GOLDEN / "pins.safetensors"))
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

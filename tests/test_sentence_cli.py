@@ -86,7 +86,8 @@ def test_transformer_example_runs_and_exports_to_onnx(workspace: Path) -> None:
     out = workspace / "transformer"
     result = _kdistill(
         "run", str(EXAMPLES[1]), *_overrides(workspace, out), "--set", "student.params.layer_map=[1]",
-        "--set", "student.params.intermediate_size=32", "--set", "train.batch_size=8", "--set", "report.profile=false", cwd=workspace,
+        "--set", "student.params.intermediate_size=32", "--set", "train.batch_size=8",
+        "--set", "report.profile=false", cwd=workspace,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     assert "recall@10" in result.stdout
