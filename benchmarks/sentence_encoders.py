@@ -142,6 +142,7 @@ def main() -> None:
     test_size = args.test or (500 if args.quick else 1000)
     args.static_epochs = args.static_epochs or (30 if args.quick else 20)
     minutes = args.transformer_minutes if args.transformer_minutes is not None else (5.0 if args.quick else 15.0)
+    args.pca_dims = args.pca_dims or None  # 0: the teacher's width (null in the JSON, as in a config)
     layers = [int(part) for part in args.layers.split(",")]
     torch.manual_seed(args.seed)
     torch.set_num_threads(1)
@@ -260,7 +261,7 @@ def _static_stage(
 ) -> tuple[Any, dict[str, float]]:
     """The static student: built (scored untrained), then fine-tuned through ``distill``; (its run, the untrained
     scores)."""
-    params = {"pca_dims": args.pca_dims or None, "pca_center": args.pca_center}
+    params = {"pca_dims": args.pca_dims, "pca_center": args.pca_center}
     build = sentence_student("static", teacher, train, params, cache_dir=args.cache_dir)
     untrained = stages.run("static_init", build)
     raw = similarity_report(test_targets, untrained.encode(common["test"]), seed=args.seed)
