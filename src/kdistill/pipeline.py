@@ -699,12 +699,11 @@ def train_config(settings: Settings, verbose: bool) -> TrainConfig:
 def _callbacks(
     spec: RunSpec, task: Task, phase: str, has_val: bool, checkpoint: Path | None, run_info: dict[str, Any]
 ) -> list[Callback]:
-    logging = spec.settings.logging
+    logging, train = spec.settings.logging, spec.settings.train
     callbacks: list[Callback] = []
     if has_val:  # the task's monitor: val_accuracy (ties: lower val_nll), val_loss for token_lm, val_cosine
         mode = "max" if task.higher_is_better else "min"
-        callbacks.append(EarlyStopping(monitor=task.monitor, patience=spec.settings.train.patience, mode=mode))
-    train = spec.settings.train
+        callbacks.append(EarlyStopping(monitor=task.monitor, patience=train.patience, mode=mode))
     if train.max_minutes is not None:
         callbacks.append(TimeBudget(train.max_minutes * 60, schedule=train.schedule.to_budget))
     if spec.verbose and logging.progress:
@@ -716,7 +715,7 @@ def _callbacks(
     if spec.out is not None and logging.tensorboard:
         callbacks.append(TensorBoardLogger(spec.out / "tensorboard", phase=phase))
     if checkpoint is not None:  # last: it saves the others' state
-        callbacks.append(Checkpointer(checkpoint, run=run_info, every_steps=spec.settings.train.checkpoint_every_steps))
+        callbacks.append(Checkpointer(checkpoint, run=run_info, every_steps=train.checkpoint_every_steps))
     return callbacks
 
 
