@@ -10,7 +10,9 @@ batches (seeded), three ways:
 
 (a) CE only; (b) forward KL (T = 1) + CE, ``soft_weight`` 0.5, the teacher run live (full logits);
 (c) the same loss from a ``topk16:K`` cache of the teacher's outputs on the training blocks (K top log-probs, ids
-and a rest bucket per token, float16), read exactly by ``kdistill.losses.token_distill_loss``.
+and a rest bucket per token, float16), read exactly by ``kdistill.losses.token_distill_loss``; and one more student
+for each ``--also-storage`` (e.g. ``topk16:32+32``: the same top-k with 32 tail ids sampled per token, which forward
+KL reads as an unbiased estimate over the whole vocabulary).
 
 Reported: held-out perplexity of the teacher and of each student (mean and sd over ``--seeds``), the share of the
 CE-to-teacher perplexity gap closed by (b) and (c), the share of (b)'s gain that (c) keeps, cache bytes per token
@@ -108,12 +110,13 @@ def train_teacher(ids: torch.Tensor, settings: dict[str, Any]) -> tuple[torch.nn
 
 
 def train_students(
-    ids: torch.Tensor, teacher: torch.nn.Module, topk: TopK, settings: dict[str, Any], seed: int
+    ids: torch.Tensor, teacher: torch.nn.Module, caches: dict[str, TopK], settings: dict[str, Any], seed: int
 ) -> dict[str, dict[str, Any]]:
-    """The three students of one seed, trained in turns of 10 steps on the same batches; each one's model and
-    median step seconds."""
+    """The students of one seed (CE, live KD, and one per cache way in ``caches``: ``"kd_cache"`` and any
+    ``"kd_cache:<storage>"``), trained in turns of 10 steps on the same batches; each one's model and median step
+    seconds."""
     task = get_task("token_lm")
-    ways = ("ce", "kd_live", "kd_cache")
+    ways = ("ce", "kd_live", *caches)
     students = {
         way: _gpt2(settings["vocab"], settings["student_layers"], settings["student_width"], settings["seq"], seed + 1)
         for way in ways
@@ -145,7 +148,7 @@ def train_students(
                         with torch.no_grad():
                             teacher_side: torch.Tensor | TopK = teacher(x).logits
                     else:
-                        teacher_side = TopK(topk.values[index], topk.indices[index], topk.rest[index])
+                        teacher_side = caches[way].index_select(index)
                     loss = token_distill_loss(logits, teacher_side, target, temperature=1.0, soft_weight=0.5)["loss"]
                 optimizers[way].zero_grad(set_to_none=True)
                 loss.backward()
@@ -314,6 +317,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--chunk", type=int, default=256, help="tokens per chunk of the chunked loss")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--student-lr", type=float, default=3e-3, help="the students' peak lr (default 3e-3)")
+    parser.add_argument("--also-storage", action="append", default=[], metavar="STORAGE",
+                        help="one more cache student from this storage (e.g. topk16:32+32, a sampled tail); "
+                        "repeatable")  # fmt: skip
     for name in ("files", "vocab", "seq", "teacher-layers", "teacher-width", "teacher-steps", "student-layers",
                  "student-width", "student-steps", "batch", "seeds", "topk", "blocks"):  # fmt: skip
         parser.add_argument(f"--{name}", type=int, default=None)
@@ -348,19 +354,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     teacher, teacher_seconds = train_teacher(ids, settings)
     teacher_ppl = _perplexity(teacher, val_ids)
+    storages = {"kd_cache": f"topk16:{settings['topk']}"} | {f"kd_cache:{name}": name for name in args.also_storage}
+    caches: dict[str, TopK] = {}
+    cache_bytes: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as folder:
-        storage = f"topk16:{settings['topk']}"
-        entry = cached_teacher_outputs(
-            TorchTeacher(lm.LMLogits(teacher)), ids, cache_dir=folder, kind="token_logits", storage=storage
-        )
-        topk = TopK(*(torch.as_tensor(array).clone() for array in entry.topk()))
-        bytes_per_token = entry.bytes_per_token()
-    assert bytes_per_token is not None
+        for way, storage in storages.items():
+            entry = cached_teacher_outputs(
+                TorchTeacher(lm.LMLogits(teacher)), ids, cache_dir=folder, kind="token_logits", storage=storage
+            )
+            caches[way] = entry.topk_outputs()
+            measured = entry.bytes_per_token()
+            assert measured is not None
+            cache_bytes[way] = measured
+    bytes_per_token = cache_bytes["kd_cache"]
 
-    runs: dict[str, list[float]] = {"ce": [], "kd_live": [], "kd_cache": []}
-    step_seconds: dict[str, list[float]] = {"ce": [], "kd_live": [], "kd_cache": []}
+    runs: dict[str, list[float]] = {way: [] for way in ("ce", "kd_live", *caches)}
+    step_seconds: dict[str, list[float]] = {way: [] for way in runs}
     for seed in range(settings["seeds"]):
-        for way, trained in train_students(ids, teacher, topk, settings, seed).items():
+        for way, trained in train_students(ids, teacher, caches, settings, seed).items():
             runs[way].append(_perplexity(trained["model"], val_ids))
             step_seconds[way].append(trained["step_s"])
     tokens_per_step = settings["batch"] * settings["seq"]
@@ -391,6 +402,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "cache_bytes_per_token": bytes_per_token,
         "fp16_logits_bytes_per_token": 2 * vocab,
         "cache_bytes_ratio": bytes_per_token / (2 * vocab),
+        "also_storages": {
+            storages[way]: {
+                "gap_closed": (ppl["ce"]["mean"] - ppl[way]["mean"]) / gap,
+                "keeps_share_of_live_gain": (ppl["ce"]["mean"] - ppl[way]["mean"]) / gap / closed_live
+                if closed_live
+                else float("nan"),
+                "bytes_per_token": cache_bytes[way],
+                "bytes_ratio": cache_bytes[way] / (2 * vocab),
+            }
+            for way in caches
+            if way != "kd_cache"
+        },
         "student_tokens_per_s": {way: tokens_per_step / seconds for way, seconds in step.items()},
         "step_cost_vs_ce": {way: seconds / step["ce"] for way, seconds in step.items()},
         "memory_at_vocab_32k": {
@@ -413,6 +436,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"{result['step_cost_vs_ce']['kd_cache']:.2f}x; loss peak memory at vocab 32k: naive {naive_peak:.0f} MB, "
         f"chunked {memory['chunked']['peak_above_inputs_mb']:.0f} MB, head {memory['head']['peak_above_inputs_mb']:.0f}"
         f" MB; {result['seconds']:.0f} s"
+        + "".join(
+            f"; {name}: {100 * also['keeps_share_of_live_gain']:.0f}% of the live gain at "
+            f"{also['bytes_per_token']:.0f} B/token, step {result['step_cost_vs_ce']['kd_cache:' + name]:.2f}x"
+            for name, also in result["also_storages"].items()
+        )
     )
     print(json.dumps(result))
     return result

@@ -46,7 +46,7 @@ import shutil
 import tempfile
 import time
 import weakref
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -61,7 +61,7 @@ from kdistill.data import fingerprint_arrays
 from kdistill.errors import CacheError
 from kdistill.io import atomic_write_bytes, atomic_write_json
 from kdistill.losses.kd_topk import encode_topk, pack_topk
-from kdistill.teachers.base import Teacher, batch_logits
+from kdistill.teachers.base import Teacher, TopK, batch_logits
 
 __all__ = [
     "DEFAULT_CACHE_DIR",
@@ -78,7 +78,9 @@ __all__ = [
     "parse_storage",
     "read_entry",
     "row_fingerprints",
+    "sample_tail",
     "set_fingerprint",
+    "tail_samples",
 ]
 
 _log = logging.getLogger(__name__)
@@ -104,16 +106,13 @@ def default_cache_dir() -> Path:
 
 
 def parse_storage(storage: str) -> tuple[str, int | None]:
-    """``"fp32"`` -> ("fp32", None), ``"fp16"`` -> ("fp16", None), ``"topk:K"`` -> ("topk", K), ``"topk16:K"`` ->
-    ("topk16", K)."""
+    """``"fp32"`` -> ("fp32", None), ``"fp16"`` -> ("fp16", None), ``"topk:K"`` -> ("topk", K), ``"topk16:K"`` and
+    ``"topk16:K+S"`` (a sampled tail of S ids, :func:`tail_samples`) -> ("topk16", K)."""
     if storage in ("fp32", "fp16"):
         return storage, None
     if storage.startswith("topk16:"):
-        try:
-            k16 = int(storage.split(":", 1)[1])
-        except ValueError:
-            k16 = 0
-        if k16 >= 1:
+        k16, samples = _topk16_numbers(storage)
+        if k16 >= 1 and samples >= 0:
             return "topk16", k16
     elif storage.startswith("topk:"):
         try:
@@ -124,8 +123,27 @@ def parse_storage(storage: str) -> tuple[str, int | None]:
             return "topk", k
     raise CacheError(
         f"unknown cache storage {storage!r}",
-        hint="use 'fp32', 'fp16', 'topk:K' or 'topk16:K' with K >= 1 (e.g. 'topk:8').",
+        hint="use 'fp32', 'fp16', 'topk:K', 'topk16:K' or 'topk16:K+S' with K, S >= 1 (e.g. 'topk:8', 'topk16:32+32').",
     )
+
+
+def tail_samples(storage: str) -> int:
+    """S of a ``"topk16:K+S"`` storage (the tail ids drawn per token); 0 for every other storage."""
+    if not storage.startswith("topk16:"):
+        return 0
+    parse_storage(storage)
+    return _topk16_numbers(storage)[1]
+
+
+def _topk16_numbers(storage: str) -> tuple[int, int]:
+    """(K, S) of ``"topk16:K"`` (S = 0) or ``"topk16:K+S"`` (S >= 1); (0, 0) when they are not whole numbers."""
+    text = storage.split(":", 1)[1]
+    k_text, plus, s_text = text.partition("+")
+    try:
+        k, samples = int(k_text), int(s_text) if plus else 0
+    except ValueError:
+        return 0, 0
+    return (k, samples) if not plus or samples >= 1 else (0, 0)
 
 
 def _digest(*parts: object) -> str:
@@ -335,16 +353,66 @@ def _encode(outputs: torch.Tensor, storage: str) -> dict[str, np.ndarray]:
         raise CacheError(
             f"cache storage {storage!r} keeps {k} of {classes} classes", hint=f"use 'topk:K' with K <= {classes}."
         )
-    values, indices, rest = encode_topk(outputs.reshape(-1, classes), k)
+    flat = outputs.reshape(-1, classes)
+    values, indices, rest = encode_topk(flat, k)
     lead = tuple(outputs.shape[:-1])
     index_dtype = np.int16 if classes <= np.iinfo(np.int16).max else np.int32
     if mode == "topk16":
         values, rest = _as_log_probs16(values, rest)
-    return {
+    arrays = {
         "values": values.reshape(*lead, k).numpy(),
         "indices": indices.reshape(*lead, k).numpy().astype(index_dtype),
         "rest": rest.reshape(lead).numpy(),
     }
+    samples = tail_samples(storage)
+    if samples:
+        if outputs.ndim != 3:
+            raise CacheError(
+                f"cache storage {storage!r} samples a tail per token, so it needs (rows, seq, vocab) outputs, "
+                f"got {tuple(outputs.shape)}",
+                hint=f"use 'topk16:{k}' (a rest bucket, no tail samples) for per-row outputs.",
+            )
+        tail_ids, tail_plogp = sample_tail(outputs, indices.reshape(*lead, k), samples, seeds=_row_seeds(arrays))
+        arrays["tail_ids"] = tail_ids.numpy().astype(index_dtype)
+        arrays["tail_plogp"] = tail_plogp.half().numpy()
+    return arrays
+
+
+def sample_tail(
+    logits: torch.Tensor, top_ids: torch.Tensor, samples: int, seeds: Sequence[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""The sampled tail of ``"topk16:K+S"`` storage for token logits (rows, seq, vocab) with top-k ids ``top_ids``
+    (rows, seq, K): ``samples`` ids per token drawn with replacement from the teacher's distribution renormalised
+    over the tokens outside its top k (rows, seq, S), and :math:`\sum_{v \notin \text{top-k}} p_v \log p_v`
+    (rows, seq), with :math:`p` the softmax over the full vocabulary.
+
+    Row ``r``'s draws come from a generator seeded with ``seeds[r]`` (the cache seeds each row from its stored top-k
+    bytes, so a row refilled after a kill, or filled in another batch, draws the same ids). Drawn by inverse
+    transform: uniforms in [0, 1) times the tail's mass, looked up in the cumulative sum over the vocabulary (in
+    float64), so a top-k token (zero width there) is never drawn. A token whose top k is the whole vocabulary
+    (empty tail) gets ids 0 and 0 for the sum; its tail weight (the rest bucket's mass) is 0."""
+    log_p = torch.log_softmax(logits.float(), dim=-1)
+    tail_p = log_p.exp().scatter(-1, top_ids.long(), 0.0)
+    plogp = torch.where(tail_p > 0, tail_p * log_p, torch.zeros_like(tail_p)).sum(-1)
+    cumulative = tail_p.double().cumsum(-1)
+    uniforms = torch.stack(
+        [torch.rand(logits.shape[1], samples, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+         for seed in seeds]
+    )  # fmt: skip
+    mass = cumulative[..., -1:]
+    ids = torch.searchsorted(cumulative, uniforms * mass, right=True).clamp_max(logits.shape[-1] - 1)
+    empty = (mass <= 0).expand_as(ids)
+    return ids.masked_fill(empty, 0), plogp
+
+
+def _row_seeds(arrays: dict[str, np.ndarray]) -> list[int]:
+    """One seed per row from its stored top-k bytes (values and ids): the same row always draws the same tail."""
+    values, indices = arrays["values"], arrays["indices"]
+    return [
+        int.from_bytes(hashlib.blake2b(values[row].tobytes() + indices[row].tobytes(), digest_size=8).digest(), "big")
+        >> 1
+        for row in range(len(values))
+    ]
 
 
 def _as_log_probs16(values: torch.Tensor, rest: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -404,7 +472,11 @@ class CacheEntry:
         values, indices, rest = self.topk()
         if values.ndim == 2:
             return pack_topk(values, indices.long(), rest)
-        return torch.cat([values.float(), indices.float(), rest.float().unsqueeze(-1)], dim=-1)
+        fields = [values.float(), indices.float(), rest.float().unsqueeze(-1)]
+        tail = self.tail()
+        if tail is not None:  # [values | indices | rest | tail_ids | tail_plogp], TopK.from_packed(table, S)
+            fields += [tail[0].float(), tail[1].float().unsqueeze(-1)]
+        return torch.cat(fields, dim=-1)
 
     def topk(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """A ``topk:K`` entry's three tensors, memory-mapped, aligned row for row with the data set: ``values``
@@ -417,6 +489,22 @@ class CacheEntry:
             )
         values, indices, rest = (torch.from_numpy(self.arrays[name]) for name in ("values", "indices", "rest"))
         return values, indices, rest
+
+    def tail(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """A ``"topk16:K+S"`` entry's sampled tail, memory-mapped: ``tail_ids`` (rows, seq, S) int16 (int32 above
+        32,767 ids) and ``tail_plogp`` (rows, seq) float16 (see :func:`sample_tail`); None for other storages."""
+        if "tail_ids" not in self.arrays:
+            return None
+        return torch.from_numpy(self.arrays["tail_ids"]), torch.from_numpy(self.arrays["tail_plogp"])
+
+    def topk_outputs(self) -> TopK:
+        """The whole entry as a :class:`~kdistill.teachers.TopK` (in memory, float32 values; with the sampled tail
+        of a ``"topk16:K+S"`` entry)."""
+        values, indices, rest = (field.clone() for field in self.topk())
+        tail = self.tail()
+        if tail is None:
+            return TopK(values.float(), indices, rest.float())
+        return TopK(values.float(), indices, rest.float(), tail[0].clone(), tail[1].float())
 
 
 def read_entry(folder: str | os.PathLike[str], *, verify: bool = True) -> CacheEntry:

@@ -66,13 +66,13 @@ from kdistill.errors import (
 )
 from kdistill.io import atomic_write_json
 from kdistill.losses import Loss, compose_methods, get_loss
-from kdistill.losses.token import TokenDivergenceLoss
+from kdistill.losses.token import TokenDivergenceLoss, check_tail_reader
 from kdistill.profile import count_parameters, model_size_bytes, time_inference
 from kdistill.report import Report
 from kdistill.result import DistillResult, _jsonable
 from kdistill.students import build_student
 from kdistill.tasks import Task, get_task
-from kdistill.teachers import SklearnTeacher, Teacher, probs_to_logits, teacher_logits
+from kdistill.teachers import SklearnTeacher, Teacher, TopK, probs_to_logits, teacher_logits
 from kdistill.transfer import ExtraRows, LiveTransfer, Transfer, as_transfer, extra_rows, read_unlabeled, row_summary
 from kdistill.verdict import judge
 
@@ -224,12 +224,19 @@ the K + 1 buckets of the stored form (the teacher's K tokens and one "rest" buck
 :func:`kdistill.losses.token.token_log_probs`)."""
 
 
+_TAIL_PROBE = TopK(torch.zeros(1, 1), torch.zeros(1, 1, dtype=torch.long), torch.zeros(1),
+                   torch.zeros(1, 1, dtype=torch.long), torch.zeros(1))  # fmt: skip
+"""A one-token top-k with a sampled tail: :func:`check_tail_reader` asks of it whether a loss can read a tail."""
+
+
 def build_loss(terms: list[MethodTerm], *, storage: str = "fp32") -> Loss:
     """The loss of ``settings.method``: one term of weight 1 is that method itself; several (or a weight other than
     1) are a :class:`~kdistill.losses.Compose`, whose later methods drop their own hard-label term so that the
     cross-entropy is counted once. With top-k cache storage, one method of :data:`TOPK_METHODS` reads the stored
     form exactly (``kd`` as ``kd_topk``; the token divergences take the cache's table as ``Outputs.topk``)."""
     if storage.startswith("topk"):
+        from kdistill.cache import tail_samples
+
         names = [term.name for term in terms]
         if len(names) != 1 or names[0] not in TOPK_METHODS:
             raise ConfigError(
@@ -243,7 +250,16 @@ def build_loss(terms: list[MethodTerm], *, storage: str = "fp32") -> Loss:
             loss = get_loss(terms[0].name, **terms[0].params)
             assert isinstance(loss, TokenDivergenceLoss)
             loss.reads_topk = True  # the engine serves the cache's table to it as Outputs.topk
+            loss.topk_samples = tail_samples(storage)  # the table's sampled tail, if any
+            if loss.topk_samples:
+                check_tail_reader(_TAIL_PROBE, loss.divergence, loss.temperature, loss.beta, loss.skew)
             return loss
+        if tail_samples(storage):
+            raise ConfigError(
+                f"cache storage {storage!r} samples a tail per token for the token divergences; kd reads a top-k "
+                "with a rest bucket",
+                hint=f"use storage {storage.split('+')[0]!r} with kd, or method forward_kl with this storage.",
+            )
     if len(terms) == 1 and terms[0].weight == 1.0:
         return get_loss(terms[0].name, **terms[0].params)
     return compose_methods({term.name: term.weight for term in terms}, {term.name: dict(term.params) for term in terms})

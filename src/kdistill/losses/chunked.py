@@ -39,7 +39,14 @@ import torch.nn.functional as F
 
 from kdistill.errors import MethodError
 from kdistill.losses.common import check_token_shapes, counted_positions, token_count
-from kdistill.losses.token import _at_least_float32, _check_unit, check_teacher_fits, divergence, token_log_probs
+from kdistill.losses.token import (
+    _at_least_float32,
+    _check_unit,
+    check_tail_reader,
+    check_teacher_fits,
+    divergence,
+    per_token_divergence,
+)
 from kdistill.teachers.base import TopK
 
 __all__ = ["AUTO_CHUNK_PARTS", "auto_chunk_size", "chunk_size_for", "chunked_head_loss", "chunked_token_loss"]
@@ -82,12 +89,7 @@ class _Settings:
 
 def _teacher_rows(teacher: torch.Tensor | TopK, rows: torch.Tensor) -> torch.Tensor | TopK:
     if isinstance(teacher, TopK):
-        k = teacher.k
-        return TopK(
-            teacher.values.reshape(-1, k).index_select(0, rows),
-            teacher.indices.reshape(-1, k).index_select(0, rows),
-            teacher.rest.reshape(-1).index_select(0, rows),
-        )
+        return teacher.flat().index_select(rows)
     return teacher.reshape(-1, teacher.shape[-1]).index_select(0, rows)
 
 
@@ -95,9 +97,9 @@ def _chunk_sums(
     logits: torch.Tensor, teacher: torch.Tensor | TopK, target: torch.Tensor | None, settings: _Settings
 ) -> torch.Tensor:
     """(2,): the chunk's summed divergence (before T²) and summed cross-entropy (0 without targets)."""
-    student_log_probs, teacher_log_probs = token_log_probs(logits, teacher, settings.temperature)
-    soft = divergence(student_log_probs, teacher_log_probs, settings.kind, beta=settings.beta, skew=settings.skew)
-    hard = student_log_probs.new_zeros(())
+    soft = per_token_divergence(logits, teacher, settings.temperature, settings.kind, beta=settings.beta,
+                                skew=settings.skew)  # fmt: skip
+    hard = soft.new_zeros(())
     if target is not None:
         hard = F.cross_entropy(_at_least_float32(logits), target, reduction="sum")
     return torch.stack([soft.sum(), hard])
@@ -246,6 +248,7 @@ def chunked_token_loss(
     terms, plus ``chunk_size`` (tokens per chunk)."""
     check_token_shapes(student_logits, mask, target, method=f"chunked {kind}")
     check_teacher_fits(student_logits, teacher, f"chunked {kind}")
+    check_tail_reader(teacher, kind, temperature, beta, skew)
     settings = _settings(kind, temperature, soft_weight, beta, skew, chunk_size, target is not None)
     counted = counted_positions(
         student_logits.shape[:-1], None if mask is None else mask.bool(), target, student_logits.device
@@ -288,6 +291,7 @@ def chunked_head_loss(
     meta_logits = hidden.new_empty((*positions_shape, head_weight.shape[0]), device="meta")
     check_token_shapes(meta_logits, mask, target, method=f"chunked {kind}")
     check_teacher_fits(meta_logits, teacher, f"chunked {kind}")
+    check_tail_reader(teacher, kind, temperature, beta, skew)
     settings = _settings(kind, temperature, soft_weight, beta, skew, chunk_size, target is not None)
     counted = counted_positions(positions_shape, None if mask is None else mask.bool(), target, hidden.device)
     positions = counted.reshape(-1).nonzero().squeeze(1)

@@ -150,7 +150,7 @@ class StaticTargets:
         """Ask ``loss_fn``'s optional ``precompute`` hook for its table (it may return None) and serve it too. A TopK
         (or a packed table for a loss that ``reads_topk``) is served as it is: ``precompute`` takes dense logits."""
         if isinstance(logits, torch.Tensor) and getattr(loss_fn, "reads_topk", False):
-            logits = TopK.from_packed(logits)
+            logits = TopK.from_packed(logits, getattr(loss_fn, "topk_samples", 0))
         if isinstance(logits, TopK):
             return cls(logits)
         precompute = getattr(loss_fn, "precompute", None)

@@ -40,7 +40,9 @@ __all__ = [
     "SkewReverseKL",
     "TokenDivergenceLoss",
     "TotalVariation",
+    "check_tail_reader",
     "divergence",
+    "per_token_divergence",
     "token_distill_loss",
     "token_log_probs",
 ]
@@ -147,7 +149,7 @@ def check_teacher_fits(student_logits: torch.Tensor, teacher: torch.Tensor | Top
     """A :class:`ShapeMismatchError` unless dense teacher logits have the student's shape, or a top-k teacher's
     positions are the student's and its ids fall inside the student's vocabulary."""
     if isinstance(teacher, TopK):
-        ids = teacher.indices
+        ids = teacher.indices if teacher.tail_ids is None else torch.cat([teacher.indices, teacher.tail_ids], -1)
         largest = int(ids.max()) if ids.numel() else 0
         smallest = int(ids.min()) if ids.numel() else 0
         if teacher.rest.shape != student_logits.shape[:-1] or largest >= student_logits.shape[-1] or smallest < 0:
@@ -167,8 +169,56 @@ def check_teacher_fits(student_logits: torch.Tensor, teacher: torch.Tensor | Top
 
 def _select(teacher: torch.Tensor | TopK, counted: torch.Tensor) -> torch.Tensor | TopK:
     if isinstance(teacher, TopK):
-        return TopK(teacher.values[counted], teacher.indices[counted], teacher.rest[counted])
+        return teacher.map(lambda field: field[counted])
     return teacher[counted]
+
+
+def check_tail_reader(teacher: torch.Tensor | TopK, kind: str, temperature: float, beta: float, skew: float) -> None:
+    """A :class:`MethodError` when a top-k teacher with a sampled tail (``"topk16:K+S"``) meets a loss that cannot
+    read it: the tail's draws estimate forward KL at the temperature they were drawn at, T = 1, and nothing else."""
+    if not isinstance(teacher, TopK) or teacher.tail_ids is None:
+        return
+    forward = kind == "forward_kl" or (kind == "jsd" and beta == 0.0) or (kind == "skew_forward_kl" and skew == 0.0)
+    if not forward or temperature != 1.0:
+        raise MethodError(
+            f"a sampled tail (topk16:K+S cache) estimates forward KL at temperature 1; got {kind!r} at "
+            f"temperature {temperature}",
+            hint="use forward_kl with temperature 1, or fill the cache as 'topk16:K' (a rest bucket, read exactly by "
+            "every divergence at any temperature).",
+        )
+
+
+def per_token_divergence(
+    student_rows: torch.Tensor,
+    teacher: torch.Tensor | TopK,
+    temperature: float,
+    kind: str,
+    *,
+    beta: float = 0.5,
+    skew: float = 0.1,
+) -> torch.Tensor:
+    r"""(N,): :func:`divergence` ``kind`` per row of student logits (N, vocab) against dense teacher logits or a
+    top-k (k + 1 buckets), before :math:`T^2`.
+
+    A top-k with a sampled tail (S ids :math:`s_j` drawn from the teacher's tail, of mass :math:`R`, and
+    :math:`\sum_{v\,\text{tail}} p_v\log p_v` stored) gives forward KL over the full vocabulary, its top-k part exact
+    and its tail part estimated without bias, in value and in gradient:
+
+    .. math::
+        \mathrm{KL}(p\|q) \approx \sum_{i \in \text{top-k}} p_i (\log p_i - \log q_i)
+            + \sum_{v\,\text{tail}} p_v \log p_v - \frac{R}{S}\sum_{j=1}^{S} \log q_{s_j}
+
+    (the rest bucket instead gives :math:`R(\log R - \log Q)`, with :math:`Q` the student's mass outside the
+    teacher's top k: it fixes that total and leaves its spread free)."""
+    student_log_probs, teacher_log_probs = token_log_probs(student_rows, teacher, temperature)
+    if not isinstance(teacher, TopK) or teacher.tail_ids is None or teacher.tail_plogp is None:
+        return divergence(student_log_probs, teacher_log_probs, kind, beta=beta, skew=skew)
+    top_teacher, top_student = teacher_log_probs[..., :-1], student_log_probs[..., :-1]
+    top = _kl(top_teacher, top_student)
+    student = _at_least_float32(student_rows)
+    log_q_tail = student.gather(-1, teacher.tail_ids) - student.logsumexp(dim=-1, keepdim=True)
+    mass = teacher_log_probs[..., -1].exp()
+    return top + _at_least_float32(teacher.tail_plogp) - mass * log_q_tail.mean(-1)
 
 
 def token_distill_loss(
@@ -216,13 +266,13 @@ def token_distill_loss(
     method = f"token {kind}"
     check_token_shapes(student_logits, mask, target, method=method)
     check_teacher_fits(student_logits, teacher, method)
+    check_tail_reader(teacher, kind, temperature, beta, skew)
     counted = counted_positions(
         student_logits.shape[:-1], None if mask is None else mask.bool(), target, student_logits.device
     )
     student_rows = student_logits[counted]  # (N, vocab): padding is never computed, so it cannot leak
-    student_log_probs, teacher_log_probs = token_log_probs(student_rows, _select(teacher, counted), temperature)
     count = token_count(counted, normalizer)
-    per_token = divergence(student_log_probs, teacher_log_probs, kind, beta=beta, skew=skew)
+    per_token = per_token_divergence(student_rows, _select(teacher, counted), temperature, kind, beta=beta, skew=skew)
     soft = per_token.sum() / count * temperature**2
     if target is None:
         return {"loss": soft, "kd": soft}
@@ -244,6 +294,9 @@ class TokenDivergenceLoss(BaseLoss):
     reads_topk = False
     """Set True by the pipeline when the teacher's outputs come from a ``topk:K`` / ``topk16:K`` cache entry: the
     engine then serves the entry's packed table to this loss as ``Outputs.topk`` (read exactly, as K + 1 buckets)."""
+    topk_samples = 0
+    """S of a ``topk16:K+S`` entry (set by the pipeline with :attr:`reads_topk`): the packed table then carries the
+    sampled tail (:meth:`TopK.from_packed <kdistill.teachers.TopK.from_packed>` ``samples``)."""
 
     def __init__(
         self,

@@ -6,7 +6,7 @@ makes caching, ensembles and black-box teachers possible.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, Protocol, cast, runtime_checkable
 
@@ -48,11 +48,19 @@ class TopK:
     axes are (rows,) for classification and (batch, seq) for token outputs. This is exactly what the cache's
     ``"topk:K"`` storage keeps, and what ``kd_topk`` reads (``Outputs.topk``); integer indices of another dtype (the
     cache stores int16) are widened to int64.
+
+    A sampled tail (the cache's ``"topk16:K+S"`` storage) adds ``tail_ids`` (..., S): S token ids drawn with
+    replacement from the teacher's distribution renormalised over the tokens outside its top k, and ``tail_plogp``
+    (...): :math:`\sum_{v \notin \text{top-k}} p_v \log p_v` over the full vocabulary, exact. Forward KL reads them
+    as an unbiased estimate of its full-vocabulary value and gradient (see
+    :func:`~kdistill.losses.token.token_distill_loss`); both are None otherwise.
     """
 
     values: torch.Tensor
     indices: torch.Tensor
     rest: torch.Tensor
+    tail_ids: torch.Tensor | None = None
+    tail_plogp: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.indices.is_floating_point() or self.indices.is_complex():
@@ -62,6 +70,26 @@ class TopK:
             )
         if self.indices.dtype != torch.int64:
             object.__setattr__(self, "indices", self.indices.long())
+        if (self.tail_ids is None) != (self.tail_plogp is None):
+            raise ShapeMismatchError(
+                "a sampled tail needs both tail_ids and tail_plogp", hint="pass both, or neither (the rest bucket)."
+            )
+        if self.tail_ids is not None and self.tail_plogp is not None:
+            if self.tail_ids.is_floating_point() or self.tail_ids.is_complex():
+                raise ShapeMismatchError(f"tail ids must be integers, got {self.tail_ids.dtype}")
+            if self.tail_ids.dtype != torch.int64:
+                object.__setattr__(self, "tail_ids", self.tail_ids.long())
+            if (
+                self.tail_ids.ndim != self.values.ndim
+                or self.tail_ids.shape[:-1] != self.values.shape[:-1]
+                or self.tail_ids.shape[-1] < 1
+                or self.tail_plogp.shape != self.values.shape[:-1]
+            ):
+                raise ShapeMismatchError(
+                    f"tail ids {tuple(self.tail_ids.shape)} and tail_plogp {tuple(self.tail_plogp.shape)} do not fit "
+                    f"top-k values {tuple(self.values.shape)}",
+                    hint="tail_ids are (..., S) with S >= 1 and tail_plogp is (...), the top-k's leading axes.",
+                )
         if (
             self.values.ndim == 0
             or self.values.shape != self.indices.shape
@@ -78,6 +106,24 @@ class TopK:
         """How many classes are kept per row."""
         return int(self.values.shape[-1])
 
+    @property
+    def samples(self) -> int:
+        """How many tail ids are drawn per row (0 without a sampled tail)."""
+        return 0 if self.tail_ids is None else int(self.tail_ids.shape[-1])
+
+    def map(self, per_row: Callable[[torch.Tensor], torch.Tensor]) -> TopK:
+        """The same top-k with ``per_row`` applied to every field; the fields share their leading axes, so
+        ``per_row`` may select or move rows along them (``index_select(0, ...)``, a boolean mask of the leading
+        axes, ``.to(device)``)."""
+        tail = None if self.tail_ids is None else per_row(self.tail_ids)
+        plogp = None if self.tail_plogp is None else per_row(self.tail_plogp)
+        return TopK(per_row(self.values), per_row(self.indices), per_row(self.rest), tail, plogp)
+
+    def flat(self) -> TopK:
+        """The same top-k with its leading axes flattened to one (rows, ...)."""
+        lead = self.rest.ndim
+        return self.map(lambda field: field.reshape(-1, *field.shape[lead:]))
+
     @classmethod
     def from_logits(cls, logits: torch.Tensor, k: int) -> TopK:
         """The top-k form of dense ``logits`` (..., classes), computed in float32."""
@@ -92,18 +138,25 @@ class TopK:
         return cls(values, indices, rest)
 
     @classmethod
-    def from_packed(cls, table: torch.Tensor) -> TopK:
+    def from_packed(cls, table: torch.Tensor, samples: int = 0) -> TopK:
         """Read kdistill 0.1's packed (rows, 2k + 1) float32 table ``[values | indices | rest]`` (what
-        ``CacheEntry.teacher_targets()`` returns for ``"topk:K"`` storage). ``values`` and ``rest`` are views of it."""
-        width = table.shape[-1] if table.ndim else 0
+        ``CacheEntry.teacher_targets()`` returns for ``"topk:K"`` storage). ``values`` and ``rest`` are views of it.
+
+        ``samples`` = S > 0 reads a ``"topk16:K+S"`` entry's (..., 2k + 2 + S) table ``[values | indices | rest |
+        tail_ids | tail_plogp]``."""
+        width = (table.shape[-1] if table.ndim else 0) - (samples + 1 if samples else 0)
         if table.ndim not in (2, 3) or width % 2 != 1 or width < 3:
+            tail = f" + {samples + 1} for a sampled tail of {samples}" if samples else ""
             raise ShapeMismatchError(
-                f"a packed top-k table has shape (rows, 2k + 1) (or (rows, seq, 2k + 1) per token); got "
+                f"a packed top-k table has shape (rows, 2k + 1{tail}) (or (rows, seq, ...) per token); got "
                 f"{tuple(table.shape)}",
                 hint="kd_topk reads the cache's 'topk:K' storage; for dense teacher logits use 'kd'.",
             )
         k = (width - 1) // 2
-        return cls(table[..., :k].float(), table[..., k : 2 * k].long(), table[..., 2 * k].float())
+        tail_ids = table[..., 2 * k + 1 : 2 * k + 1 + samples].long() if samples else None
+        tail_plogp = table[..., -1].float() if samples else None
+        values, indices, rest = table[..., :k].float(), table[..., k : 2 * k].long(), table[..., 2 * k].float()
+        return cls(values, indices, rest, tail_ids, tail_plogp)
 
     def packed(self) -> torch.Tensor:
         """The (rows, 2k + 1) float32 table :meth:`from_packed` reads (rows only; indices exact below 2^24)."""
@@ -113,13 +166,11 @@ class TopK:
 
     def index_select(self, index: torch.Tensor) -> TopK:
         """The rows ``index`` (batch,) of every field (the per-batch gather of a static teacher)."""
-        return TopK(
-            self.values.index_select(0, index), self.indices.index_select(0, index), self.rest.index_select(0, index)
-        )
+        return self.map(lambda rows: rows.index_select(0, index))
 
     def to(self, device: torch.device | str) -> TopK:
         """The same top-k on ``device``."""
-        return TopK(self.values.to(device), self.indices.to(device), self.rest.to(device))
+        return self.map(lambda field: field.to(device))
 
 
 class _NoLogits:
