@@ -18,7 +18,7 @@ def test_lm_page_examples_run_and_print_what_they_say(tmp_path: Path, monkeypatc
     monkeypatch.chdir(tmp_path)
     text = DOC.read_text()
     blocks = re.findall(r"```python\n(.*?)```", text, flags=re.DOTALL)
-    assert len(blocks) == 4
+    assert len(blocks) == 5
     namespace: dict[str, object] = {}
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
@@ -28,6 +28,7 @@ def test_lm_page_examples_run_and_print_what_they_say(tmp_path: Path, monkeypatc
     assert lines == [
         "['ce', 'kd', 'loss']",
         "160 18.0",
+        "36.0 (20, 8, 8)",
         "['val_agreement', 'val_loss', 'val_perplexity', 'val_token_accuracy']",
         "[2, 3, 4, 6] True True",
     ]

@@ -378,8 +378,9 @@ class CacheConfig(_Section):
     """Teacher outputs on the training rows go through :mod:`kdistill.cache`, stored under ``dir`` (a YAML run's
     default: ``<run folder>/cache``; the Python API's: no cache, computed in memory), keyed by the teacher's and the
     data's fingerprints; a resumed run and every torchrun rank read them instead of running the teacher.
-    ``reuse: false`` recomputes them even when a matching entry exists. ``storage``: ``fp32``, ``fp16`` or
-    ``topk:K`` (then the ``kd`` method reads that form exactly, as ``kd_topk``)."""
+    ``reuse: false`` recomputes them even when a matching entry exists. ``storage``: ``fp32``, ``fp16``,
+    ``topk:K`` (then the ``kd`` method reads that form exactly, as ``kd_topk``), ``topk16:K`` (per token, read by
+    every token divergence) or ``topk16:K+S`` (with S tail ids sampled per token, read by ``forward_kl``)."""
 
     dir: str | None = None
     reuse: bool = True
