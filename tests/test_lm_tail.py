@@ -196,3 +196,64 @@ def test_the_pipeline_trains_forward_kl_from_a_tail_cache_reading_it_as_stored(t
     )  # fmt: skip
     kd = [row["train_kd"] for row in result.history]
     assert np.isfinite(kd).all() and kd[-1] < kd[0]
+
+
+def test_the_fused_normaliser_and_picks_has_autograds_gradient_with_repeated_ids() -> None:
+    from kdistill.losses.token import normaliser_and_picks
+
+    generator = torch.Generator().manual_seed(2)
+    logits = torch.randn(6, VOCAB, generator=generator, dtype=torch.float64)
+    ids = torch.randint(0, VOCAB, (6, 9), generator=generator)
+    ids[:, 1] = ids[:, 0]  # a repeated id: its gradients add up
+    up_normaliser, up_picks = torch.randn(6, 1, dtype=torch.float64), torch.randn(6, 9, dtype=torch.float64)
+    leaf = logits.clone().requires_grad_()
+    normaliser, picks = normaliser_and_picks(leaf, ids)
+    (fused,) = torch.autograd.grad((normaliser * up_normaliser).sum() + (picks * up_picks).sum(), leaf)
+    leaf = logits.clone().requires_grad_()
+    reference = (leaf.logsumexp(-1, keepdim=True) * up_normaliser).sum() + (leaf.gather(-1, ids) * up_picks).sum()
+    (expected,) = torch.autograd.grad(reference, leaf)
+    torch.testing.assert_close(fused, expected)
+    torch.testing.assert_close(normaliser, logits.logsumexp(-1, keepdim=True))
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "tv"])
+def test_rest_bucket_of_a_confident_student_matches_the_masked_sum_by_hand(kind: str) -> None:
+    """Half the tokens put over 99.99% of the student's mass on the teacher's top k (the rest bucket is then the
+    exact masked log-sum-exp, not 1 - the top's mass); the loss and its gradient match buckets built by hand in
+    float64 from the full logits (sum of the top-k probabilities, log-sum-exp of the others)."""
+    generator = torch.Generator().manual_seed(4)
+    teacher_logits = torch.randn(8, VOCAB, generator=generator) * 2
+    topk = TopK.from_logits(teacher_logits, 5)
+    student = torch.randn(8, VOCAB, generator=generator)
+    student[:4] = student[:4].scatter_add(-1, topk.indices[:4], torch.full((4, 5), 14.0))
+    target = torch.randint(0, VOCAB, (8,), generator=generator)
+    leaf = student.clone().requires_grad_()
+    got = token_distill_loss(leaf, topk, target, kind=kind, soft_weight=0.6)["loss"]
+    (grad,) = torch.autograd.grad(got, leaf)
+
+    def by_hand(z: torch.Tensor) -> torch.Tensor:
+        in_top = torch.zeros_like(z, dtype=torch.bool).scatter(-1, topk.indices, True)
+        student_buckets = torch.cat(
+            [z.gather(-1, topk.indices), z.masked_fill(in_top, -torch.inf).logsumexp(-1, True)], -1
+        )
+        teacher_z = teacher_logits.double()
+        teacher_buckets = torch.cat(
+            [teacher_z.gather(-1, topk.indices), teacher_z.masked_fill(in_top, -torch.inf).logsumexp(-1, True)], -1
+        )
+        log_q, log_p = student_buckets.log_softmax(-1), teacher_buckets.log_softmax(-1)
+        p, q = log_p.exp(), log_q.exp()
+        per_token = {
+            "forward_kl": (p * (log_p - log_q)).sum(-1),
+            "reverse_kl": (q * (log_q - log_p)).sum(-1),
+            "tv": 0.5 * (p - q).abs().sum(-1),
+        }[kind]
+        ce = F.cross_entropy(z, target, reduction="none")
+        return (0.4 * ce + 0.6 * per_token).mean()
+
+    reference_leaf = student.double().requires_grad_()
+    expected = by_hand(reference_leaf)
+    (expected_grad,) = torch.autograd.grad(expected, reference_leaf)
+    share = 1 - student[:4].softmax(-1).gather(-1, topk.indices[:4]).sum(-1)
+    assert float(share.max()) < 1e-4  # those tokens are the confident case
+    assert float(got.detach()) == pytest.approx(float(expected), rel=1e-5, abs=1e-6)
+    torch.testing.assert_close(grad.double(), expected_grad, rtol=1e-4, atol=1e-6)

@@ -42,10 +42,10 @@ from kdistill.losses.common import check_token_shapes, counted_positions, token_
 from kdistill.losses.token import (
     _at_least_float32,
     _check_unit,
+    _divergence_and_ce,
     check_tail_reader,
     check_teacher_fits,
     divergence,
-    per_token_divergence,
 )
 from kdistill.teachers.base import TopK
 
@@ -97,12 +97,9 @@ def _chunk_sums(
     logits: torch.Tensor, teacher: torch.Tensor | TopK, target: torch.Tensor | None, settings: _Settings
 ) -> torch.Tensor:
     """(2,): the chunk's summed divergence (before T²) and summed cross-entropy (0 without targets)."""
-    soft = per_token_divergence(logits, teacher, settings.temperature, settings.kind, beta=settings.beta,
-                                skew=settings.skew)  # fmt: skip
-    hard = soft.new_zeros(())
-    if target is not None:
-        hard = F.cross_entropy(_at_least_float32(logits), target, reduction="sum")
-    return torch.stack([soft.sum(), hard])
+    soft, hard = _divergence_and_ce(_at_least_float32(logits), teacher, target, settings.temperature, settings.kind,
+                                    settings.beta, settings.skew)  # fmt: skip
+    return torch.stack([soft.sum(), soft.new_zeros(()) if hard is None else hard.sum()])
 
 
 def _chunks(positions: torch.Tensor, size: int) -> list[torch.Tensor]:

@@ -21,7 +21,7 @@ all others, see :func:`~kdistill.kd_topk_loss`), computed exactly from the store
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -132,17 +132,75 @@ def token_log_probs(
     the vocabulary for dense teacher logits (N, vocab), or over the k + 1 buckets of a top-k teacher (N, k) (bucket
     logits: the k kept tokens' logits and the log-sum-exp of the rest, divided by T, as in
     :func:`~kdistill.kd_topk_loss`)."""
-    student = _at_least_float32(student_logits)
-    if isinstance(teacher, TopK):
-        indices = teacher.indices
-        student_top = student.gather(-1, indices)
-        student_rest = student.scatter(-1, indices, TOPK_EMPTY_REST).logsumexp(dim=-1, keepdim=True)
-        teacher_rest = _at_least_float32(teacher.rest).clamp_min(TOPK_EMPTY_REST).unsqueeze(-1)
-        student_side = torch.cat([student_top, student_rest], dim=-1)
-        teacher_side = torch.cat([_at_least_float32(teacher.values), teacher_rest], dim=-1)
-    else:
-        student_side, teacher_side = student, _at_least_float32(teacher)
+    student_log_probs, teacher_log_probs, _ = _log_probs(_at_least_float32(student_logits), teacher, temperature)
+    return student_log_probs, teacher_log_probs
+
+
+REST_BY_SUBTRACTION = 0.05
+"""The student's rest bucket is log(1 - its top-k mass) plus its log-normaliser when that rest holds at least this
+share; below it (a student that puts over 95% on the teacher's top k) it is the exact log-sum-exp of the other
+logits, for those tokens only (the subtraction would lose digits there)."""
+
+
+def _log_probs(
+    student: torch.Tensor, teacher: torch.Tensor | TopK, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """:func:`token_log_probs` of float32 (or float64) logits, and for a top-k teacher the student's log-normaliser
+    over the full vocabulary (N, 1) (None for dense teachers)."""
+    if not isinstance(teacher, TopK):
+        teacher_side = _at_least_float32(teacher)
+        return F.log_softmax(student / temperature, dim=-1), F.log_softmax(teacher_side / temperature, dim=-1), None
+    normaliser, student_top = normaliser_and_picks(student, teacher.indices)
+    return (*_bucket_log_probs(student, teacher, temperature, normaliser, student_top), normaliser)
+
+
+def _bucket_log_probs(
+    student: torch.Tensor, teacher: TopK, temperature: float, normaliser: torch.Tensor, student_top: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k + 1 bucket log-probabilities of student and teacher, from the student's log-normaliser (N, 1) and its
+    logits at the teacher's top k (N, k).
+
+    The student's rest bucket costs no second pass over the vocabulary: log Q = log(1 - the top k's probability), in
+    float64, where Q is at least :data:`REST_BY_SUBTRACTION`; the exact masked log-sum-exp of the other logits for
+    the (few) tokens where it is smaller."""
+    share = 1.0 - (student_top - normaliser).double().exp().sum(-1, keepdim=True)
+    safe = share >= REST_BY_SUBTRACTION
+    log_rest = torch.where(safe, share, 1.0).log().to(student.dtype)
+    if not bool(safe.all()):
+        rows = (~safe).squeeze(-1).nonzero().squeeze(-1)
+        exact = student.index_select(0, rows).scatter(-1, teacher.indices.index_select(0, rows), TOPK_EMPTY_REST)
+        exact = exact.logsumexp(dim=-1, keepdim=True) - normaliser.index_select(0, rows)
+        log_rest = log_rest.index_put((rows,), exact)
+    teacher_rest = _at_least_float32(teacher.rest).clamp_min(TOPK_EMPTY_REST).unsqueeze(-1)
+    student_side = torch.cat([student_top, normaliser + log_rest], dim=-1)
+    teacher_side = torch.cat([_at_least_float32(teacher.values), teacher_rest], dim=-1)
     return F.log_softmax(student_side / temperature, dim=-1), F.log_softmax(teacher_side / temperature, dim=-1)
+
+
+class _NormaliserAndPicks(torch.autograd.Function):
+    """log-sum-exp over the last axis (N, 1) and the logits at ``ids`` (N, M), in one pass; backward writes
+    softmax × the normaliser's gradient and adds the picks' gradients into that one tensor (no zero-filled tensor
+    per gather, no second pass for the log-sum-exp)."""
+
+    @staticmethod
+    def forward(ctx: Any, logits: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        normaliser = logits.logsumexp(dim=-1, keepdim=True)
+        ctx.save_for_backward(logits, ids, normaliser)
+        return normaliser, logits.gather(-1, ids)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad_normaliser: torch.Tensor, grad_picks: torch.Tensor) -> tuple[torch.Tensor, None]:
+        logits, ids, normaliser = ctx.saved_tensors
+        grad = (logits - normaliser).exp_().mul_(grad_normaliser)
+        grad.scatter_add_(-1, ids, grad_picks.to(grad.dtype))
+        return grad, None
+
+
+def normaliser_and_picks(logits: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logits.logsumexp(-1, keepdim=True), logits.gather(-1, ids))`` with one fused backward (logits (N, vocab),
+    ids (N, M) int64): what every top-k token loss reads of the student's logits."""
+    return cast("tuple[torch.Tensor, torch.Tensor]", _NormaliserAndPicks.apply(logits, ids))
 
 
 def check_teacher_fits(student_logits: torch.Tensor, teacher: torch.Tensor | TopK, method: str) -> None:
@@ -210,15 +268,39 @@ def per_token_divergence(
 
     (the rest bucket instead gives :math:`R(\log R - \log Q)`, with :math:`Q` the student's mass outside the
     teacher's top k: it fixes that total and leaves its spread free)."""
-    student_log_probs, teacher_log_probs = token_log_probs(student_rows, teacher, temperature)
-    if not isinstance(teacher, TopK) or teacher.tail_ids is None or teacher.tail_plogp is None:
-        return divergence(student_log_probs, teacher_log_probs, kind, beta=beta, skew=skew)
-    top_teacher, top_student = teacher_log_probs[..., :-1], student_log_probs[..., :-1]
-    top = _kl(top_teacher, top_student)
-    student = _at_least_float32(student_rows)
-    log_q_tail = student.gather(-1, teacher.tail_ids) - student.logsumexp(dim=-1, keepdim=True)
+    return _divergence_and_ce(_at_least_float32(student_rows), teacher, None, temperature, kind, beta, skew)[0]
+
+
+def _divergence_and_ce(
+    student: torch.Tensor,
+    teacher: torch.Tensor | TopK,
+    target: torch.Tensor | None,
+    temperature: float,
+    kind: str,
+    beta: float,
+    skew: float,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(N,) divergences (:func:`per_token_divergence`) and (N,) next-token cross-entropies at T = 1 (None without
+    ``target``), of float32 rows. For a top-k teacher every logit the loss reads (the top k, the target, the tail's
+    draws) comes from one :func:`normaliser_and_picks`, whose log-normaliser serves the buckets, the cross-entropy
+    and the tail."""
+    if not isinstance(teacher, TopK):
+        student_log_probs, teacher_log_probs, _ = _log_probs(student, teacher, temperature)
+        hard = None if target is None else F.cross_entropy(student, target, reduction="none")
+        return divergence(student_log_probs, teacher_log_probs, kind, beta=beta, skew=skew), hard
+    k, samples = teacher.k, teacher.samples
+    picks = [teacher.indices]
+    picks += [] if target is None else [target.unsqueeze(-1)]
+    picks += [] if teacher.tail_ids is None else [teacher.tail_ids]
+    normaliser, picked = normaliser_and_picks(student, torch.cat(picks, dim=-1) if len(picks) > 1 else picks[0])
+    student_log_probs, teacher_log_probs = _bucket_log_probs(student, teacher, temperature, normaliser, picked[:, :k])
+    hard = None if target is None else normaliser.squeeze(-1) - picked[:, k]
+    if teacher.tail_ids is None or teacher.tail_plogp is None:
+        return divergence(student_log_probs, teacher_log_probs, kind, beta=beta, skew=skew), hard
+    top = _kl(teacher_log_probs[..., :-1], student_log_probs[..., :-1])
+    log_q_tail = picked[:, -samples:] - normaliser
     mass = teacher_log_probs[..., -1].exp()
-    return top + _at_least_float32(teacher.tail_plogp) - mass * log_q_tail.mean(-1)
+    return top + _at_least_float32(teacher.tail_plogp) - mass * log_q_tail.mean(-1), hard
 
 
 def token_distill_loss(
@@ -270,13 +352,16 @@ def token_distill_loss(
     counted = counted_positions(
         student_logits.shape[:-1], None if mask is None else mask.bool(), target, student_logits.device
     )
-    student_rows = student_logits[counted]  # (N, vocab): padding is never computed, so it cannot leak
+    student_rows = _at_least_float32(student_logits[counted])  # (N, vocab): padding is never computed
     count = token_count(counted, normalizer)
-    per_token = per_token_divergence(student_rows, _select(teacher, counted), temperature, kind, beta=beta, skew=skew)
+    per_token, per_token_ce = _divergence_and_ce(
+        student_rows, _select(teacher, counted), None if target is None else target[counted], temperature, kind,
+        beta, skew,
+    )  # fmt: skip
     soft = per_token.sum() / count * temperature**2
-    if target is None:
+    if per_token_ce is None:
         return {"loss": soft, "kd": soft}
-    hard = F.cross_entropy(_at_least_float32(student_rows), target[counted], reduction="sum") / count
+    hard = per_token_ce.sum() / count
     return {"loss": (1.0 - soft_weight) * hard + soft_weight * soft, "ce": hard, "kd": soft}
 
 
