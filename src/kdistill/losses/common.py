@@ -7,7 +7,7 @@ Not a method itself (nothing here is registered).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, ClassVar, cast
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +29,6 @@ __all__ = [
     "get_feature",
     "labelled_cross_entropy",
     "layer_pairs",
-    "normaliser_and_picks",
     "output_mask",
     "require_target",
     "require_teacher",
@@ -146,36 +145,8 @@ def token_cross_entropy(
     """Cross-entropy of ``logits`` (..., classes) against ``target`` (...) summed over the ``counted`` positions and
     divided by :func:`token_count`. Only counted positions are computed at all, so whatever a padded position holds
     (even NaN) reaches neither the value nor the gradient."""
-    rows = logits[counted]
-    rows = rows if rows.dtype == torch.float64 else rows.float()
-    normaliser, picked = normaliser_and_picks(rows, target[counted].unsqueeze(-1))
-    return (normaliser - picked).sum() / token_count(counted, normalizer)
-
-
-class _NormaliserAndPicks(torch.autograd.Function):
-    """log-sum-exp over the last axis (N, 1) and the logits at ``ids`` (N, M), in one pass; backward writes
-    softmax × the normaliser's gradient and adds the picks' gradients into that one tensor (no zero-filled tensor
-    per gather, no second pass for the log-sum-exp)."""
-
-    @staticmethod
-    def forward(ctx: Any, logits: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        normaliser = logits.logsumexp(dim=-1, keepdim=True)
-        ctx.save_for_backward(logits, ids, normaliser)
-        return normaliser, logits.gather(-1, ids)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, grad_normaliser: torch.Tensor, grad_picks: torch.Tensor) -> tuple[torch.Tensor, None]:
-        logits, ids, normaliser = ctx.saved_tensors
-        grad = (logits - normaliser).exp_().mul_(grad_normaliser)
-        grad.scatter_add_(-1, ids, grad_picks.to(grad.dtype))
-        return grad, None
-
-
-def normaliser_and_picks(logits: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(logits.logsumexp(-1, keepdim=True), logits.gather(-1, ids))`` with one fused backward (logits (N, vocab),
-    ids (N, M) int64): what every top-k token loss reads of the student's logits."""
-    return cast("tuple[torch.Tensor, torch.Tensor]", _NormaliserAndPicks.apply(logits, ids))
+    hard = F.cross_entropy(logits[counted], target[counted], reduction="sum")
+    return hard / token_count(counted, normalizer)
 
 
 def labelled_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -21,21 +21,14 @@ all others, see :func:`~kdistill.kd_topk_loss`), computed exactly from the store
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 import torch.nn.functional as F
 
 from kdistill.errors import MethodError, ShapeMismatchError
 from kdistill.losses.base import BaseLoss, register_loss
-from kdistill.losses.common import (
-    check_token_shapes,
-    counted_positions,
-    normaliser_and_picks,
-    output_mask,
-    require_teacher,
-    token_count,
-)
+from kdistill.losses.common import check_token_shapes, counted_positions, output_mask, require_teacher, token_count
 from kdistill.teachers.base import TOPK_EMPTY_REST, Outputs, TopK
 
 __all__ = [
@@ -182,6 +175,32 @@ def _bucket_log_probs(
     student_side = torch.cat([student_top, normaliser + log_rest], dim=-1)
     teacher_side = torch.cat([_at_least_float32(teacher.values), teacher_rest], dim=-1)
     return F.log_softmax(student_side / temperature, dim=-1), F.log_softmax(teacher_side / temperature, dim=-1)
+
+
+class _NormaliserAndPicks(torch.autograd.Function):
+    """log-sum-exp over the last axis (N, 1) and the logits at ``ids`` (N, M), in one pass; backward writes
+    softmax × the normaliser's gradient and adds the picks' gradients into that one tensor (no zero-filled tensor
+    per gather, no second pass for the log-sum-exp)."""
+
+    @staticmethod
+    def forward(ctx: Any, logits: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        normaliser = logits.logsumexp(dim=-1, keepdim=True)
+        ctx.save_for_backward(logits, ids, normaliser)
+        return normaliser, logits.gather(-1, ids)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad_normaliser: torch.Tensor, grad_picks: torch.Tensor) -> tuple[torch.Tensor, None]:
+        logits, ids, normaliser = ctx.saved_tensors
+        grad = (logits - normaliser).exp_().mul_(grad_normaliser)
+        grad.scatter_add_(-1, ids, grad_picks.to(grad.dtype))
+        return grad, None
+
+
+def normaliser_and_picks(logits: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logits.logsumexp(-1, keepdim=True), logits.gather(-1, ids))`` with one fused backward (logits (N, vocab),
+    ids (N, M) int64): what every top-k token loss reads of the student's logits."""
+    return cast("tuple[torch.Tensor, torch.Tensor]", _NormaliserAndPicks.apply(logits, ids))
 
 
 def check_teacher_fits(student_logits: torch.Tensor, teacher: torch.Tensor | TopK, method: str) -> None:
